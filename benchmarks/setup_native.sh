@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Build llama.cpp's own tools (the "native" contender of the benchmark harness) from the
+# SAME vendored tree pyllama builds against, with the same flags as pyllama's default
+# source build: Release, GGML_NATIVE=ON, static libraries, position-independent code
+# (pyllama links llama.cpp into a Python extension, so it must be PIC), GGML_RPC=ON.
+#
+#   bash benchmarks/setup_native.sh           # build (or reuse) benchmarks/.cache/native/bin/*
+#   NATIVE_FORCE=1 bash benchmarks/setup_native.sh
+#
+# Targets: llama-bench, llama-batched-bench, llama-simple, llama-completion, ggml-rpc-server.
+# Cached: nothing is done when every binary exists, is newer than the vendor tree's marker
+# and was configured with the same pin and flags (ninja would be a no-op anyway).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+BUILD="${NATIVE_BUILD_DIR:-$HERE/.cache/native}"
+VENDOR="$ROOT/vendor/llama.cpp"
+MARKER="$VENDOR/.pyllama-vendor.json"
+PY="${PYTHON:-python3}"
+JOBS="${NATIVE_JOBS:-2}"
+TARGETS=(llama-bench llama-batched-bench llama-simple llama-completion ggml-rpc-server)
+
+CMAKE_FLAGS=(
+    -G Ninja
+    -DCMAKE_BUILD_TYPE=Release
+    -DGGML_NATIVE=ON
+    -DBUILD_SHARED_LIBS=OFF
+    -DCMAKE_POSITION_INDEPENDENT_CODE=ON
+    -DGGML_RPC=ON
+    -DLLAMA_BUILD_COMMON=ON
+    -DLLAMA_BUILD_TOOLS=ON
+    -DLLAMA_BUILD_EXAMPLES=ON
+    -DLLAMA_BUILD_TESTS=OFF
+    -DLLAMA_BUILD_SERVER=OFF
+    -DLLAMA_BUILD_APP=OFF
+    -DLLAMA_BUILD_UI=OFF
+    -DLLAMA_OPENSSL=OFF
+    -DLLAMA_BUILD_IS_DEV=OFF
+    -DLLAMA_ALL_WARNINGS=OFF
+    -DGGML_ALL_WARNINGS=OFF
+)
+
+# 1. common/ tools/ examples/ next to the library sources (idempotent, same pinned archive).
+"$PY" "$ROOT/scripts/vendor_llama_cpp.py" --with tools >/dev/null
+
+stamp_want="$(sha256sum "$MARKER" | cut -d' ' -f1) ${CMAKE_FLAGS[*]}"
+stamp_file="$BUILD/.pyllama-native-stamp"
+if [[ -z "${NATIVE_FORCE:-}" && -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp_want" ]]; then
+    fresh=1
+    for t in "${TARGETS[@]}"; do
+        if [[ ! -x "$BUILD/bin/$t" || "$BUILD/bin/$t" -ot "$MARKER" ]]; then fresh=0; fi
+    done
+    if [[ $fresh == 1 ]]; then
+        echo "native llama.cpp tools up to date in $BUILD/bin"
+        exit 0
+    fi
+fi
+
+start=$(date +%s)
+mkdir -p "$BUILD"
+nice -n 19 cmake -S "$VENDOR" -B "$BUILD" "${CMAKE_FLAGS[@]}" >"$BUILD/configure.log" 2>&1 || {
+    tail -40 "$BUILD/configure.log"; echo "configure failed (log: $BUILD/configure.log)"; exit 1; }
+nice -n 19 cmake --build "$BUILD" -j "$JOBS" --target "${TARGETS[@]}"
+echo "$stamp_want" >"$stamp_file"
+for t in "${TARGETS[@]}"; do test -x "$BUILD/bin/$t"; done
+echo "native llama.cpp tools built in $(( $(date +%s) - start )) s: $BUILD/bin"

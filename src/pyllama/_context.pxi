@@ -1,0 +1,711 @@
+# Context (owns llama_context *), Batch (owns llama_batch) and zero-copy float views.
+
+_KV_TYPES = {
+    "f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "bf16": GGML_TYPE_BF16, "q8_0": GGML_TYPE_Q8_0,
+    "q4_0": GGML_TYPE_Q4_0, "q4_1": GGML_TYPE_Q4_1, "q5_0": GGML_TYPE_Q5_0, "q5_1": GGML_TYPE_Q5_1,
+}
+_POOLING = {
+    None: LLAMA_POOLING_TYPE_UNSPECIFIED, "unspecified": LLAMA_POOLING_TYPE_UNSPECIFIED,
+    "none": LLAMA_POOLING_TYPE_NONE, "mean": LLAMA_POOLING_TYPE_MEAN, "cls": LLAMA_POOLING_TYPE_CLS,
+    "last": LLAMA_POOLING_TYPE_LAST, "rank": LLAMA_POOLING_TYPE_RANK,
+}
+
+
+def _default_threads() -> int:
+    """Physical cores: hyper-threads slow llama.cpp's matmuls down rather than up."""
+    try:
+        cores = set()
+        phys = core = None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                elif not line.strip():
+                    if core is not None:
+                        cores.add((phys, core))
+                    phys = core = None
+        if core is not None:
+            cores.add((phys, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return max(1, os.cpu_count() or 1)
+
+
+cdef class Batch:
+    """Tokens for one decode call, over any number of sequences."""
+
+    cdef llama_batch batch
+    cdef readonly int32_t capacity
+    cdef readonly int32_t n_seq_max
+
+    def __cinit__(self, int32_t capacity, int32_t n_seq_max=1):
+        self.batch.token = NULL
+        if capacity < 1:
+            raise ValueError(f"batch capacity must be >= 1, got {capacity}")
+        if n_seq_max < 1:
+            raise ValueError(f"n_seq_max must be >= 1, got {n_seq_max}")
+        self.capacity = capacity
+        self.n_seq_max = n_seq_max
+        self.batch = llama_batch_init(capacity, 0, n_seq_max)
+        if self.batch.token == NULL:
+            raise MemoryError()
+        self.batch.n_tokens = 0
+
+    def __dealloc__(self):
+        if self.batch.token != NULL:
+            llama_batch_free(self.batch)
+            self.batch.token = NULL
+
+    @property
+    def n_tokens(self) -> int:
+        return self.batch.n_tokens
+
+    def __len__(self):
+        return self.batch.n_tokens
+
+    def clear(self) -> None:
+        self.batch.n_tokens = 0
+
+    cdef inline int _add(self, llama_token token, llama_pos pos, llama_seq_id seq, bint logits) except -1 nogil:
+        cdef int32_t i = self.batch.n_tokens
+        if i >= self.capacity:
+            with gil:
+                raise BatchCapacityError(f"batch is full ({self.capacity} tokens)")
+        self.batch.token[i] = token
+        self.batch.pos[i] = pos
+        self.batch.n_seq_id[i] = 1
+        self.batch.seq_id[i][0] = seq
+        self.batch.logits[i] = logits
+        self.batch.n_tokens = i + 1
+        return i
+
+    def add(self, int token, int pos, seq_ids=0, bint logits=False) -> int:
+        """Append one token at `pos` for one or more sequences; returns its index."""
+        cdef int32_t i = self.batch.n_tokens, k
+        if i >= self.capacity:
+            raise BatchCapacityError(f"batch is full ({self.capacity} tokens)")
+        if pos < 0:
+            raise ValueError(f"position must be >= 0, got {pos}")
+        seqs = (seq_ids,) if isinstance(seq_ids, int) else tuple(seq_ids)
+        if not seqs or len(seqs) > self.n_seq_max:
+            raise InvalidSequenceError(f"a token needs 1..{self.n_seq_max} sequence ids, got {len(seqs)}")
+        for s in seqs:
+            if s < 0 or s >= self.n_seq_max:
+                raise InvalidSequenceError(f"sequence id {s} is outside [0, {self.n_seq_max}) for this batch")
+        self.batch.token[i] = token
+        self.batch.pos[i] = pos
+        self.batch.n_seq_id[i] = len(seqs)
+        for k, s in enumerate(seqs):
+            self.batch.seq_id[i][k] = s
+        self.batch.logits[i] = logits
+        self.batch.n_tokens = i + 1
+        return i
+
+    def add_sequence(self, tokens, int pos0=0, int seq_id=0, bint logits_last=True) -> int:
+        """Append tokens of one sequence at positions pos0, pos0+1, ...; returns the last index."""
+        cdef Py_ssize_t n = len(tokens), k
+        if n == 0:
+            raise ValueError("add_sequence needs at least one token")
+        if self.batch.n_tokens + n > self.capacity:
+            raise BatchCapacityError(f"{n} tokens do not fit: the batch holds {self.batch.n_tokens} "
+                                     f"of {self.capacity}")
+        if seq_id < 0 or seq_id >= self.n_seq_max:
+            raise InvalidSequenceError(f"sequence id {seq_id} is outside [0, {self.n_seq_max}) for this batch")
+        if pos0 < 0:
+            raise ValueError(f"pos0 must be >= 0, got {pos0}")
+        cdef int32_t last = 0
+        for k in range(n):
+            last = self._add(tokens[k], pos0 + k, seq_id, logits_last and k == n - 1)
+        return last
+
+    @classmethod
+    def from_arrays(cls, tokens, pos, seq_ids, logits=None, int n_seq_max=1):
+        n = len(tokens)
+        if len(pos) != n or len(seq_ids) != n or (logits is not None and len(logits) != n):
+            raise ValueError("tokens, pos, seq_ids (and logits) must have the same length")
+        cdef Batch b = cls(max(n, 1), n_seq_max)
+        for i in range(n):
+            b.add(int(tokens[i]), int(pos[i]), int(seq_ids[i]), bool(logits[i]) if logits is not None else False)
+        return b
+
+    def tokens(self) -> list:
+        return [self.batch.token[i] for i in range(self.batch.n_tokens)]
+
+    def __repr__(self):
+        return f"<pyllama.Batch {self.batch.n_tokens}/{self.capacity} tokens>"
+
+
+cdef class _FloatView:
+    """A read-only buffer over floats owned by a Context (logits or embeddings).
+
+    While a view is alive the Context refuses to decode or close (BufferError),
+    because llama.cpp may reallocate or free the memory under it -- the same rule
+    Python's bytearray applies to its exports.
+    """
+    cdef Context owner
+    cdef float * data
+    cdef Py_ssize_t n
+    cdef Py_ssize_t shape[1]
+    cdef Py_ssize_t strides[1]
+
+    def __getbuffer__(self, Py_buffer * buffer, int flags):
+        if flags & 0x0001:  # PyBUF_WRITABLE
+            raise BufferError("pyllama logits/embedding views are read-only")
+        self.shape[0] = self.n
+        self.strides[0] = sizeof(float)
+        buffer.buf = <void *>self.data
+        buffer.obj = self
+        buffer.len = self.n * sizeof(float)
+        buffer.readonly = 1
+        buffer.itemsize = sizeof(float)
+        buffer.format = "f"
+        buffer.ndim = 1
+        buffer.shape = self.shape
+        buffer.strides = self.strides
+        buffer.suboffsets = NULL
+        buffer.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer * buffer):
+        pass
+
+    def __dealloc__(self):
+        if self.owner is not None:
+            self.owner._n_views -= 1
+
+
+cdef object _float_array(Context owner, float * data, Py_ssize_t n, bint copy):
+    import numpy as np
+    cdef _FloatView view
+    if copy:
+        out = np.empty(n, dtype=np.float32)
+        memcpy(<void *><size_t>out.ctypes.data, data, n * sizeof(float))
+        return out
+    view = _FloatView.__new__(_FloatView)
+    view.owner = owner
+    view.data = data
+    view.n = n
+    owner._n_views += 1
+    arr = np.frombuffer(view, dtype=np.float32)
+    return arr
+
+
+cdef class Context:
+    """An inference context over a Model: KV memory, threads, logits."""
+
+    cdef llama_context * ptr
+    cdef readonly Model model
+    cdef const llama_vocab * vocab
+    cdef readonly int32_t n_vocab
+    cdef pyllama_abort_state abort_state
+    cdef int _n_views
+    cdef object _lock
+    cdef int32_t _last_n_outputs
+    cdef bytes _last_output_flags
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self.ptr = NULL
+        self._n_views = 0
+        self.abort_state.abort_requested = 0
+        self.abort_state.watch_sigint = 0
+
+    def __init__(self, Model model not None, *, int n_ctx=0, int n_batch=512, int n_ubatch=512,
+                 int n_seq_max=1, n_threads=None, n_threads_batch=None, str type_k="f16", str type_v="f16",
+                 flash_attn=None, bint embeddings=False, pooling=None, float rope_freq_base=0.0,
+                 float rope_freq_scale=0.0, bint offload_kqv=True, bint kv_unified=True,
+                 bint swa_full=False, bint no_perf=False):
+        if self.ptr != NULL:
+            raise RuntimeError("Context is already initialised")
+        cdef llama_model * m = model._get()
+        if n_ctx < 0:
+            raise ValueError(f"n_ctx must be >= 0 (0 = the model's training context), got {n_ctx}")
+        if n_batch < 1:
+            raise ValueError(f"n_batch must be >= 1, got {n_batch}")
+        if n_ubatch < 1:
+            raise ValueError(f"n_ubatch must be >= 1, got {n_ubatch}")
+        cdef size_t max_seq = llama_max_parallel_sequences()
+        if n_seq_max < 1 or <size_t>n_seq_max > max_seq:
+            raise ValueError(f"n_seq_max must be in 1..{max_seq}, got {n_seq_max}")
+        threads = _default_threads() if n_threads is None else int(n_threads)
+        threads_batch = threads if n_threads_batch is None else int(n_threads_batch)
+        if threads < 1 or threads_batch < 1 or threads > 1024 or threads_batch > 1024:
+            raise ValueError(f"n_threads/n_threads_batch must be in 1..1024, got {threads}/{threads_batch}")
+        if type_k not in _KV_TYPES or type_v not in _KV_TYPES:
+            raise ValueError(f"type_k/type_v must be one of {sorted(_KV_TYPES)}, got {type_k!r}/{type_v!r}")
+        if pooling not in _POOLING:
+            raise ValueError(f"pooling must be one of {[k for k in _POOLING if k]}, got {pooling!r}")
+        if rope_freq_base < 0 or rope_freq_scale < 0 or rope_freq_base != rope_freq_base or rope_freq_scale != rope_freq_scale:
+            raise ValueError("rope_freq_base/rope_freq_scale must be >= 0 (0 = the model's own value)")
+        if n_ctx > 0 and n_ctx < 8:
+            raise ValueError(f"n_ctx must be 0 or at least 8, got {n_ctx}")
+        if model.vocab.n_tokens == 0 or not llama_model_has_decoder(m) and not llama_model_has_encoder(m):
+            raise ValueError("this model has no weights to run (loaded with vocab_only=True?)")
+
+        cdef llama_context_params p = llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = min(n_ubatch, n_batch)
+        p.n_seq_max = n_seq_max
+        p.n_threads = threads
+        p.n_threads_batch = threads_batch
+        p.type_k = _KV_TYPES[type_k]
+        p.type_v = _KV_TYPES[type_v]
+        if flash_attn is None or flash_attn == "auto":
+            p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_AUTO
+        elif flash_attn is True or flash_attn == "on" or flash_attn == "enabled":
+            p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED
+        elif flash_attn is False or flash_attn == "off" or flash_attn == "disabled":
+            p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED
+        else:
+            raise ValueError(f"flash_attn must be True, False or 'auto', got {flash_attn!r}")
+        p.embeddings = embeddings
+        p.pooling_type = _POOLING[pooling]
+        p.rope_freq_base = rope_freq_base
+        p.rope_freq_scale = rope_freq_scale
+        p.offload_kqv = offload_kqv
+        p.kv_unified = kv_unified
+        p.swa_full = swa_full
+        p.no_perf = no_perf
+        p.abort_callback = pyllama_abort_cb
+        p.abort_callback_data = <void *>&self.abort_state
+        pyllama_clear_last_error()
+        with nogil:
+            self.ptr = llama_init_from_model(m, p)
+        if self.ptr == NULL:
+            raise ValueError("llama.cpp could not create the context: "
+                             + _last_error("invalid parameters or not enough memory"))
+        self.model = model
+        self.vocab = llama_model_get_vocab(m)
+        self.n_vocab = llama_vocab_n_tokens(self.vocab)
+        self._lock = threading.RLock()
+        self._last_n_outputs = 0
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            llama_free(self.ptr)
+            self.ptr = NULL
+
+    cdef inline llama_context * _get(self) except NULL:
+        if self.ptr == NULL:
+            raise ValueError("the context is closed")
+        return self.ptr
+
+    def close(self) -> None:
+        """Free the context (KV memory, buffers) now."""
+        if self._n_views > 0:
+            raise BufferError(f"{self._n_views} logits/embedding views of this context are still alive; "
+                              "delete them (or use copy=True) before closing")
+        with self._lock:
+            if self.ptr != NULL:
+                llama_free(self.ptr)
+                self.ptr = NULL
+
+    @property
+    def closed(self) -> bool:
+        return self.ptr == NULL
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def lock(self):
+        """The lock that serialises use of this context across threads."""
+        return self._lock
+
+    @property
+    def n_ctx(self) -> int:
+        return llama_n_ctx(self._get())
+
+    @property
+    def n_ctx_seq(self) -> int:
+        return llama_n_ctx_seq(self._get())
+
+    @property
+    def n_batch(self) -> int:
+        return llama_n_batch(self._get())
+
+    @property
+    def n_ubatch(self) -> int:
+        return llama_n_ubatch(self._get())
+
+    @property
+    def n_seq_max(self) -> int:
+        return llama_n_seq_max(self._get())
+
+    @property
+    def n_threads(self) -> int:
+        return llama_n_threads(self._get())
+
+    @property
+    def n_threads_batch(self) -> int:
+        return llama_n_threads_batch(self._get())
+
+    def set_threads(self, int n_threads, n_threads_batch=None) -> None:
+        cdef int tb = n_threads if n_threads_batch is None else n_threads_batch
+        if n_threads < 1 or tb < 1 or n_threads > 1024 or tb > 1024:
+            raise ValueError(f"thread counts must be in 1..1024, got {n_threads}/{tb}")
+        with self._lock:
+            llama_set_n_threads(self._get(), n_threads, tb)
+
+    def abort(self) -> None:
+        """Ask a decode running in another thread to stop (it raises DecodeAborted)."""
+        self.abort_state.abort_requested = 1
+
+    # ---- evaluation ---------------------------------------------------------
+
+    cdef int _check_batch(self, Batch batch) except -1:
+        cdef int32_t n = batch.batch.n_tokens, i, k
+        cdef uint32_t n_seq = llama_n_seq_max(self.ptr)
+        cdef llama_token t
+        cdef llama_seq_id s
+        if n == 0:
+            raise ValueError("cannot decode an empty batch")
+        if <uint32_t>n > llama_n_batch(self.ptr):
+            raise BatchCapacityError(f"batch of {n} tokens exceeds this context's n_batch={llama_n_batch(self.ptr)}")
+        for i in range(n):
+            t = batch.batch.token[i]
+            if t < 0 or t >= self.n_vocab:
+                raise InvalidTokenError(f"token id {t} at batch index {i} is out of range for a vocabulary "
+                                        f"of {self.n_vocab} tokens")
+            for k in range(batch.batch.n_seq_id[i]):
+                s = batch.batch.seq_id[i][k]
+                if s < 0 or <uint32_t>s >= n_seq:
+                    raise InvalidSequenceError(f"sequence id {s} at batch index {i} is outside [0, {n_seq}) "
+                                               f"(n_seq_max={n_seq})")
+            if batch.batch.pos[i] < 0 or <uint32_t>batch.batch.pos[i] >= llama_n_ctx(self.ptr):
+                raise ContextLengthError(f"position {batch.batch.pos[i]} at batch index {i} is outside the "
+                                         f"context window of {llama_n_ctx(self.ptr)} tokens")
+        return 0
+
+    cdef int _eval(self, Batch batch, bint encode) except -1:
+        """Run llama_decode/llama_encode with the GIL released; Ctrl-C aborts it."""
+        cdef llama_context * ctx = self._get()
+        cdef int32_t rc
+        cdef int32_t i, n_out = 0
+        if self._n_views > 0:
+            raise BufferError(f"{self._n_views} logits/embedding views of this context are still alive; "
+                              "llama.cpp may reuse that memory: delete them (or use copy=True) first")
+        self._check_batch(batch)
+        for i in range(batch.batch.n_tokens):
+            if batch.batch.logits[i]:
+                n_out += 1
+        watch = _in_main_thread() and pyllama_sigint_push()
+        self.abort_state.watch_sigint = 1 if watch else 0
+        pyllama_clear_last_error()
+        try:
+            with nogil:
+                if encode:
+                    rc = llama_encode(ctx, batch.batch)
+                else:
+                    rc = llama_decode(ctx, batch.batch)
+        finally:
+            self.abort_state.watch_sigint = 0
+            if watch:
+                pyllama_sigint_pop()
+        self._last_n_outputs = n_out if rc == 0 else 0
+        self._last_output_flags = PyBytes_FromStringAndSize(<char *>batch.batch.logits, batch.batch.n_tokens) if rc == 0 else b""
+        if rc == 0:
+            return 0
+        if rc == 2:
+            requested = self.abort_state.abort_requested
+            self.abort_state.abort_requested = 0
+            self._forget_batch(batch)
+            if not requested:
+                PyErr_CheckSignals()      # raises KeyboardInterrupt through Python's handler
+                raise KeyboardInterrupt()
+            raise DecodeAborted("decode aborted by Context.abort()")
+        if rc == 1:
+            raise KVCacheFullError("no room in the KV memory for this batch "
+                                   f"({batch.batch.n_tokens} tokens; n_ctx={llama_n_ctx(ctx)}): free sequences "
+                                   "with kv_seq_rm/kv_clear or use a larger n_ctx")
+        raise DecodeError(f"llama_{'encode' if encode else 'decode'} failed with code {rc}: "
+                          + _last_error("see the 'pyllama' logger"))
+
+    cdef void _forget_batch(self, Batch batch):
+        """After an abort, drop whatever part of the batch reached the KV memory."""
+        cdef llama_memory_t mem = llama_get_memory(self.ptr)
+        cdef int32_t i
+        seen = {}
+        for i in range(batch.batch.n_tokens):
+            s = batch.batch.seq_id[i][0]
+            p = batch.batch.pos[i]
+            if s not in seen or p < seen[s]:
+                seen[s] = p
+        for s, p in seen.items():
+            llama_memory_seq_rm(mem, s, p, -1)
+
+    def decode(self, Batch batch not None) -> None:
+        """Evaluate a batch (KVCacheFullError, DecodeError, KeyboardInterrupt on Ctrl-C)."""
+        with self._lock:
+            self._eval(batch, False)
+
+    def encode(self, Batch batch not None) -> None:
+        """Run the encoder of an encoder-decoder (or embedding) model over a batch."""
+        with self._lock:
+            if not llama_model_has_encoder(self.model._get()) and not llama_get_pooling_type(self._get()) != LLAMA_POOLING_TYPE_NONE:
+                raise ValueError("this model has no encoder; use decode()")
+            self._eval(batch, True)
+
+    cdef int32_t _output_index(self, int idx) except -2147483648:
+        if self._last_n_outputs <= 0:
+            raise IndexError("no outputs: the last decode requested no logits (set logits=True on a token)")
+        if idx < -self._last_n_outputs:
+            raise IndexError(f"output index {idx} out of range: the last decode produced {self._last_n_outputs} outputs")
+        if idx >= 0 and (idx >= len(self._last_output_flags) or not self._last_output_flags[idx]):
+            raise IndexError(f"batch index {idx} did not request logits in the last decode "
+                             f"(batch of {len(self._last_output_flags)} tokens)")
+        return idx
+
+    def logits(self, int idx=-1, bint copy=True):
+        """Logits of the token at batch index `idx` of the last decode (-1: the last output).
+
+        copy=True (default) returns a fresh array; copy=False returns a read-only
+        zero-copy view, valid until the next decode: while it is alive, decode()
+        and close() raise BufferError.
+        """
+        cdef float * p
+        with self._lock:
+            self._output_index(idx)
+            pyllama_clear_last_error()
+            p = llama_get_logits_ith(self._get(), idx)
+            if p == NULL:
+                raise IndexError(f"no logits for batch index {idx}: " + _last_error("it did not request logits"))
+            return _float_array(self, p, self.n_vocab, copy)
+
+    def embeddings(self, int idx=-1, bint copy=True):
+        """Embedding of the token at batch index `idx` (context created with embeddings=True)."""
+        cdef float * p
+        with self._lock:
+            self._output_index(idx)
+            p = llama_get_embeddings_ith(self._get(), idx)
+            if p == NULL:
+                raise IndexError(f"no embedding for batch index {idx} (embeddings=True? pooling='none'?)")
+            return _float_array(self, p, llama_model_n_embd_out(self.model.ptr), copy)
+
+    def embeddings_seq(self, int seq_id=0, bint copy=True):
+        """Pooled embedding of a sequence (pooling other than 'none')."""
+        cdef float * p
+        with self._lock:
+            if seq_id < 0 or <uint32_t>seq_id >= llama_n_seq_max(self._get()):
+                raise InvalidSequenceError(f"sequence id {seq_id} is outside [0, {llama_n_seq_max(self.ptr)})")
+            p = llama_get_embeddings_seq(self._get(), seq_id)
+            if p == NULL:
+                raise IndexError(f"no pooled embedding for sequence {seq_id} (embeddings=True with pooling?)")
+            return _float_array(self, p, llama_model_n_embd_out(self.model.ptr), copy)
+
+    # ---- KV memory ----------------------------------------------------------
+
+    cdef inline llama_memory_t _mem(self) except NULL:
+        return llama_get_memory(self._get())
+
+    cdef inline int _check_seq(self, int seq_id, bint allow_all=False) except -1:
+        if allow_all and seq_id == -1:
+            return 0
+        if seq_id < 0 or <uint32_t>seq_id >= llama_n_seq_max(self._get()):
+            raise InvalidSequenceError(f"sequence id {seq_id} is outside [0, {llama_n_seq_max(self.ptr)})")
+        return 0
+
+    def kv_clear(self, bint data=True) -> None:
+        with self._lock:
+            llama_memory_clear(self._mem(), data)
+
+    def kv_seq_rm(self, int seq_id, int p0=-1, int p1=-1) -> bool:
+        """Remove positions [p0, p1) of a sequence (-1: open end; seq_id -1: all sequences)."""
+        with self._lock:
+            self._check_seq(seq_id, True)
+            return llama_memory_seq_rm(self._mem(), seq_id, p0, p1)
+
+    def kv_seq_cp(self, int src, int dst, int p0=-1, int p1=-1) -> None:
+        with self._lock:
+            self._check_seq(src)
+            self._check_seq(dst)
+            llama_memory_seq_cp(self._mem(), src, dst, p0, p1)
+
+    def kv_seq_keep(self, int seq_id) -> None:
+        with self._lock:
+            self._check_seq(seq_id)
+            llama_memory_seq_keep(self._mem(), seq_id)
+
+    def kv_seq_add(self, int seq_id, int p0, int p1, int delta) -> None:
+        with self._lock:
+            self._check_seq(seq_id, True)
+            if not llama_memory_can_shift(self._mem()):
+                raise ValueError("this model's KV memory cannot shift positions")
+            llama_memory_seq_add(self._mem(), seq_id, p0, p1, delta)
+
+    def kv_seq_pos_min(self, int seq_id) -> int:
+        with self._lock:
+            self._check_seq(seq_id)
+            return llama_memory_seq_pos_min(self._mem(), seq_id)
+
+    def kv_seq_pos_max(self, int seq_id) -> int:
+        with self._lock:
+            self._check_seq(seq_id)
+            return llama_memory_seq_pos_max(self._mem(), seq_id)
+
+    def kv_can_shift(self) -> bool:
+        return llama_memory_can_shift(self._mem())
+
+    # ---- state ----------------------------------------------------------------
+
+    def state_get(self) -> bytes:
+        """The whole context state (KV memory, RNG, logits) as bytes."""
+        cdef size_t size, got
+        cdef bytes out
+        cdef uint8_t * dst
+        with self._lock:
+            size = llama_state_get_size(self._get())
+            out = PyBytes_FromStringAndSize(NULL, size)
+            dst = <uint8_t *>PyBytes_AS_STRING(out)
+            with nogil:
+                got = llama_state_get_data(self.ptr, dst, size)
+            return out[:got]
+
+    def state_set(self, data) -> None:
+        cdef const uint8_t[:] view = memoryview(data).cast("B")
+        cdef size_t got
+        with self._lock:
+            self._get()
+            if view.shape[0] == 0:
+                raise ValueError("empty state")
+            pyllama_clear_last_error()
+            with nogil:
+                got = llama_state_set_data(self.ptr, &view[0], view.shape[0])
+            if got == 0:
+                raise ValueError("state data does not match this context: " + _last_error("wrong model or size"))
+
+    def seq_state_get(self, int seq_id) -> bytes:
+        cdef size_t size, got
+        cdef bytes out
+        cdef uint8_t * dst
+        with self._lock:
+            self._check_seq(seq_id)
+            size = llama_state_seq_get_size(self.ptr, seq_id)
+            out = PyBytes_FromStringAndSize(NULL, size)
+            dst = <uint8_t *>PyBytes_AS_STRING(out)
+            with nogil:
+                got = llama_state_seq_get_data(self.ptr, dst, size, seq_id)
+            return out[:got]
+
+    def seq_state_set(self, data, int seq_id) -> None:
+        cdef const uint8_t[:] view = memoryview(data).cast("B")
+        cdef size_t got
+        with self._lock:
+            self._check_seq(seq_id)
+            if view.shape[0] == 0:
+                raise ValueError("empty state")
+            pyllama_clear_last_error()
+            with nogil:
+                got = llama_state_seq_set_data(self.ptr, &view[0], view.shape[0], seq_id)
+            if got == 0:
+                raise ValueError("sequence state does not match this context: " + _last_error("wrong model or size"))
+
+    def state_save_file(self, path, tokens=()) -> None:
+        cdef bytes p = os.fsencode(path)
+        cdef const char * pc = p
+        cdef llama_token * toks = _token_array(tokens, self.n_vocab)
+        cdef bint ok
+        cdef size_t n = len(tokens)
+        try:
+            with self._lock:
+                self._get()
+                with nogil:
+                    ok = llama_state_save_file(self.ptr, pc, toks, n)
+                if not ok:
+                    raise OSError(f"could not save state to {os.fsdecode(p)!r}")
+        finally:
+            free(toks)
+
+    def state_load_file(self, path) -> list:
+        cdef bytes p = os.fsencode(path)
+        cdef const char * pc = p
+        if not os.path.isfile(path):
+            raise FileNotFoundError(2, "state file not found", os.fsdecode(p))
+        cdef size_t cap = llama_n_ctx(self._get()) + 1, n = 0
+        cdef llama_token * toks = <llama_token *>malloc(cap * sizeof(llama_token))
+        cdef bint ok
+        try:
+            with self._lock:
+                pyllama_clear_last_error()
+                with nogil:
+                    ok = llama_state_load_file(self.ptr, pc, toks, cap, &n)
+                if not ok:
+                    raise ValueError(f"could not load state from {os.fsdecode(p)!r}: " + _last_error("not a state file of this model"))
+                return [toks[i] for i in range(n)]
+        finally:
+            free(toks)
+
+    def seq_state_save_file(self, path, int seq_id, tokens=()) -> None:
+        cdef bytes p = os.fsencode(path)
+        cdef const char * pc = p
+        self._check_seq(seq_id)
+        cdef llama_token * toks = _token_array(tokens, self.n_vocab)
+        cdef size_t n = len(tokens), got
+        try:
+            with self._lock:
+                with nogil:
+                    got = llama_state_seq_save_file(self.ptr, pc, seq_id, toks, n)
+                if got == 0:
+                    raise OSError(f"could not save sequence state to {os.fsdecode(p)!r}")
+        finally:
+            free(toks)
+
+    def seq_state_load_file(self, path, int seq_id) -> list:
+        cdef bytes p = os.fsencode(path)
+        cdef const char * pc = p
+        if not os.path.isfile(path):
+            raise FileNotFoundError(2, "state file not found", os.fsdecode(p))
+        self._check_seq(seq_id)
+        cdef size_t cap = llama_n_ctx(self._get()) + 1, n = 0, got
+        cdef llama_token * toks = <llama_token *>malloc(cap * sizeof(llama_token))
+        try:
+            with self._lock:
+                pyllama_clear_last_error()
+                with nogil:
+                    got = llama_state_seq_load_file(self.ptr, pc, seq_id, toks, cap, &n)
+                if got == 0:
+                    raise ValueError(f"could not load sequence state from {os.fsdecode(p)!r}: "
+                                     + _last_error("not a sequence state file of this model"))
+                return [toks[i] for i in range(n)]
+        finally:
+            free(toks)
+
+    # ---- performance ------------------------------------------------------------
+
+    def perf(self) -> dict:
+        """llama.cpp's context counters: load, prompt eval and eval times (ms) and counts."""
+        cdef llama_perf_context_data d = llama_perf_context(self._get())
+        return {"t_start_ms": d.t_start_ms, "t_load_ms": d.t_load_ms, "t_p_eval_ms": d.t_p_eval_ms,
+                "t_eval_ms": d.t_eval_ms, "n_p_eval": d.n_p_eval, "n_eval": d.n_eval, "n_reused": d.n_reused}
+
+    def perf_reset(self) -> None:
+        with self._lock:
+            llama_perf_context_reset(self._get())
+
+    def __repr__(self):
+        if self.ptr == NULL:
+            return "<pyllama.Context (closed)>"
+        return f"<pyllama.Context n_ctx={self.n_ctx} n_seq_max={self.n_seq_max}>"
+
+
+cdef llama_token * _token_array(tokens, int32_t n_vocab) except? NULL:
+    cdef Py_ssize_t n = len(tokens), i
+    if n == 0:
+        return NULL
+    cdef llama_token * arr = <llama_token *>malloc(n * sizeof(llama_token))
+    if arr == NULL:
+        raise MemoryError()
+    for i in range(n):
+        t = tokens[i]
+        if t < 0 or t >= n_vocab:
+            free(arr)
+            raise InvalidTokenError(f"token id {t} is out of range for a vocabulary of {n_vocab} tokens")
+        arr[i] = t
+    return arr

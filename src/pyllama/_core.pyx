@@ -1,0 +1,243 @@
+# cython: language_level=3, cdivision=True, embedsignature=True
+# cython: freethreading_compatible=False
+"""pyllama._core: the Cython layer over llama.h.
+
+Layout (all included into this one extension module):
+  _support.pxi   C helpers: signals/abort, UTF-8 scanning, last-error capture, logging
+  _model.pxi     Model, Vocab
+  _context.pxi   Context, Batch, array views
+  _sampler.pxi   SamplerChain
+  _engine.pxi    GenerationRequest, Engine (the generation loop, one or many sequences)
+
+Every C pointer has one owner (a cdef class).  Inputs are validated here,
+before C sees them: llama.cpp aborts the process on many bad arguments.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memset, strlen
+
+from pyllama._llama cimport *
+
+import logging
+import os
+import threading
+
+from pyllama.errors import (
+    BatchCapacityError,
+    ContextLengthError,
+    DecodeAborted,
+    DecodeError,
+    GrammarError,
+    InvalidSequenceError,
+    InvalidTokenError,
+    KVCacheFullError,
+    ModelLoadError,
+)
+
+include "_support.pxi"
+include "_model.pxi"
+include "_context.pxi"
+include "_sampler.pxi"
+include "_engine.pxi"
+
+
+# --------------------------------------------------------------------------
+# Module-level functions
+# --------------------------------------------------------------------------
+
+__llama_cpp_commit__ = _LLAMA_COMMIT
+
+
+def system_info() -> str:
+    """llama.cpp's one-line system info: CPU features and compiled-in backends."""
+    return llama_print_system_info().decode("utf-8", "replace")
+
+
+_DEV_TYPES = {
+    GGML_BACKEND_DEVICE_TYPE_CPU: "cpu",
+    GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+    GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu",
+    GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel",
+}
+
+
+cdef dict _device_info(ggml_backend_dev_t dev):
+    cdef size_t free_mem = 0, total_mem = 0
+    with nogil:
+        ggml_backend_dev_memory(dev, &free_mem, &total_mem)
+    return {
+        "name": _str(ggml_backend_dev_name(dev)),
+        "description": _str(ggml_backend_dev_description(dev)),
+        "type": _DEV_TYPES.get(<int>ggml_backend_dev_get_type(dev), "unknown"),
+        "memory_free": free_mem,
+        "memory_total": total_mem,
+    }
+
+
+def backends() -> list:
+    """Compiled-in (or loaded) backends and the devices each found, with memory."""
+    _ensure_backends_loaded()
+    out = []
+    cdef size_t i, j
+    cdef ggml_backend_reg_t reg
+    for i in range(ggml_backend_reg_count()):
+        reg = ggml_backend_reg_get(i)
+        devices = [_device_info(ggml_backend_reg_dev_get(reg, j)) for j in range(ggml_backend_reg_dev_count(reg))]
+        out.append({"name": _str(ggml_backend_reg_name(reg)), "devices": devices})
+    return out
+
+
+def supports_gpu_offload() -> bool:
+    return llama_supports_gpu_offload()
+
+
+def supports_mmap() -> bool:
+    return llama_supports_mmap()
+
+
+def supports_mlock() -> bool:
+    return llama_supports_mlock()
+
+
+def supports_rpc() -> bool:
+    return bool(PYLLAMA_RPC_AVAILABLE)
+
+
+def max_devices() -> int:
+    return llama_max_devices()
+
+
+def max_parallel_sequences() -> int:
+    return llama_max_parallel_sequences()
+
+
+def chat_builtin_templates() -> list:
+    """Names of the chat templates llama.cpp implements itself."""
+    cdef int32_t n = llama_chat_builtin_templates(NULL, 0)
+    cdef const char ** names = <const char **>calloc(max(n, 1), sizeof(char *))
+    if names == NULL:
+        raise MemoryError()
+    try:
+        n = llama_chat_builtin_templates(names, n)
+        return [_str(names[i]) for i in range(n)]
+    finally:
+        free(names)
+
+
+def apply_builtin_chat_template(template, messages, bint add_assistant=True) -> str:
+    """Render chat messages with llama.cpp's built-in template engine.
+
+    `template` is a built-in name ("chatml", "llama3", ...) or a Jinja template
+    string that llama.cpp recognises by its markers.  Raises ValueError when
+    llama.cpp does not know the template.
+    """
+    cdef bytes tmpl = _utf8(template, "template")
+    cdef list keep = []
+    cdef Py_ssize_t n = len(messages), i
+    cdef llama_chat_message * msgs = <llama_chat_message *>calloc(max(n, 1), sizeof(llama_chat_message))
+    cdef int32_t size, cap
+    cdef char * buf = NULL
+    if msgs == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            m = messages[i]
+            role = _utf8(m["role"], "message role")
+            content = _utf8(m["content"], "message content")
+            keep.append(role)
+            keep.append(content)
+            msgs[i].role = PyBytes_AS_STRING(role)
+            msgs[i].content = PyBytes_AS_STRING(content)
+        cap = 256
+        for i in range(n):
+            cap += 2 * (len(keep[2 * i]) + len(keep[2 * i + 1])) + 64
+        while True:
+            buf = <char *>realloc(buf, cap)
+            if buf == NULL:
+                raise MemoryError()
+            size = llama_chat_apply_template(PyBytes_AS_STRING(tmpl), msgs, n, add_assistant, buf, cap)
+            if size < 0:
+                raise ValueError(f"llama.cpp does not know the chat template {_short(template)!r}; "
+                                 f"built-in names: {', '.join(chat_builtin_templates())}")
+            if size <= cap:
+                return buf[:size].decode("utf-8", "replace")
+            cap = size + 1
+    finally:
+        free(msgs)
+        free(buf)
+
+
+def validate_grammar(Vocab vocab, grammar, root="root") -> None:
+    """Parse a GBNF grammar against `vocab`; GrammarError with llama.cpp's message if it fails."""
+    cdef llama_sampler * smpl = _make_grammar_sampler(vocab, grammar, root, None, None)
+    llama_sampler_free(smpl)
+
+
+def rpc_add_server(endpoint) -> list:
+    """Register a remote ggml RPC server (host:port); returns the names of its devices.
+
+    Raises OSError when the server cannot be reached.
+    """
+    if not PYLLAMA_RPC_AVAILABLE:
+        raise RuntimeError("this pyllama was built without the RPC backend (GGML_RPC=OFF)")
+    cdef bytes ep = _check_endpoint(endpoint)
+    # Probe first: ggml's RPC client aborts on some connection failures, and a
+    # memory query is a cheap round trip that fails cleanly.
+    _rpc_probe(endpoint)
+    cdef ggml_backend_reg_t reg
+    cdef const char * ep_c = ep
+    with nogil:
+        reg = ggml_backend_rpc_add_server(ep_c)
+    if reg == NULL:
+        raise OSError(f"cannot connect to RPC server {endpoint}")
+    return [_str(ggml_backend_dev_name(ggml_backend_reg_dev_get(reg, j))) for j in range(ggml_backend_reg_dev_count(reg))]
+
+
+def rpc_start_server(endpoint, *, int threads=0, cache_dir=None, devices=None) -> None:
+    """Run ggml's RPC server on `endpoint` in this thread until the process ends."""
+    if not PYLLAMA_RPC_AVAILABLE:
+        raise RuntimeError("this pyllama was built without the RPC backend (GGML_RPC=OFF)")
+    _ensure_backends_loaded()
+    cdef bytes ep = _check_endpoint(endpoint)
+    cdef bytes cache = _utf8(os.fspath(cache_dir), "cache_dir") if cache_dir is not None else None
+    cdef const char * cache_c = PyBytes_AS_STRING(cache) if cache is not None else NULL
+    cdef size_t n_threads = threads if threads > 0 else max(1, (os.cpu_count() or 2) // 2)
+    cdef list names = list(devices) if devices else []
+    cdef ggml_backend_dev_t * devs = NULL
+    cdef size_t n_devs = 0, i
+    cdef ggml_backend_dev_t dev
+    cdef const char * ep_c
+    try:
+        if names:
+            devs = <ggml_backend_dev_t *>calloc(len(names), sizeof(ggml_backend_dev_t))
+            for name in names:
+                b = _utf8(name, "device name")
+                dev = ggml_backend_dev_by_name(PyBytes_AS_STRING(b))
+                if dev == NULL:
+                    raise ValueError(f"unknown device {name!r}; available: {[d['name'] for b_ in backends() for d in b_['devices']]}")
+                devs[n_devs] = dev
+                n_devs += 1
+        else:
+            # Default: the best device of each kind (GPU first, else CPU), as ggml's rpc-server does.
+            devs = <ggml_backend_dev_t *>calloc(ggml_backend_dev_count() + 1, sizeof(ggml_backend_dev_t))
+            for i in range(ggml_backend_dev_count()):
+                dev = ggml_backend_dev_get(i)
+                if ggml_backend_dev_get_type(dev) in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU):
+                    devs[n_devs] = dev
+                    n_devs += 1
+            if n_devs == 0:
+                for i in range(ggml_backend_dev_count()):
+                    dev = ggml_backend_dev_get(i)
+                    if ggml_backend_dev_get_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU:
+                        devs[n_devs] = dev
+                        n_devs += 1
+                        break
+        ep_c = ep
+        with nogil:
+            ggml_backend_rpc_start_server(ep_c, cache_c, n_threads, n_devs, devs)
+    finally:
+        free(devs)

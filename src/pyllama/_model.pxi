@@ -1,0 +1,520 @@
+# Model (owns llama_model *) and Vocab (a view of the model's tokenizer).
+
+_SPLIT_MODES = {"none": LLAMA_SPLIT_MODE_NONE, "layer": LLAMA_SPLIT_MODE_LAYER, "row": LLAMA_SPLIT_MODE_ROW}
+
+cdef class _ProgressState:
+    cdef object callback
+    cdef object error
+
+
+cdef bint _progress_trampoline(float progress, void * user_data) noexcept with gil:
+    cdef _ProgressState st = <_ProgressState>user_data
+    if st.error is not None:
+        return False
+    try:
+        if PyErr_CheckSignals() != 0:
+            raise KeyboardInterrupt
+        result = st.callback(progress) if st.callback is not None else None
+        return result is None or bool(result)
+    except BaseException as e:   # KeyboardInterrupt included: cancel the load, re-raise after
+        st.error = e
+        return False
+
+
+cdef int _GGUF_MIN_HEADER = 24   # magic, version, tensor count, kv count
+
+
+cdef _precheck_model_file(str path):
+    """The checks llama.cpp would turn into an abort or a vague message."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "model file not found", path)
+    if os.path.isdir(path):
+        raise ModelLoadError(path, "is a directory, not a GGUF file")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(_GGUF_MIN_HEADER)
+    except PermissionError:
+        raise
+    except OSError as e:
+        raise ModelLoadError(path, f"cannot read it: {e.strerror or e}") from None
+    if size == 0:
+        raise ModelLoadError(path, "the file is empty")
+    if head[:4] != b"GGUF":
+        raise ModelLoadError(path, f"not a GGUF file (starts with {head[:4]!r}, expected b'GGUF')")
+    if size < _GGUF_MIN_HEADER:
+        raise ModelLoadError(path, f"truncated: {size} bytes is shorter than a GGUF header")
+
+
+cdef class Model:
+    """A GGUF model loaded with llama.cpp: weights and vocabulary."""
+
+    cdef llama_model * ptr
+    cdef readonly str path
+    cdef Vocab _vocab
+    cdef dict _meta_cache
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self.ptr = NULL
+
+    def __init__(self, path, *, int n_gpu_layers=0, str split_mode="layer", int main_gpu=0,
+                 tensor_split=None, use_mmap=None, bint use_mlock=False, bint vocab_only=False,
+                 bint check_tensors=False, kv_overrides=None, devices=None, progress_callback=None):
+        if self.ptr != NULL:
+            raise RuntimeError("Model is already initialised")
+        path = os.fspath(path)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        self.path = path
+        _precheck_model_file(path)
+        if split_mode not in _SPLIT_MODES:
+            raise ValueError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {split_mode!r}")
+        if main_gpu < 0:
+            raise ValueError(f"main_gpu must be >= 0, got {main_gpu}")
+        if progress_callback is not None and not callable(progress_callback):
+            raise TypeError("progress_callback must be callable")
+
+        cdef llama_model_params params = llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 2147483647
+        params.split_mode = _SPLIT_MODES[split_mode]
+        params.main_gpu = main_gpu
+        params.vocab_only = vocab_only
+        params.check_tensors = check_tensors
+        if use_mmap is not None or use_mlock:
+            mmap = True if use_mmap is None else bool(use_mmap)
+            if mmap and use_mlock:
+                params.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK
+            elif mmap:
+                params.load_mode = LLAMA_LOAD_MODE_MMAP
+            elif use_mlock:
+                params.load_mode = LLAMA_LOAD_MODE_MLOCK
+            else:
+                params.load_mode = LLAMA_LOAD_MODE_NONE
+
+        cdef size_t max_dev = llama_max_devices()
+        cdef float * split = NULL
+        cdef llama_model_kv_override * overrides = NULL
+        cdef ggml_backend_dev_t * devs = NULL
+        cdef _ProgressState progress = _ProgressState()
+        cdef bytes cpath = os.fsencode(path)
+        cdef const char * cpath_c = cpath
+        cdef Py_ssize_t i
+        progress.callback = progress_callback
+        try:
+            if tensor_split is not None:
+                values = [float(x) for x in tensor_split]
+                if len(values) > <Py_ssize_t>max_dev:
+                    raise ValueError(f"tensor_split has {len(values)} entries; this build supports at most {max_dev} devices")
+                if any(v < 0 or v != v for v in values):
+                    raise ValueError(f"tensor_split entries must be >= 0, got {values}")
+                split = <float *>calloc(max_dev, sizeof(float))
+                for i, v in enumerate(values):
+                    split[i] = v
+                params.tensor_split = split
+            if kv_overrides:
+                overrides = _make_kv_overrides(kv_overrides)
+                params.kv_overrides = overrides
+            if devices is not None:
+                devs = _make_device_list(devices)
+                params.devices = devs
+            params.progress_callback = _progress_trampoline
+            params.progress_callback_user_data = <void *>progress
+            pyllama_clear_last_error()
+            with nogil:
+                self.ptr = llama_model_load_from_file(cpath_c, params)
+            if progress.error is not None:
+                if self.ptr != NULL:
+                    llama_model_free(self.ptr)
+                    self.ptr = NULL
+                if isinstance(progress.error, (KeyboardInterrupt, SystemExit)):
+                    raise progress.error
+                raise ModelLoadError(path, f"progress callback raised {progress.error!r}") from progress.error
+            if self.ptr == NULL:
+                raise ModelLoadError(path, _last_error("llama.cpp could not load it (not a supported model?)"))
+        finally:
+            free(split)
+            free(overrides)
+            free(devs)
+        self._vocab = Vocab._wrap(self)
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            llama_model_free(self.ptr)
+            self.ptr = NULL
+
+    cdef inline llama_model * _get(self) except NULL:
+        if self.ptr == NULL:
+            raise ValueError("the model is closed")
+        return self.ptr
+
+    def close(self) -> None:
+        """Free the weights now.  Contexts created from this model keep it alive."""
+        if self.ptr != NULL:
+            llama_model_free(self.ptr)
+            self.ptr = NULL
+
+    @property
+    def closed(self) -> bool:
+        return self.ptr == NULL
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        if self.ptr == NULL:
+            return f"<pyllama.Model {self.path!r} (closed)>"
+        return f"<pyllama.Model {self.path!r} {self.description}>"
+
+    @property
+    def vocab(self) -> Vocab:
+        self._get()
+        return self._vocab
+
+    @property
+    def metadata(self) -> dict:
+        """All GGUF key/value pairs as strings (arrays are summarised by llama.cpp)."""
+        if self._meta_cache is not None:
+            return dict(self._meta_cache)
+        cdef llama_model * m = self._get()
+        cdef int32_t n = llama_model_meta_count(m), i
+        out = {}
+        for i in range(n):
+            key = _meta_string(m, i, True)
+            out[key] = _meta_string(m, i, False)
+        self._meta_cache = out
+        return dict(out)
+
+    def meta(self, key: str):
+        """One metadata value (as a string), or None."""
+        return self.metadata.get(key)
+
+    @property
+    def description(self) -> str:
+        cdef char buf[256]
+        cdef int32_t n = llama_model_desc(self._get(), buf, sizeof(buf))
+        return buf[:max(0, min(n, 255))].decode("utf-8", "replace")
+
+    @property
+    def architecture(self) -> str:
+        return self.meta("general.architecture") or ""
+
+    @property
+    def ftype(self) -> str:
+        return _str(llama_ftype_name(llama_model_ftype(self._get())))
+
+    @property
+    def size(self) -> int:
+        return llama_model_size(self._get())
+
+    @property
+    def n_params(self) -> int:
+        return llama_model_n_params(self._get())
+
+    @property
+    def n_ctx_train(self) -> int:
+        return llama_model_n_ctx_train(self._get())
+
+    @property
+    def n_embd(self) -> int:
+        return llama_model_n_embd(self._get())
+
+    @property
+    def n_layer(self) -> int:
+        return llama_model_n_layer(self._get())
+
+    @property
+    def n_head(self) -> int:
+        return llama_model_n_head(self._get())
+
+    @property
+    def n_head_kv(self) -> int:
+        return llama_model_n_head_kv(self._get())
+
+    @property
+    def has_encoder(self) -> bool:
+        return llama_model_has_encoder(self._get())
+
+    @property
+    def has_decoder(self) -> bool:
+        return llama_model_has_decoder(self._get())
+
+    @property
+    def is_recurrent(self) -> bool:
+        return llama_model_is_recurrent(self._get())
+
+    def chat_template(self, name=None):
+        """The model's chat template (tokenizer.chat_template[.name]), or None."""
+        cdef bytes bname
+        cdef const char * res
+        if name is None:
+            res = llama_model_chat_template(self._get(), NULL)
+        else:
+            bname = _utf8(name, "template name")
+            res = llama_model_chat_template(self._get(), bname)
+        return None if res == NULL else res.decode("utf-8", "replace")
+
+
+cdef str _meta_string(llama_model * m, int32_t i, bint key):
+    cdef int32_t cap = 256, n
+    cdef char * buf = NULL
+    try:
+        while True:
+            buf = <char *>realloc(buf, cap)
+            if buf == NULL:
+                raise MemoryError()
+            if key:
+                n = llama_model_meta_key_by_index(m, i, buf, cap)
+            else:
+                n = llama_model_meta_val_str_by_index(m, i, buf, cap)
+            if n < 0:
+                return ""
+            if n < cap:
+                return buf[:n].decode("utf-8", "replace")
+            cap = n + 1
+    finally:
+        free(buf)
+
+
+cdef llama_model_kv_override * _make_kv_overrides(dict overrides) except NULL:
+    cdef Py_ssize_t n = len(overrides), i = 0
+    cdef llama_model_kv_override * arr = <llama_model_kv_override *>calloc(n + 1, sizeof(llama_model_kv_override))
+    if arr == NULL:
+        raise MemoryError()
+    try:
+        for key, value in overrides.items():
+            bkey = _utf8(key, "kv_overrides key")
+            if not bkey or len(bkey) >= 128:
+                raise ValueError(f"kv_overrides key must be 1..127 bytes, got {key!r}")
+            memcpy(arr[i].key, <char *>bkey, len(bkey))
+            if isinstance(value, bool):
+                arr[i].tag = LLAMA_KV_OVERRIDE_TYPE_BOOL
+                arr[i].val_bool = value
+            elif isinstance(value, int):
+                if not (-(1 << 63) <= value < (1 << 63)):
+                    raise ValueError(f"kv_overrides[{key!r}] does not fit in int64: {value}")
+                arr[i].tag = LLAMA_KV_OVERRIDE_TYPE_INT
+                arr[i].val_i64 = value
+            elif isinstance(value, float):
+                arr[i].tag = LLAMA_KV_OVERRIDE_TYPE_FLOAT
+                arr[i].val_f64 = value
+            elif isinstance(value, str):
+                bval = _utf8(value, "kv_overrides value")
+                if len(bval) >= 128:
+                    raise ValueError(f"kv_overrides[{key!r}] string must be under 128 bytes")
+                arr[i].tag = LLAMA_KV_OVERRIDE_TYPE_STR
+                memcpy(arr[i].val_str, <char *>bval, len(bval))
+            else:
+                raise TypeError(f"kv_overrides[{key!r}] must be bool, int, float or str, not {type(value).__name__}")
+            i += 1
+    except BaseException:
+        free(arr)
+        raise
+    return arr
+
+
+cdef ggml_backend_dev_t * _make_device_list(devices) except NULL:
+    names = list(devices)
+    cdef ggml_backend_dev_t * arr = <ggml_backend_dev_t *>calloc(len(names) + 1, sizeof(ggml_backend_dev_t))
+    cdef ggml_backend_dev_t dev
+    if arr == NULL:
+        raise MemoryError()
+    for i, name in enumerate(names):
+        b = _utf8(name, "device name")
+        dev = ggml_backend_dev_by_name(b)
+        if dev == NULL:
+            free(arr)
+            known = [d["name"] for be in backends() for d in be["devices"]]
+            raise ValueError(f"unknown device {name!r}; available: {known}")
+        arr[i] = dev
+    return arr
+
+
+_VOCAB_TYPES = {
+    LLAMA_VOCAB_TYPE_NONE: "none", LLAMA_VOCAB_TYPE_SPM: "spm", LLAMA_VOCAB_TYPE_BPE: "bpe",
+    LLAMA_VOCAB_TYPE_WPM: "wpm", LLAMA_VOCAB_TYPE_UGM: "ugm", LLAMA_VOCAB_TYPE_RWKV: "rwkv",
+    LLAMA_VOCAB_TYPE_PLAMO2: "plamo2",
+}
+
+
+cdef class Vocab:
+    """The tokenizer of a Model.  Keeps the model alive."""
+
+    cdef readonly Model model
+    cdef const llama_vocab * ptr
+    cdef readonly int32_t n_tokens
+    cdef readonly int bos, eos, eot, sep, nl, pad, mask
+    cdef readonly int fim_pre, fim_suf, fim_mid, fim_pad, fim_rep, fim_sep
+    cdef readonly bint add_bos, add_eos
+
+    def __init__(self):
+        raise TypeError("Vocab objects come from Model.vocab")
+
+    @staticmethod
+    cdef Vocab _wrap(Model model):
+        cdef Vocab v = Vocab.__new__(Vocab)
+        v.model = model
+        v.ptr = llama_model_get_vocab(model.ptr)
+        v.n_tokens = llama_vocab_n_tokens(v.ptr)
+        v.bos = llama_vocab_bos(v.ptr)
+        v.eos = llama_vocab_eos(v.ptr)
+        v.eot = llama_vocab_eot(v.ptr)
+        v.sep = llama_vocab_sep(v.ptr)
+        v.nl = llama_vocab_nl(v.ptr)
+        v.pad = llama_vocab_pad(v.ptr)
+        v.mask = llama_vocab_mask(v.ptr)
+        v.fim_pre = llama_vocab_fim_pre(v.ptr)
+        v.fim_suf = llama_vocab_fim_suf(v.ptr)
+        v.fim_mid = llama_vocab_fim_mid(v.ptr)
+        v.fim_pad = llama_vocab_fim_pad(v.ptr)
+        v.fim_rep = llama_vocab_fim_rep(v.ptr)
+        v.fim_sep = llama_vocab_fim_sep(v.ptr)
+        v.add_bos = llama_vocab_get_add_bos(v.ptr)
+        v.add_eos = llama_vocab_get_add_eos(v.ptr)
+        return v
+
+    cdef inline const llama_vocab * _get(self) except NULL:
+        self.model._get()   # raises once the model is closed
+        return self.ptr
+
+    @property
+    def type(self) -> str:
+        return _VOCAB_TYPES.get(<int>llama_vocab_get_type(self._get()), "unknown")
+
+    cdef inline int _check_token(self, long long token) except -1:
+        if token < 0 or token >= self.n_tokens:
+            raise InvalidTokenError(f"token id {token} is out of range for a vocabulary of {self.n_tokens} tokens")
+        return 0
+
+    def check_tokens(self, tokens) -> None:
+        """Raise InvalidTokenError unless every id is in [0, n_tokens)."""
+        for t in tokens:
+            self._check_token(t)
+
+    def tokenize(self, text, bint add_special=True, bint parse_special=False) -> list:
+        """Text (str, or UTF-8 bytes) to token ids."""
+        cdef const llama_vocab * v = self._get()
+        cdef bytes data
+        if isinstance(text, str):
+            try:
+                data = (<str>text).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text cannot be encoded as UTF-8: {e.reason} at index {e.start}") from None
+        elif isinstance(text, (bytes, bytearray, memoryview)):
+            data = bytes(text)
+            # llama.cpp's pre-tokenizers throw (and abort the process) on malformed UTF-8.
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"bytes are not valid UTF-8: {e.reason} at byte {e.start}") from None
+        else:
+            raise TypeError(f"text must be str or bytes, not {type(text).__name__}")
+        cdef Py_ssize_t n_bytes = len(data)
+        if n_bytes > 0x3FFFFFF0:
+            raise ValueError(f"text of {n_bytes} bytes is too long to tokenize")
+        cdef int32_t cap = <int32_t>n_bytes + 8
+        cdef llama_token * out = <llama_token *>malloc(cap * sizeof(llama_token))
+        cdef int32_t n
+        cdef const char * cdata = PyBytes_AS_STRING(data)
+        if out == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                n = llama_tokenize(v, cdata, <int32_t>n_bytes, out, cap, add_special, parse_special)
+            if n < 0:
+                if n == -2147483648:
+                    raise ValueError("tokenization overflowed int32")
+                cap = -n
+                out = <llama_token *>realloc(out, cap * sizeof(llama_token))
+                if out == NULL:
+                    raise MemoryError()
+                with nogil:
+                    n = llama_tokenize(v, cdata, <int32_t>n_bytes, out, cap, add_special, parse_special)
+                if n < 0:
+                    raise RuntimeError("llama_tokenize failed")
+            return [out[i] for i in range(n)]
+        finally:
+            free(out)
+
+    cdef bytes _detokenize(self, tokens, bint remove_special, bint unparse_special):
+        cdef const llama_vocab * v = self._get()
+        cdef Py_ssize_t n = len(tokens), i
+        cdef llama_token * arr = <llama_token *>malloc(max(n, 1) * sizeof(llama_token))
+        cdef int32_t cap, got
+        cdef char * buf = NULL
+        if arr == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                t = tokens[i]
+                self._check_token(t)
+                arr[i] = t
+            cap = <int32_t>(n * 8 + 16)
+            while True:
+                buf = <char *>realloc(buf, cap)
+                if buf == NULL:
+                    raise MemoryError()
+                with nogil:
+                    got = llama_detokenize(v, arr, <int32_t>n, buf, cap, remove_special, unparse_special)
+                if got >= 0:
+                    return PyBytes_FromStringAndSize(buf, got)
+                cap = -got + 1
+        finally:
+            free(arr)
+            free(buf)
+
+    def detokenize(self, tokens, bint remove_special=False, bint unparse_special=False) -> str:
+        """Token ids to text; bytes that are not valid UTF-8 become U+FFFD."""
+        return self._detokenize(tokens, remove_special, unparse_special).decode("utf-8", "replace")
+
+    def detokenize_bytes(self, tokens, bint remove_special=False, bint unparse_special=False) -> bytes:
+        return self._detokenize(tokens, remove_special, unparse_special)
+
+    def token_to_piece(self, int token, bint special=False, int lstrip=0) -> bytes:
+        """The bytes of one token (may be part of a multi-byte character)."""
+        cdef const llama_vocab * v = self._get()
+        self._check_token(token)
+        if lstrip < 0:
+            raise ValueError("lstrip must be >= 0")
+        cdef char buf[128]
+        cdef int32_t n = llama_token_to_piece(v, token, buf, sizeof(buf), lstrip, special)
+        cdef char * big
+        if n >= 0:
+            return buf[:n]
+        big = <char *>malloc(-n)
+        try:
+            n = llama_token_to_piece(v, token, big, -n, lstrip, special)
+            return big[:max(n, 0)]
+        finally:
+            free(big)
+
+    def token_text(self, int token) -> str:
+        self._check_token(token)
+        return _str(llama_vocab_get_text(self._get(), token))
+
+    def token_score(self, int token) -> float:
+        self._check_token(token)
+        return llama_vocab_get_score(self._get(), token)
+
+    def token_attr(self, int token) -> int:
+        self._check_token(token)
+        return <int>llama_vocab_get_attr(self._get(), token)
+
+    def is_eog(self, int token) -> bool:
+        if token < 0 or token >= self.n_tokens:
+            return False
+        return llama_vocab_is_eog(self._get(), token)
+
+    def is_control(self, int token) -> bool:
+        if token < 0 or token >= self.n_tokens:
+            return False
+        return llama_vocab_is_control(self._get(), token)
+
+    def __len__(self):
+        return self.n_tokens
+
+    def __repr__(self):
+        return f"<pyllama.Vocab {self.type} n_tokens={self.n_tokens}>"

@@ -1,0 +1,297 @@
+# SamplerChain (owns a llama_sampler chain; stages are owned by the chain).
+
+from libc.math cimport INFINITY, isfinite
+
+
+cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_patterns,
+                                           trigger_tokens) except NULL:
+    cdef bytes g = _utf8(grammar, "grammar")
+    cdef bytes r = _utf8(root, "grammar root")
+    if not g.strip():
+        raise GrammarError("the grammar is empty")
+    if not r:
+        raise GrammarError("the grammar root rule name is empty")
+    cdef const llama_vocab * v = vocab._get()
+    cdef llama_sampler * smpl
+    cdef list pats = [_utf8(p, "trigger pattern") for p in (trigger_patterns or ())]
+    cdef list toks = list(trigger_tokens or ())
+    cdef const char ** cpats = NULL
+    cdef llama_token * ctoks = NULL
+    cdef Py_ssize_t i
+    pyllama_clear_last_error()
+    if trigger_patterns is None and trigger_tokens is None:
+        smpl = llama_sampler_init_grammar(v, g, r)
+    else:
+        if not pats and not toks:
+            raise GrammarError("a lazy grammar needs at least one trigger pattern or trigger token")
+        cpats = <const char **>calloc(max(len(pats), 1), sizeof(char *))
+        ctoks = <llama_token *>calloc(max(len(toks), 1), sizeof(llama_token))
+        try:
+            for i in range(len(pats)):
+                cpats[i] = PyBytes_AS_STRING(pats[i])
+            for i in range(len(toks)):
+                vocab._check_token(toks[i])
+                ctoks[i] = toks[i]
+            smpl = llama_sampler_init_grammar_lazy_patterns(v, g, r, cpats, len(pats), ctoks, len(toks))
+        finally:
+            free(cpats)
+            free(ctoks)
+    if smpl == NULL:
+        raise GrammarError("invalid grammar: " + _last_error("llama.cpp could not parse it"))
+    return smpl
+
+
+cdef class SamplerChain:
+    """llama.cpp's sampler chain: stages run in the order they were added.
+
+    The last stage must pick a token: greedy, dist or mirostat.
+    """
+
+    cdef llama_sampler * ptr
+    cdef readonly Vocab vocab
+    cdef list _grammar_stages     # indices into the chain, for the accept() check
+    cdef list _names
+    cdef readonly bint has_grammar
+
+    def __cinit__(self):
+        self.ptr = NULL
+
+    def __init__(self, Vocab vocab not None, bint no_perf=False):
+        cdef llama_sampler_chain_params p = llama_sampler_chain_default_params()
+        p.no_perf = no_perf
+        self.vocab = vocab
+        self.ptr = llama_sampler_chain_init(p)
+        if self.ptr == NULL:
+            raise MemoryError()
+        self._grammar_stages = []
+        self._names = []
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            llama_sampler_free(self.ptr)
+            self.ptr = NULL
+
+    cdef SamplerChain _add(self, llama_sampler * stage, str name):
+        if stage == NULL:
+            raise ValueError(f"llama.cpp refused the {name} sampler: " + _last_error("invalid parameters"))
+        llama_sampler_chain_add(self.ptr, stage)
+        self._names.append(name)
+        return self
+
+    def add_greedy(self) -> SamplerChain:
+        return self._add(llama_sampler_init_greedy(), "greedy")
+
+    def add_dist(self, seed=0xFFFFFFFF) -> SamplerChain:
+        return self._add(llama_sampler_init_dist(_seed(seed)), "dist")
+
+    def add_top_k(self, int k) -> SamplerChain:
+        if k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {k}")
+        return self._add(llama_sampler_init_top_k(k), "top-k")
+
+    def add_top_p(self, float p, size_t min_keep=1) -> SamplerChain:
+        _check_prob("top_p", p, allow_zero=False)
+        return self._add(llama_sampler_init_top_p(p, min_keep), "top-p")
+
+    def add_min_p(self, float p, size_t min_keep=1) -> SamplerChain:
+        _check_prob("min_p", p, allow_zero=True)
+        return self._add(llama_sampler_init_min_p(p, min_keep), "min-p")
+
+    def add_typical(self, float p, size_t min_keep=1) -> SamplerChain:
+        _check_prob("typical_p", p, allow_zero=False)
+        return self._add(llama_sampler_init_typical(p, min_keep), "typical")
+
+    def add_temp(self, float t) -> SamplerChain:
+        _check_finite("temperature", t, minimum=0.0)
+        return self._add(llama_sampler_init_temp(t), "temp")
+
+    def add_temp_ext(self, float t, float delta, float exponent) -> SamplerChain:
+        _check_finite("temperature", t, minimum=0.0)
+        _check_finite("dynatemp delta", delta, minimum=0.0)
+        _check_finite("dynatemp exponent", exponent)
+        return self._add(llama_sampler_init_temp_ext(t, delta, exponent), "temp-ext")
+
+    def add_xtc(self, float p, float t, size_t min_keep=1, seed=0xFFFFFFFF) -> SamplerChain:
+        _check_prob("xtc probability", p, allow_zero=True)
+        _check_prob("xtc threshold", t, allow_zero=True)
+        return self._add(llama_sampler_init_xtc(p, t, min_keep, _seed(seed)), "xtc")
+
+    def add_top_n_sigma(self, float n) -> SamplerChain:
+        _check_finite("top_n_sigma", n)
+        return self._add(llama_sampler_init_top_n_sigma(n), "top-n-sigma")
+
+    def add_mirostat(self, seed, float tau, float eta, int m=100) -> SamplerChain:
+        _check_finite("mirostat_tau", tau, minimum=0.0)
+        _check_finite("mirostat_eta", eta, minimum=0.0)
+        if m < 1:
+            raise ValueError(f"mirostat m must be >= 1, got {m}")
+        return self._add(llama_sampler_init_mirostat(self.vocab.n_tokens, _seed(seed), tau, eta, m), "mirostat")
+
+    def add_mirostat_v2(self, seed, float tau, float eta) -> SamplerChain:
+        _check_finite("mirostat_tau", tau, minimum=0.0)
+        _check_finite("mirostat_eta", eta, minimum=0.0)
+        return self._add(llama_sampler_init_mirostat_v2(_seed(seed), tau, eta), "mirostat-v2")
+
+    def add_penalties(self, int last_n=64, float repeat=1.0, float frequency=0.0,
+                      float presence=0.0) -> SamplerChain:
+        if last_n < -1:
+            raise ValueError(f"penalty last_n must be >= -1, got {last_n}")
+        _check_finite("repeat_penalty", repeat, minimum=0.0)
+        if repeat == 0.0:
+            raise ValueError("repeat_penalty must be > 0 (1.0 disables it)")
+        _check_finite("frequency_penalty", frequency)
+        _check_finite("presence_penalty", presence)
+        return self._add(llama_sampler_init_penalties(self.vocab.n_tokens, last_n, repeat, frequency, presence),
+                         "penalties")
+
+    def add_dry(self, float multiplier, float base=1.75, int allowed_length=2, int last_n=-1,
+                seq_breakers=("\n", ":", '"', "*")) -> SamplerChain:
+        _check_finite("dry_multiplier", multiplier, minimum=0.0)
+        _check_finite("dry_base", base, minimum=1.0)
+        if allowed_length < 0 or last_n < -1:
+            raise ValueError("dry allowed_length must be >= 0 and last_n >= -1")
+        cdef list keep = [_utf8(brk, "DRY sequence breaker") for brk in seq_breakers]
+        cdef const char ** arr = <const char **>calloc(max(len(keep), 1), sizeof(char *))
+        cdef llama_sampler * s
+        try:
+            for i, b in enumerate(keep):
+                if not b:
+                    raise ValueError("DRY sequence breakers must not be empty")
+                arr[i] = PyBytes_AS_STRING(b)
+            s = llama_sampler_init_dry(self.vocab._get(), multiplier, base, allowed_length, last_n, arr, len(keep))
+        finally:
+            free(arr)
+        return self._add(s, "dry")
+
+    def add_logit_bias(self, bias) -> SamplerChain:
+        """{token_id: bias}; float('-inf') forbids a token."""
+        cdef dict items = dict(bias)
+        cdef llama_logit_bias * arr = <llama_logit_bias *>calloc(max(len(items), 1), sizeof(llama_logit_bias))
+        cdef llama_sampler * s
+        try:
+            for i, (tok, val) in enumerate(items.items()):
+                self.vocab._check_token(tok)
+                val = float(val)
+                if val != val or val == INFINITY:
+                    raise ValueError(f"logit_bias for token {tok} must be finite or -inf, got {val}")
+                arr[i].token = tok
+                arr[i].bias = val
+            s = llama_sampler_init_logit_bias(self.vocab.n_tokens, len(items), arr)
+        finally:
+            free(arr)
+        return self._add(s, "logit-bias")
+
+    def add_grammar(self, grammar, root="root") -> SamplerChain:
+        """Constrain output with a GBNF grammar (GrammarError if it does not parse)."""
+        cdef llama_sampler * s = _make_grammar_sampler(self.vocab, grammar, root, None, None)
+        self._grammar_stages.append(len(self._names))
+        self.has_grammar = True
+        return self._add(s, "grammar")
+
+    def add_grammar_lazy(self, grammar, root="root", trigger_patterns=(), trigger_tokens=()) -> SamplerChain:
+        """A grammar that applies only after a trigger pattern (regex) or token appears."""
+        cdef llama_sampler * s = _make_grammar_sampler(self.vocab, grammar, root, list(trigger_patterns),
+                                                       list(trigger_tokens))
+        self._grammar_stages.append(len(self._names))
+        self.has_grammar = True
+        return self._add(s, "grammar-lazy")
+
+    cdef int _check_selects(self) except -1:
+        if not self._names or self._names[-1] not in ("greedy", "dist", "mirostat", "mirostat-v2"):
+            raise ValueError("the sampler chain must end with a selecting stage (greedy, dist or mirostat)")
+        return 0
+
+    def sample(self, Context ctx not None, int idx=-1) -> int:
+        """Sample and accept a token from the logits at batch index `idx` of ctx's last decode."""
+        self._check_selects()
+        cdef llama_token tok
+        with ctx._lock:
+            ctx._output_index(idx)
+            with nogil:
+                tok = llama_sampler_sample(self.ptr, ctx.ptr, idx)
+        return tok
+
+    cdef bint _grammar_allows(self, llama_token token):
+        """Would every grammar stage accept `token` now?  (Accepting a forbidden token
+        makes llama.cpp abort the process, so we ask first.)"""
+        cdef llama_token_data data
+        cdef llama_token_data_array arr
+        for i in self._grammar_stages:
+            data.id = token
+            data.logit = 0.0
+            data.p = 0.0
+            arr.data = &data
+            arr.size = 1
+            arr.selected = -1
+            arr.sorted = False
+            llama_sampler_apply(llama_sampler_chain_get(self.ptr, i), &arr)
+            if not isfinite(data.logit):
+                return False
+        return True
+
+    def accept(self, int token) -> None:
+        """Tell the stateful stages (penalties, grammar, mirostat) that `token` was chosen."""
+        self.vocab._check_token(token)
+        if self._grammar_stages and not self._grammar_allows(token):
+            raise GrammarError(f"token {token} ({self.vocab.token_text(token)!r}) is not allowed by the grammar here")
+        llama_sampler_accept(self.ptr, token)
+
+    def reset(self) -> None:
+        llama_sampler_reset(self.ptr)
+
+    def clone(self) -> SamplerChain:
+        cdef SamplerChain c = SamplerChain.__new__(SamplerChain)
+        c.vocab = self.vocab
+        c.ptr = llama_sampler_clone(self.ptr)
+        if c.ptr == NULL:
+            raise MemoryError()
+        c._grammar_stages = list(self._grammar_stages)
+        c._names = list(self._names)
+        c.has_grammar = self.has_grammar
+        return c
+
+    @property
+    def names(self) -> list:
+        return list(self._names)
+
+    def __len__(self):
+        return llama_sampler_chain_n(self.ptr)
+
+    @property
+    def seed(self) -> int:
+        return llama_sampler_get_seed(self.ptr)
+
+    def perf(self) -> dict:
+        cdef llama_perf_sampler_data d = llama_perf_sampler(self.ptr)
+        return {"t_sample_ms": d.t_sample_ms, "n_sample": d.n_sample}
+
+    def perf_reset(self) -> None:
+        llama_perf_sampler_reset(self.ptr)
+
+    def __repr__(self):
+        return f"<pyllama.SamplerChain {' -> '.join(self._names) or '(empty)'}>"
+
+
+cdef uint32_t _seed(object seed) except? 0xFFFFFFFF:
+    if seed is None or seed == -1:
+        return 0xFFFFFFFF   # LLAMA_DEFAULT_SEED: a random seed
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if seed < 0 or seed > 0xFFFFFFFF:
+        raise ValueError(f"seed must be in 0..2**32-1 (or -1/None for random), got {seed}")
+    return <uint32_t>seed
+
+
+cdef int _check_finite(str name, double value, double minimum=-INFINITY) except -1:
+    if not isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return 0
+
+
+cdef int _check_prob(str name, double value, bint allow_zero) except -1:
+    if not isfinite(value) or value < 0.0 or value > 1.0 or (value == 0.0 and not allow_zero):
+        rng = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+    return 0

@@ -1,0 +1,264 @@
+# C-level support: Ctrl-C during long nogil calls, UTF-8 scanning, the last
+# llama.cpp error message, and routing llama.cpp's log into Python's logging.
+
+cdef extern from *:
+    """
+    #include <signal.h>
+    #include <string.h>
+    #include <stdbool.h>
+
+    /* ---- Ctrl-C while the GIL is released ---------------------------------
+     * Python's own SIGINT handler only sets a flag that is looked at when the
+     * interpreter runs bytecode, which it does not do during a long llama_decode.
+     * Around such calls (main thread only) we put a tiny handler in front of
+     * Python's: it raises our flag, which ggml's abort callback reads between graph
+     * nodes, and then chains to Python's handler so KeyboardInterrupt is raised as
+     * usual once we are back with the GIL.  Both handlers only set flags, so this is
+     * async-signal-safe. */
+    static volatile sig_atomic_t pyllama_sigint_seen = 0;
+    #ifndef _WIN32
+    static struct sigaction pyllama_prev_sigint;
+    static int pyllama_sigint_depth = 0;
+    static void pyllama_on_sigint(int sig) {
+        pyllama_sigint_seen = 1;
+        if (pyllama_prev_sigint.sa_handler != SIG_DFL && pyllama_prev_sigint.sa_handler != SIG_IGN) {
+            pyllama_prev_sigint.sa_handler(sig);
+        }
+    }
+    static int pyllama_sigint_push(void) {
+        /* called with the GIL held, from the main thread only */
+        if (pyllama_sigint_depth++ > 0) return 1;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = pyllama_on_sigint;
+        sigemptyset(&sa.sa_mask);
+        pyllama_sigint_seen = 0;
+        if (sigaction(SIGINT, NULL, &pyllama_prev_sigint) != 0) { pyllama_sigint_depth--; return 0; }
+        if ((pyllama_prev_sigint.sa_flags & SA_SIGINFO) || pyllama_prev_sigint.sa_handler == SIG_IGN ||
+            pyllama_prev_sigint.sa_handler == SIG_DFL) { pyllama_sigint_depth--; return 0; }
+        if (sigaction(SIGINT, &sa, NULL) != 0) { pyllama_sigint_depth--; return 0; }
+        return 1;
+    }
+    static void pyllama_sigint_pop(void) {
+        if (pyllama_sigint_depth <= 0) return;
+        if (--pyllama_sigint_depth == 0) sigaction(SIGINT, &pyllama_prev_sigint, NULL);
+    }
+    #else
+    static int pyllama_sigint_push(void) { return 0; }
+    static void pyllama_sigint_pop(void) {}
+    #endif
+
+    typedef struct {
+        volatile int abort_requested;   /* Context.abort() from another thread */
+        volatile int watch_sigint;      /* this call installed the SIGINT hook */
+    } pyllama_abort_state;
+
+    static bool pyllama_abort_cb(void * data) {
+        pyllama_abort_state * st = (pyllama_abort_state *) data;
+        if (st->abort_requested) return true;
+        if (st->watch_sigint && pyllama_sigint_seen) return true;
+        return false;
+    }
+
+    /* ---- The last error llama.cpp logged on this thread -----------------------
+     * Loader failures are reported through the log, not through return values,
+     * so the log callback keeps the last ERROR line per thread for our exceptions. */
+    #if defined(_MSC_VER)
+    #define PYLLAMA_TLS __declspec(thread)
+    #else
+    #define PYLLAMA_TLS __thread
+    #endif
+    static PYLLAMA_TLS char pyllama_last_error[1024];
+    static void pyllama_set_last_error(const char * text) {
+        size_t n = strlen(text);
+        while (n > 0 && (text[n-1] == '\\n' || text[n-1] == ' ')) n--;
+        if (n >= sizeof(pyllama_last_error)) n = sizeof(pyllama_last_error) - 1;
+        memcpy(pyllama_last_error, text, n);
+        pyllama_last_error[n] = 0;
+    }
+    static const char * pyllama_get_last_error(void) { return pyllama_last_error; }
+    static void pyllama_clear_last_error(void) { pyllama_last_error[0] = 0; }
+
+    /* Length of the longest prefix of buf[0:n] that does not end inside an
+     * unfinished UTF-8 sequence (so a multi-byte character is never split). */
+    static size_t pyllama_utf8_complete_len(const char * buf, size_t n) {
+        size_t i = n, back = 0;
+        while (i > 0 && back < 4) {
+            unsigned char c = (unsigned char) buf[i-1];
+            if ((c & 0xC0) != 0x80) {           /* a lead byte (or ASCII) */
+                size_t need = (c < 0x80) ? 1 : ((c & 0xE0) == 0xC0) ? 2 : ((c & 0xF0) == 0xE0) ? 3 :
+                              ((c & 0xF8) == 0xF0) ? 4 : 1;
+                return (back + 1 >= need) ? n : i - 1;
+            }
+            i--; back++;
+        }
+        return n;  /* only continuation bytes: invalid anyway, let the decoder replace them */
+    }
+    """
+    ctypedef struct pyllama_abort_state:
+        int abort_requested
+        int watch_sigint
+    int pyllama_sigint_push()
+    void pyllama_sigint_pop()
+    bint pyllama_abort_cb(void * data) noexcept nogil
+    int pyllama_sigint_seen
+    void pyllama_set_last_error(const char * text) noexcept nogil
+    const char * pyllama_get_last_error() noexcept nogil
+    void pyllama_clear_last_error() noexcept nogil
+    size_t pyllama_utf8_complete_len(const char * buf, size_t n) noexcept nogil
+
+
+cdef extern from *:
+    """
+    #ifndef PYLLAMA_LLAMA_COMMIT
+    #define PYLLAMA_LLAMA_COMMIT "unknown"
+    #endif
+    """
+    const char * PYLLAMA_LLAMA_COMMIT_C "PYLLAMA_LLAMA_COMMIT"
+
+_LLAMA_COMMIT = (<bytes>PYLLAMA_LLAMA_COMMIT_C).decode()
+
+
+cdef inline str _str(const char * s):
+    if s == NULL:
+        return ""
+    return s.decode("utf-8", "replace")
+
+
+cdef inline bytes _utf8(object value, str what):
+    """str or bytes -> UTF-8 bytes without NULs, for C strings."""
+    cdef bytes b
+    if isinstance(value, bytes):
+        b = <bytes>value
+    elif isinstance(value, str):
+        try:
+            b = (<str>value).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{what} is not valid text: {e.reason} at index {e.start}") from None
+    else:
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+    if b"\0" in b:
+        raise ValueError(f"{what} must not contain NUL characters")
+    return b
+
+
+cdef inline str _short(object s, int n=60):
+    s = str(s)
+    return s if len(s) <= n else s[:n] + "..."
+
+
+cdef str _last_error(str fallback):
+    cdef const char * e = pyllama_get_last_error()
+    if e != NULL and e[0] != 0:
+        return e.decode("utf-8", "replace")
+    return fallback
+
+
+cdef inline bint _in_main_thread():
+    return threading.current_thread() is threading.main_thread()
+
+
+# ---- logging --------------------------------------------------------------
+
+_logger = logging.getLogger("pyllama")
+# Python logging level below which llama.cpp records are dropped in C, before the
+# GIL is taken.  The default forwards nothing: verbose=False prints nothing at all.
+cdef int _log_threshold = logging.CRITICAL + 10
+cdef int _log_last_level = logging.INFO
+
+cdef int _ggml_to_logging(ggml_log_level level) noexcept nogil:
+    if level == GGML_LOG_LEVEL_ERROR:
+        return 40
+    if level == GGML_LOG_LEVEL_WARN:
+        return 30
+    if level == GGML_LOG_LEVEL_INFO:
+        return 20
+    if level == GGML_LOG_LEVEL_DEBUG:
+        return 10
+    return -1
+
+
+cdef void _log_callback(ggml_log_level level, const char * text, void * user_data) noexcept nogil:
+    global _log_last_level
+    cdef int pylevel = _ggml_to_logging(level)
+    if level == GGML_LOG_LEVEL_CONT:
+        pylevel = _log_last_level
+    else:
+        _log_last_level = pylevel
+    if level == GGML_LOG_LEVEL_ERROR:
+        pyllama_set_last_error(text)
+    if pylevel < _log_threshold or pylevel < 0:
+        return
+    with gil:
+        try:
+            msg = text.decode("utf-8", "replace").rstrip("\n")
+            if msg:
+                _logger.log(pylevel, "%s", msg)
+        except BaseException:
+            pass  # a log line must never raise into llama.cpp
+
+
+def set_log_level(int level) -> None:
+    """Forward llama.cpp/ggml log records at or above `level` (a logging level) to the
+    "pyllama" logger.  logging.CRITICAL + 10 (the default) forwards nothing."""
+    global _log_threshold
+    _log_threshold = level
+
+
+def get_log_level() -> int:
+    return _log_threshold
+
+
+llama_log_set(_log_callback, NULL)
+
+
+# ---- backends ---------------------------------------------------------------
+
+cdef bint _backends_loaded = False
+
+cdef void _ensure_backends_loaded():
+    """With GGML_BACKEND_DL (portable wheels) the backends are shared libraries next to
+    this module: load them once, from here, before anything needs a device."""
+    global _backends_loaded
+    if _backends_loaded:
+        return
+    _backends_loaded = True
+    if PYLLAMA_BACKEND_DL:
+        here = os.path.dirname(os.path.abspath(__file__)).encode()
+        ggml_backend_load_all_from_path(here)
+
+
+cdef extern from *:
+    """
+    #ifndef PYLLAMA_BACKEND_DL
+    #define PYLLAMA_BACKEND_DL 0
+    #endif
+    """
+    int PYLLAMA_BACKEND_DL
+
+
+llama_backend_init()
+_ensure_backends_loaded()
+
+
+# ---- RPC helpers ------------------------------------------------------------
+
+cdef bytes _check_endpoint(object endpoint):
+    if not isinstance(endpoint, str) or ":" not in endpoint:
+        raise ValueError(f"RPC endpoint must be 'host:port', got {endpoint!r}")
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not (0 < int(port) < 65536):
+        raise ValueError(f"RPC endpoint must be 'host:port' with a port in 1..65535, got {endpoint!r}")
+    return _utf8(endpoint, "endpoint")
+
+
+cdef _rpc_probe(str endpoint, double timeout=3.0):
+    """Connect with a timeout first: ggml's client would otherwise block or abort."""
+    import socket
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConnectionError(f"cannot reach RPC server {endpoint}: {e.strerror or e}") from None
