@@ -1,6 +1,53 @@
-"""pyllama: a fast Cython binding to llama.cpp."""
-from pyllama._core import Batch, Context, Engine, GenerationRequest, Model, SamplerChain, Vocab, backends, system_info
-from pyllama._core import __llama_cpp_commit__
+"""pyllama: a fast Cython binding to llama.cpp.
+
+    from pyllama import LLM
+    llm = LLM("smollm2")            # a path to a .gguf file, or a known model name
+    print(llm("The capital of France is", max_tokens=16, temperature=0))
+"""
+
+from pyllama._core import (
+    Batch,
+    Context,
+    Engine,
+    GenerationRequest,
+    LoraAdapter,
+    Model,
+    SamplerChain,
+    Vocab,
+    __llama_cpp_commit__,
+    backends,
+    system_info,
+)
 from pyllama.errors import *  # noqa: F401,F403
+from pyllama.errors import __all__ as _errors_all
+try:  # TEMP until grammar.py lands
+    from pyllama.grammar import grammar_path, json_schema_to_gbnf
+except ImportError:
+    pass
+from pyllama.llm import LLM, Completion, Timings
+from pyllama.sampling import SamplingParams
 
 __version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """How this pyllama was built: llama.cpp commit, backend options, legacy flags mapped,
+    options that had no effect."""
+    from pyllama import _build_config as bc
+
+    return {
+        "version": __version__,
+        "llama_cpp_commit": bc.llama_cpp_commit,
+        "build_type": bc.build_type,
+        "portable": bc.portable,
+        "options": dict(bc.options),
+        "legacy_options_mapped": list(bc.legacy_options_mapped),
+        "unknown_options": list(bc.unknown_options),
+    }
+
+
+__all__ = [
+    "LLM", "Completion", "Timings", "SamplingParams", "Model", "Vocab", "Context", "Batch", "SamplerChain",
+    "Engine", "GenerationRequest", "LoraAdapter", "backends", "system_info", "build_info", "grammar_path",
+    "json_schema_to_gbnf", "__version__", "__llama_cpp_commit__", *_errors_all,
+]

@@ -205,6 +205,7 @@ cdef class Context:
     cdef object _lock
     cdef int32_t _last_n_outputs
     cdef bytes _last_output_flags
+    cdef list _lora_refs
     cdef object __weakref__
 
     def __cinit__(self):
@@ -676,6 +677,28 @@ cdef class Context:
                 return [toks[i] for i in range(n)]
         finally:
             free(toks)
+
+    def set_lora_adapters(self, adapters) -> None:
+        """Apply LoRA adapters: a list of (LoraAdapter, scale); [] removes them all."""
+        cdef list items = list(adapters)
+        cdef llama_adapter_lora ** arr = <llama_adapter_lora **>calloc(max(len(items), 1), sizeof(void *))
+        cdef float * scales = <float *>calloc(max(len(items), 1), sizeof(float))
+        cdef LoraAdapter a
+        cdef int32_t rc
+        self._lora_refs = items
+        try:
+            for i, (a, scale) in enumerate(items):
+                if a.model is not self.model:
+                    raise ValueError("a LoRA adapter of another model")
+                arr[i] = a.ptr
+                scales[i] = scale
+            with self._lock:
+                rc = llama_set_adapters_lora(self._get(), arr, len(items), scales)
+            if rc != 0:
+                raise ValueError(f"llama.cpp refused the LoRA adapters (code {rc})")
+        finally:
+            free(arr)
+            free(scales)
 
     # ---- performance ------------------------------------------------------------
 

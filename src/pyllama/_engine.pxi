@@ -31,6 +31,8 @@ cdef class GenerationRequest:
     # inputs
     cdef readonly list prompt_tokens
     cdef readonly SamplerChain sampler
+    cdef readonly SamplerChain grammar   # a chain holding only grammar stage(s), or None
+    cdef llama_token_data * candidates   # n_vocab scratch entries for grammar re-sampling
     cdef readonly int max_tokens
     cdef readonly tuple stop
     cdef frozenset stop_tokens
@@ -56,8 +58,16 @@ cdef class GenerationRequest:
     # timings (ms)
     cdef double t_submit, t_first, t_prompt, t_gen, t_sample, t_start
 
-    def __init__(self, prompt_tokens, SamplerChain sampler not None, *, int max_tokens=-1, stop=(),
-                 stop_tokens=(), bint ignore_eos=False, bint render_special=False, tag=None):
+    def __cinit__(self):
+        self.candidates = NULL
+
+    def __dealloc__(self):
+        free(self.candidates)
+        self.candidates = NULL
+
+    def __init__(self, prompt_tokens, SamplerChain sampler not None, *, SamplerChain grammar=None,
+                 int max_tokens=-1, stop=(), stop_tokens=(), bint ignore_eos=False, bint render_special=False,
+                 tag=None):
         self.prompt_tokens = [int(t) for t in prompt_tokens]
         if not self.prompt_tokens:
             raise ValueError("the prompt is empty: it needs at least one token")
@@ -73,7 +83,18 @@ cdef class GenerationRequest:
                 raise TypeError(f"stop strings must be str, got {type(s).__name__}")
             if not s:
                 raise ValueError("stop strings must not be empty")
+        if sampler.has_grammar:
+            raise ValueError("pass the grammar as GenerationRequest(grammar=...), not inside the sampler chain")
+        if grammar is not None:
+            if not grammar.has_grammar or len(grammar) != len(grammar._grammar_stages):
+                raise ValueError("grammar= must be a SamplerChain holding only grammar stages")
+            if grammar.vocab is not sampler.vocab:
+                raise ValueError("the grammar and the sampler were built for different models")
+            if ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with a grammar: the grammar decides when the "
+                                 "output is complete")
         self.sampler = sampler
+        self.grammar = grammar
         self.max_tokens = max_tokens
         self.stop = stop
         self.max_stop_len = max((len(s) for s in stop), default=0)
@@ -423,8 +444,11 @@ cdef class Engine:
         cdef const llama_vocab * vocab = self.context.vocab
         cdef str text = ""
         cdef bytes data
-        with nogil:
-            tok = llama_sampler_sample(r.sampler.ptr, self.context.ptr, r.batch_idx)
+        if r.grammar is None:
+            with nogil:
+                tok = llama_sampler_sample(r.sampler.ptr, self.context.ptr, r.batch_idx)
+        else:
+            tok = self._sample_with_grammar(r)
         t1 = pyllama_now_ms()
         r.t_sample += t1 - t0
         r.batch_idx = -1
@@ -473,6 +497,57 @@ cdef class Engine:
             if callback is not None:
                 callback(r, text)
         return 0
+
+    cdef llama_token _sample_with_grammar(self, GenerationRequest r) except -1:
+        """Sample as llama.cpp's common sampler does: run the chain without the grammar,
+        keep the token if the grammar allows it (the usual case, and cheap), otherwise
+        apply the grammar to all candidates and sample again."""
+        cdef int32_t n_vocab = self.context.n_vocab, i
+        cdef float * logits = llama_get_logits_ith(self.context.ptr, r.batch_idx)
+        cdef llama_token_data_array cur
+        cdef llama_token tok
+        if logits == NULL:
+            raise DecodeError("no logits for a sequence that should have them")
+        if r.candidates == NULL:
+            r.candidates = <llama_token_data *>malloc(n_vocab * sizeof(llama_token_data))
+            if r.candidates == NULL:
+                raise MemoryError()
+        with nogil:
+            for i in range(n_vocab):
+                r.candidates[i].id = i
+                r.candidates[i].logit = logits[i]
+                r.candidates[i].p = 0.0
+            cur.data = r.candidates
+            cur.size = n_vocab
+            cur.selected = -1
+            cur.sorted = False
+            llama_sampler_apply(r.sampler.ptr, &cur)
+        if cur.selected < 0 or cur.selected >= <int64_t>cur.size:
+            raise DecodeError("the sampler chain selected no token")
+        tok = cur.data[cur.selected].id
+        if not r.grammar._grammar_allows(tok):
+            with nogil:
+                for i in range(n_vocab):
+                    r.candidates[i].id = i
+                    r.candidates[i].logit = logits[i]
+                    r.candidates[i].p = 0.0
+                cur.data = r.candidates
+                cur.size = n_vocab
+                cur.selected = -1
+                cur.sorted = False
+                llama_sampler_apply(r.grammar.ptr, &cur)
+                llama_sampler_apply(r.sampler.ptr, &cur)
+            if cur.selected < 0 or cur.selected >= <int64_t>cur.size:
+                raise DecodeError("the sampler chain selected no token")
+            tok = cur.data[cur.selected].id
+            if not r.grammar._grammar_allows(tok):
+                # Nothing the grammar allows survived the chain (e.g. all its tokens were
+                # biased away).  Accepting it would abort the process, so stop cleanly.
+                raise GrammarError("no token allowed by the grammar is left to sample "
+                                   "(check logit_bias / the grammar)")
+        llama_sampler_accept(r.grammar.ptr, tok)
+        llama_sampler_accept(r.sampler.ptr, tok)
+        return tok
 
     cdef bytes _long_piece(self, llama_token tok, bint special):
         cdef int32_t n = llama_token_to_piece(self.context.vocab, tok, NULL, 0, 0, special)

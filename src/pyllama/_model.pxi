@@ -518,3 +518,34 @@ cdef class Vocab:
 
     def __repr__(self):
         return f"<pyllama.Vocab {self.type} n_tokens={self.n_tokens}>"
+
+
+cdef class LoraAdapter:
+    """A LoRA adapter (GGUF) loaded for a Model; apply it with Context.set_lora_adapters."""
+
+    cdef llama_adapter_lora * ptr
+    cdef readonly Model model
+    cdef readonly str path
+
+    def __cinit__(self):
+        self.ptr = NULL
+
+    def __init__(self, Model model not None, path):
+        path = os.fsdecode(os.fspath(path))
+        _precheck_model_file(path)
+        cdef bytes p = os.fsencode(path)
+        cdef const char * pc = p
+        cdef llama_model * m = model._get()
+        pyllama_clear_last_error()
+        with nogil:
+            self.ptr = llama_adapter_lora_init(m, pc)
+        if self.ptr == NULL:
+            raise ModelLoadError(path, "not a LoRA adapter for this model: " + _last_error("llama.cpp refused it"))
+        self.model = model
+        self.path = path
+
+    def __dealloc__(self):
+        # Adapters are freed together with their model; free earlier only while it lives.
+        if self.ptr != NULL and self.model is not None and self.model.ptr != NULL:
+            llama_adapter_lora_free(self.ptr)
+        self.ptr = NULL

