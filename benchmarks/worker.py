@@ -68,6 +68,14 @@ def _pyllama_llm(spec: dict, **extra):
         raise
 
 
+def _timings_dict(t) -> dict | None:
+    if t is None or isinstance(t, dict):
+        return t
+    if hasattr(t, "as_dict"):
+        return t.as_dict()
+    return {k: getattr(t, k) for k in dir(t) if not k.startswith("_") and isinstance(getattr(t, k), (int, float))}
+
+
 def pyllama_pptg(spec: dict) -> dict:
     """llama-bench's pp/tg loop through pyllama._core (Context.decode of Batches)."""
     from pyllama import _core as C
@@ -142,7 +150,8 @@ def pyllama_complete(spec: dict) -> dict:
         ttft = None
         text = []
         t1 = now()
-        for piece in llm.stream(prompt, **params):
+        it = llm.stream(prompt, **params)
+        for piece in it:
             if ttft is None:
                 ttft = now() - t1
             pieces += 1
@@ -151,29 +160,19 @@ def pyllama_complete(spec: dict) -> dict:
         out["ttft_s"] = ttft
         out["pieces"] = pieces
         out["text"] = "".join(text)
-        timings = getattr(llm, "last_timings", None)
-        if callable(timings):
-            timings = timings()
-        if isinstance(timings, dict):
-            out["timings"] = timings
-            if timings.get("predicted_n") is not None:
-                out["n_tokens"] = int(timings.get("predicted_n"))
+        res = getattr(it, "completion", None)  # the final Completion, once exhausted
     else:
         t1 = now()
         res = llm.complete(prompt, **params)
         out["call_s"] = now() - t1
         out["text"] = res.text
+    if res is not None:
         toks = getattr(res, "tokens", None)
         if toks is not None:
             out["n_tokens"] = len(toks)
-        timings = getattr(res, "timings", None)
-        if timings is not None and not isinstance(timings, dict):
-            timings = {k: getattr(timings, k) for k in dir(timings) if not k.startswith("_")}
-            timings = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
+        timings = _timings_dict(getattr(res, "timings", None))
         if timings:
             out["timings"] = timings
-            if "n_tokens" not in out and timings.get("predicted_n") is not None:
-                out["n_tokens"] = int(timings["predicted_n"])
     out["text"] = out["text"][:200]
     llm.close()
     return out
@@ -181,8 +180,11 @@ def pyllama_complete(spec: dict) -> dict:
 
 def pyllama_batched(spec: dict) -> dict:
     """LLM.generate(prompts) (batched) or the same prompts one after another with complete()."""
-    llm = _pyllama_llm(spec)
     prompts = spec["prompts"]
+    # A context with all the slots from the start (as llama-batched-bench creates it), so the
+    # timed call does not include re-creating the context.
+    n_par = (spec.get("n_parallel") or 1) if spec["mode"] == "batched" else 1
+    llm = _pyllama_llm(spec, n_parallel=n_par)
     params = dict(max_tokens=spec["max_tokens"], temperature=0)
     if spec.get("ignore_eos", True):
         params["ignore_eos"] = True

@@ -1,32 +1,46 @@
 # Portable builds (PYLLAMA_PORTABLE=ON): install llama, ggml, ggml-base and every
-# runtime-loaded backend library next to _core, once each.  NAMELINK_SKIP and
-# no SOVERSION keep a single real file per library instead of three copies.
+# runtime-loaded backend library next to _core, once each.  No SOVERSION and
+# NAMELINK_SKIP keep a single real file per library instead of three copies.
+if(APPLE)
+  set(_pyllama_origin "@loader_path")
+else()
+  set(_pyllama_origin "$ORIGIN")
+endif()
+
 foreach(_t llama ggml ggml-base)
   if(TARGET ${_t})
-    set_target_properties(${_t} PROPERTIES SOVERSION "" VERSION "" INSTALL_RPATH "$ORIGIN")
-    if(APPLE)
-      set_target_properties(${_t} PROPERTIES INSTALL_RPATH "@loader_path")
-    endif()
+    # No headers in the wheel (and no warning about their missing destination).
+    set_target_properties(${_t} PROPERTIES SOVERSION "" VERSION "" PUBLIC_HEADER ""
+                                           INSTALL_RPATH "${_pyllama_origin}")
+    # Windows import libraries (.lib) go to a component the wheel does not install.
     install(TARGETS ${_t} LIBRARY DESTINATION pyllama COMPONENT python NAMELINK_SKIP
-                          RUNTIME DESTINATION pyllama COMPONENT python)
+                          RUNTIME DESTINATION pyllama COMPONENT python
+                          ARCHIVE DESTINATION lib COMPONENT devel)
   endif()
 endforeach()
-# Dynamic backends (ggml-cpu-*, ggml-cuda, ggml-vulkan, ggml-rpc ...) are MODULE libraries.
-get_property(_backends GLOBAL PROPERTY GGML_BACKEND_DL_TARGETS)
-if(NOT _backends)
-  set(_backends "")
-  foreach(_cand ggml-cpu ggml-cpu-x64 ggml-cpu-sse42 ggml-cpu-sandybridge ggml-cpu-haswell ggml-cpu-skylakex
-                ggml-cpu-icelake ggml-cpu-alderlake ggml-cpu-sapphirerapids ggml-cpu-zen4 ggml-cpu-cannonlake
-                ggml-cpu-cascadelake ggml-cpu-cooperlake ggml-cpu-armv8.0_1 ggml-cpu-armv8.2_1 ggml-cpu-armv8.2_2
-                ggml-cpu-armv8.2_3 ggml-cpu-armv8.6_1 ggml-cpu-armv9.2_1 ggml-cpu-armv9.2_2
-                ggml-blas ggml-cuda ggml-vulkan ggml-hip ggml-metal ggml-rpc ggml-opencl)
-    if(TARGET ${_cand})
-      list(APPEND _backends ${_cand})
+
+# Dynamic backends (ggml-cpu-<variant>, ggml-cuda, ggml-vulkan, ggml-metal, ggml-rpc ...)
+# are MODULE libraries that ggml_backend_load_all_from_path() finds by their file name
+# (libggml-*.so / ggml-*.dll) in the package directory.  Upstream records every backend
+# library it added in GGML_AVAILABLE_BACKENDS, so no list of names has to be kept here;
+# `if(TARGET)` drops stale entries of that cache variable after a reconfigure.
+set(_pyllama_backend_modules "")
+foreach(_t IN LISTS GGML_AVAILABLE_BACKENDS)
+  if(TARGET ${_t})
+    get_target_property(_type ${_t} TYPE)
+    if(_type STREQUAL "MODULE_LIBRARY")
+      list(APPEND _pyllama_backend_modules ${_t})
     endif()
-  endforeach()
+  endif()
+endforeach()
+if(NOT _pyllama_backend_modules)
+  message(FATAL_ERROR "pyllama: PYLLAMA_PORTABLE found no runtime-loaded ggml backend "
+                      "(GGML_AVAILABLE_BACKENDS='${GGML_AVAILABLE_BACKENDS}')")
 endif()
-foreach(_t IN LISTS _backends)
+message(STATUS "pyllama: portable build ships these backend modules: ${_pyllama_backend_modules}")
+foreach(_t IN LISTS _pyllama_backend_modules)
   add_dependencies(_core ${_t})
-  set_target_properties(${_t} PROPERTIES INSTALL_RPATH "$ORIGIN")
-  install(TARGETS ${_t} LIBRARY DESTINATION pyllama COMPONENT python RUNTIME DESTINATION pyllama COMPONENT python)
+  set_target_properties(${_t} PROPERTIES INSTALL_RPATH "${_pyllama_origin}")
+  install(TARGETS ${_t} LIBRARY DESTINATION pyllama COMPONENT python
+                        RUNTIME DESTINATION pyllama COMPONENT python)
 endforeach()

@@ -513,6 +513,11 @@ cdef class Context:
             raise InvalidSequenceError(f"sequence id {seq_id} is outside [0, {llama_n_seq_max(self.ptr)})")
         return 0
 
+    cdef void _forget_outputs(self):
+        """The outputs of the last decode no longer describe the memory."""
+        self._last_n_outputs = 0
+        self._last_output_flags = b""
+
     def kv_clear(self, bint data=True) -> None:
         with self._lock:
             llama_memory_clear(self._mem(), data)
@@ -557,7 +562,11 @@ cdef class Context:
     # ---- state ----------------------------------------------------------------
 
     def state_get(self) -> bytes:
-        """The whole context state (KV memory, RNG, logits) as bytes."""
+        """The context state (the KV memory) as bytes.
+
+        Logits are not part of the state at this llama.cpp version: after restoring,
+        decode at least one token before sampling.
+        """
         cdef size_t size, got
         cdef bytes out
         cdef uint8_t * dst
@@ -579,6 +588,7 @@ cdef class Context:
             pyllama_clear_last_error()
             with nogil:
                 got = llama_state_set_data(self.ptr, &view[0], view.shape[0])
+            self._forget_outputs()
             if got == 0:
                 raise ValueError("state data does not match this context: " + _last_error("wrong model or size"))
 
@@ -637,6 +647,7 @@ cdef class Context:
                 pyllama_clear_last_error()
                 with nogil:
                     ok = llama_state_load_file(self.ptr, pc, toks, cap, &n)
+                self._forget_outputs()
                 if not ok:
                     raise ValueError(f"could not load state from {os.fsdecode(p)!r}: " + _last_error("not a state file of this model"))
                 return [toks[i] for i in range(n)]

@@ -15,13 +15,19 @@ import numpy as np
 __llama_cpp_commit__: str
 
 def system_info() -> str:
-    """llama.cpp's one-line system info (compiled-in CPU features and backends)."""
+    """llama.cpp's one-line system info (compiled-in CPU features and backends).
+
+    Portable builds append ``CPU_VARIANT = <name> |``: the CPU backend variant chosen at run time.
+    """
 
 def backends() -> list[dict[str, Any]]:
     """Compiled-in backends with the devices each found.
 
     Each entry: {"name": str, "devices": [{"name", "description", "type",
-    "memory_free", "memory_total"}]}.  "type" is "cpu", "gpu", "igpu" or "accel".
+    "memory_free", "memory_total"}], "library": str | None}.  "type" is "cpu", "gpu",
+    "igpu" or "accel".  "library" is the shared library the backend was loaded from
+    (portable builds; None when linked into the extension); a portable build's CPU entry
+    also has "variant" (e.g. "haswell").
     """
 
 def supports_gpu_offload() -> bool: ...

@@ -53,8 +53,16 @@ __llama_cpp_commit__ = _LLAMA_COMMIT
 
 
 def system_info() -> str:
-    """llama.cpp's one-line system info: CPU features and compiled-in backends."""
-    return llama_print_system_info().decode("utf-8", "replace")
+    """llama.cpp's one-line system info: CPU features and compiled-in backends.
+
+    Portable builds (CPU backend variants loaded at run time) add
+    ``CPU_VARIANT = <name>``: the ggml-cpu library chosen for this machine.
+    """
+    info = llama_print_system_info().decode("utf-8", "replace")
+    variant = _cpu_variant()
+    if variant is not None:
+        info += f"CPU_VARIANT = {variant} | "
+    return info
 
 
 _DEV_TYPES = {
@@ -78,8 +86,76 @@ cdef dict _device_info(ggml_backend_dev_t dev):
     }
 
 
+cdef extern from *:
+    """
+    /* Which shared library holds an address: with GGML_BACKEND_DL each backend (and each
+       CPU variant, libggml-cpu-haswell.so ...) is its own library, so the file that holds
+       a backend's registry object names the variant ggml chose for this machine. */
+    #if defined(_WIN32)
+    #include <windows.h>
+    static int pyllama_library_of(const void * addr, char * buf, size_t n) {
+        HMODULE h = NULL;
+        DWORD len;
+        if (!GetModuleHandleExA(GET_MODULE_HANDLE_EX_FLAG_FROM_ADDRESS |
+                                GET_MODULE_HANDLE_EX_FLAG_UNCHANGED_REFCOUNT, (LPCSTR)addr, &h)) return 0;
+        len = GetModuleFileNameA(h, buf, (DWORD)n);
+        return len > 0 && len < n;
+    }
+    #else
+    #include <dlfcn.h>
+    #include <stdio.h>
+    static int pyllama_library_of(const void * addr, char * buf, size_t n) {
+        Dl_info info;
+        if (!dladdr(addr, &info) || info.dli_fname == NULL || info.dli_fname[0] == 0) return 0;
+        return snprintf(buf, n, "%s", info.dli_fname) < (int)n;
+    }
+    #endif
+    """
+    int pyllama_library_of(const void * addr, char * buf, size_t n)
+
+
+cdef object _backend_library(ggml_backend_reg_t reg):
+    """Path of the shared library a backend was loaded from; None when it is part of _core."""
+    cdef char buf[4096]
+    if reg == NULL or not pyllama_library_of(<const void *>reg, buf, sizeof(buf)):
+        return None
+    path = os.fsdecode(<bytes>buf)
+    try:
+        if os.path.samefile(path, __file__):
+            return None
+    except OSError:
+        pass
+    return path
+
+
+cdef object _variant_of(object library):
+    """'haswell' for .../libggml-cpu-haswell.so (or ggml-cpu-haswell.dll), else None."""
+    if library is None:
+        return None
+    stem = os.path.basename(library).split(".")[0]
+    if stem.startswith("lib"):
+        stem = stem[3:]
+    return stem[len("ggml-cpu-"):] if stem.startswith("ggml-cpu-") else None
+
+
+cdef object _cpu_variant():
+    _ensure_backends_loaded()
+    cdef size_t i
+    cdef ggml_backend_reg_t reg
+    for i in range(ggml_backend_reg_count()):
+        reg = ggml_backend_reg_get(i)
+        if _str(ggml_backend_reg_name(reg)) == "CPU":
+            return _variant_of(_backend_library(reg))
+    return None
+
+
 def backends() -> list:
-    """Compiled-in (or loaded) backends and the devices each found, with memory."""
+    """Compiled-in (or loaded) backends and the devices each found, with memory.
+
+    Each entry is ``{"name", "devices", "library"}``; ``library`` is the shared library the
+    backend was loaded from (portable builds) or None when it is linked into the extension.
+    The CPU entry of a portable build also has ``"variant"`` (e.g. ``"haswell"``).
+    """
     _ensure_backends_loaded()
     out = []
     cdef size_t i, j
@@ -87,7 +163,12 @@ def backends() -> list:
     for i in range(ggml_backend_reg_count()):
         reg = ggml_backend_reg_get(i)
         devices = [_device_info(ggml_backend_reg_dev_get(reg, j)) for j in range(ggml_backend_reg_dev_count(reg))]
-        out.append({"name": _str(ggml_backend_reg_name(reg)), "devices": devices})
+        library = _backend_library(reg)
+        entry = {"name": _str(ggml_backend_reg_name(reg)), "devices": devices, "library": library}
+        variant = _variant_of(library)
+        if variant is not None:
+            entry["variant"] = variant
+        out.append(entry)
     return out
 
 

@@ -67,13 +67,13 @@ cdef class Model:
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         self.path = path
-        _precheck_model_file(path)
         if split_mode not in _SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {split_mode!r}")
         if main_gpu < 0:
             raise ValueError(f"main_gpu must be >= 0, got {main_gpu}")
         if progress_callback is not None and not callable(progress_callback):
             raise TypeError("progress_callback must be callable")
+        _precheck_model_file(path)
 
         cdef llama_model_params params = llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 2147483647

@@ -1,6 +1,50 @@
 # SamplerChain (owns a llama_sampler chain; stages are owned by the chain).
 
 from libc.math cimport INFINITY, isfinite
+from libc.stdio cimport fflush, stderr as c_stderr
+
+# llama.cpp's grammar parser reports syntax errors with fprintf(stderr), not through
+# its log callback.  We capture file descriptor 2 around the parse: verbose=False stays
+# silent, and the GrammarError carries the parser's own message.
+_stderr_capture_lock = threading.Lock()
+
+
+cdef class _StderrCapture:
+    cdef int saved_fd
+    cdef object tmp
+    cdef public str text
+
+    def __enter__(self):
+        import tempfile
+        _stderr_capture_lock.acquire()
+        try:
+            self.tmp = tempfile.TemporaryFile()
+            fflush(c_stderr)
+            self.saved_fd = os.dup(2)
+            os.dup2(self.tmp.fileno(), 2)
+        except BaseException:
+            _stderr_capture_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            fflush(c_stderr)
+            os.dup2(self.saved_fd, 2)
+            os.close(self.saved_fd)
+            self.tmp.seek(0)
+            self.text = self.tmp.read().decode("utf-8", "replace")
+            self.tmp.close()
+        finally:
+            _stderr_capture_lock.release()
+        return False
+
+
+cdef str _grammar_parser_message(str captured):
+    for line in captured.splitlines():
+        if "error parsing grammar:" in line:
+            return line.split("error parsing grammar:", 1)[1].strip()
+    return ""
 
 
 cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_patterns,
@@ -19,8 +63,10 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
     cdef llama_token * ctoks = NULL
     cdef Py_ssize_t i
     pyllama_clear_last_error()
+    capture = _StderrCapture()
     if trigger_patterns is None and trigger_tokens is None:
-        smpl = llama_sampler_init_grammar(v, g, r)
+        with capture:
+            smpl = llama_sampler_init_grammar(v, g, r)
     else:
         if not pats and not toks:
             raise GrammarError("a lazy grammar needs at least one trigger pattern or trigger token")
@@ -32,12 +78,14 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
             for i in range(len(toks)):
                 vocab._check_token(toks[i])
                 ctoks[i] = toks[i]
-            smpl = llama_sampler_init_grammar_lazy_patterns(v, g, r, cpats, len(pats), ctoks, len(toks))
+            with capture:
+                smpl = llama_sampler_init_grammar_lazy_patterns(v, g, r, cpats, len(pats), ctoks, len(toks))
         finally:
             free(cpats)
             free(ctoks)
     if smpl == NULL:
-        raise GrammarError("invalid grammar: " + _last_error("llama.cpp could not parse it"))
+        detail = _grammar_parser_message(capture.text or "")
+        raise GrammarError("invalid grammar: " + (detail or _last_error("llama.cpp could not parse it")))
     return smpl
 
 
