@@ -35,6 +35,10 @@ def _default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+cdef int64_t _BATCH_MAX_TOKENS = 1 << 24      # 16M tokens: far beyond any n_batch
+cdef int64_t _BATCH_MAX_SEQ_SLOTS = 1 << 26   # capacity x n_seq_max (one malloc'd seq-id array per token)
+
+
 cdef class Batch:
     """Tokens for one decode call, over any number of sequences."""
 
@@ -46,13 +50,20 @@ cdef class Batch:
         self.batch.token = NULL
         if capacity < 1:
             raise ValueError(f"batch capacity must be >= 1, got {capacity}")
-        if n_seq_max < 1:
-            raise ValueError(f"n_seq_max must be >= 1, got {n_seq_max}")
+        if n_seq_max < 1 or <size_t>n_seq_max > llama_max_parallel_sequences():
+            raise ValueError(f"n_seq_max must be in 1..{llama_max_parallel_sequences()}, got {n_seq_max}")
+        # llama_batch_init neither checks its mallocs nor guards (capacity + 1) * 8 against
+        # overflow: a huge capacity is a segfault inside it, so refuse one here.
+        if capacity > _BATCH_MAX_TOKENS or <int64_t>capacity * n_seq_max > _BATCH_MAX_SEQ_SLOTS:
+            raise BatchCapacityError(f"a batch of {capacity} tokens x {n_seq_max} sequence ids is too large "
+                                     f"(at most {_BATCH_MAX_TOKENS} tokens and {_BATCH_MAX_SEQ_SLOTS} "
+                                     "token-sequence slots)")
         self.capacity = capacity
         self.n_seq_max = n_seq_max
         self.batch = llama_batch_init(capacity, 0, n_seq_max)
-        if self.batch.token == NULL:
-            raise MemoryError()
+        if (self.batch.token == NULL or self.batch.pos == NULL or self.batch.n_seq_id == NULL
+                or self.batch.seq_id == NULL or self.batch.logits == NULL):
+            raise MemoryError(f"cannot allocate a batch of {capacity} tokens")
         self.batch.n_tokens = 0
 
     def __dealloc__(self):

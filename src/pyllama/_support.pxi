@@ -62,7 +62,7 @@ cdef extern from *:
 
     /* ---- The last error llama.cpp logged on this thread -----------------------
      * Loader failures are reported through the log, not through return values,
-     * so the log callback keeps the last ERROR line per thread for our exceptions. */
+     * so the log callback keeps the first ERROR line per thread since the last clear. */
     #if defined(_MSC_VER)
     #define PYLLAMA_TLS __declspec(thread)
     #else
@@ -70,6 +70,9 @@ cdef extern from *:
     #endif
     static PYLLAMA_TLS char pyllama_last_error[1024];
     static void pyllama_set_last_error(const char * text) {
+        /* Keep the FIRST error since the last clear: it names the cause ("tensor ... data is
+         * not within the file bounds"); the lines after it only say that loading failed. */
+        if (pyllama_last_error[0] != 0) return;
         size_t n = strlen(text);
         while (n > 0 && (text[n-1] == '\\n' || text[n-1] == ' ')) n--;
         if (n >= sizeof(pyllama_last_error)) n = sizeof(pyllama_last_error) - 1;
