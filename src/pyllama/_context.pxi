@@ -204,6 +204,34 @@ cdef object _float_array(Context owner, float * data, Py_ssize_t n, bint copy):
     return arr
 
 
+_KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+             "q5_0": 22 / 32, "q5_1": 24 / 32}
+
+
+cdef _check_kv_fits(llama_model * m, int n_ctx, str type_k, str type_v):
+    """Refuse an n_ctx whose KV cache could not fit in this machine many times over (a typo
+    such as n_ctx=2**30): llama.cpp would try, and the process would be OOM-killed or thrash.
+    A rough upper bound (every layer full-attention); generous on purpose."""
+    if llama_model_is_recurrent(m):
+        return
+    cdef int64_t n = n_ctx if n_ctx > 0 else llama_model_n_ctx_train(m)
+    n_head = max(llama_model_n_head(m), 1)
+    per_layer = llama_model_n_embd(m) // n_head * max(llama_model_n_head_kv(m), 1)
+    need = n * llama_model_n_layer(m) * per_layer * (_KV_BYTES[type_k] + _KV_BYTES[type_v])
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    for be in backends():
+        for d in be["devices"]:
+            if d["type"] != "cpu":
+                total += d["memory_total"]
+    if total > 0 and need > 4 * total:
+        raise ValueError(f"n_ctx={n} would need about {need / 2**30:.0f} GiB of KV cache, far more than this "
+                         f"machine's {total / 2**30:.0f} GiB of memory; use a smaller n_ctx")
+
+
+@cython.no_gc_clear   # __dealloc__ needs self.model (the weights must outlive llama_free)
 cdef class Context:
     """An inference context over a Model: KV memory, threads, logits."""
 
@@ -218,9 +246,11 @@ cdef class Context:
     cdef bytes _last_output_flags
     cdef list _lora_refs
     cdef object __weakref__
+    cdef bint _holds_model       # counted in model._n_users (so Model.close() cannot free it under us)
 
     def __cinit__(self):
         self.ptr = NULL
+        self._holds_model = False
         self._n_views = 0
         self.abort_state.abort_requested = 0
         self.abort_state.watch_sigint = 0
@@ -256,6 +286,7 @@ cdef class Context:
             raise ValueError(f"n_ctx must be 0 or at least 8, got {n_ctx}")
         if model.vocab.n_tokens == 0 or not llama_model_has_decoder(m) and not llama_model_has_encoder(m):
             raise ValueError("this model has no weights to run (loaded with vocab_only=True?)")
+        _check_kv_fits(m, n_ctx, type_k, type_v)
 
         cdef llama_context_params p = llama_context_default_params()
         p.n_ctx = n_ctx
@@ -291,6 +322,8 @@ cdef class Context:
             raise ValueError("llama.cpp could not create the context: "
                              + _last_error("invalid parameters or not enough memory"))
         self.model = model
+        model._add_user()
+        self._holds_model = True
         self.vocab = llama_model_get_vocab(m)
         self.n_vocab = llama_vocab_n_tokens(self.vocab)
         self._lock = threading.RLock()
@@ -300,6 +333,13 @@ cdef class Context:
         if self.ptr != NULL:
             llama_free(self.ptr)
             self.ptr = NULL
+        self._drop_model()
+
+    cdef void _drop_model(self):
+        if self._holds_model:
+            self._holds_model = False
+            if self.model is not None:
+                self.model._release_user()   # frees the weights if Model.close() is waiting
 
     cdef inline llama_context * _get(self) except NULL:
         if self.ptr == NULL:
@@ -315,6 +355,7 @@ cdef class Context:
             if self.ptr != NULL:
                 llama_free(self.ptr)
                 self.ptr = NULL
+            self._drop_model()
 
     @property
     def closed(self) -> bool:

@@ -13,6 +13,7 @@ Every C pointer has one owner (a cdef class).  Inputs are validated here,
 before C sees them: llama.cpp aborts the process on many bad arguments.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.unicode cimport PyUnicode_DecodeUTF8
@@ -258,6 +259,9 @@ def validate_grammar(Vocab vocab, grammar, root="root") -> None:
     llama_sampler_free(smpl)
 
 
+_rpc_registered = set()
+
+
 def rpc_add_server(endpoint) -> list:
     """Register a remote ggml RPC server (host:port); returns the names of its devices.
 
@@ -275,6 +279,11 @@ def rpc_add_server(endpoint) -> list:
         reg = ggml_backend_rpc_add_server(ep_c)
     if reg == NULL:
         raise OSError(f"cannot connect to RPC server {endpoint}")
+    if endpoint not in _rpc_registered:
+        # Make its devices visible to model loading and backends() (once per endpoint:
+        # ggml returns the same registration for the same endpoint).
+        ggml_backend_register(reg)
+        _rpc_registered.add(endpoint)
     return [_str(ggml_backend_dev_name(ggml_backend_reg_dev_get(reg, j))) for j in range(ggml_backend_reg_dev_count(reg))]
 
 

@@ -61,6 +61,7 @@ cdef extern from "ggml-backend.h" nogil:
     void ggml_backend_load_all()
     void ggml_backend_load_all_from_path(const char * dir_path)
     void ggml_backend_device_register(ggml_backend_dev_t device)
+    void ggml_backend_register(ggml_backend_reg_t reg)
 
 
 cdef extern from "ggml-cpu.h" nogil:

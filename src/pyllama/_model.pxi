@@ -46,6 +46,152 @@ cdef _precheck_model_file(str path):
         raise ModelLoadError(path, f"truncated: {size} bytes is shorter than a GGUF header")
 
 
+from libc.stdint cimport int16_t, uint16_t
+
+cdef extern from "gguf.h" nogil:
+    cdef struct gguf_context:
+        pass
+    cdef struct gguf_init_params:
+        bint no_alloc
+        void * ctx
+    gguf_context * gguf_init_from_file(const char * fname, gguf_init_params params)
+    void gguf_free(gguf_context * ctx)
+    int64_t gguf_find_key(const gguf_context * ctx, const char * key)
+    int gguf_get_kv_type(const gguf_context * ctx, int64_t key_id)
+    int gguf_get_arr_type(const gguf_context * ctx, int64_t key_id)
+    size_t gguf_get_arr_n(const gguf_context * ctx, int64_t key_id)
+    const void * gguf_get_arr_data(const gguf_context * ctx, int64_t key_id)
+    const void * gguf_get_val_data(const gguf_context * ctx, int64_t key_id)
+    const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id)
+
+cdef enum:   # gguf_type values
+    _GGUF_U8 = 0
+    _GGUF_I8 = 1
+    _GGUF_U16 = 2
+    _GGUF_I16 = 3
+    _GGUF_U32 = 4
+    _GGUF_I32 = 5
+    _GGUF_STR = 8
+    _GGUF_ARR = 9
+    _GGUF_U64 = 10
+    _GGUF_I64 = 11
+
+
+cdef object _gguf_int(gguf_context * g, str key):
+    """An integer value (the largest element of an integer array), or None."""
+    cdef bytes k = key.encode("utf-8")
+    cdef int64_t i = gguf_find_key(g, k)
+    cdef int t
+    cdef size_t n, j
+    cdef const void * d
+    if i < 0:
+        return None
+    t = gguf_get_kv_type(g, i)
+    if t == _GGUF_ARR:
+        t = gguf_get_arr_type(g, i)
+        n = gguf_get_arr_n(g, i)
+        if n == 0 or t not in (_GGUF_U32, _GGUF_I32):
+            return None
+        d = gguf_get_arr_data(g, i)
+        best = None
+        for j in range(n):
+            v = (<const uint32_t *>d)[j] if t == _GGUF_U32 else (<const int32_t *>d)[j]
+            if best is None or v > best:
+                best = v
+        return best
+    d = gguf_get_val_data(g, i)
+    if t == _GGUF_U8: return (<const uint8_t *>d)[0]
+    if t == _GGUF_I8: return (<const int8_t *>d)[0]
+    if t == _GGUF_U16: return (<const uint16_t *>d)[0]
+    if t == _GGUF_I16: return (<const int16_t *>d)[0]
+    if t == _GGUF_U32: return (<const uint32_t *>d)[0]
+    if t == _GGUF_I32: return (<const int32_t *>d)[0]
+    if t == _GGUF_U64: return (<const uint64_t *>d)[0]
+    if t == _GGUF_I64: return (<const int64_t *>d)[0]
+    return None
+
+
+cdef object _gguf_str(gguf_context * g, str key):
+    cdef bytes k = key.encode("utf-8")
+    cdef int64_t i = gguf_find_key(g, k)
+    if i < 0 or gguf_get_kv_type(g, i) != _GGUF_STR:
+        return None
+    return _str(gguf_get_val_str(g, i))
+
+
+_ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+
+
+cdef object _hparam(gguf_context * g, dict ov, str arch, str name, object default):
+    """{arch}.{name} as llama.cpp will see it: an int kv_override (applied as uint32) or the file's value."""
+    key = f"{arch}.{name}"
+    v = ov.get(key)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v % (1 << 32)
+    v = _gguf_int(g, key)
+    return default if v is None else v
+
+
+cdef _precheck_metadata(str path, overrides, bint vocab_only):
+    """Parse the GGUF header (ggml's own parser: a corrupt header is a clean error here) and
+    check the hyper-parameters that llama.cpp's loader GGML_ASSERTs on -- a crafted or broken
+    file (or kv_overrides) would otherwise abort the process inside llama_model_load."""
+    cdef bytes cpath = os.fsencode(path)
+    cdef const char * cpath_c = cpath
+    cdef gguf_init_params gp
+    cdef gguf_context * g
+    gp.no_alloc = True
+    gp.ctx = NULL
+    pyllama_clear_last_error()
+    with nogil:
+        g = gguf_init_from_file(cpath_c, gp)
+    if g == NULL:
+        raise ModelLoadError(path, _last_error("not a valid GGUF file (corrupt or truncated header)"))
+    ov = dict(overrides or {})
+    try:
+        if vocab_only:
+            return   # llama.cpp reads no hyper-parameters then
+        arch = ov.get("general.architecture")
+        if not isinstance(arch, str):
+            arch = _gguf_str(g, "general.architecture")
+        if not arch:
+            return   # llama.cpp reports it ("unknown model architecture")
+
+        n_layer = _hparam(g, ov, arch, "block_count", None)
+        if n_layer is None:
+            return   # llama.cpp reports the missing key
+        if not 0 < n_layer <= 512:
+            raise ModelLoadError(path, f"{arch}.block_count is {n_layer}; llama.cpp supports 1..512 layers "
+                                       "(corrupt metadata or a bad kv_overrides value)")
+        for name in ("nextn_predict_layers", "posnet.block_count", "convnext.block_count"):
+            v = _hparam(g, ov, arch, name, 0)
+            if not 0 <= v <= n_layer:
+                raise ModelLoadError(path, f"{arch}.{name} is {v}, more than the {n_layer} layers of the model")
+        n_expert = _hparam(g, ov, arch, "expert_count", 0)
+        n_used = _hparam(g, ov, arch, "expert_used_count", 0)
+        n_groups = _hparam(g, ov, arch, "expert_group_count", 0)
+        n_group_used = _hparam(g, ov, arch, "expert_group_used_count", 0)
+        if arch in ("hunyuan-dense", "hunyuan_vl") and n_expert <= 1:
+            n_expert = n_used = 0
+        if n_expert > 0:
+            ok = (n_expert <= 1024 and 0 < n_used <= n_expert and 0 <= n_groups < n_expert
+                  and (n_groups <= 1 or (n_expert % n_groups == 0 and 0 < n_group_used < n_groups)))
+        else:
+            ok = n_used == 0 and n_groups == 0
+        if not ok:
+            raise ModelLoadError(path, f"inconsistent mixture-of-experts metadata: expert_count={n_expert}, "
+                                       f"expert_used_count={n_used}, expert_group_count={n_groups}, "
+                                       f"expert_group_used_count={n_group_used}")
+        rope = ov.get(f"{arch}.rope.scaling.type")
+        if not isinstance(rope, str):
+            rope = _gguf_str(g, f"{arch}.rope.scaling.type")
+        if rope is not None and rope not in _ROPE_SCALING_TYPES:
+            raise ModelLoadError(path, f"{arch}.rope.scaling.type is {rope!r}; llama.cpp knows "
+                                       f"{', '.join(_ROPE_SCALING_TYPES)}")
+    finally:
+        gguf_free(g)
+
+
 cdef class Model:
     """A GGUF model loaded with llama.cpp: weights and vocabulary."""
 
@@ -54,9 +200,13 @@ cdef class Model:
     cdef Vocab _vocab
     cdef dict _meta_cache
     cdef object __weakref__
+    cdef int _n_users            # open Contexts and grammar samplers: they hold pointers into the model
+    cdef bint _close_pending     # close() came while there were users: free when the last one goes
 
     def __cinit__(self):
         self.ptr = NULL
+        self._n_users = 0
+        self._close_pending = False
 
     def __init__(self, path, *, int n_gpu_layers=0, str split_mode="layer", int main_gpu=0,
                  tensor_split=None, use_mmap=None, bint use_mlock=False, bint vocab_only=False,
@@ -74,6 +224,7 @@ cdef class Model:
         if progress_callback is not None and not callable(progress_callback):
             raise TypeError("progress_callback must be callable")
         _precheck_model_file(path)
+        _precheck_metadata(path, kv_overrides, vocab_only)
 
         cdef llama_model_params params = llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 2147483647
@@ -144,19 +295,34 @@ cdef class Model:
             self.ptr = NULL
 
     cdef inline llama_model * _get(self) except NULL:
-        if self.ptr == NULL:
+        if self.ptr == NULL or self._close_pending:
             raise ValueError("the model is closed")
         return self.ptr
 
-    def close(self) -> None:
-        """Free the weights now.  Contexts created from this model keep it alive."""
-        if self.ptr != NULL:
+    cdef void _add_user(self):
+        self._n_users += 1
+
+    cdef void _release_user(self):
+        self._n_users -= 1
+        if self._n_users <= 0 and self._close_pending and self.ptr != NULL:
             llama_model_free(self.ptr)
             self.ptr = NULL
 
+    def close(self) -> None:
+        """Free the weights now.  Contexts (and grammar samplers) created from this model keep
+        it alive: while one is open, the weights are freed when the last of them is closed or
+        freed.  Either way the model refuses new work from here on."""
+        if self.ptr == NULL:
+            return
+        if self._n_users > 0:
+            self._close_pending = True   # freeing now would pull the weights from under them
+            return
+        llama_model_free(self.ptr)
+        self.ptr = NULL
+
     @property
     def closed(self) -> bool:
-        return self.ptr == NULL
+        return self.ptr == NULL or self._close_pending
 
     def __enter__(self):
         return self
@@ -165,7 +331,7 @@ cdef class Model:
         self.close()
 
     def __repr__(self):
-        if self.ptr == NULL:
+        if self.ptr == NULL or self._close_pending:
             return f"<pyllama.Model {self.path!r} (closed)>"
         return f"<pyllama.Model {self.path!r} {self.description}>"
 

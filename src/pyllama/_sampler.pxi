@@ -3,6 +3,12 @@
 from libc.math cimport INFINITY, isfinite
 from libc.stdio cimport fflush, stderr as c_stderr
 
+cdef extern from *:
+    """
+    int pyllama_regex_check(const char * pattern, char * err, size_t err_size);  /* src/cxx */
+    """
+    int pyllama_regex_check(const char * pattern, char * err, size_t err_size) nogil
+
 # llama.cpp's grammar parser reports syntax errors with fprintf(stderr), not through
 # its log callback.  We capture file descriptor 2 around the parse: verbose=False stays
 # silent, and the GrammarError carries the parser's own message.
@@ -56,6 +62,12 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
     if not r:
         raise GrammarError("the grammar root rule name is empty")
     cdef const llama_vocab * v = vocab._get()
+    # llama.cpp's parser can hang, overflow the C stack or allocate without bound on some
+    # grammars (reversed repetitions, deep nesting, long left chains, huge expansions):
+    # pyllama.grammar rejects those before they reach it.
+    from pyllama.grammar import precheck_gbnf
+    precheck_gbnf(g.decode("utf-8"), n_vocab=vocab.n_tokens)
+    cdef char regex_err[256]
     cdef llama_sampler * smpl
     cdef list pats = [_utf8(p, "trigger pattern") for p in (trigger_patterns or ())]
     cdef list toks = list(trigger_tokens or ())
@@ -75,6 +87,10 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
         try:
             for i in range(len(pats)):
                 cpats[i] = PyBytes_AS_STRING(pats[i])
+                # std::regex throws on a bad pattern inside llama.cpp, which aborts the process.
+                if not pyllama_regex_check(cpats[i], regex_err, sizeof(regex_err)):
+                    raise GrammarError(f"trigger pattern {_short(trigger_patterns[i])!r} is not a valid "
+                                       f"(ECMAScript) regular expression: {_str(regex_err)}")
             for i in range(len(toks)):
                 vocab._check_token(toks[i])
                 ctoks[i] = toks[i]
@@ -89,6 +105,7 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
     return smpl
 
 
+@cython.no_gc_clear   # __dealloc__ needs self.vocab.model (see _holds_model)
 cdef class SamplerChain:
     """llama.cpp's sampler chain: stages run in the order they were added.
 
@@ -100,9 +117,11 @@ cdef class SamplerChain:
     cdef list _grammar_stages     # indices into the chain, for the accept() check
     cdef list _names
     cdef readonly bint has_grammar
+    cdef bint _holds_model        # a grammar stage points into the model's vocabulary
 
     def __cinit__(self):
         self.ptr = NULL
+        self._holds_model = False
 
     def __init__(self, Vocab vocab not None, bint no_perf=False):
         cdef llama_sampler_chain_params p = llama_sampler_chain_default_params()
@@ -118,6 +137,16 @@ cdef class SamplerChain:
         if self.ptr != NULL:
             llama_sampler_free(self.ptr)
             self.ptr = NULL
+        if self._holds_model:
+            self._holds_model = False
+            if self.vocab is not None and self.vocab.model is not None:
+                self.vocab.model._release_user()
+
+    cdef void _hold_model(self):
+        """Grammar stages keep a pointer to the vocabulary: Model.close() must wait for us."""
+        if not self._holds_model:
+            self.vocab.model._add_user()
+            self._holds_model = True
 
     cdef SamplerChain _add(self, llama_sampler * stage, str name):
         if stage == NULL:
@@ -232,6 +261,7 @@ cdef class SamplerChain:
     def add_grammar(self, grammar, root="root") -> SamplerChain:
         """Constrain output with a GBNF grammar (GrammarError if it does not parse)."""
         cdef llama_sampler * s = _make_grammar_sampler(self.vocab, grammar, root, None, None)
+        self._hold_model()
         self._grammar_stages.append(len(self._names))
         self.has_grammar = True
         return self._add(s, "grammar")
@@ -240,6 +270,7 @@ cdef class SamplerChain:
         """A grammar that applies only after a trigger pattern (regex) or token appears."""
         cdef llama_sampler * s = _make_grammar_sampler(self.vocab, grammar, root, list(trigger_patterns),
                                                        list(trigger_tokens))
+        self._hold_model()
         self._grammar_stages.append(len(self._names))
         self.has_grammar = True
         return self._add(s, "grammar-lazy")
@@ -254,6 +285,10 @@ cdef class SamplerChain:
         self._check_selects()
         cdef llama_token tok
         with ctx._lock:
+            ctx._get()   # a closed context has no logits
+            if ctx.n_vocab != self.vocab.n_tokens:
+                raise ValueError(f"this sampler was built for a vocabulary of {self.vocab.n_tokens} tokens, "
+                                 f"the context's model has {ctx.n_vocab}")
             ctx._output_index(idx)
             with nogil:
                 tok = llama_sampler_sample(self.ptr, ctx.ptr, idx)
@@ -296,6 +331,8 @@ cdef class SamplerChain:
         c._grammar_stages = list(self._grammar_stages)
         c._names = list(self._names)
         c.has_grammar = self.has_grammar
+        if self._holds_model:
+            c._hold_model()
         return c
 
     @property

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from pyllama import _core
-from pyllama.errors import ContextLengthError
+from pyllama.errors import ContextLengthError, ModelLoadError
 from pyllama.sampling import FIELD_NAMES as SAMPLING_FIELDS
 from pyllama.sampling import SamplingParams, _unknown_message, build_chain
 
@@ -177,6 +177,12 @@ class LLM:
             raise TypeError("LLM() needs model_path (a .gguf file, or a known name such as 'smollm2')")
         from pyllama.models import resolve_model
 
+        raw_path = os.path.expanduser(os.fsdecode(os.fspath(model_path)))
+        if os.path.isdir(raw_path):
+            raise ModelLoadError(raw_path, "is a directory, not a GGUF file")
+        if not os.path.exists(raw_path) and ("/" in raw_path or os.sep in raw_path
+                                             or raw_path.lower().endswith(".gguf")):
+            raise FileNotFoundError(2, "model file not found", raw_path)   # a path, not a model name
         self.model_path = str(resolve_model(os.fspath(model_path), progress=verbose or sys.stderr.isatty()))
         self.defaults = SamplingParams(**sampling)
         self._resolve_grammar(self.defaults)   # a bad grammar fails here, before loading
@@ -201,7 +207,7 @@ class LLM:
             rpc_servers = [s.strip() for s in rpc_servers.split(",") if s.strip()]
         self.rpc_servers = list(rpc_servers or [])
         for endpoint in self.rpc_servers:
-            _core.rpc_add_server(endpoint)
+            _add_rpc_server(endpoint)
 
         self._model = _core.Model(
             self.model_path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu,
@@ -660,6 +666,18 @@ def _response_format_overrides(fmt: Mapping[str, Any]) -> dict:
     if kind in (None, "text"):
         return {}
     raise ValueError(f"unknown response_format type {kind!r} (use 'text', 'json_object' or 'json_schema')")
+
+
+_rpc_registered: dict = {}
+_rpc_lock = threading.Lock()
+
+
+def _add_rpc_server(endpoint: str) -> None:
+    """Register a remote RPC server once per process: ggml keeps the registration (and its
+    devices) for the life of the process, and every model loaded afterwards can use them."""
+    with _rpc_lock:
+        if endpoint not in _rpc_registered:
+            _rpc_registered[endpoint] = _core.rpc_add_server(endpoint)
 
 
 _verbose_handler: Optional[logging.Handler] = None
