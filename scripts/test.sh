@@ -21,6 +21,7 @@ command -v ninja >/dev/null || need_apt+=(ninja-build)
   || [ "$(uname -m)" != x86_64 ] || need_apt+=(libopenblas-dev)
 [ -e /usr/include/vulkan/vulkan.h ] || need_apt+=(libvulkan-dev)
 command -v glslc >/dev/null || need_apt+=(glslc)
+[ -e /usr/include/spirv/unified1/spirv.hpp ] || need_apt+=(spirv-headers)
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   log "apt-get install ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -32,7 +33,7 @@ fi
 log "pip install build + test requirements"
 python -m pip install -q --disable-pip-version-check \
   "scikit-build-core>=0.10" "cython>=3.0" "cmake>=3.21" ninja numpy jinja2 \
-  pytest "gguf>=0.10" jsonschema "pydantic>=2" hypothesis
+  pytest "gguf>=0.10" jsonschema "pydantic>=2" hypothesis "langchain-core>=1.0,<2"
 
 # 3. The pinned llama.cpp (instant when already there) and the extension, built
 #    incrementally in build/test so the test suite can also link llama.cpp's own tools

@@ -57,7 +57,8 @@ def check(wheel: Path, max_size_mib: float | None, portable: bool | None) -> lis
     if not any(library_stem(n) == "_core" for n in libs):
         problems.append("no pyllama._core extension module in the wheel")
 
-    sources = [n for n in names if SOURCE.search(n) or "/vendor/" in n or n.startswith("vendor/")]
+    sources = [n for n in names if ".dist-info/" not in n
+               and (SOURCE.search(n) or "/vendor/" in n or n.startswith("vendor/"))]
     if sources:
         problems.append(f"sources in the wheel: {sources[:10]}{' ...' if len(sources) > 10 else ''}")
 

@@ -204,6 +204,40 @@ cdef object _float_array(Context owner, float * data, Py_ssize_t n, bint copy):
     return arr
 
 
+# llama.cpp's CPU backend computes on OpenMP threads when it is built with OpenMP, and
+# libgomp's thread pool does not survive fork(): in a child forked after the parent decoded
+# with several threads, the next multi-threaded decode waits forever for threads that only
+# existed in the parent.  We refuse that decode with a clear error instead.
+cdef bint _omp_pool_used = False      # this process has decoded with n_threads > 1 (OpenMP build)
+cdef bint _omp_pool_inherited = False  # our parent had, before it forked us
+cdef object _uses_openmp = None
+
+
+def _after_fork_in_child():
+    global _omp_pool_inherited
+    if _omp_pool_used:
+        _omp_pool_inherited = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+cdef int _check_thread_pool_after_fork() except -1:
+    global _omp_pool_used, _uses_openmp
+    if _omp_pool_inherited:
+        raise RuntimeError(
+            "this process was forked from one that had already run llama.cpp on several threads; "
+            "llama.cpp's OpenMP thread pool does not survive fork(), so a multi-threaded decode here "
+            "would hang.  Use one thread in the child (Context.set_threads(1) / LLM(..., n_threads=1)), "
+            "or start worker processes with multiprocessing's 'spawn' or 'forkserver' method.")
+    if not _omp_pool_used:
+        if _uses_openmp is None:
+            _uses_openmp = "OPENMP = 1" in system_info()
+        _omp_pool_used = _uses_openmp
+    return 0
+
+
 _KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
              "q5_0": 22 / 32, "q5_1": 24 / 32}
 
@@ -212,8 +246,8 @@ cdef _check_kv_fits(llama_model * m, int n_ctx, str type_k, str type_v):
     """Refuse an n_ctx whose KV cache could not fit in this machine many times over (a typo
     such as n_ctx=2**30): llama.cpp would try, and the process would be OOM-killed or thrash.
     A rough upper bound (every layer full-attention); generous on purpose."""
-    if llama_model_is_recurrent(m):
-        return
+    if llama_model_is_recurrent(m) or llama_model_n_layer(m) <= 0:
+        return   # (llama_model_n_head aborts on a model without layers)
     cdef int64_t n = n_ctx if n_ctx > 0 else llama_model_n_ctx_train(m)
     n_head = max(llama_model_n_head(m), 1)
     per_layer = llama_model_n_embd(m) // n_head * max(llama_model_n_head_kv(m), 1)
@@ -284,7 +318,8 @@ cdef class Context:
             raise ValueError("rope_freq_base/rope_freq_scale must be >= 0 (0 = the model's own value)")
         if n_ctx > 0 and n_ctx < 8:
             raise ValueError(f"n_ctx must be 0 or at least 8, got {n_ctx}")
-        if model.vocab.n_tokens == 0 or not llama_model_has_decoder(m) and not llama_model_has_encoder(m):
+        if (model.vocab.n_tokens == 0 or llama_model_n_layer(m) <= 0
+                or not llama_model_has_decoder(m) and not llama_model_has_encoder(m)):
             raise ValueError("this model has no weights to run (loaded with vocab_only=True?)")
         _check_kv_fits(m, n_ctx, type_k, type_v)
 
@@ -446,6 +481,8 @@ cdef class Context:
             raise BufferError(f"{self._n_views} logits/embedding views of this context are still alive; "
                               "llama.cpp may reuse that memory: delete them (or use copy=True) first")
         self._check_batch(batch)
+        if llama_n_threads(ctx) > 1 or llama_n_threads_batch(ctx) > 1:
+            _check_thread_pool_after_fork()
         for i in range(batch.batch.n_tokens):
             if batch.batch.logits[i]:
                 n_out += 1

@@ -59,7 +59,15 @@ def system_info() -> str:
     Portable builds (CPU backend variants loaded at run time) add
     ``CPU_VARIANT = <name>``: the ggml-cpu library chosen for this machine.
     """
+    _ensure_backends_loaded()
     info = llama_print_system_info().decode("utf-8", "replace")
+    # llama.cpp only prints backends that report features (BLAS, for one, does not):
+    # name every other compiled-in backend too, so "was BLAS built in?" has an answer here.
+    cdef size_t i
+    for i in range(ggml_backend_reg_count()):
+        name = _str(ggml_backend_reg_name(ggml_backend_reg_get(i)))
+        if "[" not in name and f"{name} :" not in info and f"{name} = 1" not in info:
+            info += f"{name} = 1 | "
     variant = _cpu_variant()
     if variant is not None:
         info += f"CPU_VARIANT = {variant} | "

@@ -5,6 +5,7 @@ _SPLIT_MODES = {"none": LLAMA_SPLIT_MODE_NONE, "layer": LLAMA_SPLIT_MODE_LAYER, 
 cdef class _ProgressState:
     cdef object callback
     cdef object error
+    cdef bint cancelled
 
 
 cdef bint _progress_trampoline(float progress, void * user_data) noexcept with gil:
@@ -15,7 +16,10 @@ cdef bint _progress_trampoline(float progress, void * user_data) noexcept with g
         if PyErr_CheckSignals() != 0:
             raise KeyboardInterrupt
         result = st.callback(progress) if st.callback is not None else None
-        return result is None or bool(result)
+        if result is None or bool(result):
+            return True
+        st.cancelled = True
+        return False
     except BaseException as e:   # KeyboardInterrupt included: cancel the load, re-raise after
         st.error = e
         return False
@@ -63,6 +67,7 @@ cdef extern from "gguf.h" nogil:
     const void * gguf_get_arr_data(const gguf_context * ctx, int64_t key_id)
     const void * gguf_get_val_data(const gguf_context * ctx, int64_t key_id)
     const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id)
+    const char * gguf_get_arr_str(const gguf_context * ctx, int64_t key_id, size_t i)
 
 cdef enum:   # gguf_type values
     _GGUF_U8 = 0
@@ -148,7 +153,19 @@ cdef _precheck_metadata(str path, overrides, bint vocab_only):
     if g == NULL:
         raise ModelLoadError(path, _last_error("not a valid GGUF file (corrupt or truncated header)"))
     ov = dict(overrides or {})
+    cdef int64_t k
+    cdef size_t n_tok, j
     try:
+        # Two tokens with the same text: llama_vocab::load GGML_ASSERTs (token_to_id is a map).
+        k = gguf_find_key(g, b"tokenizer.ggml.tokens")
+        if k >= 0 and gguf_get_kv_type(g, k) == _GGUF_ARR and gguf_get_arr_type(g, k) == _GGUF_STR:
+            n_tok = gguf_get_arr_n(g, k)
+            seen = set()
+            for j in range(n_tok):
+                seen.add(<bytes>gguf_get_arr_str(g, k, j))
+            if <size_t>len(seen) != n_tok:
+                raise ModelLoadError(path, f"the vocabulary lists {n_tok - len(seen)} token text(s) more than once "
+                                           "(corrupt tokenizer.ggml.tokens)")
         if vocab_only:
             return   # llama.cpp reads no hyper-parameters then
         arch = ov.get("general.architecture")
@@ -281,6 +298,8 @@ cdef class Model:
                 if isinstance(progress.error, (KeyboardInterrupt, SystemExit)):
                     raise progress.error
                 raise ModelLoadError(path, f"progress callback raised {progress.error!r}") from progress.error
+            if self.ptr == NULL and progress.cancelled:
+                raise ModelLoadError(path, "loading was cancelled by the progress callback")
             if self.ptr == NULL:
                 raise ModelLoadError(path, _last_error("llama.cpp could not load it (not a supported model?)"))
         finally:
@@ -394,11 +413,12 @@ cdef class Model:
 
     @property
     def n_head(self) -> int:
-        return llama_model_n_head(self._get())
+        # llama.cpp aborts on a model without layers (vocab_only=True)
+        return llama_model_n_head(self._get()) if llama_model_n_layer(self.ptr) > 0 else 0
 
     @property
     def n_head_kv(self) -> int:
-        return llama_model_n_head_kv(self._get())
+        return llama_model_n_head_kv(self._get()) if llama_model_n_layer(self.ptr) > 0 else 0
 
     @property
     def has_encoder(self) -> bool:

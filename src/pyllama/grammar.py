@@ -30,6 +30,7 @@ __all__ = [
     "load_grammar",
     "json_schema_to_gbnf",
     "precheck_gbnf",
+    "gbnf_syntax_error",
     "WHITESPACE_RULE",
 ]
 
@@ -164,6 +165,45 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 class _SyntaxStop(Exception):
     """llama.cpp will reject the text here with its own message; nothing more to check."""
 
+    def __init__(self, message: str, pos: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.pos = pos
+
+
+def _undefined_rule_message(scan: "_GbnfScan") -> str:
+    names = {v: k for k, v in scan.symbols.items()}
+    referenced = {value for alts in scan.rules.values() for alt in alts for kind, value in alt if kind == "R"}
+    missing = sorted(names[i] for i in referenced | set(range(max(scan.rules) + 1))
+                     if i not in scan.rules and i in names)
+    return "undefined rule " + ", ".join(repr(m) for m in missing) if missing else "undefined rule"
+
+
+def gbnf_syntax_error(text: str, root: str = "root") -> Optional[str]:
+    """Where and why llama.cpp's parser rejects `text`, as "line L, column C: reason", or None
+    when it finds no syntax error (and the grammar has a rule named `root`).
+
+    llama.cpp prints its parse errors to stderr rather than returning them, so this repeats the
+    parse in Python to give the user a useful message (the wording is close to llama.cpp's,
+    not identical).
+    """
+    if not isinstance(text, str) or "\0" in text:
+        return None
+    scan = _GbnfScan(text, None)
+    try:
+        scan.parse()
+    except _SyntaxStop as e:
+        if e.pos < 0:
+            return e.message
+        line = text.count("\n", 0, e.pos) + 1
+        col = e.pos - (text.rfind("\n", 0, e.pos) + 1) + 1
+        return f"line {line}, column {col}: {e.message}"
+    except GrammarError:
+        return None
+    if root not in scan.symbols:
+        return f"the grammar has no rule named {root!r}"
+    return None
+
 
 def precheck_gbnf(text: str, *, n_vocab: Optional[int] = None) -> None:
     """Raise GrammarError for GBNF text that would crash, hang or exhaust memory in llama.cpp.
@@ -243,15 +283,15 @@ class _GbnfScan:
             if size is not None:
                 digits = s[pos + 2:pos + 2 + size]
                 if len(digits) != size or not all(d in _HEX for d in digits):
-                    raise _SyntaxStop
+                    raise _SyntaxStop(f"expecting {size} hex chars", pos + 2)
                 return int(digits, 16), pos + 2 + size
             if e in "trn":
                 return ord({"t": "\t", "r": "\r", "n": "\n"}[e]), pos + 2
             if e in '\\"[]-':
                 return ord(e), pos + 2
-            raise _SyntaxStop
+            raise _SyntaxStop("unknown escape", pos)
         if c == "\0":
-            raise _SyntaxStop
+            raise _SyntaxStop("unexpected end of input", pos)
         return ord(c), pos + 1
 
     # -- the grammar -----------------------------------------------------------------------
@@ -261,31 +301,30 @@ class _GbnfScan:
         while self.s[pos] != "\0":
             pos = self.parse_rule(pos)
         if not self.rules:
-            raise _SyntaxStop  # only comments: llama.cpp reports "failed to parse grammar"
+            raise _SyntaxStop("no rules (only comments)", -1)
         size = max(self.rules) + 1
         if len(self.rules) != size:
-            raise _SyntaxStop  # "Undefined rule"
+            raise _SyntaxStop(_undefined_rule_message(self), -1)
         named = set(self.symbols.values())
         for alts in self.rules.values():
             for alt in alts:
                 for kind, value in alt:
                     if kind == "R" and value not in self.rules:
                         if value in named:
-                            raise _SyntaxStop  # "Undefined rule identifier"
+                            raise _SyntaxStop(_undefined_rule_message(self), -1)
                         # llama.cpp's check finds no name for the id and lets it through, then
                         # indexes past its rule table.
-                        self.fail(0, "a rule reference that llama.cpp cannot resolve "
-                                     "(rule names that collide with its generated NAME_N names?)")
+                        self.fail(0, f"a reference to rule #{value}, which llama.cpp could not resolve")
 
     def parse_rule(self, pos: int) -> int:
         m = _NAME_RE.match(self.s, pos)
         if not m:
-            raise _SyntaxStop
+            raise _SyntaxStop("expecting name", pos)
         name = m.group()
         pos = self.space(m.end(), False)
         rule_id = self.symbol_id(name)
         if self.s[pos:pos + 3] != "::=":
-            raise _SyntaxStop
+            raise _SyntaxStop("expecting ::=", pos)
         pos = self.space(pos + 3, True)
         pos = self.parse_alternates(pos, name, rule_id, False)
         c = self.s[pos]
@@ -294,7 +333,7 @@ class _GbnfScan:
         elif c == "\n":
             pos += 1
         elif c != "\0":
-            raise _SyntaxStop
+            raise _SyntaxStop("expecting newline or end", pos)
         return self.space(pos, True)
 
     def parse_alternates(self, pos: int, rule_name: str, rule_id: int, nested: bool) -> int:
@@ -327,7 +366,7 @@ class _GbnfScan:
                     if s[pos] == '"':
                         break
                     if s[pos] == "\0":
-                        raise _SyntaxStop
+                        raise _SyntaxStop("unexpected end of input (unclosed string literal)", start)
                     _, pos = self.parse_char(pos)
                     n += 1
                 if n:
@@ -343,12 +382,12 @@ class _GbnfScan:
                 n = 0
                 while s[pos] != "]":
                     if s[pos] == "\0":
-                        raise _SyntaxStop
+                        raise _SyntaxStop("unexpected end of input (unclosed character class)", start)
                     lo, pos = self.parse_char(pos)
                     n += 1
                     if s[pos] == "-" and s[pos + 1] != "]":
                         if s[pos + 1] == "\0":
-                            raise _SyntaxStop
+                            raise _SyntaxStop("unexpected end of input", pos)
                         hi, pos = self.parse_char(pos + 1)
                         n += 1
                         if hi < lo:
@@ -391,7 +430,7 @@ class _GbnfScan:
                 alt.append(("R", sub_id))
                 self.add_elements(1, start)
                 if s[pos] != ")":
-                    raise _SyntaxStop
+                    raise _SyntaxStop("expecting ')'", pos)
                 pos = self.space(pos + 1, nested)
             elif c == ".":
                 last_sym_start = len(alt)
@@ -408,10 +447,10 @@ class _GbnfScan:
                 pos = self.space(pos + 1, nested)
                 m = _INT_RE.match(s, pos)
                 if not m:
-                    raise _SyntaxStop
+                    raise _SyntaxStop("expecting an int", pos)
                 lo_times = int(m.group())
                 if lo_times > _UINT64_MAX:
-                    raise _SyntaxStop  # std::stoull throws out_of_range
+                    raise _SyntaxStop("repetition count out of range", pos)
                 pos = self.space(m.end(), nested)
                 hi_times: Optional[int] = None
                 if s[pos] == "}":
@@ -423,15 +462,15 @@ class _GbnfScan:
                     if m:
                         hi_times = int(m.group())
                         if hi_times > _UINT64_MAX:
-                            raise _SyntaxStop
+                            raise _SyntaxStop("repetition count out of range", pos)
                         pos = self.space(m.end(), nested)
                     if s[pos] != "}":
-                        raise _SyntaxStop
+                        raise _SyntaxStop("expecting '}'", pos)
                     pos = self.space(pos + 1, nested)
                 else:
-                    raise _SyntaxStop
+                    raise _SyntaxStop("expecting ','", pos)
                 if lo_times > _MAX_REPETITION:
-                    raise _SyntaxStop  # "number of repetitions exceeds sane defaults"
+                    raise _SyntaxStop(f"number of repetitions exceeds {_MAX_REPETITION}", start)
                 if hi_times is not None and hi_times > _MAX_REPETITION:
                     hi_times = None  # llama.cpp silently makes it unbounded
                 n_prev_rules = self.repeat(alt, last_sym_start, n_prev_rules, rule_name,
@@ -443,31 +482,31 @@ class _GbnfScan:
         s = self.s
         start = pos
         if s[pos] != "<":
-            raise _SyntaxStop
+            raise _SyntaxStop("expecting '<'", pos)
         pos += 1
         if s[pos] == "[":
             m = _INT_RE.match(s, pos + 1)
             if not m:
-                raise _SyntaxStop
+                raise _SyntaxStop("expecting integer", pos + 1)
             token_id = int(m.group())
             if token_id > 0xFFFFFFFF:
-                raise _SyntaxStop
+                raise _SyntaxStop("parsed token id is too big", pos)
             pos = m.end()
             if s[pos] != "]" or s[pos + 1] != ">":
-                raise _SyntaxStop
+                raise _SyntaxStop("expecting ']>'", pos)
             if self.n_vocab is not None and not negated and token_id >= self.n_vocab:
                 self.fail(start, f"token <[{token_id}]> is outside the vocabulary (n_vocab={self.n_vocab}) "
                                  "and can never match")
             return pos + 2
         end = s.find(">", pos)
         if end < 0 or "\0" in s[pos:end]:
-            raise _SyntaxStop
+            raise _SyntaxStop("expecting '>'", start)
         return end + 1
 
     def repeat(self, alt: List[Tuple[str, int]], last_sym_start: int, n_prev_rules: int, rule_name: str,
                min_times: int, max_times: Optional[int], pos: int) -> int:
         if last_sym_start == len(alt):
-            raise _SyntaxStop  # "expecting preceding item to */+/?/{"
+            raise _SyntaxStop("expecting preceding item to */+/?/{", pos)
         prev = alt[last_sym_start:]
         no_max = max_times is None
         if not no_max and max_times > 0:
@@ -477,7 +516,7 @@ class _GbnfScan:
         else:
             total_rules = 1
         if n_prev_rules * total_rules > _MAX_REPETITION:
-            raise _SyntaxStop  # llama.cpp refuses it cleanly
+            raise _SyntaxStop(f"repeating this would create more than {_MAX_REPETITION} rules", pos)
         if not no_max and max_times < min_times:
             self.fail(pos, f"repetition {{{min_times},{max_times}}} has its maximum below its minimum "
                            "(llama.cpp would allocate without bound)")

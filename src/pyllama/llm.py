@@ -215,6 +215,14 @@ class LLM:
             kv_overrides=dict(kv_overrides) if kv_overrides else None)
         self._closed = False
         self.vocab = self._model.vocab
+        gbnf = self._resolve_grammar(self.defaults)
+        if gbnf is not None:   # syntax errors surface now, not at the first call
+            try:
+                _core.validate_grammar(self.vocab, gbnf)
+            except BaseException:
+                self._model.close()
+                self._closed = True
+                raise
         self._eog_cache: Optional[list] = None
         self._chat_template = chat_template
         self._formatter = None
@@ -594,6 +602,7 @@ class _Stream:
         self._single = single
         self._t0 = time.perf_counter()
         self._events: list = []
+        self._emitted = [0] * len(reqs)   # characters of each request's text already yielded
         self._started = False
         self._finished = False
         self.completion: Optional[Completion] = None
@@ -615,16 +624,23 @@ class _Stream:
                         engine.submit(r)
                     self._started = True
                 try:
-                    events = engine.step()
+                    engine.step()
                 except BaseException:
                     for r in self._reqs:
                         engine.cancel(r)
                     self._finished = True
                     raise
-                mine = set(map(id, self._reqs))
-                for r, text, _reason in events:
-                    if id(r) in mine and text:
-                        self._events.append((r.tag, text) if not self._single else text)
+                # Take the new text from each request itself, not from this step's events:
+                # another thread's complete()/generate() on this LLM may have advanced our
+                # requests through the shared engine since our last step.
+                for i, r in enumerate(self._reqs):
+                    if self._emitted[i] < 0:
+                        continue   # finished and fully yielded
+                    text = r.text
+                    if len(text) > self._emitted[i]:
+                        piece = text[self._emitted[i]:]
+                        self._events.append((r.tag, piece) if not self._single else piece)
+                    self._emitted[i] = -1 if r.done else len(text)
                 if all(r.done for r in self._reqs):
                     self._finished = True
                     comps = [llm._completion(r, self._t0) for r in self._reqs]
