@@ -98,7 +98,7 @@ def test_mixed_per_prompt_params(smol):
     from pyllama.grammar import grammar_path
 
     prompts = [
-        [{"role": "user", "content": "Describe a cat named Tom as a JSON object."}],
+        [{"role": "user", "content": "Give me a JSON object with the keys city and country for Paris."}],
         "The capital of France is",
         "Once upon a time",
         "Water boils at",

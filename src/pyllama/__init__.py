@@ -20,10 +20,7 @@ from pyllama._core import (
 )
 from pyllama.errors import *  # noqa: F401,F403
 from pyllama.errors import __all__ as _errors_all
-try:  # TEMP until grammar.py lands
-    from pyllama.grammar import grammar_path, json_schema_to_gbnf
-except ImportError:
-    pass
+from pyllama.grammar import grammar_path, json_schema_to_gbnf
 from pyllama.llm import LLM, Completion, Timings
 from pyllama.sampling import SamplingParams
 
