@@ -20,11 +20,20 @@ from pyllama._core import (
 )
 from pyllama.errors import *  # noqa: F401,F403
 from pyllama.errors import __all__ as _errors_all
-from pyllama.grammar import grammar_path, json_schema_to_gbnf
 from pyllama.llm import LLM, Completion, Timings
 from pyllama.sampling import SamplingParams
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The grammar module (JSON schema conversion) is imported on first use: it is not
+    # needed to generate text, and `import pyllama` stays fast.
+    if name in ("grammar_path", "json_schema_to_gbnf"):
+        from pyllama import grammar
+
+        return getattr(grammar, name)
+    raise AttributeError(f"module 'pyllama' has no attribute {name!r}")
 
 
 def build_info() -> dict:
