@@ -71,9 +71,9 @@ TTFT_PROMPT = (
     "report in three sentences:"
 )
 GRAMMAR_PROMPT = (
-    "Write a JSON object describing three fictional books. For each book give the title, the "
-    "author, the year, the genre and a list of the main characters with their ages.\n"
-)
+    'Return a JSON object with a key "books" whose value is a list of ten books; each book has '
+    '"title", "author", "year", "genre" and "characters" (a list of objects with "name" and "age").\n'
+)  # long enough that both models, greedy, fill the whole token budget with JSON
 BATCH_PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 SEQ_PROMPTS = [
     "Write a short story about a lighthouse keeper:",
@@ -292,6 +292,7 @@ class Cell:
     samples: dict[str, list[dict]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     py_needs_llm: bool = True  # pyllama runners need the LLM class (else only pyllama._core)
+    warnings: list[str] = field(default_factory=list)
 
 
 def ratio_pairs_default(names) -> list[tuple[str, str]]:
@@ -472,7 +473,10 @@ class Suite:
                 if k == n:
                     perf = parse_native_perf(p.err + p.out)
             dt = walls[n] - walls[1]
-            return {"tps": (n - 1) / dt, "delta_s": dt, "eval_n": perf.get("eval_n")}
+            r = {"tps": (n - 1) / dt, "delta_s": dt, "eval_n": perf.get("eval_n")}
+            if perf.get("eval_n") != n - 1:
+                r["warning"] = f"llama-completion decoded {perf.get('eval_n')} tokens, expected {n - 1}"
+            return r
 
         def run_py(impl: str) -> Callable[[], dict]:
             def run() -> dict:
@@ -485,7 +489,10 @@ class Suite:
                     if k == n:
                         info = r
                 dt = calls[n] - calls[1]
-                return {"tps": (n - 1) / dt, "delta_s": dt, "n_tokens": info.get("n_tokens")}
+                r = {"tps": (n - 1) / dt, "delta_s": dt, "n_tokens": info.get("n_tokens")}
+                if info.get("n_tokens") not in (None, n):
+                    r["warning"] = f"generated {info.get('n_tokens')} tokens, expected {n}"
+                return r
             return run
 
         targets = []
@@ -607,7 +614,10 @@ class Suite:
             r, _ = worker("pyllama", "batched", self.spec(
                 m, n_ctx=self.batch_ctx(m), prompts=[BATCH_PROMPT] * npl, max_tokens=tg,
                 n_parallel=npl, mode="batched", ignore_eos=True))
-            return {"tps": r["n_tokens"] / r["call_s"], "n_tokens": r["n_tokens"]}
+            out = {"tps": r["n_tokens"] / r["call_s"], "n_tokens": r["n_tokens"]}
+            if r["n_tokens"] != npl * tg:
+                out["warning"] = f"generated {r['n_tokens']} tokens, expected {npl * tg}"
+            return out
 
         self.add(Cell(
             model=m, name=f"batched{npl}",
@@ -670,6 +680,9 @@ def run_suite(suite: Suite, reps: int) -> None:
                     done += 1
                     continue
                 cell.samples[c].append(r)
+                if r.get("warning"):
+                    cell.warnings.append(f"{c}: {r['warning']}")
+                    print(f"  ! {cell.model}/{cell.name} {c}: {r['warning']}", flush=True)
                 done += 1
                 shown = ", ".join(f"{k}={_fmt(r.get(k))}" for k, *_ in cell.metrics if r.get(k) is not None)
                 elapsed = time.perf_counter() - t_start
@@ -730,8 +743,8 @@ def cell_of(stats: dict, c: str) -> str:
 
 
 def _ratio_text(ratios: dict) -> str:
-    return ", ".join(f"{k.replace('pyllama', 'py').replace('native', 'nat')} {v:.3f}x"
-                     for k, v in ratios.items())
+    return ", ".join(f"{k.replace('pyllama', 'py').replace('native', 'nat').replace(':sequential', ':seq')} "
+                     f"{v:.3f}x" for k, v in ratios.items())
 
 
 def _target_text(row: dict) -> str:
@@ -742,18 +755,49 @@ def _target_text(row: dict) -> str:
     return "; ".join(out)
 
 
-def print_table(rows: list[dict], contenders: list[str]) -> None:
-    hdr = ["model", "workload", "metric", *contenders, "ratios (medians)", "target"]
-    table = [hdr]
+def main_columns(contenders: list[str]) -> list[str]:
+    """The table columns: native, pyllama, lcp (variants such as "pyllama:stream" get rows)."""
+    return [c for c in CONTENDERS if any(k.split(":")[0] == c for k in contenders)]
+
+
+def display_rows(rows: list[dict], columns: list[str]) -> list[dict]:
+    """One line per row and variant: "pyllama:stream" goes into the pyllama column of a
+    "<workload> (stream)" line; ratios and targets stay on the first line of the row."""
+    out = []
     for r in rows:
         arrow = "↑" if r["better"] == "higher" else "↓"
-        table.append([r["model"], r["workload"], f"{r['label']} [{r['unit']}] {arrow}",
-                      *[cell_of(r["stats"], c) for c in contenders],
-                      _ratio_text(r["ratios"]), _target_text(r)])
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(hdr))]
-    widths = [min(w, 60) for w in widths]
+        variants = [""]
+        for c in r["stats"]:
+            v = c.split(":", 1)[1] if ":" in c else ""
+            if v not in variants:
+                variants.append(v)
+        first_variant = "complete" if any(v == "stream" for v in variants) else (
+            "batched" if "sequential" in variants else "")
+        for i, v in enumerate(variants):
+            label = v if v else first_variant
+            vals = [cell_of(r["stats"], f"{c}:{v}" if v else c) for c in columns]
+            if v and all(x == "-" for x in vals):
+                continue
+            out.append({
+                "model": r["model"],
+                "workload": r["workload"] + (f" ({label})" if label and len(variants) > 1 else ""),
+                "metric": f"{r['label']} [{r['unit']}] {arrow}",
+                "values": vals,
+                "ratios": _ratio_text(r["ratios"]) if i == 0 else "",
+                "target": _target_text(r) if i == 0 else "",
+            })
+    return out
+
+
+def print_table(rows: list[dict], contenders: list[str]) -> None:
+    columns = main_columns(contenders)
+    hdr = ["model", "workload", "metric", *columns, "ratios (medians)", "target"]
+    table = [hdr]
+    for d in display_rows(rows, columns):
+        table.append([d["model"], d["workload"], d["metric"], *d["values"], d["ratios"], d["target"]])
+    widths = [min(max(len(str(row[i])) for row in table), 72) for i in range(len(hdr))]
     for i, row in enumerate(table):
-        print("  ".join(str(v)[:60].ljust(widths[j]) for j, v in enumerate(row)).rstrip())
+        print("  ".join(str(v)[:72].ljust(widths[j]) for j, v in enumerate(row)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -924,17 +968,16 @@ def render_markdown(meta: dict, rows: list[dict], contenders: list[str], cells: 
     by_model: dict[str, list[dict]] = {}
     for r in rows:
         by_model.setdefault(r["model"], []).append(r)
+    columns = main_columns(contenders)
     for model, mrows in by_model.items():
         title = "Import time" if model == "-" else f"{MODEL_NAMES.get(model, model)} ({model})"
         lines += [f"## {title}", "",
-                  "| workload | metric | " + " | ".join(LABELS.get(c, c) for c in contenders)
+                  "| workload | metric | " + " | ".join(LABELS.get(c, c) for c in columns)
                   + " | ratios | target |",
-                  "|---|---|" + "---|" * len(contenders) + "---|---|"]
-        for r in mrows:
-            arrow = "↑" if r["better"] == "higher" else "↓"
-            lines.append(f"| {r['workload']} | {r['label']} [{r['unit']}] {arrow} | "
-                         + " | ".join(cell_of(r["stats"], c) for c in contenders)
-                         + f" | {_ratio_text(r['ratios'])} | {_target_text(r)} |")
+                  "|---|---|" + "---|" * len(columns) + "---|---|"]
+        for d in display_rows(mrows, columns):
+            lines.append(f"| {d['workload']} | {d['metric']} | " + " | ".join(d["values"])
+                         + f" | {d['ratios']} | {d['target']} |")
         lines.append("")
     lines += ["## What each workload measures", ""]
     seen = set()
@@ -945,6 +988,12 @@ def render_markdown(meta: dict, rows: list[dict], contenders: list[str], cells: 
         seen.add(key)
         lines.append(f"- **{c.name}**: {c.description}")
     lines.append("")
+    warns = [(c.model, c.name, w) for c in cells for w in dict.fromkeys(c.warnings)]
+    if warns:
+        lines += ["## Warnings in this run", ""]
+        for model, name, w in warns:
+            lines.append(f"- {model}/{name} {w}")
+        lines.append("")
     errs = [(c.model, c.name, k, e) for c in cells for k, e in c.errors.items()]
     if errs:
         lines += ["## Errors in this run", ""]
@@ -957,13 +1006,13 @@ def render_markdown(meta: dict, rows: list[dict], contenders: list[str], cells: 
 FINDINGS_RE = re.compile(r"^## Findings\b.*?(?=^## (?!Findings)|\Z)", re.S | re.M)
 
 
-def write_markdown(text: str) -> None:
+def write_markdown(text: str, path: Path = BENCHMARKS_MD) -> None:
     findings = "## Findings\n\n_Profiling notes: where pyllama falls short, what was found and fixed._\n"
-    if BENCHMARKS_MD.exists():
-        m = FINDINGS_RE.search(BENCHMARKS_MD.read_text())
+    if path.exists():
+        m = FINDINGS_RE.search(path.read_text())
         if m:
             findings = m.group(0).rstrip() + "\n"
-    BENCHMARKS_MD.write_text(text.rstrip() + "\n\n" + findings)
+    path.write_text(text.rstrip() + "\n\n" + findings)
 
 
 # --------------------------------------------------------------------------- main
@@ -987,6 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(public API, adds a Python logits processor per token) or patch (no overhead)")
     ap.add_argument("--md", dest="md", action="store_true", default=None, help="write BENCHMARKS.md (default: full runs only)")
     ap.add_argument("--no-md", dest="md", action="store_false")
+    ap.add_argument("--md-file", default=str(BENCHMARKS_MD), help="where --md writes (default: BENCHMARKS.md)")
     ap.add_argument("--json", default=None, help="results file (default benchmarks/results/latest.json; quick: quick.json)")
     args = ap.parse_args(argv)
 
@@ -1045,13 +1095,15 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.json) if args.json else RESULTS / ("quick.json" if cfg.quick else "latest.json")
     result = {"meta": meta, "rows": rows, "samples": [
-        {"model": c.model, "workload": c.name, "samples": c.samples, "errors": c.errors} for c in suite.cells]}
+        {"model": c.model, "workload": c.name, "samples": c.samples, "errors": c.errors,
+         "warnings": c.warnings} for c in suite.cells]}
     out.write_text(json.dumps(result, indent=1, default=str))
     print(f"\nresults: {out}")
     write_md = args.md if args.md is not None else not cfg.quick
     if write_md:
-        write_markdown(render_markdown(meta, rows, contenders, suite.cells))
-        print(f"BENCHMARKS.md rewritten: {BENCHMARKS_MD}")
+        md = Path(args.md_file)
+        write_markdown(render_markdown(meta, rows, contenders, suite.cells), md)
+        print(f"{md} rewritten")
     return 1 if errs else 0
 
 

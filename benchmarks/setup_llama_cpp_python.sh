@@ -6,7 +6,7 @@
 #   bash benchmarks/setup_llama_cpp_python.sh            # build (or reuse)
 #   LCP_FORCE=1 bash benchmarks/setup_llama_cpp_python.sh  # rebuild
 #
-# Build flags: GGML_NATIVE=ON (same as pyllama's default build), Release, CPU only.
+# Build flags: GGML_NATIVE=ON (same as pyllama's default build), Release (scikit-build-core's default), CPU only.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
@@ -36,7 +36,7 @@ if [[ -f "$ARCHIVE_CACHE" ]] && echo "$SHA256  $ARCHIVE_CACHE" | sha256sum -c --
     echo "using cached source archive $ARCHIVE_CACHE"
 fi
 
-export CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release ${LCP_CMAKE_ARGS:-}"
+export CMAKE_ARGS="-DGGML_NATIVE=ON ${LCP_CMAKE_ARGS:-}"   # scikit-build-core builds Release
 export CMAKE_BUILD_PARALLEL_LEVEL="$JOBS"
 nice -n 19 "$VENV/bin/python" -m pip install -v --no-binary llama-cpp-python "$SRC"
 "$VENV/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'OK')"

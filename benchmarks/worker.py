@@ -234,6 +234,9 @@ def _lcp_llama(spec: dict, n_ctx: int, **extra):
         # llama.cpp's default is "auto" (on for the CPU backend); llama-cpp-python can only
         # say on/off, so say on, like native and pyllama end up.
         flash_attn=spec.get("lcp_flash_attn", True),
+        # llama.cpp's library default is a full-size SWA cache; llama-bench, llama-completion
+        # (common) and pyllama all use swa_full=False.  Same here, so only the binding differs.
+        swa_full=False,
         seed=0,
         verbose=False,
     )

@@ -8,10 +8,13 @@ PY_B the portable wheel (GGML_NATIVE=OFF, CPU variant chosen at run time).  Each
 starts a fresh process in A, then one in B (A B A B ...); each process loads the model,
 warms up with 16 tokens, then times greedy generation of 128 tokens with ignore_eos
 (llama-bench's "tg128", through LLM.complete).  Reported: per-run tokens/s (decode only,
-from pyllama's timings, and wall clock around the call), medians, the ratio B/A, the load
-average before and after, and which CPU variant B loaded.
+from pyllama's timings, and wall clock around the call), tokens per CPU-second of the
+process (user + system time: far less sensitive to other processes than wall clock, and
+exact with --threads 1), medians, the ratio B/A, the load average before and after, and
+which CPU variant B loaded.
 
 Run it on a quiet machine (the load average is printed so a noisy result can be told apart).
+On a busy one, also run it with --threads 1 and compare the per-CPU-second ratio.
 """
 
 from __future__ import annotations
@@ -26,22 +29,26 @@ import textwrap
 
 WORKER = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, resource, sys, time
     sys.path[:] = [p for p in sys.path if p not in ("", ".")]
     import pyllama
     from pyllama import LLM
     spec = json.loads(sys.argv[1])
     llm = LLM(spec["model"], n_ctx=512, n_threads=spec["threads"], n_threads_batch=spec["threads"], seed=0)
     llm.complete(spec["prompt"], max_tokens=16, temperature=0.0, ignore_eos=True)  # warm-up
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     c = llm.complete(spec["prompt"], max_tokens=spec["tokens"], temperature=0.0, ignore_eos=True)
     wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     assert len(c.tokens) == spec["tokens"], len(c.tokens)
-    cpu = next((b for b in pyllama.backends() if b["name"] == "CPU"), {})
+    cpu_backend = next((b for b in pyllama.backends() if b["name"] == "CPU"), {})
     print("@@RESULT " + json.dumps({
         "decode_tps": c.timings.predicted_per_second,
         "wall_tps": spec["tokens"] / wall,
-        "variant": cpu.get("variant") or "native (linked in)",
+        "cpu_tps": spec["tokens"] / cpu,
+        "variant": cpu_backend.get("variant") or "native (linked in)",
         "portable": pyllama.build_info()["portable"],
         "pyllama": os.path.dirname(pyllama.__file__),
     }))
@@ -94,14 +101,17 @@ def main(argv: list[str] | None = None) -> int:
             r = run_one(python, spec)
             results[label].append(r)
             print(f"  rep {rep + 1} {label:8s} decode {r['decode_tps']:7.2f} tok/s   wall {r['wall_tps']:7.2f} tok/s"
+                  f"   per CPU-second {r['cpu_tps']:7.2f} tok"
                   f"   [{r['variant']}]  load {loadavg()}", flush=True)
 
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("decode_tps", "wall_tps")} for k, v in results.items()}
-    ratio = {m: med["portable"][m] / med["native"][m] for m in ("decode_tps", "wall_tps")}
-    print(f"native   median: decode {med['native']['decode_tps']:.2f} tok/s, wall {med['native']['wall_tps']:.2f} tok/s")
-    print(f"portable median: decode {med['portable']['decode_tps']:.2f} tok/s, wall {med['portable']['wall_tps']:.2f} tok/s"
-          f"  (variant {results['portable'][0]['variant']})")
-    print(f"ratio portable/native: decode {ratio['decode_tps']:.3f}, wall {ratio['wall_tps']:.3f}")
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("decode_tps", "wall_tps", "cpu_tps")} for k, v in results.items()}
+    ratio = {m: med["portable"][m] / med["native"][m] for m in ("decode_tps", "wall_tps", "cpu_tps")}
+    for label in ("native", "portable"):
+        m = med[label]
+        print(f"{label:8s} median: decode {m['decode_tps']:.2f} tok/s, wall {m['wall_tps']:.2f} tok/s, "
+              f"{m['cpu_tps']:.2f} tok per CPU-second  [{results[label][0]['variant']}]")
+    print(f"ratio portable/native: decode {ratio['decode_tps']:.3f}, wall {ratio['wall_tps']:.3f}, "
+          f"per CPU-second {ratio['cpu_tps']:.3f}")
     print(f"load average before {load_before}, after {loadavg()}")
     if args.json:
         with open(args.json, "w") as f:

@@ -123,6 +123,7 @@ BROKEN_FILES = {
     "block-count-1000.gguf": ["block_count is 1000"],
     "experts-inconsistent.gguf": ["mixture-of-experts"],
     "rope-scaling-bogus.gguf": ["rope.scaling.type", "bogus"],
+    "duplicate-tokens.gguf": ["more than once"],
 }
 SMOL_TRUNCATIONS = {  # name: (n_bytes, words)
     "smol-trunc-100.gguf": (100, ["failed to read"]),
@@ -430,6 +431,11 @@ for _kw, _exc, _words in [
     ("type_v='q4_0', flash_attn=False", VE, ["flash_attn"]),
 ]:
     case(f"context-{_kw}", f"_core.Context(model(), {_kw})", _exc, _words)
+case("context-mean-pooling-uneven-split", "_core.Context(model(), n_ctx=256, n_threads=1, embeddings=True, "
+     "pooling='mean', n_seq_max=3)", VE, ["split evenly", "n_seq_max=3"])
+case("ok-context-mean-pooling-even-split", "m = model(); c = _core.Context(m, n_ctx=256, n_threads=1, embeddings=True, "
+     "pooling='mean', n_seq_max=4); b = _core.Batch(8, 4); b.add_sequence([1, 2], seq_id=3); c.decode(b); "
+     "assert c.embeddings_seq(3).shape == (m.n_embd,); print('OK')", None)
 case("context-vocab-only-model", "_core.Context(model(vocab_only=True), n_ctx=64)", VE)
 case("context-closed-model", "m = model(); m.close(); _core.Context(m)", VE, ["closed"])
 case("context-set-threads-0", "m, c = ctx(); c.set_threads(0)", VE, ["thread"])
@@ -514,10 +520,29 @@ def _write_broken_files(folder: Path, tiny: Path, smol: Optional[Path]) -> None:
         _patch_u32(folder / name, "llama.block_count", n)
     make_tiny_llama(folder / "experts-inconsistent.gguf", extra_kv={"llama.expert_count": 4}, **small)
     make_tiny_llama(folder / "rope-scaling-bogus.gguf", extra_kv={"llama.rope.scaling.type": "bogus"}, **small)
+    make_tiny_llama(folder / "duplicate-tokens.gguf", vocab_from=_duplicate_token_vocab(folder / "dup-vocab.gguf"),
+                    **small)
     if smol is not None:
         smol_size = smol.stat().st_size
         for name, (n, _words) in SMOL_TRUNCATIONS.items():
             make_truncated(smol, folder / name, smol_size // 2 if n == "half" else n)
+
+
+def _duplicate_token_vocab(path: Path) -> Path:
+    """A vocabulary-only GGUF in which two tokens have the same text (llama.cpp asserts)."""
+    from gguf import GGUFWriter
+
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)] + [b"a", b"a"]
+    w = GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1, 1])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def _patch_u32(path: Path, key: str, value: int) -> None:

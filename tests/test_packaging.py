@@ -146,6 +146,7 @@ def test_sdist_to_wheel_offline_to_fresh_venv(sdist: Path, tmp_path: Path, recor
     if shutil.which("ccache"):
         env.setdefault("CMAKE_C_COMPILER_LAUNCHER", "ccache")
         env.setdefault("CMAKE_CXX_COMPILER_LAUNCHER", "ccache")
+        env["CCACHE_BASEDIR"] = str(src)  # relative paths: a rerun from another temp dir hits the cache
     wheels = tmp_path / "wheels"
     cmd = [*_nice(), bpy, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", wheels, src]
     if PORTABLE:

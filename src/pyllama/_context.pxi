@@ -238,6 +238,32 @@ cdef int _check_thread_pool_after_fork() except -1:
     return 0
 
 
+_NON_CAUSAL_ARCHS = frozenset({"dream", "gemma-embedding", "llada", "llada-moe", "rnd1"})
+
+
+cdef _check_mean_pooling_split(Model model, int n_ctx, int n_batch, int n_ubatch, int n_seq_max, pooling):
+    """Mean pooling: llama.cpp reserves its worst-case graph with n_tokens / n_seq_max tokens
+    per sequence, and GGML_ASSERTs (ggml_can_mul_mat) unless they divide evenly."""
+    arch = model.architecture
+    if pooling in (None, "unspecified"):
+        if model.meta(f"{arch}.pooling_type") != "1":   # LLAMA_POOLING_TYPE_MEAN
+            return
+    elif pooling != "mean":
+        return
+    causal_meta = model.meta(f"{arch}.attention.causal")
+    causal = causal_meta != "false" if causal_meta is not None else arch not in _NON_CAUSAL_ARCHS
+    cdef int64_t ctx_len = n_ctx if n_ctx > 0 else llama_model_n_ctx_train(model.ptr)
+    if causal:
+        n_tokens = min(ctx_len, n_batch, n_ubatch)
+    else:
+        n_tokens = min((ctx_len + 255) // 256 * 256, n_batch, n_ubatch)
+    if n_tokens % n_seq_max:
+        raise ValueError(f"with mean pooling, llama.cpp needs its largest micro-batch ({n_tokens} tokens here: "
+                         f"the smallest of n_ctx, n_batch and n_ubatch) to split evenly over n_seq_max={n_seq_max} "
+                         f"sequences; use an n_seq_max that divides {n_tokens}, or n_ubatch="
+                         f"{n_tokens // n_seq_max * n_seq_max}")
+
+
 _KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
              "q5_0": 22 / 32, "q5_1": 24 / 32}
 
@@ -322,6 +348,8 @@ cdef class Context:
                 or not llama_model_has_decoder(m) and not llama_model_has_encoder(m)):
             raise ValueError("this model has no weights to run (loaded with vocab_only=True?)")
         _check_kv_fits(m, n_ctx, type_k, type_v)
+        if embeddings and n_seq_max > 1:
+            _check_mean_pooling_split(model, n_ctx, n_batch, n_ubatch, n_seq_max, pooling)
 
         cdef llama_context_params p = llama_context_default_params()
         p.n_ctx = n_ctx

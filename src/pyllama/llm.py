@@ -380,7 +380,7 @@ class LLM:
                                        stop=params.stop or (), stop_tokens=params.stop_tokens,
                                        ignore_eos=params.ignore_eos, tag=tag)
 
-    def _completion(self, req: "_core.GenerationRequest", t_start: float) -> Completion:
+    def _completion(self, req: "_core.GenerationRequest", t_start: float, report: bool = True) -> Completion:
         n_gen = len(req.tokens)
         timings = Timings(
             load_ms=self.load_ms if self._first_call else 0.0,
@@ -392,7 +392,7 @@ class LLM:
         reason = req.finish_reason
         comp = Completion(text=req.text, tokens=req.tokens, finish_reason=reason, prompt_tokens=req.n_prompt,
                           timings=timings)
-        if self.verbose:
+        if report and self.verbose:
             print(timings.format(), file=sys.stderr, flush=True)
         return comp
 
@@ -562,7 +562,7 @@ class LLM:
             for t in toks:
                 if len(t) > n_batch:
                     raise ContextLengthError(f"a text of {len(t)} tokens exceeds n_batch={n_batch} for embeddings")
-            n_seq = min(len(items), 64)
+            n_seq = _embed_slots(min(len(items), 64), min(self._ctx_params["n_ctx"], n_batch))
             if self._embed_ctx is None or self._embed_ctx.n_seq_max < n_seq:
                 if self._embed_ctx is not None:
                     self._embed_ctx.close()
@@ -592,6 +592,20 @@ class LLM:
             return out[0] if single else out
 
 
+def _embed_slots(wanted: int, n_tokens: int) -> int:
+    """n_seq_max for an embeddings context: llama.cpp (mean pooling) aborts in ggml_mul_mat
+    (GGML_ASSERT ggml_can_mul_mat) unless its worst-case ubatch of min(n_ctx, n_ubatch) tokens
+    splits evenly across the sequences, so take the nearest divisor of n_tokens (up to 64
+    sequences; fewer slots just mean more rounds)."""
+    for d in range(wanted, 65):
+        if n_tokens % d == 0:
+            return d
+    for d in range(min(wanted, 64), 0, -1):
+        if n_tokens % d == 0:
+            return d
+    return 1
+
+
 class _Stream:
     """Iterator over a running generation.  Steps the engine under the LLM's lock, one
     decode per step, so several streams (and other calls) interleave safely."""
@@ -607,6 +621,7 @@ class _Stream:
         self._finished = False
         self.completion: Optional[Completion] = None
         self.completions: Optional[list] = None
+        self._unreported = False
 
     def __iter__(self) -> "_Stream":
         return self
@@ -615,6 +630,11 @@ class _Stream:
         llm = self._llm
         while not self._events:
             if self._finished:
+                if self._unreported:   # verbose timings after the last piece, not before it
+                    self._unreported = False
+                    if llm.verbose:
+                        for c in self.completions or ():
+                            print(c.timings.format(), file=sys.stderr, flush=True)
                 raise StopIteration
             with llm._lock:
                 llm._check_open()
@@ -643,7 +663,8 @@ class _Stream:
                     self._emitted[i] = -1 if r.done else len(text)
                 if all(r.done for r in self._reqs):
                     self._finished = True
-                    comps = [llm._completion(r, self._t0) for r in self._reqs]
+                    comps = [llm._completion(r, self._t0, report=False) for r in self._reqs]
+                    self._unreported = True
                     self.completions = comps
                     self.completion = comps[0] if self._single else None
         return self._events.pop(0)
