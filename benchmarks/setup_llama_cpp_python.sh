@@ -18,7 +18,8 @@ PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 JOBS="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 
-if [[ -z "${LCP_FORCE:-}" && -x "$VENV/bin/python" ]] && \
+if [[ -z "${LCP_FORCE:-}" && -x "$VENV/bin/python" && -f "$VENV/.pyllama-cmake-args" ]] && \
+   [[ "$(cat "$VENV/.pyllama-cmake-args")" == "$(python3 -c "import pyllama; print(pyllama.build_info().get('amx'))" 2>/dev/null)" ]] && \
    "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
     echo "llama-cpp-python $VERSION already built in $VENV"
     exit 0
@@ -36,8 +37,14 @@ if [[ -f "$ARCHIVE_CACHE" ]] && echo "$SHA256  $ARCHIVE_CACHE" | sha256sum -c --
     echo "using cached source archive $ARCHIVE_CACHE"
 fi
 
-export CMAKE_ARGS="-DGGML_NATIVE=ON ${LCP_CMAKE_ARGS:-}"   # scikit-build-core builds Release
+# Without AMX exactly when pyllama's build is (see setup_native.sh and cmake/amx.cmake):
+# llama-cpp-python's own build would otherwise crash at the first decode on AMX CPUs with GCC 12.
+AMX_OFF="$(python3 -c "import pyllama; print(pyllama.build_info().get('amx') == 'OFF')" 2>/dev/null || echo False)"
+AMX_ARGS=""
+[[ "$AMX_OFF" == "True" ]] && AMX_ARGS="-DCMAKE_C_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16 -DCMAKE_CXX_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"
+export CMAKE_ARGS="-DGGML_NATIVE=ON $AMX_ARGS ${LCP_CMAKE_ARGS:-}"   # scikit-build-core builds Release
 export CMAKE_BUILD_PARALLEL_LEVEL="$JOBS"
 nice -n 19 "$VENV/bin/python" -m pip install -v --no-binary llama-cpp-python "$SRC"
 "$VENV/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'OK')"
+python3 -c "import pyllama; print(pyllama.build_info().get('amx'))" >"$VENV/.pyllama-cmake-args" 2>/dev/null || true
 echo "llama-cpp-python built in $(( $(date +%s) - start )) s"

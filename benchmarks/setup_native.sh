@@ -20,8 +20,17 @@ PY="${PYTHON:-python3}"
 JOBS="${NATIVE_JOBS:-2}"
 TARGETS=(llama-bench llama-batched-bench llama-simple llama-completion ggml-rpc-server)
 
+# ggml's AMX kernels: off exactly when pyllama's build turned them off (cmake/amx.cmake: GCC 12's
+# AMX intrinsics miscompile them and the first decode crashes).  GCC lets these explicit
+# -mno-amx-* flags win over the -march=native that ggml adds later.
+AMX_OFF="$("$PY" -c "import pyllama; print(pyllama.build_info().get('amx') == 'OFF')" 2>/dev/null || echo False)"
+AMX_CFLAGS=""
+[[ "$AMX_OFF" == "True" ]] && AMX_CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
 CMAKE_FLAGS=(
     -G Ninja
+    "-DCMAKE_C_FLAGS=$AMX_CFLAGS"
+    "-DCMAKE_CXX_FLAGS=$AMX_CFLAGS"
     -DCMAKE_BUILD_TYPE=Release
     -DGGML_NATIVE=ON
     -DBUILD_SHARED_LIBS=OFF

@@ -1,6 +1,9 @@
 """Batched multi-sequence generation (issue 5): LLM.generate / generate_stream.
 
-Greedy batched output equals each prompt generated alone (both real models);
+Greedy batched output equals each prompt generated alone (both real models) with
+flash_attn=False, where llama.cpp's batched logits are bit-identical to alone; with flash
+attention (llama.cpp's CPU default) the strongest true property is asserted instead: where a
+batched text departs from the alone text, the two tokens were a near-tie (docs/batching.md);
 mixed per-prompt parameters behave as alone; 40 prompts through 8 slots come
 back complete and in order; streaming events add up to the batch result; a
 prefix shared by all prompts is evaluated once; impossible combinations fail
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from pyllama import LLM, Completion
@@ -29,8 +33,22 @@ PROMPTS = [
 ]
 
 
+# Batch invariance (docs/batching.md): llama.cpp does not promise that a sequence decoded
+# together with others gets bit-identical logits to the same sequence decoded alone.  What we
+# measured: SmolLM2 (llama) with one KV stream per sequence (kv_unified=False) is bit-identical
+# with and without flash attention, so "batched text == alone text" is asserted exactly there;
+# with the unified KV memory (the default) or on Gemma 3 the logits differ by up to a few % of
+# their scale, and the strongest true property is asserted instead: a batched greedy text is
+# the alone text, or departs from it at a token where the two candidates were nearly tied.
 @pytest.fixture(scope="module")
 def smol(smollm2_path):
+    llm = LLM(smollm2_path, n_ctx=2048, n_threads=THREADS, temperature=0, kv_unified=False)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def smol_default(smollm2_path):
     llm = LLM(smollm2_path, n_ctx=2048, n_threads=THREADS, temperature=0)
     yield llm
     llm.close()
@@ -43,37 +61,89 @@ def gemma(gemma_path):
     llm.close()
 
 
-@pytest.fixture(params=["smol", "gemma"])
-def any_llm(request):
-    return request.getfixturevalue(request.param)
-
-
 def _alone(llm: LLM, prompt, **kw) -> Completion:
     llm.reset()  # no prompt cache from earlier calls: evaluate the prompt from scratch
     return llm.complete(prompt, **kw)
+
+
+def _logits_after(llm: LLM, tokens: list) -> "np.ndarray":
+    """Logits of the next token after `tokens`, evaluated alone in a cleared context."""
+    from pyllama import Batch
+
+    llm.reset()
+    batch = Batch(len(tokens))
+    batch.add_sequence(tokens, 0, 0)
+    llm.context.decode(batch)
+    out = llm.context.logits()
+    llm.reset()
+    return out
+
+
+# Largest logit difference batched vs alone seen here, as a share of the logits' scale:
+# ~5% (Gemma 3, 0.9 on ~18).  A departure must happen within this margin of a tie.
+NEAR_TIE = 0.06
+
+
+def _check_against_alone(llm: LLM, prompts, batch, *, exact: bool, **kw) -> int:
+    """Compare each batched completion with the prompt generated alone; returns how many
+    were identical.  exact=False allows a departure at a near-tie (see above)."""
+    n_same = 0
+    for prompt, got in zip(prompts, batch):
+        alone = _alone(llm, prompt, **kw)
+        assert got.prompt_tokens == alone.prompt_tokens == len(llm.tokenize(prompt))
+        if got.tokens == alone.tokens:
+            assert got.text == alone.text and got.finish_reason == alone.finish_reason
+            n_same += 1
+            continue
+        assert not exact, (prompt, got.text, alone.text)
+        k = next((i for i, (a, b) in enumerate(zip(got.tokens, alone.tokens)) if a != b), None)
+        if k is None:   # one of them stopped at an end-of-generation token the other did not pick
+            k = min(len(got.tokens), len(alone.tokens))
+            assert "eog" in (got.finish_reason, alone.finish_reason), (prompt, got, alone)
+        logits = _logits_after(llm, llm.tokenize(prompt) + alone.tokens[:k])
+
+        def score(c: Completion) -> float:   # the logit of what `c` chose at position k
+            if k < len(c.tokens):
+                return float(logits[c.tokens[k]])
+            return float(max(logits[t] for t in llm._eog_tokens()))
+
+        # Both choices are (nearly) the best token of a reference evaluation of the common
+        # prefix (itself one more batch shape, so it need not agree with either exactly).
+        margin = NEAR_TIE * float(np.abs(logits).max())
+        best = float(logits.max())
+        assert best - score(alone) <= margin and best - score(got) <= margin, (prompt, k, best, score(alone), score(got))
+    return n_same
 
 
 # --------------------------------------------------------------------------- greedy equality
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
-def test_greedy_batch_equals_alone(any_llm, share_prefix):
-    batch = any_llm.generate(PROMPTS, max_tokens=16, share_prefix=share_prefix)
+def test_greedy_batch_equals_alone(smol, share_prefix):
+    """SmolLM2 with per-sequence KV streams: every batched text is exactly the alone text."""
+    batch = smol.generate(PROMPTS, max_tokens=16, share_prefix=share_prefix)
     assert len(batch) == len(PROMPTS)
-    for prompt, got in zip(PROMPTS, batch):
-        alone = _alone(any_llm, prompt, max_tokens=16)
-        assert got.text == alone.text, prompt
-        assert got.tokens == alone.tokens
-        assert got.finish_reason == alone.finish_reason
-        assert got.prompt_tokens == alone.prompt_tokens == len(any_llm.tokenize(prompt))
+    assert _check_against_alone(smol, PROMPTS, batch, exact=True, max_tokens=16) == len(PROMPTS)
 
 
-def test_greedy_batch_with_shared_prefix_equals_alone(any_llm):
+@pytest.mark.parametrize("which", ["smol_default", "gemma"])
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_greedy_batch_departs_from_alone_only_at_near_ties(request, which, share_prefix):
+    """The default configuration (unified KV memory, flash attention 'auto') on both models."""
+    llm = request.getfixturevalue(which)
+    batch = llm.generate(PROMPTS, max_tokens=16, share_prefix=share_prefix)
+    assert len(batch) == len(PROMPTS)
+    n_same = _check_against_alone(llm, PROMPTS, batch, exact=False, max_tokens=16)
+    assert n_same >= len(PROMPTS) // 2   # most texts are identical all the way
+
+
+@pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_greedy_batch_with_shared_prefix_equals_alone(request, which):
+    llm = request.getfixturevalue(which)
     prefix = "Answer each question with a short sentence. Question: "
     prompts = [prefix + q for q in ("What colour is the sky?", "What is two plus two?", "Where is Rome?")]
-    batch = any_llm.generate(prompts, max_tokens=12)
-    for prompt, got in zip(prompts, batch):
-        assert got.text == _alone(any_llm, prompt, max_tokens=12).text, prompt
+    batch = llm.generate(prompts, max_tokens=12)
+    _check_against_alone(llm, prompts, batch, exact=which == "smol", max_tokens=12)
 
 
 def test_batch_of_one_and_list_of_token_ids(smol):

@@ -257,6 +257,9 @@ def configures(tmp_path_factory) -> dict[str, Configure]:
         "unknown": (["-DGGML_CUDDA=on"], {}),
         "bogus_dir_arg": ([f"-DLLAMA_CPP_DIR={bogus}"], {}),
         "bogus_dir_env": ([], {"LLAMA_CPP_DIR": str(tmp / "does-not-exist")}),
+        "amx_on": (["-DPYLLAMA_AMX=ON"], {}),
+        "amx_off": (["-DPYLLAMA_AMX=off"], {}),
+        "amx_bogus": (["-DPYLLAMA_AMX=maybe"], {}),
     }
     results: dict[str, Configure] = {}
     # Slow ones first so that the two workers finish together.
@@ -432,3 +435,88 @@ def test_configure_times(configures):
     """Not a benchmark: a guard that configure stays quick (the module relies on it)."""
     slow = {n: round(c.seconds, 1) for n, c in configures.items() if c.seconds > 240}
     assert not slow, slow
+
+
+# ---------------------------------------------------------------------------
+# ggml's AMX kernels (cmake/amx.cmake)
+# ---------------------------------------------------------------------------
+
+_AMX_FLAGS = ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-U__AMX_INT8__")
+_IS_X86 = os.uname().machine in ("x86_64", "AMD64", "amd64") if hasattr(os, "uname") else True
+
+
+def _ggml_cpu_compile_lines(cfg: Configure) -> list[str]:
+    """The FLAGS lines of the ggml-cpu objects in the generated build.ninja files."""
+    lines = []
+    for ninja_file in cfg.build_dir.rglob("*.ninja"):
+        current = None
+        for line in ninja_file.read_text(errors="replace").splitlines():
+            if line.startswith("build ") and "ggml-cpu" in line and line.split(":")[0].endswith(".o"):
+                current = line
+            elif current and line.strip().startswith("FLAGS ="):
+                lines.append(line)
+                current = None
+    return lines
+
+
+def _gcc_loadconfig_drops_stores() -> bool | None:
+    """Independent look at the compiler's _tile_loadconfig: does the byte stored into the
+    configuration survive to the assembly?  None when the compiler cannot target AMX."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        return None
+    src = "#include <immintrin.h>\nvoid f(void){alignas(64) unsigned char c[64]={0}; c[0]=1; c[48]=0x5a; _tile_loadconfig(c);}\n"
+    proc = subprocess.run([cxx, "-O2", "-mamx-tile", "-x", "c++", "-S", "-o", "-", "-"], input=src,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    body = "\n".join(ln for ln in proc.stdout.splitlines() if not ln.lstrip().startswith("#"))
+    return re.search(r"[$\s,]90\b", body) is None
+
+
+@pytest.mark.skipif(not _IS_X86, reason="AMX exists on x86-64 only")
+def test_amx_off_is_applied_to_ggml_cpu(configures):
+    cfg = configures["amx_off"]
+    assert cfg.ok, cfg.tail()
+    assert "AMX kernels are off (PYLLAMA_AMX=OFF)" in flat(cfg.output)
+    info = cfg.build_config()
+    assert info["amx"] == "OFF" and info["amx_disabled_reason"] == "PYLLAMA_AMX=OFF"
+    lines = _ggml_cpu_compile_lines(cfg)
+    assert lines, "no ggml-cpu compile lines found in build.ninja"
+    for flags in lines:
+        for f in _AMX_FLAGS:
+            assert f in flags, (f, flags)
+        # after -march=native, so nothing ggml adds turns AMX back on
+        if "-march=native" in flags:
+            assert flags.index("-mno-amx-int8") > flags.index("-march=native")
+
+
+@pytest.mark.skipif(not _IS_X86, reason="AMX exists on x86-64 only")
+def test_amx_on_keeps_upstream_flags(configures):
+    cfg = configures["amx_on"]
+    assert cfg.ok, cfg.tail()
+    assert cfg.build_config()["amx"] == "ON"
+    assert not any("-mno-amx" in flags for flags in _ggml_cpu_compile_lines(cfg))
+
+
+def test_amx_bad_value_stops(configures):
+    cfg = configures["amx_bogus"]
+    assert not cfg.ok
+    assert "PYLLAMA_AMX must be AUTO, ON or OFF, not 'maybe'" in flat(cfg.output)
+
+
+@pytest.mark.skipif(not _IS_X86, reason="AMX exists on x86-64 only")
+def test_amx_auto_follows_the_compiler(configures):
+    """AUTO turns AMX off exactly when the compiler's _tile_loadconfig drops the stores
+    (GCC <= 12: ggml's AMX kernels then crash with SIGSEGV at the first decode)."""
+    cfg = configures["default"]
+    assert cfg.ok, cfg.tail()
+    info = cfg.build_config()
+    ident = re.search(r"The CXX compiler identification is (\S+)", cfg.output)
+    broken = ident is not None and ident.group(1) == "GNU" and bool(_gcc_loadconfig_drops_stores())
+    if broken:
+        assert info["amx"] == "OFF", info
+        assert "_tile_loadconfig drops the tile configuration" in info["amx_disabled_reason"]
+        assert all("-mno-amx-int8" in flags for flags in _ggml_cpu_compile_lines(cfg))
+    else:
+        assert info["amx"] == "AUTO" and info["amx_disabled_reason"] == "", info

@@ -109,9 +109,13 @@ def test_decode_releases_the_gil(mid_model_path):
         span: dict = {}
 
         def work():
-            t0 = time.perf_counter()
-            llm.complete(prompt, max_tokens=1)
-            span["decode"] = time.perf_counter() - t0
+            spans = []
+            for _ in range(3):   # three full evaluations: long enough on a fast machine too
+                llm.reset()
+                t0 = time.perf_counter()
+                llm.complete(prompt, max_tokens=1)
+                spans.append(time.perf_counter() - t0)
+            span["decode"] = min(spans)
             done.set()
 
         t = threading.Thread(target=work)
@@ -125,7 +129,8 @@ def test_decode_releases_the_gil(mid_model_path):
             last = now
         t.join()
         print(f"prompt eval {span['decode']:.2f} s, longest stall of the other thread {max(gaps) * 1000:.0f} ms")
-        assert span["decode"] > 0.3, "the prompt evaluated too fast to tell"
+        assert span["decode"] > 0.1, "the prompt evaluated too fast to tell"
+        # a held GIL would stall this thread for a whole evaluation
         assert max(gaps) < 0.25 * span["decode"], (max(gaps), span["decode"])
 
 

@@ -111,7 +111,7 @@ ABORT_CHILD = r"""
 import os, threading, time
 from pyllama import _core, DecodeAborted
 m = _core.Model(os.environ["T_MODEL"])
-c = _core.Context(m, n_ctx=4096, n_batch=2048, n_ubatch=2048, n_threads=1)
+c = _core.Context(m, n_ctx=4096, n_batch=2048, n_ubatch=512, n_threads=1)
 toks = m.vocab.tokenize("hello world, " * 700)[:2000]
 b = _core.Batch(2048)
 b.add_sequence(toks)
@@ -153,7 +153,7 @@ def handler(signum, frame):
     raise Stop()
 
 signal.signal(signal.SIGINT, handler)
-llm = LLM(os.environ["T_MODEL"], n_ctx=4096, n_batch=2048, n_ubatch=2048, n_threads=1, temperature=0)
+llm = LLM(os.environ["T_MODEL"], n_ctx=4096, n_batch=2048, n_ubatch=512, n_threads=1, temperature=0)
 toks = llm.tokenize("hello world, " * 700)[:2000]
 threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
 try:

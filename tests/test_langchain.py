@@ -91,7 +91,7 @@ def test_page_examples_verbatim(run_python, smollm2_path):
         llm = LlamaCpp(
             model_path={str(smollm2_path)!r},
             temperature=0.75,
-            max_tokens=8,
+            max_tokens=6,
             top_p=1,
             callback_manager=callback_manager,
             verbose=True,  # Verbose is required to pass to the callback manager
@@ -384,13 +384,13 @@ def test_needs_model_path_or_client():
 
 def test_chat_invoke_stream_and_stop(chat):
     msgs = [SystemMessage("You count."), HumanMessage("Count from 1 to 5, separated by commas.")]
-    full = chat.invoke(msgs, max_tokens=12)
+    full = chat.invoke(msgs, max_tokens=8)
     assert isinstance(full, AIMessage) and full.content
     assert full.usage_metadata["output_tokens"] > 0
     assert full.response_metadata["finish_reason"] in ("length", "eog", "stop")
-    chunks = list(chat.stream(msgs, max_tokens=12))
+    chunks = list(chat.stream(msgs, max_tokens=8))
     assert "".join(c.content for c in chunks) == full.content
-    stopped = chat.invoke(msgs, max_tokens=12, stop=[","])
+    stopped = chat.invoke(msgs, max_tokens=8, stop=[","])
     assert "," not in stopped.content and full.content.startswith(stopped.content)
 
 

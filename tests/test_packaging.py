@@ -99,7 +99,8 @@ def sdist(tmp_path_factory) -> Path:
     if not (VENDOR / "CMakeLists.txt").exists():
         pytest.skip("vendor/llama.cpp is missing: run scripts/vendor_llama_cpp.py first")
     out = tmp_path_factory.mktemp("sdist")
-    _run([*_nice(), sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", out, ROOT])
+    # cwd=out: run from the repository root, `python -m build` would import its build/ folder
+    _run([*_nice(), sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", out, ROOT], cwd=out)
     (path,) = out.glob("pyllama-*.tar.gz")
     return path
 

@@ -38,7 +38,7 @@ def __getattr__(name: str):
 
 def build_info() -> dict:
     """How this pyllama was built: llama.cpp commit, backend options, legacy flags mapped,
-    options that had no effect."""
+    options that had no effect, and whether ggml's AMX kernels were turned off (and why)."""
     from pyllama import _build_config as bc
 
     return {
@@ -49,6 +49,9 @@ def build_info() -> dict:
         "options": dict(bc.options),
         "legacy_options_mapped": list(bc.legacy_options_mapped),
         "unknown_options": list(bc.unknown_options),
+        # ggml's AMX kernels: "OFF" when the build turned them off, with the reason
+        "amx": getattr(bc, "amx", "AUTO"),
+        "amx_disabled_reason": getattr(bc, "amx_disabled_reason", ""),
     }
 
 

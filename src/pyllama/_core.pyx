@@ -101,6 +101,12 @@ cdef extern from *:
        CPU variant, libggml-cpu-haswell.so ...) is its own library, so the file that holds
        a backend's registry object names the variant ggml chose for this machine. */
     #if defined(_WIN32)
+    #ifndef WIN32_LEAN_AND_MEAN
+    #define WIN32_LEAN_AND_MEAN
+    #endif
+    #ifndef NOMINMAX
+    #define NOMINMAX
+    #endif
     #include <windows.h>
     static int pyllama_library_of(const void * addr, char * buf, size_t n) {
         HMODULE h = NULL;

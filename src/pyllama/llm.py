@@ -155,6 +155,7 @@ class LLM:
         type_v: Optional[str] = None,
         f16_kv: Optional[bool] = None,
         flash_attn: Union[bool, str, None] = None,
+        kv_unified: bool = True,
         rope_freq_base: float = 0.0,
         rope_freq_scale: float = 0.0,
         lora_path: Union[str, os.PathLike, None] = None,
@@ -236,7 +237,7 @@ class LLM:
         self._ctx_params = dict(
             n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or n_batch, n_threads=n_threads,
             n_threads_batch=n_threads_batch, type_k=type_k or "f16", type_v=type_v or "f16", flash_attn=flash_attn,
-            rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
+            kv_unified=bool(kv_unified), rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
         self._ctx: Optional[_core.Context] = None
         self._engine: Optional[_core.Engine] = None
         self._embed_ctx: Optional[_core.Context] = None

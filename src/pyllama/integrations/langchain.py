@@ -60,6 +60,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 
 import pyllama
 from pyllama.errors import GrammarError
+from pyllama.sampling import FIELD_NAMES as SAMPLING_FIELDS
 
 __all__ = [
     "LlamaCpp",
@@ -293,6 +294,9 @@ class _LlamaCppCommon(BaseModel):
             kwargs.pop("stop")
         if stops:
             params["stop"] = stops
+        for k, v in self.model_kwargs.items():   # min_p, mirostat_mode, ... given as model_kwargs
+            if k in SAMPLING_FIELDS and k not in ("stop", *_GRAMMAR_KEYS):
+                params[k] = v
         if self._grammar_text is not None and not any(kwargs.get(k) is not None for k in _GRAMMAR_KEYS):
             params["grammar"] = self._grammar_text
         params.update(kwargs)
@@ -356,6 +360,8 @@ _LOAD_FIELDS = ("lora_path", "n_ctx", "f16_kv", "vocab_only", "use_mlock", "n_th
 
 def _warn_unused_with_client(obj: Any, stacklevel: int = 5) -> None:
     unused = [k for k in _LOAD_FIELDS if k in obj.model_fields_set and k in type(obj).model_fields]
+    if "model_kwargs" in unused and all(k in SAMPLING_FIELDS for k in obj.model_kwargs):
+        unused.remove("model_kwargs")   # sampling settings apply per call, client or not
     if unused:
         _warn(f"{', '.join(unused)} only apply when {type(obj).__name__} loads the model; with client= "
               "they are ignored (load the pyllama.LLM with them instead)", IgnoredFieldWarning, stacklevel=stacklevel)
@@ -391,7 +397,12 @@ def _check_grammar(grammar: Optional[str], path: Any) -> Optional[str]:
         return None
     from pyllama.grammar import gbnf_syntax_error, load_grammar
 
-    text = load_grammar(grammar=grammar, grammar_path=path)
+    try:
+        text = load_grammar(grammar=grammar, grammar_path=path)
+    except GrammarError as exc:
+        if path is None:
+            raise
+        raise type(exc)(f"{exc} (in {os.fspath(path)})") from None
     err = gbnf_syntax_error(text)
     if err is not None:
         where = f" in {os.fspath(path)}" if path is not None else ""
@@ -403,7 +414,10 @@ def _validate_with_vocab(model_path: str, text: str) -> None:
     """llama.cpp's own grammar parser, with only the vocabulary loaded (cheap)."""
     from pyllama.models import resolve_model
 
-    path = os.fspath(resolve_model(os.fspath(model_path), progress=False))
+    raw = os.path.expanduser(os.fspath(model_path))
+    if not os.path.exists(raw) and ("/" in raw or os.sep in raw or raw.lower().endswith(".gguf")):
+        raise FileNotFoundError(2, "model file not found", raw)   # as pyllama.LLM says it
+    path = os.fspath(resolve_model(raw, progress=False))
     model = pyllama.Model(path, vocab_only=True)
     try:
         pyllama._core.validate_grammar(model.vocab, text)
