@@ -141,6 +141,7 @@ class Config:
     batch_tg: int = 128
     batch_npl: tuple[int, ...] = (1, 4, 8, 16)
     seq_n: int = 8
+    rpc_tg: int = 128
     startup_tokens: int = 16
     n_ctx: int = 2048
     n_batch: int = 512
@@ -154,10 +155,11 @@ class Config:
         c.pp, c.tg, c.e2e, c.stream = (16, 64), (16, 32), (16, 32), (16,)
         c.grammar_tokens, c.batch_tg, c.batch_npl, c.seq_n = 32, 8, (1, 4), 4
         c.startup_tokens = 4
+        c.rpc_tg = 16
         return c
 
 
-WORKLOADS = ("import", "startup", "pp", "tg", "e2e", "stream", "grammar", "batched", "seqbatch")
+WORKLOADS = ("import", "startup", "pp", "tg", "e2e", "stream", "grammar", "batched", "seqbatch", "rpc")
 
 # --------------------------------------------------------------------------- processes
 
@@ -369,6 +371,8 @@ class Suite:
                     self.add_batched(m, n)
             if self.want("seqbatch"):
                 self.add_seqbatch(m)
+            if self.want("rpc"):
+                self.add_rpc(m)
 
     def add_import(self) -> None:
         def imp(py: str, module: str) -> Callable[[], dict]:
@@ -656,6 +660,95 @@ class Suite:
         ))
 
 
+    def add_rpc(self, m: str) -> None:
+        """Generation over llama.cpp's RPC backend on loopback vs local, for pyllama (its own
+        `pyllama rpc-server`) and native (`ggml-rpc-server` + `llama-bench --rpc`)."""
+        cfg = self.cfg
+        n = cfg.rpc_tg
+        t = str(cfg.threads)
+
+        def run_native(rpc: bool) -> Callable[[], dict]:
+            def run() -> dict:
+                args = ["-m", self.models[m], "-p", "0", "-n", str(n), "-r", "1", "-t", t,
+                        "-b", str(cfg.n_batch), "-ub", str(cfg.n_ubatch), "-o", "json"]
+                if not rpc:
+                    p = native("llama-bench", args)
+                else:
+                    with rpc_server([str(NATIVE_BIN / "ggml-rpc-server"), "-H", "127.0.0.1", "-t", t]) as ep:
+                        p = native("llama-bench", [*args, "--rpc", ep, "-ngl", "99"])
+                data = json.loads(p.out[p.out.index("["):])
+                return {"tps": float(data[0]["avg_ts"])}
+            return run
+
+        def run_py(rpc: bool) -> Callable[[], dict]:
+            def run() -> dict:
+                spec = self.spec(m, n_prompt=0, n_gen=n)
+                if not rpc:
+                    r, _ = worker("pyllama", "pptg", spec)
+                else:
+                    with rpc_server([sys.executable, "-m", "pyllama", "rpc-server", "--host", "127.0.0.1",
+                                     "-t", t]) as ep:
+                        r, _ = worker("pyllama", "pptg", dict(spec, rpc=[ep]))
+                return {"tps": r["tps"]}
+            return run
+
+        self.add(Cell(
+            model=m, name=f"rpc_tg{n}",
+            description=(f"generation of {n} tokens (llama-bench's tg loop) with every layer on one RPC "
+                         f"server on 127.0.0.1 (server and client on this machine, {cfg.threads} threads "
+                         f"each): pyllama's `pyllama rpc-server` + `_core` client vs native "
+                         f"`ggml-rpc-server` + `llama-bench --rpc -ngl 99`; `local` rows: the same "
+                         f"without RPC"),
+            metrics=[("tps", f"tg{n} tokens/s", "t/s", "higher")],
+            runners={"native": run_native(False), "native:rpc": run_native(True),
+                     "pyllama": run_py(False), "pyllama:rpc": run_py(True)},
+            ratio_pairs=[("pyllama:rpc", "native:rpc"), ("pyllama:rpc", "pyllama"), ("native:rpc", "native")],
+            targets=[Target("RPC generation at least 0.97x native RPC", "tps", "ratio_min",
+                            "pyllama:rpc", "native:rpc", 0.97)],
+            py_needs_llm=False,
+        ))
+
+
+class rpc_server:
+    """A ggml RPC server subprocess on a free loopback port, for the length of a `with`."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.cmd = [*cmd, "-p" if "ggml-rpc-server" in cmd[0] else "--port", str(self.port)]
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> str:
+        import socket
+
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"rpc server exited: {self.proc.stderr.read().decode(errors='replace')[-500:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise BenchError(f"rpc server did not listen on {self.port}")
+        return f"127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(2)   # SIGINT: both servers stop cleanly on Ctrl-C
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -772,7 +865,7 @@ def display_rows(rows: list[dict], columns: list[str]) -> list[dict]:
             if v not in variants:
                 variants.append(v)
         first_variant = "complete" if any(v == "stream" for v in variants) else (
-            "batched" if "sequential" in variants else "")
+            "batched" if "sequential" in variants else ("local" if "rpc" in variants else ""))
         for i, v in enumerate(variants):
             label = v if v else first_variant
             vals = [cell_of(r["stats"], f"{c}:{v}" if v else c) for c in columns]
@@ -958,7 +1051,7 @@ def render_markdown(meta: dict, rows: list[dict], contenders: list[str], cells: 
     if meta.get("quick"):
         lines[2:2] = ["> **Quick smoke run** (tiny sizes, 1 rep): not a measurement.", ""]
     # Targets first.
-    lines += ["## Targets (issues 5 and 6)", "",
+    lines += ["## Targets (issues 5, 6 and 10)", "",
               "| model | workload | target | measured | result |", "|---|---|---|---|---|"]
     for r in rows:
         for t in r["targets"]:
@@ -1066,7 +1159,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in c.runners:
             if k not in contenders:
                 contenders.append(k)
-    order = {"native": 0, "pyllama": 1, "pyllama:stream": 2, "pyllama:sequential": 3, "lcp": 4, "lcp:stream": 5}
+    order = {"native": 0, "native:rpc": 1, "pyllama": 2, "pyllama:stream": 3, "pyllama:sequential": 4,
+             "pyllama:rpc": 5, "lcp": 6, "lcp:stream": 7}
     contenders.sort(key=lambda c: order.get(c, 9))
 
     meta = {

@@ -82,7 +82,12 @@ def pyllama_pptg(spec: dict) -> dict:
 
     n_prompt, n_gen = spec["n_prompt"], spec["n_gen"]
     n_batch, n_ubatch, threads = spec["n_batch"], spec["n_ubatch"], spec["threads"]
-    model = C.Model(spec["model"])
+    if spec.get("rpc"):   # every layer on the remote device(s), as llama-bench --rpc -ngl 99
+        for endpoint in spec["rpc"]:
+            C.rpc_add_server(endpoint)
+        model = C.Model(spec["model"], n_gpu_layers=-1)
+    else:
+        model = C.Model(spec["model"])
     ctx = C.Context(
         model,
         n_ctx=n_prompt + n_gen,
