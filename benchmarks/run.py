@@ -398,6 +398,12 @@ class Suite:
         n = cfg.startup_tokens
 
         def run_native() -> dict:
+            # Model load: the C call timed around it (load_time), like the Python contenders'
+            # Model()/llama_model_load_from_file.  llama-completion's "load time" counter is
+            # not comparable: it starts after the GGUF metadata is parsed and ends at the first
+            # decode.  TTFT and peak RSS come from a llama-completion run.
+            lt = native("load_time", [self.models[m]])
+            load_ms = json.loads(lt.out.strip().splitlines()[-1])["load_ms"]
             p = native("llama-completion", [
                 "-m", self.models[m], "-p", TTFT_PROMPT, "-n", str(n), "-c", str(cfg.n_ctx),
                 *self.native_common(), "--temp", "0", "--ignore-eos", "-no-cnv",
@@ -405,8 +411,9 @@ class Suite:
             perf = parse_native_perf(p.err + p.out)
             if "load_ms" not in perf:
                 raise BenchError("could not parse llama-completion timings:\n" + _tail(p.err))
-            return {"load_ms": perf["load_ms"], "ttft_ms": perf.get("prompt_ms"),
-                    "rss_mb": p.maxrss_mb, "prompt_n": perf.get("prompt_n")}
+            return {"load_ms": load_ms, "ttft_ms": perf.get("prompt_ms"),
+                    "rss_mb": p.maxrss_mb, "prompt_n": perf.get("prompt_n"),
+                    "load_counter_ms": perf["load_ms"]}
 
         def run_py(impl: str) -> Callable[[], dict]:
             def run() -> dict:
@@ -419,8 +426,9 @@ class Suite:
 
         self.add(Cell(
             model=m, name="startup",
-            description=(f"model load (native: llama.cpp's load-time counter; pyllama: `_core.Model()`; "
-                         f"llama-cpp-python: `llama_model_load_from_file`), constructor of LLM/Llama "
+            description=(f"model load, each timed around one call in a fresh process (native: "
+                         f"`llama_model_load_from_file` from C, benchmarks/native/load_time.c; pyllama: "
+                         f"`_core.Model()`; llama-cpp-python: `llama_model_load_from_file` through ctypes), constructor of LLM/Llama "
                          f"(model + context), time to first token of a {len(TTFT_PROMPT)}-char prompt "
                          f"(native: prompt-eval counter; Python: first streamed piece), peak RSS of a "
                          f"process that loads, evaluates the prompt and generates {n} tokens (n_ctx {cfg.n_ctx})"),
@@ -437,16 +445,20 @@ class Suite:
         cfg = self.cfg
         name = f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
 
+        # Short runs are noisy: pp64 takes ~0.1 s, so each process does 5 reps (llama-bench -r 5,
+        # the mean of their t/s, for both contenders); the others one.
+        inner = 5 if 0 < n_prompt + n_gen <= 64 else 1
+
         def run_native() -> dict:
             p = native("llama-bench", [
-                "-m", self.models[m], "-p", str(n_prompt), "-n", str(n_gen), "-r", "1",
+                "-m", self.models[m], "-p", str(n_prompt), "-n", str(n_gen), "-r", str(inner),
                 "-t", str(cfg.threads), "-b", str(cfg.n_batch), "-ub", str(cfg.n_ubatch), "-o", "json"])
             data = json.loads(p.out[p.out.index("["):])
             return {"tps": float(data[0]["avg_ts"])}
 
         def run_py(impl: str) -> Callable[[], dict]:
             def run() -> dict:
-                r, _ = worker(impl, "pptg", self.spec(m, n_prompt=n_prompt, n_gen=n_gen))
+                r, _ = worker(impl, "pptg", self.spec(m, n_prompt=n_prompt, n_gen=n_gen, inner_reps=inner))
                 return {"tps": r["tps"]}
             return run
 
@@ -455,7 +467,7 @@ class Suite:
         self.add(Cell(
             model=m, name=name,
             description=(f"llama-bench's {kind} loop, {n_prompt or n_gen} tokens, one rep per process "
-                         f"after llama-bench's warmup (pyllama: `_core.Context.decode`; "
+                         f"(5 for runs of 64 tokens or fewer, averaged as llama-bench -r does) after llama-bench's warmup (pyllama: `_core.Context.decode`; "
                          f"llama-cpp-python: `Llama.eval`)"),
             metrics=[("tps", f"{name} tokens/s", "t/s", "higher")],
             runners={"native": run_native, "pyllama": run_py("pyllama"), "lcp": run_py("lcp")},
@@ -1002,7 +1014,7 @@ def setup(cfg: Config, no_setup: bool) -> dict[str, bool]:
             r = subprocess.run(["bash", str(HERE / "setup_llama_cpp_python.sh")])
             if r.returncode != 0:
                 print("!! llama-cpp-python build failed; its runs are skipped")
-    tools = ("llama-bench", "llama-batched-bench", "llama-completion")
+    tools = ("llama-bench", "llama-batched-bench", "llama-completion", "load_time")
     missing = [t for t in tools if not (NATIVE_BIN / t).exists()]
     if missing:
         print(f"!! native tools missing ({', '.join(missing)}): native runs skipped")

@@ -7,7 +7,8 @@
 #   bash benchmarks/setup_native.sh           # build (or reuse) benchmarks/.cache/native/bin/*
 #   NATIVE_FORCE=1 bash benchmarks/setup_native.sh
 #
-# Targets: llama-bench, llama-batched-bench, llama-simple, llama-completion, ggml-rpc-server.
+# Targets: llama-bench, llama-batched-bench, llama-simple, llama-completion, ggml-rpc-server,
+# and load_time (benchmarks/native/load_time.c: the C API's model load timed around the call).
 # Cached: nothing is done when every binary exists, is newer than the vendor tree's marker
 # and was configured with the same pin and flags (ninja would be a no-op anyway).
 set -euo pipefail
@@ -49,6 +50,16 @@ CMAKE_FLAGS=(
     -DGGML_ALL_WARNINGS=OFF
 )
 
+# benchmarks/native/load_time.c: llama_model_load_from_file timed around the call, linked
+# against the same static libraries as the tools (see the comment in that file).
+build_load_time() {
+    local libs=("$BUILD/src/libllama.a" "$BUILD/ggml/src/libggml.a" "$BUILD/ggml/src/libggml-cpu.a")
+    [[ -f "$BUILD/ggml/src/ggml-rpc/libggml-rpc.a" ]] && libs+=("$BUILD/ggml/src/ggml-rpc/libggml-rpc.a")
+    libs+=("$BUILD/ggml/src/libggml-base.a")
+    c++ -O2 -x c "$HERE/native/load_time.c" -I"$VENDOR/include" -I"$VENDOR/ggml/include" \
+        -o "$BUILD/bin/load_time" -x none "${libs[@]}" -fopenmp -lpthread -lm -ldl
+}
+
 # 1. common/ tools/ examples/ next to the library sources (idempotent, same pinned archive).
 "$PY" "$ROOT/scripts/vendor_llama_cpp.py" --with tools >/dev/null
 
@@ -59,6 +70,9 @@ if [[ -z "${NATIVE_FORCE:-}" && -f "$stamp_file" && "$(cat "$stamp_file")" == "$
     for t in "${TARGETS[@]}"; do
         if [[ ! -x "$BUILD/bin/$t" || "$BUILD/bin/$t" -ot "$MARKER" ]]; then fresh=0; fi
     done
+    if [[ $fresh == 1 && ! -x "$BUILD/bin/load_time" ]]; then
+        build_load_time
+    fi
     if [[ $fresh == 1 ]]; then
         echo "native llama.cpp tools up to date in $BUILD/bin"
         exit 0
@@ -70,6 +84,7 @@ mkdir -p "$BUILD"
 nice -n 19 cmake -S "$VENDOR" -B "$BUILD" "${CMAKE_FLAGS[@]}" >"$BUILD/configure.log" 2>&1 || {
     tail -40 "$BUILD/configure.log"; echo "configure failed (log: $BUILD/configure.log)"; exit 1; }
 nice -n 19 cmake --build "$BUILD" -j "$JOBS" --target "${TARGETS[@]}"
+build_load_time
 echo "$stamp_want" >"$stamp_file"
-for t in "${TARGETS[@]}"; do test -x "$BUILD/bin/$t"; done
+for t in "${TARGETS[@]}" load_time; do test -x "$BUILD/bin/$t"; done
 echo "native llama.cpp tools built in $(( $(date +%s) - start )) s: $BUILD/bin"

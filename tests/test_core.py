@@ -652,3 +652,47 @@ def test_seq_cp_then_different_sampling_diverges(smol):
         assert len({tuple(greedy.tokens), tuple(hot1.tokens), tuple(hot2.tokens)}) == 3
     # the greedy copy still equals a fresh greedy run
     assert greedy.tokens == greedy_ids(smol, prompt, 12, n_ctx=512)
+
+
+def _engine_tokens(model, chain, prompt, n):
+    with Context(model, n_ctx=256, n_threads=1) as ctx:
+        req = GenerationRequest(prompt, chain, max_tokens=n, ignore_eos=True)
+        Engine(ctx).run([req])
+        return req.tokens
+
+
+def test_greedy_fast_path_picks_what_llama_greedy_picks(tiny):
+    """The engine takes the argmax of the logits itself for [logit-bias ->] greedy chains
+    (no n_vocab candidate array).  A temp(1.0) stage changes no logit but forces llama.cpp's
+    own samplers: both must pick the same tokens, with biases at the first and last ids,
+    -inf, large positive values and ties."""
+    import random
+
+    v = tiny.vocab
+    n = v.n_tokens
+    rng = random.Random(7)
+    cases = [{}, {0: 100.0}, {n - 1: 100.0}, {0: 50.0, n - 1: 50.0}, {3: -math.inf, 4: -math.inf},
+             {5: 1e-3, 6: -1e-3}, {0: -math.inf}, {n - 1: -math.inf}]
+    cases.append({t: rng.choice([-math.inf, -1.0, 2.0]) for t in rng.sample(range(n), min(100, n - 1))})
+    for _ in range(12):
+        ids = rng.sample(range(n), rng.randint(1, 20))
+        cases.append({t: rng.choice([-math.inf, -5.0, -0.5, 0.0, 0.5, 5.0, 30.0]) for t in ids})
+    for bias in cases:
+        prompt = [rng.randrange(n) for _ in range(rng.randint(1, 12))]
+        fast = SamplerChain(v).add_logit_bias(bias).add_greedy() if bias else SamplerChain(v).add_greedy()
+        slow = (SamplerChain(v).add_logit_bias(bias) if bias else SamplerChain(v)).add_temp(1.0).add_greedy()
+        assert _engine_tokens(tiny, fast, prompt, 12) == _engine_tokens(tiny, slow, prompt, 12), bias
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_greedy_fast_path_on_real_models(request, which):
+    model = request.getfixturevalue(which)
+    v = model.vocab
+    eog = {t: -math.inf for t in (v.eos, v.eot) if t is not None and t >= 0}
+    for text in ("The capital of France is", "def fibonacci(n):", "Once upon a time"):
+        prompt = v.tokenize(text)
+        for bias in ({}, eog):
+            fast = SamplerChain(v).add_logit_bias(bias).add_greedy() if bias else SamplerChain(v).add_greedy()
+            slow = (SamplerChain(v).add_logit_bias(bias) if bias else SamplerChain(v)).add_temp(1.0).add_greedy()
+            assert _engine_tokens(model, fast, prompt, 24) == _engine_tokens(model, slow, prompt, 24)

@@ -69,6 +69,15 @@ cdef extern from "gguf.h" nogil:
     const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id)
     const char * gguf_get_arr_str(const gguf_context * ctx, int64_t key_id, size_t i)
 
+cdef extern from * nogil:
+    """
+    #include <stddef.h>
+    #include <stdint.h>
+    struct gguf_context;
+    size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context * ctx, int64_t key_id);
+    """
+    size_t pyllama_gguf_count_duplicate_strings(const gguf_context * ctx, int64_t key_id)
+
 cdef enum:   # gguf_type values
     _GGUF_U8 = 0
     _GGUF_I8 = 1
@@ -154,17 +163,15 @@ cdef _precheck_metadata(str path, overrides, bint vocab_only):
         raise ModelLoadError(path, _last_error("not a valid GGUF file (corrupt or truncated header)"))
     ov = dict(overrides or {})
     cdef int64_t k
-    cdef size_t n_tok, j
+    cdef size_t n_dup
     try:
         # Two tokens with the same text: llama_vocab::load GGML_ASSERTs (token_to_id is a map).
         k = gguf_find_key(g, b"tokenizer.ggml.tokens")
         if k >= 0 and gguf_get_kv_type(g, k) == _GGUF_ARR and gguf_get_arr_type(g, k) == _GGUF_STR:
-            n_tok = gguf_get_arr_n(g, k)
-            seen = set()
-            for j in range(n_tok):
-                seen.add(<bytes>gguf_get_arr_str(g, k, j))
-            if <size_t>len(seen) != n_tok:
-                raise ModelLoadError(path, f"the vocabulary lists {n_tok - len(seen)} token text(s) more than once "
+            with nogil:
+                n_dup = pyllama_gguf_count_duplicate_strings(g, k)
+            if n_dup:
+                raise ModelLoadError(path, f"the vocabulary lists {n_dup} token text(s) more than once "
                                            "(corrupt tokenizer.ggml.tokens)")
         if vocab_only:
             return   # llama.cpp reads no hyper-parameters then
