@@ -68,3 +68,178 @@ extern "C" size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context
     }
     return duplicates;
 }
+
+// A fast read of a GGUF file's metadata for the model pre-check (pyllama._core).
+//
+// The pre-check needs the integer and string key/values and the duplicate count of
+// tokenizer.ggml.tokens *before* llama.cpp loads the file (llama.cpp aborts on some bad
+// values).  ggml's gguf_init_from_file builds a std::string per array entry: 32 ms for a
+// 262k vocabulary, on every load, on top of llama.cpp's own parse.  This walks the key/value
+// section in one buffer instead (~10 ms, most of it hashing the tokens).  It is strict: any
+// irregularity (bad magic or version, a length past the end, an unknown type, a section
+// over 512 MiB) returns 0 and the caller falls back to ggml's parser, which then either
+// succeeds or explains what is wrong.
+#include <cstdio>
+#include <string>
+
+typedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
+                              long long ival, const char * sval, size_t sval_len);
+
+namespace {
+
+enum { G_U8 = 0, G_I8, G_U16, G_I16, G_U32, G_I32, G_F32, G_BOOL, G_STR, G_ARR, G_U64, G_I64, G_F64, G_COUNT };
+
+struct Reader {
+    FILE * f = nullptr;
+    std::vector<char> buf;
+    size_t have = 0, pos = 0, file_size = 0;
+
+    // Make sure n more bytes are in the buffer (read more of the file when needed).
+    bool need(size_t n) {
+        if (n > file_size || pos > file_size - n) {
+            return false;
+        }
+        if (pos + n <= have) {
+            return true;
+        }
+        size_t want = buf.size();
+        while (want < pos + n) {
+            want *= 2;
+        }
+        if (want > ((size_t) 512 << 20)) {
+            return false;
+        }
+        want = want < file_size ? want : file_size;
+        buf.resize(want);
+        size_t got = std::fread(buf.data() + have, 1, want - have, f);
+        have += got;
+        return pos + n <= have;
+    }
+    template <typename T> bool get(T & out) {
+        if (!need(sizeof(T))) return false;
+        std::memcpy(&out, buf.data() + pos, sizeof(T));
+        pos += sizeof(T);
+        return true;
+    }
+    bool str(size_t & off, uint64_t & len) {
+        if (!get(len) || len > ((uint64_t) 1 << 30) || !need((size_t) len)) return false;
+        off = pos;
+        pos += (size_t) len;
+        return true;
+    }
+};
+
+const size_t kTypeSize[G_COUNT] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+
+long long read_int(const char * p, int type) {
+    switch (type) {
+        case G_U8: { uint8_t v; std::memcpy(&v, p, 1); return v; }
+        case G_I8: { int8_t v; std::memcpy(&v, p, 1); return v; }
+        case G_U16: { uint16_t v; std::memcpy(&v, p, 2); return v; }
+        case G_I16: { int16_t v; std::memcpy(&v, p, 2); return v; }
+        case G_U32: { uint32_t v; std::memcpy(&v, p, 4); return v; }
+        case G_I32: { int32_t v; std::memcpy(&v, p, 4); return v; }
+        case G_U64: { uint64_t v; std::memcpy(&v, p, 8); return (long long) v; }   // kind 2: reinterpret
+        default: { int64_t v; std::memcpy(&v, p, 8); return v; }
+    }
+}
+
+bool is_int(int t) {
+    return t == G_U8 || t == G_I8 || t == G_U16 || t == G_I16 || t == G_U32 || t == G_I32 || t == G_U64 || t == G_I64;
+}
+
+}  // namespace
+
+// Calls cb for every integer key (kind 0; kind 2 for a u64, whose bits ival carries; an
+// array of u32/i32 reports its largest element) and every string key (kind 1); counts repeated entries of tokenizer.ggml.tokens into
+// *n_token_dups (and sets *has_tokens).  Returns 1 when the whole key/value section was
+// read, 0 when the caller should use ggml's parser instead.
+extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
+                                 size_t * n_token_dups, int * has_tokens) {
+    Reader r;
+    *n_token_dups = 0;
+    *has_tokens = 0;
+    r.f = std::fopen(path, "rb");
+    if (r.f == nullptr) {
+        return 0;
+    }
+    struct Closer { FILE * f; ~Closer() { std::fclose(f); } } closer{r.f};
+    if (std::fseek(r.f, 0, SEEK_END) != 0) return 0;
+    long end = std::ftell(r.f);
+    if (end < 0 || std::fseek(r.f, 0, SEEK_SET) != 0) return 0;
+    r.file_size = (size_t) end;
+    r.buf.resize(1 << 20);
+
+    uint32_t magic, version;
+    uint64_t n_tensors, n_kv;
+    if (!r.get(magic) || std::memcmp(&magic, "GGUF", 4) != 0 || !r.get(version) || version < 2 || version > 3 ||
+        !r.get(n_tensors) || !r.get(n_kv) || n_kv > ((uint64_t) 1 << 20)) {
+        return 0;
+    }
+    for (uint64_t k = 0; k < n_kv; ++k) {
+        size_t key_off;
+        uint64_t key_len;
+        uint32_t type;
+        if (!r.str(key_off, key_len) || !r.get(type) || type >= G_COUNT) return 0;
+        // note: r.buf may move while reading the value; keep offsets, not pointers
+        if (type == G_STR) {
+            size_t off;
+            uint64_t len;
+            if (!r.str(off, len)) return 0;
+            cb(user, r.buf.data() + key_off, (size_t) key_len, 1, 0, r.buf.data() + off, (size_t) len);
+        } else if (type == G_ARR) {
+            uint32_t et;
+            uint64_t n;
+            if (!r.get(et) || !r.get(n) || et >= G_COUNT || et == G_ARR) return 0;
+            if (et == G_STR) {
+                const bool tokens = std::string(r.buf.data() + key_off, (size_t) key_len) == "tokenizer.ggml.tokens";
+                if (n > ((uint64_t) 1 << 28)) return 0;
+                std::vector<std::pair<size_t, size_t>> items;   // offsets: the buffer may grow
+                if (tokens) items.reserve((size_t) n);
+                for (uint64_t i = 0; i < n; ++i) {
+                    size_t off;
+                    uint64_t len;
+                    if (!r.str(off, len)) return 0;
+                    if (tokens) items.emplace_back(off, (size_t) len);
+                }
+                if (tokens) {
+                    *has_tokens = 1;
+                    size_t cap = 16;
+                    while (cap < 2 * items.size()) cap <<= 1;
+                    std::vector<uint32_t> slots(cap, 0);
+                    const std::hash<std::string_view> hash;
+                    const char * base = r.buf.data();
+                    for (size_t i = 0; i < items.size(); ++i) {
+                        std::string_view s(base + items[i].first, items[i].second);
+                        for (size_t h = hash(s) & (cap - 1);; h = (h + 1) & (cap - 1)) {
+                            if (slots[h] == 0) { slots[h] = (uint32_t) i + 1; break; }
+                            const auto & o = items[slots[h] - 1];
+                            if (std::string_view(base + o.first, o.second) == s) { ++*n_token_dups; break; }
+                        }
+                    }
+                }
+            } else {
+                const size_t es = kTypeSize[et];
+                if (n > ((uint64_t) 1 << 40) / es || !r.need((size_t) (n * es))) return 0;
+                if ((et == G_U32 || et == G_I32) && n > 0) {
+                    long long best = read_int(r.buf.data() + r.pos, (int) et);
+                    for (uint64_t i = 1; i < n; ++i) {
+                        long long v = read_int(r.buf.data() + r.pos + i * es, (int) et);
+                        best = v > best ? v : best;
+                    }
+                    cb(user, r.buf.data() + key_off, (size_t) key_len, 0, best, nullptr, 0);
+                }
+                r.pos += (size_t) (n * es);
+            }
+        } else {
+            const size_t es = kTypeSize[type];
+            if (!r.need(es)) return 0;
+            if (is_int((int) type)) {
+                cb(user, r.buf.data() + key_off, (size_t) key_len, type == G_U64 ? 2 : 0,
+                   read_int(r.buf.data() + r.pos, (int) type), nullptr, 0);
+            }
+            r.pos += es;
+        }
+    }
+    return 1;
+}

@@ -68,6 +68,8 @@ cdef extern from "gguf.h" nogil:
     const void * gguf_get_val_data(const gguf_context * ctx, int64_t key_id)
     const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id)
     const char * gguf_get_arr_str(const gguf_context * ctx, int64_t key_id, size_t i)
+    int64_t gguf_get_n_kv(const gguf_context * ctx)
+    const char * gguf_get_key(const gguf_context * ctx, int64_t key_id)
 
 cdef extern from * nogil:
     """
@@ -91,67 +93,57 @@ cdef enum:   # gguf_type values
     _GGUF_I64 = 11
 
 
-cdef object _gguf_int(gguf_context * g, str key):
-    """An integer value (the largest element of an integer array), or None."""
-    cdef bytes k = key.encode("utf-8")
-    cdef int64_t i = gguf_find_key(g, k)
-    cdef int t
-    cdef size_t n, j
-    cdef const void * d
-    if i < 0:
-        return None
-    t = gguf_get_kv_type(g, i)
-    if t == _GGUF_ARR:
-        t = gguf_get_arr_type(g, i)
-        n = gguf_get_arr_n(g, i)
-        if n == 0 or t not in (_GGUF_U32, _GGUF_I32):
-            return None
-        d = gguf_get_arr_data(g, i)
-        best = None
-        for j in range(n):
-            v = (<const uint32_t *>d)[j] if t == _GGUF_U32 else (<const int32_t *>d)[j]
-            if best is None or v > best:
-                best = v
-        return best
-    d = gguf_get_val_data(g, i)
-    if t == _GGUF_U8: return (<const uint8_t *>d)[0]
-    if t == _GGUF_I8: return (<const int8_t *>d)[0]
-    if t == _GGUF_U16: return (<const uint16_t *>d)[0]
-    if t == _GGUF_I16: return (<const int16_t *>d)[0]
-    if t == _GGUF_U32: return (<const uint32_t *>d)[0]
-    if t == _GGUF_I32: return (<const int32_t *>d)[0]
-    if t == _GGUF_U64: return (<const uint64_t *>d)[0]
-    if t == _GGUF_I64: return (<const int64_t *>d)[0]
-    return None
+cdef extern from * nogil:
+    """
+    #include <stddef.h>
+    typedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
+                                  long long ival, const char * sval, size_t sval_len);
+    int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
+                          size_t * n_token_dups, int * has_tokens);
+    """
+    ctypedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
+                                   long long ival, const char * sval, size_t sval_len) noexcept
+    int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
+                          size_t * n_token_dups, int * has_tokens) noexcept
 
 
-cdef object _gguf_str(gguf_context * g, str key):
-    cdef bytes k = key.encode("utf-8")
-    cdef int64_t i = gguf_find_key(g, k)
-    if i < 0 or gguf_get_kv_type(g, i) != _GGUF_STR:
-        return None
-    return _str(gguf_get_val_str(g, i))
+cdef void _collect_kv(void * user, const char * key, size_t key_len, int kind, long long ival,
+                      const char * sval, size_t sval_len) noexcept with gil:
+    meta = <dict>user
+    try:
+        # C-string semantics, as ggml's gguf_get_key / gguf_get_val_str give them: up to a NUL
+        k = key[:key_len].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if kind == 1:
+            meta[k] = sval[:sval_len].split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif kind == 2:
+            meta[k] = <unsigned long long>ival
+        else:
+            meta[k] = ival
+    except BaseException:
+        pass   # a key we cannot represent is simply not checked
 
 
-_ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+def _gguf_precheck_metadata(path, bint fast=True) -> tuple:
+    """(metadata dict, repeated token texts) as the model pre-check reads them; fast=False
+    forces ggml's parser.  For tests: both readers must agree."""
+    return _gguf_metadata(os.fsdecode(os.fspath(path)), fast)
 
 
-cdef object _hparam(gguf_context * g, dict ov, str arch, str name, object default):
-    """{arch}.{name} as llama.cpp will see it: an int kv_override (applied as uint32) or the file's value."""
-    key = f"{arch}.{name}"
-    v = ov.get(key)
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v % (1 << 32)
-    v = _gguf_int(g, key)
-    return default if v is None else v
-
-
-cdef _precheck_metadata(str path, overrides, bint vocab_only):
-    """Parse the GGUF header (ggml's own parser: a corrupt header is a clean error here) and
-    check the hyper-parameters that llama.cpp's loader GGML_ASSERTs on -- a crafted or broken
-    file (or kv_overrides) would otherwise abort the process inside llama_model_load."""
+cdef tuple _gguf_metadata(str path, bint fast=True):
+    """(integer and string metadata as a dict, repeated token texts) of a GGUF file, read
+    with the fast scanner (pyllama_checks.cpp) or, when it gives up, ggml's own parser.
+    Integer arrays of u32/i32 give their largest element (per-layer values)."""
     cdef bytes cpath = os.fsencode(path)
     cdef const char * cpath_c = cpath
+    cdef dict meta = {}
+    cdef size_t n_dup = 0
+    cdef int has_tokens = 0, ok
+    if fast:
+        with nogil:
+            ok = pyllama_gguf_scan(cpath_c, _collect_kv, <void *>meta, &n_dup, &has_tokens)
+        if ok:
+            return meta, n_dup
+    meta = {}
     cdef gguf_init_params gp
     cdef gguf_context * g
     gp.no_alloc = True
@@ -161,59 +153,112 @@ cdef _precheck_metadata(str path, overrides, bint vocab_only):
         g = gguf_init_from_file(cpath_c, gp)
     if g == NULL:
         raise ModelLoadError(path, _last_error("not a valid GGUF file (corrupt or truncated header)"))
-    ov = dict(overrides or {})
-    cdef int64_t k
-    cdef size_t n_dup
+    cdef int64_t i, k
+    cdef long long v
+    cdef int t
+    cdef size_t n, j
+    cdef const void * d
     try:
-        # Two tokens with the same text: llama_vocab::load GGML_ASSERTs (token_to_id is a map).
+        for i in range(gguf_get_n_kv(g)):
+            key = _str(gguf_get_key(g, i))
+            t = gguf_get_kv_type(g, i)
+            if t == _GGUF_STR:
+                meta[key] = _str(gguf_get_val_str(g, i))
+            elif t == _GGUF_ARR:
+                if gguf_get_arr_type(g, i) in (_GGUF_U32, _GGUF_I32) and gguf_get_arr_n(g, i) > 0:
+                    d = gguf_get_arr_data(g, i)
+                    n = gguf_get_arr_n(g, i)
+                    best = None
+                    for j in range(n):
+                        # (two statements: a C conditional expression would turn i32 into u32)
+                        if gguf_get_arr_type(g, i) == _GGUF_U32:
+                            v = (<const uint32_t *>d)[j]
+                        else:
+                            v = (<const int32_t *>d)[j]
+                        if best is None or v > best:
+                            best = v
+                    meta[key] = best
+            elif t in (_GGUF_U8, _GGUF_I8, _GGUF_U16, _GGUF_I16, _GGUF_U32, _GGUF_I32, _GGUF_U64, _GGUF_I64):
+                d = gguf_get_val_data(g, i)
+                if t == _GGUF_U8: meta[key] = (<const uint8_t *>d)[0]
+                elif t == _GGUF_I8: meta[key] = (<const int8_t *>d)[0]
+                elif t == _GGUF_U16: meta[key] = (<const uint16_t *>d)[0]
+                elif t == _GGUF_I16: meta[key] = (<const int16_t *>d)[0]
+                elif t == _GGUF_U32: meta[key] = (<const uint32_t *>d)[0]
+                elif t == _GGUF_I32: meta[key] = (<const int32_t *>d)[0]
+                elif t == _GGUF_U64: meta[key] = (<const uint64_t *>d)[0]
+                else: meta[key] = (<const int64_t *>d)[0]
         k = gguf_find_key(g, b"tokenizer.ggml.tokens")
         if k >= 0 and gguf_get_kv_type(g, k) == _GGUF_ARR and gguf_get_arr_type(g, k) == _GGUF_STR:
             with nogil:
                 n_dup = pyllama_gguf_count_duplicate_strings(g, k)
-            if n_dup:
-                raise ModelLoadError(path, f"the vocabulary lists {n_dup} token text(s) more than once "
-                                           "(corrupt tokenizer.ggml.tokens)")
-        if vocab_only:
-            return   # llama.cpp reads no hyper-parameters then
-        arch = ov.get("general.architecture")
-        if not isinstance(arch, str):
-            arch = _gguf_str(g, "general.architecture")
-        if not arch:
-            return   # llama.cpp reports it ("unknown model architecture")
-
-        n_layer = _hparam(g, ov, arch, "block_count", None)
-        if n_layer is None:
-            return   # llama.cpp reports the missing key
-        if not 0 < n_layer <= 512:
-            raise ModelLoadError(path, f"{arch}.block_count is {n_layer}; llama.cpp supports 1..512 layers "
-                                       "(corrupt metadata or a bad kv_overrides value)")
-        for name in ("nextn_predict_layers", "posnet.block_count", "convnext.block_count"):
-            v = _hparam(g, ov, arch, name, 0)
-            if not 0 <= v <= n_layer:
-                raise ModelLoadError(path, f"{arch}.{name} is {v}, more than the {n_layer} layers of the model")
-        n_expert = _hparam(g, ov, arch, "expert_count", 0)
-        n_used = _hparam(g, ov, arch, "expert_used_count", 0)
-        n_groups = _hparam(g, ov, arch, "expert_group_count", 0)
-        n_group_used = _hparam(g, ov, arch, "expert_group_used_count", 0)
-        if arch in ("hunyuan-dense", "hunyuan_vl") and n_expert <= 1:
-            n_expert = n_used = 0
-        if n_expert > 0:
-            ok = (n_expert <= 1024 and 0 < n_used <= n_expert and 0 <= n_groups < n_expert
-                  and (n_groups <= 1 or (n_expert % n_groups == 0 and 0 < n_group_used < n_groups)))
-        else:
-            ok = n_used == 0 and n_groups == 0
-        if not ok:
-            raise ModelLoadError(path, f"inconsistent mixture-of-experts metadata: expert_count={n_expert}, "
-                                       f"expert_used_count={n_used}, expert_group_count={n_groups}, "
-                                       f"expert_group_used_count={n_group_used}")
-        rope = ov.get(f"{arch}.rope.scaling.type")
-        if not isinstance(rope, str):
-            rope = _gguf_str(g, f"{arch}.rope.scaling.type")
-        if rope is not None and rope not in _ROPE_SCALING_TYPES:
-            raise ModelLoadError(path, f"{arch}.rope.scaling.type is {rope!r}; llama.cpp knows "
-                                       f"{', '.join(_ROPE_SCALING_TYPES)}")
     finally:
         gguf_free(g)
+    return meta, n_dup
+
+
+_ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+
+
+cdef object _hparam(dict meta, dict ov, str arch, str name, object default):
+    """{arch}.{name} as llama.cpp will see it: an int kv_override (applied as uint32) or the file's value."""
+    key = f"{arch}.{name}"
+    v = ov.get(key)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v % (1 << 32)
+    v = meta.get(key)
+    return v if isinstance(v, int) else default
+
+
+cdef _precheck_metadata(str path, overrides, bint vocab_only):
+    """Read the GGUF metadata (a corrupt header is a clean error here) and check what
+    llama.cpp's loader GGML_ASSERTs on -- a crafted or broken file (or kv_overrides) would
+    otherwise abort the process inside llama_model_load."""
+    meta, n_dup = _gguf_metadata(path)
+    ov = dict(overrides or {})
+    # Two tokens with the same text: llama_vocab::load GGML_ASSERTs (token_to_id is a map).
+    if n_dup:
+        raise ModelLoadError(path, f"the vocabulary lists {n_dup} token text(s) more than once "
+                                   "(corrupt tokenizer.ggml.tokens)")
+    if vocab_only:
+        return   # llama.cpp reads no hyper-parameters then
+    arch = ov.get("general.architecture")
+    if not isinstance(arch, str):
+        arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        return   # llama.cpp reports it ("unknown model architecture")
+
+    n_layer = _hparam(meta, ov, arch, "block_count", None)
+    if n_layer is None:
+        return   # llama.cpp reports the missing key
+    if not 0 < n_layer <= 512:
+        raise ModelLoadError(path, f"{arch}.block_count is {n_layer}; llama.cpp supports 1..512 layers "
+                                   "(corrupt metadata or a bad kv_overrides value)")
+    for name in ("nextn_predict_layers", "posnet.block_count", "convnext.block_count"):
+        v = _hparam(meta, ov, arch, name, 0)
+        if not 0 <= v <= n_layer:
+            raise ModelLoadError(path, f"{arch}.{name} is {v}, more than the {n_layer} layers of the model")
+    n_expert = _hparam(meta, ov, arch, "expert_count", 0)
+    n_used = _hparam(meta, ov, arch, "expert_used_count", 0)
+    n_groups = _hparam(meta, ov, arch, "expert_group_count", 0)
+    n_group_used = _hparam(meta, ov, arch, "expert_group_used_count", 0)
+    if arch in ("hunyuan-dense", "hunyuan_vl") and n_expert <= 1:
+        n_expert = n_used = 0
+    if n_expert > 0:
+        ok = (n_expert <= 1024 and 0 < n_used <= n_expert and 0 <= n_groups < n_expert
+              and (n_groups <= 1 or (n_expert % n_groups == 0 and 0 < n_group_used < n_groups)))
+    else:
+        ok = n_used == 0 and n_groups == 0
+    if not ok:
+        raise ModelLoadError(path, f"inconsistent mixture-of-experts metadata: expert_count={n_expert}, "
+                                   f"expert_used_count={n_used}, expert_group_count={n_groups}, "
+                                   f"expert_group_used_count={n_group_used}")
+    rope = ov.get(f"{arch}.rope.scaling.type")
+    if not isinstance(rope, str):
+        rope = meta.get(f"{arch}.rope.scaling.type")
+    if isinstance(rope, str) and rope not in _ROPE_SCALING_TYPES:
+        raise ModelLoadError(path, f"{arch}.rope.scaling.type is {rope!r}; llama.cpp knows "
+                                   f"{', '.join(_ROPE_SCALING_TYPES)}")
 
 
 cdef class Model:

@@ -255,6 +255,16 @@ def gguf_header(data: bytes) -> None:
         os.close(fd)
     with open(_gguf_tmp, "wb") as f:
         f.write(blob)
+    # The pre-check's own metadata scanner and ggml's parser: where both read the file,
+    # they must see the same keys, values and repeated tokens.
+    seen = []
+    for fast in (True, False):
+        try:
+            seen.append(_core._gguf_precheck_metadata(_gguf_tmp, fast=fast))
+        except _expected():
+            seen.append(None)
+    if seen[0] is not None and seen[1] is not None:
+        assert seen[0] == seen[1], "the fast GGUF metadata scanner disagrees with ggml's parser"
     try:
         m = _core.Model(_gguf_tmp, vocab_only=bool(data[:1] and data[0] & 1 and data[0] & 2))
     except _expected():
