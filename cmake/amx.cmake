@@ -67,25 +67,25 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64" AND NOT MSVC AND NOT _pyl
   endif()
 endif()
 
-# Apply to every ggml CPU target (ggml-cpu, or ggml-cpu-<variant> in portable builds).
+# Apply to every ggml CPU target (ggml-cpu, or ggml-cpu-<variant> in portable builds), once.
 function(pyllama_disable_amx dir)
   get_property(_targets DIRECTORY "${dir}" PROPERTY BUILDSYSTEM_TARGETS)
   foreach(_t IN LISTS _targets)
-    if(_t MATCHES "^ggml-cpu")
+    get_property(_done GLOBAL PROPERTY PYLLAMA_AMX_TARGETS)
+    if(_t MATCHES "^ggml-cpu" AND NOT _t IN_LIST _done)
       target_compile_options(${_t} PRIVATE ${PYLLAMA_AMX_FLAGS})
-      list(APPEND _done ${_t})
+      set_property(GLOBAL APPEND PROPERTY PYLLAMA_AMX_TARGETS ${_t})
     endif()
   endforeach()
   get_property(_subdirs DIRECTORY "${dir}" PROPERTY SUBDIRECTORIES)
   foreach(_d IN LISTS _subdirs)
     pyllama_disable_amx("${_d}")
   endforeach()
-  set(PYLLAMA_AMX_TARGETS ${PYLLAMA_AMX_TARGETS} ${_done} PARENT_SCOPE)
 endfunction()
 
 if(PYLLAMA_AMX_DISABLED_REASON)
-  set(PYLLAMA_AMX_TARGETS "")
   pyllama_disable_amx("${LLAMA_CPP_DIR}/ggml/src")
+  get_property(PYLLAMA_AMX_TARGETS GLOBAL PROPERTY PYLLAMA_AMX_TARGETS)
   message(STATUS "pyllama: ggml's AMX kernels are off (${PYLLAMA_AMX_DISABLED_REASON}); "
                  "targets: ${PYLLAMA_AMX_TARGETS}. -DPYLLAMA_AMX=ON forces them on.")
   set(PYLLAMA_AMX_EFFECTIVE "OFF")

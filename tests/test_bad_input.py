@@ -124,6 +124,8 @@ BROKEN_FILES = {
     "experts-inconsistent.gguf": ["mixture-of-experts"],
     "rope-scaling-bogus.gguf": ["rope.scaling.type", "bogus"],
     "duplicate-tokens.gguf": ["more than once"],
+    # "a" and "a\0b" are the same C string: llama.cpp reads token texts up to a NUL (found by fuzzing)
+    "duplicate-tokens-nul.gguf": ["more than once"],
 }
 SMOL_TRUNCATIONS = {  # name: (n_bytes, words)
     "smol-trunc-100.gguf": (100, ["failed to read"]),
@@ -522,17 +524,19 @@ def _write_broken_files(folder: Path, tiny: Path, smol: Optional[Path]) -> None:
     make_tiny_llama(folder / "rope-scaling-bogus.gguf", extra_kv={"llama.rope.scaling.type": "bogus"}, **small)
     make_tiny_llama(folder / "duplicate-tokens.gguf", vocab_from=_duplicate_token_vocab(folder / "dup-vocab.gguf"),
                     **small)
+    make_tiny_llama(folder / "duplicate-tokens-nul.gguf",
+                    vocab_from=_duplicate_token_vocab(folder / "dup-vocab-nul.gguf", second=b"a\0b"), **small)
     if smol is not None:
         smol_size = smol.stat().st_size
         for name, (n, _words) in SMOL_TRUNCATIONS.items():
             make_truncated(smol, folder / name, smol_size // 2 if n == "half" else n)
 
 
-def _duplicate_token_vocab(path: Path) -> Path:
+def _duplicate_token_vocab(path: Path, second: bytes = b"a") -> Path:
     """A vocabulary-only GGUF in which two tokens have the same text (llama.cpp asserts)."""
     from gguf import GGUFWriter
 
-    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)] + [b"a", b"a"]
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)] + [b"a", second]
     w = GGUFWriter(str(path), "llama")
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)

@@ -80,6 +80,7 @@ extern "C" size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context
 // over 512 MiB) returns 0 and the caller falls back to ggml's parser, which then either
 // succeeds or explains what is wrong.
 #include <cstdio>
+#include <cstring>
 #include <string>
 
 typedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
@@ -200,7 +201,9 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
                     size_t off;
                     uint64_t len;
                     if (!r.str(off, len)) return 0;
-                    if (tokens) items.emplace_back(off, (size_t) len);
+                    // llama.cpp reads each text as a C string (gguf_get_arr_str): up to a NUL,
+                    // so "ab\0x" and "ab" are the same token to it -- and a duplicate.
+                    if (tokens) items.emplace_back(off, strnlen(r.buf.data() + off, (size_t) len));
                 }
                 if (tokens) {
                     *has_tokens = 1;
