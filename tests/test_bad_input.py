@@ -176,6 +176,14 @@ for _key, _val, _words in [
     ("tokenizer.ggml.model", "bogus", ["unknown tokenizer"]),
 ]:
     case(f"kv-override-{_key}={_val}", f"model(kv_overrides={{{_key!r}: {_val!r}}})", MLE, _words)
+# A negative or NaN norm epsilon loads fine and GGML_ASSERTs (eps >= 0) at the first decode
+# (found by fuzzing GGUF headers); the pre-check refuses it at load.
+_DECODE = "; c = _core.Context(m, n_ctx=64, n_threads=1); b = _core.Batch(8); b.add_sequence([1, 2, 3]); c.decode(b)"
+case("kv-override-negative-rms-epsilon",
+     "m = model(kv_overrides={'llama.attention.layer_norm_rms_epsilon': -1.0})" + _DECODE, MLE,
+     ["layer_norm_rms_epsilon is -1.0"])
+case("model-file-nan-rms-epsilon", "m = model(os.path.join(FILES, 'nan-rms-eps.gguf'))" + _DECODE, MLE,
+     ["layer_norm_rms_epsilon is nan"])
 case("kv-override-key-too-long", "model(kv_overrides={'x' * 200: 1})", VE, ["kv_overrides key"])
 case("kv-override-bad-type", "model(kv_overrides={'general.name': [1]})", TE, ["kv_overrides"])
 
@@ -522,6 +530,7 @@ def _write_broken_files(folder: Path, tiny: Path, smol: Optional[Path]) -> None:
         _patch_u32(folder / name, "llama.block_count", n)
     make_tiny_llama(folder / "experts-inconsistent.gguf", extra_kv={"llama.expert_count": 4}, **small)
     make_tiny_llama(folder / "rope-scaling-bogus.gguf", extra_kv={"llama.rope.scaling.type": "bogus"}, **small)
+    make_tiny_llama(folder / "nan-rms-eps.gguf", rms_eps=float("nan"), **small)
     make_tiny_llama(folder / "duplicate-tokens.gguf", vocab_from=_duplicate_token_vocab(folder / "dup-vocab.gguf"),
                     **small)
     make_tiny_llama(folder / "duplicate-tokens-nul.gguf",

@@ -84,7 +84,7 @@ extern "C" size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context
 #include <string>
 
 typedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
-                              long long ival, const char * sval, size_t sval_len);
+                              long long ival, double fval, const char * sval, size_t sval_len);
 
 namespace {
 
@@ -152,7 +152,7 @@ bool is_int(int t) {
 }  // namespace
 
 // Calls cb for every integer key (kind 0; kind 2 for a u64, whose bits ival carries; an
-// array of u32/i32 reports its largest element) and every string key (kind 1); counts repeated entries of tokenizer.ggml.tokens into
+// array of u32/i32 reports its largest element), string key (kind 1) and float key (kind 3); counts repeated entries of tokenizer.ggml.tokens into
 // *n_token_dups (and sets *has_tokens).  Returns 1 when the whole key/value section was
 // read, 0 when the caller should use ggml's parser instead.
 extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
@@ -187,7 +187,7 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
             size_t off;
             uint64_t len;
             if (!r.str(off, len)) return 0;
-            cb(user, r.buf.data() + key_off, (size_t) key_len, 1, 0, r.buf.data() + off, (size_t) len);
+            cb(user, r.buf.data() + key_off, (size_t) key_len, 1, 0, 0.0, r.buf.data() + off, (size_t) len);
         } else if (type == G_ARR) {
             uint32_t et;
             uint64_t n;
@@ -230,7 +230,7 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
                         long long v = read_int(r.buf.data() + r.pos + i * es, (int) et);
                         best = v > best ? v : best;
                     }
-                    cb(user, r.buf.data() + key_off, (size_t) key_len, 0, best, nullptr, 0);
+                    cb(user, r.buf.data() + key_off, (size_t) key_len, 0, best, 0.0, nullptr, 0);
                 }
                 r.pos += (size_t) (n * es);
             }
@@ -239,7 +239,12 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
             if (!r.need(es)) return 0;
             if (is_int((int) type)) {
                 cb(user, r.buf.data() + key_off, (size_t) key_len, type == G_U64 ? 2 : 0,
-                   read_int(r.buf.data() + r.pos, (int) type), nullptr, 0);
+                   read_int(r.buf.data() + r.pos, (int) type), 0.0, nullptr, 0);
+            } else if (type == G_F32 || type == G_F64) {
+                double v;
+                if (type == G_F32) { float f; std::memcpy(&f, r.buf.data() + r.pos, 4); v = f; }
+                else { std::memcpy(&v, r.buf.data() + r.pos, 8); }
+                cb(user, r.buf.data() + key_off, (size_t) key_len, 3, 0, v, nullptr, 0);
             }
             r.pos += es;
         }

@@ -87,28 +87,30 @@ cdef enum:   # gguf_type values
     _GGUF_I16 = 3
     _GGUF_U32 = 4
     _GGUF_I32 = 5
+    _GGUF_F32 = 6
     _GGUF_STR = 8
     _GGUF_ARR = 9
     _GGUF_U64 = 10
     _GGUF_I64 = 11
+    _GGUF_F64 = 12
 
 
 cdef extern from * nogil:
     """
     #include <stddef.h>
     typedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
-                                  long long ival, const char * sval, size_t sval_len);
+                                  long long ival, double fval, const char * sval, size_t sval_len);
     int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
                           size_t * n_token_dups, int * has_tokens);
     """
     ctypedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
-                                   long long ival, const char * sval, size_t sval_len) noexcept
+                                   long long ival, double fval, const char * sval, size_t sval_len) noexcept
     int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
                           size_t * n_token_dups, int * has_tokens) noexcept
 
 
 cdef void _collect_kv(void * user, const char * key, size_t key_len, int kind, long long ival,
-                      const char * sval, size_t sval_len) noexcept with gil:
+                      double fval, const char * sval, size_t sval_len) noexcept with gil:
     meta = <dict>user
     try:
         # C-string semantics, as ggml's gguf_get_key / gguf_get_val_str give them: up to a NUL
@@ -117,6 +119,8 @@ cdef void _collect_kv(void * user, const char * key, size_t key_len, int kind, l
             meta[k] = sval[:sval_len].split(b"\0", 1)[0].decode("utf-8", "replace")
         elif kind == 2:
             meta[k] = <unsigned long long>ival
+        elif kind == 3:
+            meta[k] = fval
         else:
             meta[k] = ival
     except BaseException:
@@ -178,6 +182,10 @@ cdef tuple _gguf_metadata(str path, bint fast=True):
                         if best is None or v > best:
                             best = v
                     meta[key] = best
+            elif t == _GGUF_F32:
+                meta[key] = <double>(<const float *>gguf_get_val_data(g, i))[0]
+            elif t == _GGUF_F64:
+                meta[key] = (<const double *>gguf_get_val_data(g, i))[0]
             elif t in (_GGUF_U8, _GGUF_I8, _GGUF_U16, _GGUF_I16, _GGUF_U32, _GGUF_I32, _GGUF_U64, _GGUF_I64):
                 d = gguf_get_val_data(g, i)
                 if t == _GGUF_U8: meta[key] = (<const uint8_t *>d)[0]
@@ -253,6 +261,14 @@ cdef _precheck_metadata(str path, overrides, bint vocab_only):
         raise ModelLoadError(path, f"inconsistent mixture-of-experts metadata: expert_count={n_expert}, "
                                    f"expert_used_count={n_used}, expert_group_count={n_groups}, "
                                    f"expert_group_used_count={n_group_used}")
+    # Normalisation epsilons: ggml GGML_ASSERTs eps >= 0 in every norm op, at the first decode
+    # (a NaN in layer_norm_rms_epsilon: found by fuzzing).
+    for key in sorted(set(meta) | set(ov)):
+        if isinstance(key, str) and key.startswith(arch + ".") and key.endswith("epsilon"):
+            v = ov.get(key, meta.get(key))
+            if isinstance(v, float) and not v >= 0.0:   # also catches NaN
+                raise ModelLoadError(path, f"{key} is {v}; a normalisation epsilon must be a number >= 0 "
+                                           "(corrupt metadata or a bad kv_overrides value)")
     rope = ov.get(f"{arch}.rope.scaling.type")
     if not isinstance(rope, str):
         rope = meta.get(f"{arch}.rope.scaling.type")
