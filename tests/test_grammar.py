@@ -218,6 +218,19 @@ def _chain(n):
     return "root ::= r0\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(n)) + f'r{n} ::= "a"\n'
 
 
+def _alternatives(n, rule="root"):
+    return f"{rule} ::= " + " | ".join(f'"w{i}"' for i in range(n)) + "\n"
+
+
+def test_precheck_counts_parse_stacks_not_text_size():
+    G.precheck_gbnf(_alternatives(10000))  # at the bound: slow in llama.cpp (~1 s), not stuck
+    # A nullable leading rule lets the next element start stacks too (e: 2, x: 4000);
+    # a non-nullable one hides what follows it ("x x" starts 5000, not 10000).
+    G.precheck_gbnf("root ::= e x\ne ::= \"\" | \"z\"\n" + _alternatives(4000, "x"))
+    with pytest.raises(GrammarError, match="parse stacks"):
+        G.precheck_gbnf("root ::= e x | x x\ne ::= \"\" | \"z\"\n" + _alternatives(5000, "x"))
+
+
 def _ambiguous(n):
     return "root ::= r0\n" + "".join(f'r{i} ::= r{i + 1} "a" | r{i + 1} "b"\n' for i in range(n)) + f'r{n} ::= "a"\n'
 
@@ -237,6 +250,9 @@ def _ambiguous(n):
     pytest.param(_chain(2001), "chain of 2003", id="long-chain"),
     pytest.param(_ambiguous(16), "leftmost expansion paths", id="exponential-paths"),
     pytest.param('root ::= "' + "a" * 5000 + '"{1000} "b"{1000}', "elements", id="element-bomb"),
+    pytest.param(_alternatives(10001), "more than 10000 parse stacks", id="many-alternatives"),
+    pytest.param("root ::= x\nx ::= w | w | w\n" + _alternatives(4000, "w"),
+                 "rule 'root' can start more than 10000 parse stacks", id="many-alternatives-through-rules"),
 ])
 def test_precheck_rejects(text, match):
     with pytest.raises(GrammarError, match=match):

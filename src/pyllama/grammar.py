@@ -150,6 +150,7 @@ def _read_grammar_file(path: Union[str, "os.PathLike[str]"]) -> str:
 _MAX_GROUP_NESTING = 256        # "(" depth; each level costs ~0.5 KiB of C stack
 _MAX_LEFT_CHAIN = 2000          # leftmost rule-reference chain; ~0.15 KiB of C stack per link
 _MAX_LEFT_PATHS = 20000         # leftmost derivation paths from one rule (exponential blowup)
+_MAX_LEFT_STACKS = 10000        # parse stacks one rule can start (llama.cpp's work is quadratic in them)
 _MAX_ELEMENTS = 4_000_000       # llama_grammar_element entries after expanding repetitions
 _MAX_REPETITION = 2000          # llama.cpp's MAX_REPETITION_THRESHOLD
 _UINT64_MAX = 2**64 - 1
@@ -217,6 +218,8 @@ def precheck_gbnf(text: str, *, n_vocab: Optional[int] = None) -> None:
     * more than 4 million grammar elements after expanding repetitions;
     * left recursion, and chains of more than 2000 leftmost rule references;
     * more than 20000 leftmost expansion paths from one rule (exponential work in llama.cpp);
+    * a rule that can start more than 10000 parse stacks, such as 10000 alternatives in one
+      rule (llama.cpp deduplicates its stacks pairwise: quadratic time, minutes at 100000);
     * character ranges with the bounds reversed, such as ``[z-a]``;
     * ``<[id]>`` token references with ``id >= n_vocab`` (when ``n_vocab`` is given).
     """
@@ -589,6 +592,24 @@ class _GbnfScan:
             if edges[node]:
                 depth[node] = 1 + max(depth[t] for t in edges[node])
                 paths[node] = min(cap, 1 + sum(paths[t] for t in edges[node]))
+        # Parse stacks a rule starts: llama_grammar_advance_stack makes one per leftmost
+        # terminal it can reach (plus one per way to derive the empty string) and checks each
+        # new stack against all the others with std::find.
+        stacks = [1] * n
+        stack_cap = _MAX_LEFT_STACKS + 1
+        for node in order:
+            total = 0
+            for alt in self.rules[node]:
+                for kind, value in alt:
+                    if kind != "R":
+                        total += 1
+                        break
+                    total += stacks[value]
+                    if not may_be_empty[value]:
+                        break
+                else:
+                    total += 1
+            stacks[node] = min(stack_cap, total)
         worst = max(range(n), key=lambda i: depth[i])
         if depth[worst] > _MAX_LEFT_CHAIN:
             raise GrammarError(
@@ -601,6 +622,12 @@ class _GbnfScan:
                 f"grammar rejected before reaching llama.cpp: rule {names.get(worst, worst)!r} has more than "
                 f"{_MAX_LEFT_PATHS} leftmost expansion paths (alternatives that share leftmost rules); "
                 "llama.cpp would take exponential time on it")
+        worst = max(range(n), key=lambda i: stacks[i])
+        if stacks[worst] > _MAX_LEFT_STACKS:
+            raise GrammarError(
+                f"grammar rejected before reaching llama.cpp: rule {names.get(worst, worst)!r} can start more than "
+                f"{_MAX_LEFT_STACKS} parse stacks (alternatives, counted through leftmost rule references); "
+                "llama.cpp's time grows with the square of that number - split the rule or use fewer alternatives")
 
 
 def _cp_repr(cp: int) -> str:
