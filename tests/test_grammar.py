@@ -223,7 +223,7 @@ def _alternatives(n, rule="root"):
 
 
 def test_precheck_counts_parse_stacks_not_text_size():
-    G.precheck_gbnf(_alternatives(10000))  # at the bound: slow in llama.cpp (~1 s), not stuck
+    G.precheck_gbnf(_alternatives(10000))  # at the bound: slow in llama.cpp (~1.6 s/token), not stuck
     # A nullable leading rule lets the next element start stacks too (e: 2, x: 4000);
     # a non-nullable one hides what follows it ("x x" starts 5000, not 10000).
     G.precheck_gbnf("root ::= e x\ne ::= \"\" | \"z\"\n" + _alternatives(4000, "x"))
