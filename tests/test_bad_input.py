@@ -126,6 +126,10 @@ BROKEN_FILES = {
     "duplicate-tokens.gguf": ["more than once"],
     # "a" and "a\0b" are the same C string: llama.cpp reads token texts up to a NUL (found by fuzzing)
     "duplicate-tokens-nul.gguf": ["more than once"],
+    # ggml's parser loads these numbers into its gguf_type enum before rejecting them
+    # (undefined behaviour, found by UBSan); the pre-check's scanner refuses them first
+    "value-type-invalid.gguf": ["weird.key", "invalid GGUF value type 4294901764"],
+    "array-type-invalid.gguf": ["weird.key", "invalid GGUF array element type 77"],
 }
 SMOL_TRUNCATIONS = {  # name: (n_bytes, words)
     "smol-trunc-100.gguf": (100, ["failed to read"]),
@@ -522,6 +526,16 @@ def _write_broken_files(folder: Path, tiny: Path, smol: Optional[Path]) -> None:
     (folder / "version-99.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 99, 0, 0) + bytes(64))
     (folder / "header-only.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
     make_unknown_arch(folder / "unknown-arch.gguf")
+
+    def gguf_string(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+
+    arch_kv = gguf_string(b"general.architecture") + struct.pack("<I", 8) + gguf_string(b"llama")
+    (folder / "value-type-invalid.gguf").write_bytes(
+        head + struct.pack("<QQ", 0, 2) + arch_kv + gguf_string(b"weird.key") + struct.pack("<I", 0xFFFF0004) + bytes(8))
+    (folder / "array-type-invalid.gguf").write_bytes(
+        head + struct.pack("<QQ", 0, 2) + arch_kv + gguf_string(b"weird.key") + struct.pack("<IIQ", 9, 77, 1)
+        + bytes(8))
     small = dict(n_layer=1)
     for name, n in (("block-count-0.gguf", 0), ("block-count-1000.gguf", 1000)):
         make_tiny_llama(folder / name, **small)

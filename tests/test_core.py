@@ -510,7 +510,11 @@ def _static_libs():
     dirs = [Path(explicit)] if explicit else sorted(
         (Path(p).parent.parent.parent for p in glob.glob(str(ROOT / "build" / "*" / "llama.cpp" / "src" / "libllama.a"))),
         key=lambda d: (d / "llama.cpp" / "src" / "libllama.a").stat().st_mtime, reverse=True)
+    sanitize = pyllama.build_info()["options"].get("PYLLAMA_SANITIZE", "")
     for d in dirs:
+        config = d / "_build_config.py"
+        if not explicit and config.exists() and f'"PYLLAMA_SANITIZE": "{sanitize}"' not in config.read_text():
+            continue  # a build with another sanitizer setting than the installed module
         lib = d / "llama.cpp"
         libs = [lib / "src" / "libllama.a", lib / "ggml" / "src" / "libggml.a"]
         libs += sorted((lib / "ggml" / "src").glob("ggml-*/libggml-*.a"))
@@ -535,6 +539,9 @@ def llama_simple(tmp_path_factory):
     inc = ROOT / "vendor" / "llama.cpp"
     cmd = ["g++", "-O2", "-std=c++17", str(src), "-I", str(inc / "include"), "-I", str(inc / "ggml" / "include"),
            "-o", str(exe), *map(str, libs), "-fopenmp", "-lpthread", "-ldl"]
+    sanitize = pyllama.build_info()["options"].get("PYLLAMA_SANITIZE")
+    if sanitize:  # the static libraries are instrumented: the program needs the same runtime
+        cmd.append(f"-fsanitize={sanitize}")
     subprocess.run(cmd, check=True, capture_output=True)
     return exe
 

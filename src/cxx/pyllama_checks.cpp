@@ -79,6 +79,7 @@ extern "C" size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context
 // irregularity (bad magic or version, a length past the end, an unknown type, a section
 // over 512 MiB) returns 0 and the caller falls back to ggml's parser, which then either
 // succeeds or explains what is wrong.
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -154,12 +155,22 @@ bool is_int(int t) {
 // Calls cb for every integer key (kind 0; kind 2 for a u64, whose bits ival carries; an
 // array of u32/i32 reports its largest element), string key (kind 1) and float key (kind 3); counts repeated entries of tokenizer.ggml.tokens into
 // *n_token_dups (and sets *has_tokens).  Returns 1 when the whole key/value section was
-// read, 0 when the caller should use ggml's parser instead.
+// read, 0 when the caller should use ggml's parser instead, and -1 (with a message in err)
+// when a value type is not a GGUF type: ggml's parser would reject the file too, but only
+// after loading the out-of-range number into its gguf_type enum (undefined behaviour that
+// UBSan reports), so such a file is refused here.
 extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
-                                 size_t * n_token_dups, int * has_tokens) {
+                                 size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap) {
     Reader r;
     *n_token_dups = 0;
     *has_tokens = 0;
+    if (err_cap > 0) err[0] = '\0';
+    auto bad_type = [&](size_t key_off, uint64_t key_len, uint32_t t, const char * what) {
+        std::string key(r.buf.data() + key_off, (size_t) key_len);
+        key = key.substr(0, std::min(key.find('\0'), (size_t) 200));
+        std::snprintf(err, err_cap, "key '%s' has an invalid GGUF %s %u (the file is corrupt)", key.c_str(), what, t);
+        return -1;
+    };
     r.f = std::fopen(path, "rb");
     if (r.f == nullptr) {
         return 0;
@@ -181,7 +192,8 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
         size_t key_off;
         uint64_t key_len;
         uint32_t type;
-        if (!r.str(key_off, key_len) || !r.get(type) || type >= G_COUNT) return 0;
+        if (!r.str(key_off, key_len) || !r.get(type)) return 0;
+        if (type >= G_COUNT) return bad_type(key_off, key_len, type, "value type");
         // note: r.buf may move while reading the value; keep offsets, not pointers
         if (type == G_STR) {
             size_t off;
@@ -191,7 +203,9 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
         } else if (type == G_ARR) {
             uint32_t et;
             uint64_t n;
-            if (!r.get(et) || !r.get(n) || et >= G_COUNT || et == G_ARR) return 0;
+            if (!r.get(et) || !r.get(n)) return 0;
+            if (et >= G_COUNT) return bad_type(key_off, key_len, et, "array element type");
+            if (et == G_ARR) return 0;
             if (et == G_STR) {
                 const bool tokens = std::string(r.buf.data() + key_off, (size_t) key_len) == "tokenizer.ggml.tokens";
                 if (n > ((uint64_t) 1 << 28)) return 0;

@@ -101,12 +101,12 @@ cdef extern from * nogil:
     typedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
                                   long long ival, double fval, const char * sval, size_t sval_len);
     int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
-                          size_t * n_token_dups, int * has_tokens);
+                          size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap);
     """
     ctypedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
                                    long long ival, double fval, const char * sval, size_t sval_len) noexcept
     int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
-                          size_t * n_token_dups, int * has_tokens) noexcept
+                          size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap) noexcept
 
 
 cdef void _collect_kv(void * user, const char * key, size_t key_len, int kind, long long ival,
@@ -142,11 +142,14 @@ cdef tuple _gguf_metadata(str path, bint fast=True):
     cdef dict meta = {}
     cdef size_t n_dup = 0
     cdef int has_tokens = 0, ok
+    cdef char err[320]
     if fast:
         with nogil:
-            ok = pyllama_gguf_scan(cpath_c, _collect_kv, <void *>meta, &n_dup, &has_tokens)
-        if ok:
+            ok = pyllama_gguf_scan(cpath_c, _collect_kv, <void *>meta, &n_dup, &has_tokens, err, sizeof(err))
+        if ok > 0:
             return meta, n_dup
+        if ok < 0:
+            raise ModelLoadError(path, err.decode("utf-8", "replace"))
     meta = {}
     cdef gguf_init_params gp
     cdef gguf_context * g
