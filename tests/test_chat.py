@@ -20,14 +20,13 @@ import zipfile
 from datetime import datetime
 from pathlib import Path
 
-import jinja2
-import jinja2.ext
 import pytest
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 import pyllama
 from pyllama import chat as chat_mod
 from pyllama.chat import ChatFormatter, ChatTemplateError, TokenizeInput, normalize_messages
+
+from hf_reference import hf_render
 
 CHATML = (
     "{% for message in messages %}"
@@ -86,22 +85,6 @@ CONVERSATION = [
     {"role": "user", "content": "Name three colours, in Français: é, ü & <b>"},
 ]
 WITH_SYSTEM = [{"role": "system", "content": "You are terse."}] + CONVERSATION
-
-
-def hf_render(source: str, messages, **kwargs) -> str:
-    """An independent render with transformers' apply_chat_template settings."""
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source).render(messages=messages, **kwargs)
 
 
 # --------------------------------------------------------------------------

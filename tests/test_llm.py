@@ -17,18 +17,15 @@ import math
 import re
 import textwrap
 import warnings
-from contextlib import contextmanager
-from datetime import datetime
 
-import jinja2
-import jinja2.ext
 import numpy as np
 import pytest
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 import pyllama
 from pyllama import LLM, _core
 from pyllama.errors import ContextLengthError
+
+from hf_reference import hf_render
 
 pytestmark = pytest.mark.model
 
@@ -360,20 +357,7 @@ def test_unicode_stop_string(smol):
 
 
 def _hf_render(template: str, messages, bos: str, eos: str, add_generation_prompt: bool = True) -> str:
-    """Render like transformers' apply_chat_template (its jinja2 settings)."""
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=bos, eos_token=eos)
+    return hf_render(template, messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos)
 
 
 CONVERSATIONS = [
