@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import time
+from typing import Callable
 
 now = time.perf_counter
 
@@ -76,6 +77,17 @@ def _timings_dict(t) -> dict | None:
     return {k: getattr(t, k) for k in dir(t) if not k.startswith("_") and isinstance(getattr(t, k), (int, float))}
 
 
+def _mean_rate(spec: dict, n: int, clear: Callable[[], None], timed: Callable[[], None]) -> dict:
+    """llama-bench -r: `inner_reps` timed runs from an empty KV cache, the mean of their t/s."""
+    rates = []
+    for _ in range(max(1, spec.get("inner_reps", 1))):
+        clear()
+        t0 = now()
+        timed()
+        rates.append(n / (now() - t0))
+    return {"tokens": n, "tps": sum(rates) / len(rates)}
+
+
 def pyllama_pptg(spec: dict) -> dict:
     """llama-bench's pp/tg loop through pyllama._core (Context.decode of Batches)."""
     from pyllama import _core as C
@@ -124,17 +136,13 @@ def pyllama_pptg(spec: dict) -> dict:
         run_prompt(warm_prompt)
     if n_gen:
         run_gen(gen, 1)
-    n = n_prompt + n_gen
-    rates = []
-    for _ in range(max(1, spec.get("inner_reps", 1))):   # llama-bench -r: mean of the reps' t/s
-        ctx.kv_clear(False)
-        t0 = now()
+    def timed() -> None:
         if n_prompt:
             run_prompt(prompt)
         if n_gen:
             run_gen(gen, n_gen)
-        rates.append(n / (now() - t0))
-    return {"tokens": n, "tps": sum(rates) / len(rates)}
+
+    return _mean_rate(spec, n_prompt + n_gen, lambda: ctx.kv_clear(False), timed)
 
 
 def pyllama_complete(spec: dict) -> dict:
@@ -271,17 +279,13 @@ def lcp_pptg(spec: dict) -> dict:
         llm.eval(warm_prompt)
     if n_gen:
         llm.eval(gen[:1])
-    n = n_prompt + n_gen
-    rates = []
-    for _ in range(max(1, spec.get("inner_reps", 1))):   # llama-bench -r: mean of the reps' t/s
-        clear()
-        t0 = now()
+    def timed() -> None:
         if n_prompt:
             llm.eval(prompt)
         for i in range(n_gen):
             llm.eval([gen[i]])
-        rates.append(n / (now() - t0))
-    return {"tokens": n, "tps": sum(rates) / len(rates)}
+
+    return _mean_rate(spec, n_prompt + n_gen, clear, timed)
 
 
 def _lcp_eog_bias(llm) -> dict[int, float]:

@@ -688,7 +688,9 @@ def test_greedy_fast_path_picks_what_llama_greedy_picks(tiny):
         prompt = [rng.randrange(n) for _ in range(rng.randint(1, 12))]
         fast = SamplerChain(v).add_logit_bias(bias).add_greedy() if bias else SamplerChain(v).add_greedy()
         slow = (SamplerChain(v).add_logit_bias(bias) if bias else SamplerChain(v)).add_temp(1.0).add_greedy()
+        assert fast._plain_greedy and fast.clone()._plain_greedy and not slow._plain_greedy
         assert _engine_tokens(tiny, fast, prompt, 12) == _engine_tokens(tiny, slow, prompt, 12), bias
+        assert _engine_tokens(tiny, fast.clone(), prompt, 12) == _engine_tokens(tiny, slow, prompt, 12), bias
 
 
 @pytest.mark.model

@@ -39,22 +39,17 @@ extern "C" int pyllama_regex_check(const char * pattern, char * err, size_t err_
 
 #include "gguf.h"
 
-extern "C" size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context * ctx, int64_t key_id) {
-    const size_t n = gguf_get_arr_n(ctx, key_id);
-    if (n >= UINT32_MAX) {
-        return 0;   // no real vocabulary; llama.cpp rejects it on its own
-    }
+namespace {
+
+size_t count_duplicates(const std::vector<std::string_view> & strs) {
     size_t cap = 16;
-    while (cap < 2 * n) {
+    while (cap < 2 * strs.size()) {
         cap <<= 1;
     }
-    std::vector<std::string_view> strs(n);
     std::vector<uint32_t> slots(cap, 0);   // 0: empty, else index + 1
     const std::hash<std::string_view> hash;
     size_t duplicates = 0;
-    for (size_t i = 0; i < n; ++i) {
-        const char * s = gguf_get_arr_str(ctx, key_id, i);
-        strs[i] = std::string_view(s, std::strlen(s));
+    for (size_t i = 0; i < strs.size(); ++i) {
         for (size_t h = hash(strs[i]) & (cap - 1);; h = (h + 1) & (cap - 1)) {
             if (slots[h] == 0) {
                 slots[h] = (uint32_t) i + 1;
@@ -67,6 +62,20 @@ extern "C" size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context
         }
     }
     return duplicates;
+}
+
+}  // namespace
+
+extern "C" size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context * ctx, int64_t key_id) {
+    const size_t n = gguf_get_arr_n(ctx, key_id);
+    if (n >= UINT32_MAX) {
+        return 0;   // no real vocabulary; llama.cpp rejects it on its own
+    }
+    std::vector<std::string_view> strs(n);
+    for (size_t i = 0; i < n; ++i) {
+        strs[i] = gguf_get_arr_str(ctx, key_id, i);   // up to a NUL, as llama.cpp reads it
+    }
+    return count_duplicates(strs);
 }
 
 // A fast read of a GGUF file's metadata for the model pre-check (pyllama._core).
@@ -219,21 +228,13 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
                     // so "ab\0x" and "ab" are the same token to it -- and a duplicate.
                     if (tokens) items.emplace_back(off, strnlen(r.buf.data() + off, (size_t) len));
                 }
-                if (tokens) {
+                if (tokens) {   // the buffer no longer moves: offsets become views
                     *has_tokens = 1;
-                    size_t cap = 16;
-                    while (cap < 2 * items.size()) cap <<= 1;
-                    std::vector<uint32_t> slots(cap, 0);
-                    const std::hash<std::string_view> hash;
-                    const char * base = r.buf.data();
+                    std::vector<std::string_view> strs(items.size());
                     for (size_t i = 0; i < items.size(); ++i) {
-                        std::string_view s(base + items[i].first, items[i].second);
-                        for (size_t h = hash(s) & (cap - 1);; h = (h + 1) & (cap - 1)) {
-                            if (slots[h] == 0) { slots[h] = (uint32_t) i + 1; break; }
-                            const auto & o = items[slots[h] - 1];
-                            if (std::string_view(base + o.first, o.second) == s) { ++*n_token_dups; break; }
-                        }
+                        strs[i] = std::string_view(r.buf.data() + items[i].first, items[i].second);
                     }
+                    *n_token_dups = count_duplicates(strs);
                 }
             } else {
                 const size_t es = kTypeSize[et];

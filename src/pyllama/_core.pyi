@@ -270,6 +270,9 @@ class SamplerChain:
     """llama.cpp's sampler chain.  Add stages in order; the last one must select a
     token (greedy, dist, mirostat)."""
 
+    # True when the chain is exactly [logit-bias ->] greedy: the engine then takes the argmax
+    # of the logits itself instead of running llama.cpp's samplers (the same token).
+    _plain_greedy: bool
     def __init__(self, vocab: Vocab, no_perf: bool = False) -> None: ...
     def add_greedy(self) -> SamplerChain: ...
     def add_dist(self, seed: int = 0xFFFFFFFF) -> SamplerChain: ...

@@ -105,8 +105,6 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
     return smpl
 
 
-from libc.stdlib cimport qsort
-
 cdef extern from *:
     """
     /* The first index of the largest value, as llama.cpp's greedy sampler finds it
@@ -146,12 +144,6 @@ cdef extern from *:
     int32_t pyllama_argmax_f32(const float * x, int32_t n) nogil
 
 
-cdef int _cmp_bias_token(const void * a, const void * b) noexcept nogil:
-    cdef llama_token ta = (<const llama_logit_bias *>a).token
-    cdef llama_token tb = (<const llama_logit_bias *>b).token
-    return (ta > tb) - (ta < tb)
-
-
 @cython.no_gc_clear   # __dealloc__ needs self.vocab.model (see _holds_model)
 cdef class SamplerChain:
     """llama.cpp's sampler chain: stages run in the order they were added.
@@ -166,9 +158,11 @@ cdef class SamplerChain:
     cdef readonly bint has_grammar
     cdef bint _holds_model        # a grammar stage points into the model's vocabulary
     # The chain is exactly [logit-bias ->] greedy: the engine can take the argmax of the
-    # logits itself (same token, no candidate array).  The bias, sorted by token id:
-    cdef bint _plain_greedy
+    # logits itself (same token, no candidate array).  The bias (distinct token ids), and
+    # room to save the logits it patches:
+    cdef readonly bint _plain_greedy
     cdef llama_logit_bias * _bias
+    cdef float * _bias_saved
     cdef int32_t _n_bias
 
     def __cinit__(self):
@@ -176,6 +170,7 @@ cdef class SamplerChain:
         self._holds_model = False
         self._plain_greedy = False
         self._bias = NULL
+        self._bias_saved = NULL
         self._n_bias = 0
 
     def __init__(self, Vocab vocab not None, bint no_perf=False):
@@ -192,8 +187,7 @@ cdef class SamplerChain:
         if self.ptr != NULL:
             llama_sampler_free(self.ptr)
             self.ptr = NULL
-        free(self._bias)
-        self._bias = NULL
+        self._set_bias(NULL, 0)
         if self._holds_model:
             self._holds_model = False
             if self.vocab is not None and self.vocab.model is not None:
@@ -218,48 +212,31 @@ cdef class SamplerChain:
         (biased) logit is largest, compared with `>` as llama_sampler_greedy does.  The bias
         is added in place for the scan and the original values are put back afterwards."""
         cdef int32_t k
-        cdef float saved[64]
         cdef llama_token best
-        if self._n_bias == 0:
-            return pyllama_argmax_f32(logits, n_vocab)
-        if self._n_bias > 64:
-            # many biased tokens: patch and restore in chunks is not worth it; scan by hand
-            return self._greedy_argmax_slow(logits, n_vocab)
         for k in range(self._n_bias):
-            saved[k] = logits[self._bias[k].token]
-            logits[self._bias[k].token] = saved[k] + self._bias[k].bias
+            self._bias_saved[k] = logits[self._bias[k].token]
+            logits[self._bias[k].token] += self._bias[k].bias
         best = pyllama_argmax_f32(logits, n_vocab)
-        for k in range(self._n_bias):
-            logits[self._bias[k].token] = saved[k]
+        for k in range(self._n_bias - 1, -1, -1):   # backwards: right even if a token repeats
+            logits[self._bias[k].token] = self._bias_saved[k]
         return best
 
-    cdef llama_token _greedy_argmax_slow(self, const float * logits, int32_t n_vocab) noexcept nogil:
-        cdef int32_t i = 0, end, k
-        cdef llama_token best = 0
-        cdef float best_v, v
-        cdef int32_t nb = self._n_bias
-        k = 0
-        best_v = logits[0]
-        if nb > 0 and self._bias[0].token == 0:
-            best_v = logits[0] + self._bias[0].bias
-            k = 1
-        i = 1
-        while i < n_vocab:
-            # plain logits up to the next biased token, then that token with its bias
-            end = self._bias[k].token if k < nb else n_vocab
-            while i < end:
-                if logits[i] > best_v:
-                    best_v = logits[i]
-                    best = i
-                i += 1
-            if k < nb and i < n_vocab:
-                v = logits[i] + self._bias[k].bias
-                if v > best_v:
-                    best_v = v
-                    best = i
-                i += 1
-                k += 1
-        return best
+    cdef int _set_bias(self, const llama_logit_bias * bias, int32_t n) except -1:
+        """Keep a copy of the chain's logit bias for _greedy_argmax (n == 0: none)."""
+        free(self._bias)
+        free(self._bias_saved)
+        self._bias = NULL
+        self._bias_saved = NULL
+        self._n_bias = 0
+        if n == 0:
+            return 0
+        self._bias = <llama_logit_bias *>malloc(n * sizeof(llama_logit_bias))
+        self._bias_saved = <float *>malloc(n * sizeof(float))
+        if self._bias == NULL or self._bias_saved == NULL:
+            raise MemoryError()
+        memcpy(self._bias, bias, n * sizeof(llama_logit_bias))
+        self._n_bias = n
+        return 0
 
     def add_greedy(self) -> SamplerChain:
         return self._add(llama_sampler_init_greedy(), "greedy")
@@ -361,12 +338,7 @@ cdef class SamplerChain:
                 arr[i].bias = val
             s = llama_sampler_init_logit_bias(self.vocab.n_tokens, len(items), arr)
             if s != NULL and not self._names:
-                # Keep a sorted copy for the engine's greedy fast path (see _greedy_argmax).
-                qsort(arr, len(items), sizeof(llama_logit_bias), _cmp_bias_token)
-                free(self._bias)
-                self._bias = arr
-                self._n_bias = len(items)
-                arr = NULL
+                self._set_bias(arr, len(items))   # for the engine's greedy fast path
         finally:
             free(arr)
         return self._add(s, "logit-bias")
@@ -445,12 +417,7 @@ cdef class SamplerChain:
         c._names = list(self._names)
         c.has_grammar = self.has_grammar
         c._plain_greedy = self._plain_greedy
-        if self._n_bias > 0:
-            c._bias = <llama_logit_bias *>malloc(self._n_bias * sizeof(llama_logit_bias))
-            if c._bias == NULL:
-                raise MemoryError()
-            memcpy(c._bias, self._bias, self._n_bias * sizeof(llama_logit_bias))
-            c._n_bias = self._n_bias
+        c._set_bias(self._bias, self._n_bias)
         if self._holds_model:
             c._hold_model()
         return c

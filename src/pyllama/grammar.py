@@ -547,17 +547,22 @@ class _GbnfScan:
     def check_left_recursion(self) -> None:
         n = max(self.rules) + 1
         may_be_empty = [any(not alt for alt in self.rules[i]) for i in range(n)]
-        # Leftmost references, one entry per occurrence (llama.cpp recurses once per occurrence).
+        # Leftmost references, one entry per occurrence (llama.cpp recurses once per occurrence),
+        # and per rule the alternatives whose leftmost walk stops at a terminal or at the end.
         edges: List[List[int]] = []
+        ends = [0] * n
         for i in range(n):
             out: List[int] = []
             for alt in self.rules[i]:
                 for kind, value in alt:
                     if kind != "R":
+                        ends[i] += 1
                         break
                     out.append(value)
                     if not may_be_empty[value]:
                         break
+                else:
+                    ends[i] += 1
             edges.append(out)
         names = {v: k for k, v in self.symbols.items()}
 
@@ -585,50 +590,31 @@ class _GbnfScan:
                     state[node] = 2
                     order.append(node)
                     stack.pop()
+        # Per rule: the longest leftmost chain (C stack depth), the leftmost expansion paths
+        # (exponential work) and the parse stacks it starts -- llama_grammar_advance_stack makes
+        # one per leftmost terminal it reaches or way to derive the empty string, and checks
+        # each new stack against all the others with std::find (quadratic work).
         depth = [1] * n
         paths = [1] * n
-        cap = _MAX_LEFT_PATHS + 1
+        stacks = [1] * n
         for node in order:  # children come before parents
             if edges[node]:
                 depth[node] = 1 + max(depth[t] for t in edges[node])
-                paths[node] = min(cap, 1 + sum(paths[t] for t in edges[node]))
-        # Parse stacks a rule starts: llama_grammar_advance_stack makes one per leftmost
-        # terminal it can reach (plus one per way to derive the empty string) and checks each
-        # new stack against all the others with std::find.
-        stacks = [1] * n
-        stack_cap = _MAX_LEFT_STACKS + 1
-        for node in order:
-            total = 0
-            for alt in self.rules[node]:
-                for kind, value in alt:
-                    if kind != "R":
-                        total += 1
-                        break
-                    total += stacks[value]
-                    if not may_be_empty[value]:
-                        break
-                else:
-                    total += 1
-            stacks[node] = min(stack_cap, total)
-        worst = max(range(n), key=lambda i: depth[i])
-        if depth[worst] > _MAX_LEFT_CHAIN:
-            raise GrammarError(
-                f"grammar rejected before reaching llama.cpp: rule {names.get(worst, worst)!r} starts a chain of "
-                f"{depth[worst]} leftmost rule references (limit {_MAX_LEFT_CHAIN}); llama.cpp's recursive "
-                "check would overflow the stack")
-        worst = max(range(n), key=lambda i: paths[i])
-        if paths[worst] > _MAX_LEFT_PATHS:
-            raise GrammarError(
-                f"grammar rejected before reaching llama.cpp: rule {names.get(worst, worst)!r} has more than "
-                f"{_MAX_LEFT_PATHS} leftmost expansion paths (alternatives that share leftmost rules); "
-                "llama.cpp would take exponential time on it")
-        worst = max(range(n), key=lambda i: stacks[i])
-        if stacks[worst] > _MAX_LEFT_STACKS:
-            raise GrammarError(
-                f"grammar rejected before reaching llama.cpp: rule {names.get(worst, worst)!r} can start more than "
-                f"{_MAX_LEFT_STACKS} parse stacks (alternatives, counted through leftmost rule references); "
-                "llama.cpp's time grows with the square of that number - split the rule or use fewer alternatives")
-
+                paths[node] = min(_MAX_LEFT_PATHS + 1, 1 + sum(paths[t] for t in edges[node]))
+            stacks[node] = min(_MAX_LEFT_STACKS + 1, ends[node] + sum(stacks[t] for t in edges[node]))
+        for measure, limit, what in (
+            (depth, _MAX_LEFT_CHAIN, "starts a chain of {n} leftmost rule references (limit {limit}); llama.cpp's "
+                                     "recursive check would overflow the stack"),
+            (paths, _MAX_LEFT_PATHS, "has more than {limit} leftmost expansion paths (alternatives that share "
+                                     "leftmost rules); llama.cpp would take exponential time on it"),
+            (stacks, _MAX_LEFT_STACKS, "can start more than {limit} parse stacks (alternatives, counted through "
+                                       "leftmost rule references); llama.cpp's time grows with the square of that "
+                                       "number - split the rule or use fewer alternatives"),
+        ):
+            worst = max(range(n), key=measure.__getitem__)
+            if measure[worst] > limit:
+                raise GrammarError(f"grammar rejected before reaching llama.cpp: rule {names.get(worst, worst)!r} "
+                                   + what.format(n=measure[worst], limit=limit))
 
 def _cp_repr(cp: int) -> str:
     return repr(chr(cp)) if 0x20 < cp < 0x7F else f"U+{cp:04X}"
