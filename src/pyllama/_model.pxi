@@ -127,13 +127,14 @@ cdef void _collect_kv(void * user, const char * key, size_t key_len, int kind, l
         pass   # a key we cannot represent is simply not checked
 
 
-def _gguf_precheck_metadata(path, bint fast=True) -> tuple:
+def _gguf_precheck_metadata(path, bint fast=True, bint fallback=True):
     """(metadata dict, repeated token texts) as the model pre-check reads them; fast=False
-    forces ggml's parser.  For tests: both readers must agree."""
-    return _gguf_metadata(os.fsdecode(os.fspath(path)), fast)
+    forces ggml's parser, fallback=False gives None where the scanner gives up.  For tests:
+    both readers must agree."""
+    return _gguf_metadata(os.fsdecode(os.fspath(path)), fast, fallback)
 
 
-cdef tuple _gguf_metadata(str path, bint fast=True):
+cdef _gguf_metadata(str path, bint fast=True, bint fallback=True):
     """(integer and string metadata as a dict, repeated token texts) of a GGUF file, read
     with the fast scanner (pyllama_checks.cpp) or, when it gives up, ggml's own parser.
     Integer arrays of u32/i32 give their largest element (per-layer values)."""
@@ -150,6 +151,8 @@ cdef tuple _gguf_metadata(str path, bint fast=True):
             return meta, n_dup
         if ok < 0:
             raise ModelLoadError(path, err.decode("utf-8", "replace"))
+        if not fallback:
+            return None
     meta = {}
     cdef gguf_init_params gp
     cdef gguf_context * g
