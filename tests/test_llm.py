@@ -875,7 +875,8 @@ def test_completion_fields(smol):
     assert c.finish_reason == "length"
     assert c.prompt_tokens == len(smol.tokenize(STOP_PROMPT))
     assert len(c.tokens) == 8 == c.usage["completion_tokens"]
-    assert c.usage == {"prompt_tokens": c.prompt_tokens, "completion_tokens": 8, "total_tokens": c.prompt_tokens + 8}
+    assert c.usage == {"prompt_tokens": c.prompt_tokens, "completion_tokens": 8, "total_tokens": c.prompt_tokens + 8,
+                       "prompt_tokens_details": {"cached_tokens": c.timings.cached_n}}
     assert smol.detokenize(c.tokens) == c.text
     assert str(c) == c.text
     t = c.timings

@@ -34,6 +34,7 @@ DEFAULT_VOCAB = VOCAB_DIR / "ggml-vocab-llama-spm.gguf"
 
 # token_type values (llama.cpp's llama_token_type / gguf.TokenType)
 TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
 
 __all__ = [
     "DEFAULT_VOCAB",
@@ -42,6 +43,7 @@ __all__ = [
     "make_tensor_past_eof",
     "make_tiny_llama",
     "make_truncated",
+    "make_vocab_with_tokens",
     "make_unknown_arch",
     "read_tokenizer_kv",
 ]
@@ -257,6 +259,60 @@ def make_tiny_llama(
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
+        w.close()
+
+    return _write_atomic(Path(path), write)
+
+
+def make_vocab_with_tokens(
+    path: str | os.PathLike[str],
+    added: Any,
+    *,
+    vocab_from: str | os.PathLike[str] = DEFAULT_VOCAB,
+    chat_template: str | None = None,
+    extra_kv: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a vocab-only GGUF: `vocab_from`'s tokenizer with tokens appended.
+
+    added   a list of token texts (control tokens) or of (text, token_type) pairs,
+            token_type being TOKEN_TYPE_CONTROL or TOKEN_TYPE_USER_DEFINED.
+    extra_kv  more tokenizer keys, e.g. {"tokenizer.ggml.bos_token_id": 32000}
+            (ints are written as UINT32; str and bool as such).
+
+    Use it as ``make_tiny_llama(..., vocab_from=path)`` for a model whose vocabulary
+    has, say, ChatML's ``<|im_start|>`` / ``<|im_end|>`` as control tokens.
+    """
+    items = [(a, TOKEN_TYPE_CONTROL) if isinstance(a, str) else (a[0], int(a[1])) for a in added]
+    tok_kv = read_tokenizer_kv(vocab_from)
+
+    def write(tmp: Path) -> None:
+        w = GGUFWriter(str(tmp), "llama")
+        overrides = dict(extra_kv or {})
+        for key, value, vtype, sub in tok_kv:
+            if key in overrides or (key == "tokenizer.chat_template" and chat_template is not None):
+                continue
+            if key == "tokenizer.ggml.tokens":
+                value = list(value) + [t.encode("utf-8") for t, _ in items]
+            elif key == "tokenizer.ggml.scores":
+                value = list(value) + [0.0] * len(items)
+            elif key == "tokenizer.ggml.token_type":
+                value = list(value) + [tt for _, tt in items]
+            if vtype == GGUFValueType.ARRAY and len(value) == 0:
+                continue
+            w.add_key_value(key, value, vtype, sub)
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
+        for key, value in overrides.items():
+            if isinstance(value, bool):
+                w.add_bool(key, value)
+            elif isinstance(value, int):
+                w.add_uint32(key, value)
+            elif isinstance(value, str):
+                w.add_string(key, value)
+            else:
+                raise TypeError(f"extra_kv[{key!r}]: unsupported type {type(value).__name__}")
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
         w.close()
 
     return _write_atomic(Path(path), write)

@@ -20,7 +20,7 @@ from pyllama._core import (
 )
 from pyllama.errors import *  # noqa: F401,F403
 from pyllama.errors import __all__ as _errors_all
-from pyllama.llm import LLM, Completion, Timings
+from pyllama.llm import LLM, AsyncStream, Chunk, Completion, Stream, Timings, TokenLogprob, TopLogprob
 from pyllama.sampling import SamplingParams
 
 __version__ = "0.1.0"
@@ -56,7 +56,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "LLM", "Completion", "Timings", "SamplingParams", "Model", "Vocab", "Context", "Batch", "SamplerChain",
+    "LLM", "Completion", "Timings", "Chunk", "TokenLogprob", "TopLogprob", "Stream", "AsyncStream", "SamplingParams", "Model", "Vocab", "Context", "Batch", "SamplerChain",
     "Engine", "GenerationRequest", "LoraAdapter", "backends", "system_info", "build_info", "grammar_path",
     "json_schema_to_gbnf", "__version__", "__llama_cpp_commit__", *_errors_all,
 ]

@@ -5,9 +5,16 @@
 # llama_sampler_sample, one token_to_piece into a small byte buffer, and a
 # stop-string check on the held-back tail only.  Nothing re-detokenizes the
 # completion, nothing copies logits.
+#
+# Sharing: the Engine is stepped by one thread at a time (pyllama.llm's scheduler
+# elects the stepper); any thread may set a request's `paused` or `cancel_requested`
+# flag between steps.  A paused request keeps its slot until another request needs
+# it; then it is preempted (its KV cells stay as the slot's prompt cache) and, when
+# it resumes, it re-evaluates only what another request overwrote.
 
 from collections import deque
 from cpython.unicode cimport PyUnicode_GET_LENGTH
+from libc.math cimport expf, log
 
 cdef extern from *:
     """
@@ -25,8 +32,64 @@ cdef extern from *:
     double pyllama_now_ms() nogil
 
 
+DEF _MAX_TOP_LOGPROBS = 20
+# Prompt tokens fed per step for a request that wants prompt log-probabilities: each
+# needs an n_vocab row of logits in llama.cpp's output buffer.
+DEF _PROMPT_LOGPROBS_CHUNK = 32
+
+
+cdef int _logprob_stats(const float * logits, int32_t n_vocab, int k, float * max_out, double * logsum_out,
+                        int32_t * top_ids, float * top_vals) noexcept nogil:
+    """max and log(sum(exp(l - max))) of a logits row, and its k largest entries (first
+    index first among equals: the order greedy sampling uses).  Returns how many."""
+    cdef int32_t i
+    cdef int cnt = 0, j
+    cdef float m = logits[0], v
+    cdef double s = 0.0
+    for i in range(1, n_vocab):
+        if logits[i] > m:
+            m = logits[i]
+    for i in range(n_vocab):
+        s += expf(logits[i] - m)
+    if k > 0:
+        for i in range(n_vocab):
+            v = logits[i]
+            if cnt < k or v > top_vals[cnt - 1]:
+                j = cnt if cnt < k else k - 1
+                while j > 0 and top_vals[j - 1] < v:
+                    top_vals[j] = top_vals[j - 1]
+                    top_ids[j] = top_ids[j - 1]
+                    j -= 1
+                top_vals[j] = v
+                top_ids[j] = i
+                if cnt < k:
+                    cnt += 1
+    max_out[0] = m
+    logsum_out[0] = log(s)
+    return cnt
+
+
+cdef tuple _logprob_entry(const float * logits, int32_t n_vocab, llama_token tok, int k):
+    """(token, logprob, ((id, logprob), ...top k)) from a raw logits row."""
+    cdef float m
+    cdef double ls
+    cdef int32_t top_ids[_MAX_TOP_LOGPROBS]
+    cdef float top_vals[_MAX_TOP_LOGPROBS]
+    cdef int cnt, j
+    with nogil:
+        cnt = _logprob_stats(logits, n_vocab, k, &m, &ls, top_ids, top_vals)
+    top = tuple([(top_ids[j], <double>top_vals[j] - m - ls) for j in range(cnt)])
+    return (tok, <double>logits[tok] - m - ls, top)
+
+
 cdef class GenerationRequest:
-    """One prompt to run through an Engine, with its own sampler and stop conditions."""
+    """One prompt to run through an Engine, with its own sampler and stop conditions.
+
+    `logprobs=K` (0..20) records, for every generated token, its log-probability and the
+    K most likely alternatives under the model's raw distribution (before the sampler
+    chain); `prompt_logprobs=True` does the same for every prompt token after the first.
+    `n_followers` more requests (see `followers`) share this one's prompt evaluation.
+    """
 
     # inputs
     cdef readonly list prompt_tokens
@@ -40,7 +103,16 @@ cdef class GenerationRequest:
     cdef bint render_special
     cdef public object tag
     cdef int max_stop_len
+    cdef readonly int n_logprobs         # -1: off; else top alternatives per token
+    cdef readonly bint prompt_logprobs
+    cdef readonly bint cache_prompt      # may reuse a slot's cached prefix
+    cdef bint _initialized
+    # sharing (settable from any thread; the engine reads them between steps)
+    cdef public bint paused
+    cdef public bint cancel_requested
+    cdef public object listener          # for the scheduler: called after a step that changed us
     # scheduling state
+    cdef bint submitted
     cdef int slot
     cdef int n_past              # tokens of this request in its sequence's KV memory
     cdef int n_prompt_done       # prompt tokens fed so far (cached ones included)
@@ -48,18 +120,29 @@ cdef class GenerationRequest:
     cdef llama_token next_token  # sampled, not yet fed
     cdef bint has_next
     cdef int batch_idx
-    cdef int n_fed               # prompt tokens of this request in the current batch
+    cdef int prompt_idx0         # batch index of the first prompt token fed this step (prompt logprobs)
+    cdef int n_fed               # prompt (or refill) tokens of this request in the current batch
+    cdef bint preempted
+    cdef list kv_tokens          # what our sequence held when we were preempted
+    cdef list refill             # tokens to re-evaluate before generation continues
+    cdef readonly GenerationRequest leader   # n > 1: the request whose prompt we share
+    cdef list _followers
+    cdef bint forked
     # results
     cdef list out_tokens
     cdef bytes pending_bytes     # an unfinished UTF-8 sequence
     cdef str held                # text held back: it might start a stop string
     cdef list parts
+    cdef list _logprobs
+    cdef list _prompt_logprobs
     cdef readonly object finish_reason
+    cdef public object error     # the exception that ended this request (finish_reason "error")
     # timings (ms)
     cdef double t_submit, t_first, t_prompt, t_gen, t_sample, t_start
 
     def __cinit__(self):
         self.candidates = NULL
+        self._initialized = False
 
     def __dealloc__(self):
         free(self.candidates)
@@ -67,10 +150,14 @@ cdef class GenerationRequest:
 
     def __init__(self, prompt_tokens, SamplerChain sampler not None, *, SamplerChain grammar=None,
                  int max_tokens=-1, stop=(), stop_tokens=(), bint ignore_eos=False, bint render_special=False,
-                 tag=None):
+                 tag=None, logprobs=None, bint prompt_logprobs=False, bint cache_prompt=True):
+        if self._initialized:
+            raise RuntimeError("GenerationRequest is already initialised")
         self.prompt_tokens = [int(t) for t in prompt_tokens]
         if not self.prompt_tokens:
             raise ValueError("the prompt is empty: it needs at least one token")
+        if sampler.ptr == NULL:
+            raise ValueError("the sampler chain is not initialised")
         sampler.vocab.check_tokens(self.prompt_tokens)
         sampler._check_selects()
         if max_tokens < -1:
@@ -86,6 +173,8 @@ cdef class GenerationRequest:
         if sampler.has_grammar:
             raise ValueError("pass the grammar as GenerationRequest(grammar=...), not inside the sampler chain")
         if grammar is not None:
+            if grammar.ptr == NULL:
+                raise ValueError("the grammar chain is not initialised")
             if not grammar.has_grammar or len(grammar) != len(grammar._grammar_stages):
                 raise ValueError("grammar= must be a SamplerChain holding only grammar stages")
             if grammar.vocab is not sampler.vocab:
@@ -93,6 +182,15 @@ cdef class GenerationRequest:
             if ignore_eos:
                 raise ValueError("ignore_eos cannot be combined with a grammar: the grammar decides when the "
                                  "output is complete")
+        if logprobs is None or logprobs is False:
+            self.n_logprobs = -1
+        elif logprobs is True:
+            self.n_logprobs = 0
+        else:
+            if not isinstance(logprobs, int) or not 0 <= logprobs <= _MAX_TOP_LOGPROBS:
+                raise ValueError(f"logprobs (top alternatives per token) must be in 0..{_MAX_TOP_LOGPROBS}, "
+                                 f"got {logprobs!r}")
+            self.n_logprobs = logprobs
         self.sampler = sampler
         self.grammar = grammar
         self.max_tokens = max_tokens
@@ -103,13 +201,47 @@ cdef class GenerationRequest:
         self.ignore_eos = ignore_eos
         self.render_special = render_special
         self.tag = tag
+        self.prompt_logprobs = prompt_logprobs
+        self.cache_prompt = cache_prompt and not prompt_logprobs   # cached tokens have no logits
         self.slot = -1
         self.batch_idx = -1
         self.out_tokens = []
         self.pending_bytes = b""
         self.held = ""
         self.parts = []
+        self._logprobs = []
+        self._prompt_logprobs = []
+        self._followers = []
         self.finish_reason = None
+        self._initialized = True
+
+    cdef int _check_init(self) except -1:
+        if not self._initialized:
+            raise ValueError("this GenerationRequest was not initialised (GenerationRequest.__init__ was not run)")
+        return 0
+
+    def add_follower(self, GenerationRequest other not None) -> None:
+        """Let `other` (same prompt) share this request's prompt evaluation: when the prompt
+        is evaluated, its KV cells are copied to other's sequence (llama_memory_seq_cp) and
+        both sample from the same logits.  Both must be new; submit only this one."""
+        self._check_init()
+        other._check_init()
+        if self.submitted or other.submitted:
+            raise ValueError("add followers before submitting the request")
+        if other is self or other.leader is not None or other._followers:
+            raise ValueError("a request can follow one leader, and a leader cannot follow")
+        if other.prompt_tokens != self.prompt_tokens:
+            raise ValueError("a follower must have the same prompt tokens as its leader")
+        if other.sampler.vocab is not self.sampler.vocab:
+            raise ValueError("the follower's sampler was built for another model")
+        if other.prompt_logprobs:
+            raise ValueError("prompt logprobs are computed once, by the leader")
+        other.leader = self
+        self._followers.append(other)
+
+    @property
+    def followers(self) -> list:
+        return list(self._followers)
 
     @property
     def text(self) -> str:
@@ -120,12 +252,44 @@ cdef class GenerationRequest:
         return list(self.out_tokens)
 
     @property
+    def n_tokens(self) -> int:
+        return len(self.out_tokens)
+
+    def parts_since(self, Py_ssize_t start) -> list:
+        """The text pieces produced since piece `start` (a cursor for O(1) streaming)."""
+        return self.parts[start:]
+
+    @property
+    def n_parts(self) -> int:
+        return len(self.parts)
+
+    @property
+    def logprobs(self) -> list:
+        """One (token, logprob, ((id, logprob), ...)) tuple per generated token."""
+        return list(self._logprobs)
+
+    def logprobs_since(self, Py_ssize_t start) -> list:
+        return self._logprobs[start:]
+
+    def tokens_since(self, Py_ssize_t start) -> list:
+        return self.out_tokens[start:]
+
+    @property
+    def prompt_logprobs_list(self) -> list:
+        """One (token, logprob, top) tuple per prompt token after the first."""
+        return list(self._prompt_logprobs)
+
+    @property
     def n_prompt(self) -> int:
         return len(self.prompt_tokens)
 
     @property
     def n_prompt_evaluated(self) -> int:
-        return len(self.prompt_tokens) - self.n_cached
+        return len(self.prompt_tokens) - self.n_cached if self.leader is None else 0
+
+    @property
+    def n_cached_tokens(self) -> int:
+        return self.n_cached
 
     @property
     def t_prompt_ms(self) -> float:
@@ -146,6 +310,10 @@ cdef class GenerationRequest:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def running(self) -> bool:
+        return self.slot >= 0
 
     def __repr__(self):
         state = self.finish_reason or ("running" if self.slot >= 0 else "waiting")
@@ -198,7 +366,8 @@ cdef class Engine:
     finished slot takes the next waiting request at once (continuous batching).
 
     Each slot remembers the tokens in its KV memory, so a new prompt that shares
-    a prefix with them evaluates only the rest (the prompt cache).
+    a prefix with them evaluates only the rest (the prompt cache): a waiting request
+    goes to the free slot with the longest common prefix.
     """
 
     cdef readonly Context context
@@ -206,12 +375,25 @@ cdef class Engine:
     cdef readonly int n_slots
     cdef list slots           # slot -> GenerationRequest or None
     cdef list slot_tokens     # slot -> tokens currently in that sequence's KV memory
+    cdef list slot_used       # slot -> step counter when last used (LRU choice among free slots)
     cdef object queue
+    cdef list parked          # preempted paused requests (no slot, not queued)
     cdef int n_batch
     cdef int n_ctx_seq
     cdef char piece_buf[256]
+    cdef bint _initialized
+    cdef public bint cache_prompt
+    # counters for metrics (llama-server's names)
+    cdef readonly long long n_decode_total
+    cdef readonly long long n_busy_slots_total
+    cdef readonly long long n_steps
 
-    def __init__(self, Context context not None, n_slots=None):
+    def __cinit__(self):
+        self._initialized = False
+
+    def __init__(self, Context context not None, n_slots=None, *, bint cache_prompt=True):
+        if self._initialized:
+            raise RuntimeError("Engine is already initialised")
         cdef int n_seq = context.n_seq_max
         self.n_slots = n_seq if n_slots is None else int(n_slots)
         if self.n_slots < 1 or self.n_slots > n_seq:
@@ -222,42 +404,119 @@ cdef class Engine:
         self.batch = Batch(self.n_batch, n_seq)
         self.slots = [None] * self.n_slots
         self.slot_tokens = [[] for _ in range(self.n_slots)]
+        self.slot_used = [0] * self.n_slots
         self.queue = deque()
+        self.parked = []
+        self.cache_prompt = cache_prompt
+        self._initialized = True
+
+    cdef int _check_init(self) except -1:
+        if not self._initialized:
+            raise ValueError("this Engine was not initialised (Engine.__init__ was not run)")
+        return 0
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue) or any(r is not None for r in self.slots)
+        """Any request still to finish: running, waiting, paused or preempted."""
+        return bool(self.queue) or bool(self.parked) or any(r is not None for r in self.slots)
+
+    @property
+    def runnable(self) -> bool:
+        """Would a step do work: a request that is not paused, running or waiting."""
+        cdef GenerationRequest r
+        for r in self.queue:
+            if not r.paused or r.cancel_requested:
+                return True
+        for r in self.parked:
+            if not r.paused or r.cancel_requested:
+                return True
+        for x in self.slots:
+            if x is not None:
+                r = x
+                if not r.paused or r.cancel_requested:
+                    return True
+        return False
 
     @property
     def cached_tokens(self) -> list:
         return list(self.slot_tokens[0])
 
+    def slot_info(self) -> list:
+        """Per slot: id, busy, paused, cached token count, the running request's tag."""
+        out = []
+        for s in range(self.n_slots):
+            r = self.slots[s]
+            out.append({"id": s, "busy": r is not None,
+                        "paused": bool(r is not None and (<GenerationRequest>r).paused),
+                        "n_cached": len(self.slot_tokens[s]),
+                        "n_prompt": (<GenerationRequest>r).n_prompt if r is not None else 0,
+                        "n_decoded": len((<GenerationRequest>r).out_tokens) if r is not None else 0,
+                        "tag": (<GenerationRequest>r).tag if r is not None else None})
+        return out
+
+    def requests(self) -> list:
+        """Every unfinished request: running, waiting, preempted, and followers not yet forked."""
+        cdef GenerationRequest r
+        seen = []
+        for x in list(self.slots) + list(self.queue) + list(self.parked):
+            if x is None:
+                continue
+            r = x
+            if r.finish_reason is None and r not in seen:
+                seen.append(r)
+            for f in r._followers:
+                if (<GenerationRequest>f).finish_reason is None and f not in seen:
+                    seen.append(f)
+        return seen
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self.queue)
+
     def reset(self) -> None:
         """Cancel everything and forget the prompt cache."""
-        for r in list(self.queue):
-            (<GenerationRequest>r).finish_reason = "cancelled"
-        self.queue.clear()
+        self._check_init()
+        self._cancel_all()
         for s in range(self.n_slots):
-            if self.slots[s] is not None:
-                (<GenerationRequest>self.slots[s]).finish_reason = "cancelled"
-                self.slots[s] = None
             self.slot_tokens[s] = []
         self.context.kv_clear()
 
     def submit(self, GenerationRequest request not None) -> None:
+        self._check_init()
+        request._check_init()
         if request.sampler.vocab.model is not self.context.model:
             raise ValueError("the request's sampler was built for another model")
-        if request.finish_reason is not None or request.slot >= 0:
-            raise ValueError("this request has already run")
+        if request.submitted or request.finish_reason is not None or request.slot >= 0:
+            raise ValueError("this request has already been submitted")
+        if request.leader is not None:
+            raise ValueError("submit the leader of a request group, not a follower")
         if len(request.prompt_tokens) >= self.n_ctx_seq:
             raise ContextLengthError(
                 f"the prompt has {len(request.prompt_tokens)} tokens but the context holds {self.n_ctx_seq} "
                 f"per sequence; shorten the prompt or use a larger n_ctx")
+        if 1 + len(request._followers) > self.n_slots:
+            raise ValueError(f"{1 + len(request._followers)} sequences sharing one prompt need as many slots; "
+                             f"this engine has {self.n_slots}")
+        request.submitted = True
         request.t_submit = pyllama_now_ms()
+        for f in request._followers:
+            (<GenerationRequest>f).submitted = True
+            (<GenerationRequest>f).t_submit = request.t_submit
+        if request.max_tokens == 0 and not request.prompt_logprobs:
+            # Nothing to generate and nothing to score: done without evaluating anything.
+            self._finish_group_unstarted(request, "length")
+            return
         self.queue.append(request)
 
+    cdef void _finish_group_unstarted(self, GenerationRequest r, str reason):
+        r.finish_reason = reason
+        for f in r._followers:
+            if (<GenerationRequest>f).finish_reason is None:
+                (<GenerationRequest>f).finish_reason = reason
+
     def cancel(self, GenerationRequest request not None) -> None:
-        """Stop a request (queued or running); its slot is freed for the next one."""
+        """Stop a request (queued, running, paused or preempted); its slot is freed."""
+        self._check_init()
         if request.finish_reason is not None:
             return
         if request.slot >= 0:
@@ -267,43 +526,140 @@ cdef class Engine:
                 self.queue.remove(request)
             except ValueError:
                 pass
+            try:
+                self.parked.remove(request)
+            except ValueError:
+                pass
             request.finish_reason = "cancelled"
+        if request.leader is None:
+            for f in request._followers:
+                if not (<GenerationRequest>f).forked:
+                    if (<GenerationRequest>f).slot >= 0:
+                        self._release(<GenerationRequest>f, "cancelled")
+                    elif (<GenerationRequest>f).finish_reason is None:
+                        (<GenerationRequest>f).finish_reason = "cancelled"
 
     # ---- scheduling -----------------------------------------------------------
 
+    cdef list _valid_cache(self, int s):
+        """The slot's cached tokens, after checking they are still what its sequence holds
+        (Context.kv_clear()/kv_seq_rm by the user must not leave a stale prompt cache)."""
+        cdef list cached = self.slot_tokens[s]
+        cdef llama_pos pmax
+        if cached:
+            pmax = llama_memory_seq_pos_max(llama_get_memory(self.context.ptr), s)
+            if pmax + 1 != <llama_pos>len(cached):
+                llama_memory_seq_rm(llama_get_memory(self.context.ptr), s, -1, -1)
+                del cached[:]
+        return cached
+
+    cdef Py_ssize_t _common_prefix(self, list cached, list want, Py_ssize_t limit):
+        cdef Py_ssize_t n = min(len(cached), len(want), limit), k = 0
+        while k < n and cached[k] == want[k]:
+            k += 1
+        return k
+
     cdef void _assign(self, int s, GenerationRequest r):
         """Put a waiting request into slot s, reusing the slot's cached prefix."""
-        cdef list cached = self.slot_tokens[s]
-        cdef list prompt = r.prompt_tokens
-        cdef Py_ssize_t n = min(len(cached), len(prompt) - 1), k = 0   # always evaluate >= 1 token
-        while k < n and cached[k] == prompt[k]:
-            k += 1
-        if k < len(cached):
-            llama_memory_seq_rm(llama_get_memory(self.context.ptr), s, k, -1)
-            del cached[k:]
+        cdef list cached = self._valid_cache(s)
+        cdef Py_ssize_t k
+        cdef llama_memory_t mem = llama_get_memory(self.context.ptr)
+        if r.preempted:
+            # Resume: what our sequence held, minus what survived in this slot.
+            k = self._common_prefix(cached, r.kv_tokens, len(r.kv_tokens))
+            if k < len(cached):
+                llama_memory_seq_rm(mem, s, k, -1)
+                del cached[k:]
+            r.refill = r.kv_tokens[k:]
+            r.kv_tokens = None
+            r.n_past = <int>k
+            r.preempted = False
+        else:
+            k = 0
+            if r.cache_prompt and self.cache_prompt:
+                k = self._common_prefix(cached, r.prompt_tokens, len(r.prompt_tokens) - 1)   # evaluate >= 1
+            if k < len(cached):
+                llama_memory_seq_rm(mem, s, k, -1)
+                del cached[k:]
+            r.n_past = <int>k
+            r.n_prompt_done = <int>k
+            r.n_cached = <int>k
+            r.has_next = False
+            r.t_start = pyllama_now_ms()
         r.slot = s
-        r.n_past = <int>k
-        r.n_prompt_done = <int>k
-        r.n_cached = <int>k
-        r.has_next = False
-        r.t_start = pyllama_now_ms()
         self.slots[s] = r
+
+    cdef int _pick_slot(self, GenerationRequest r, list free) except -2:
+        """The free slot whose cache shares the longest prefix with r (ties: least recently used)."""
+        cdef int best = -1, s
+        cdef Py_ssize_t best_k = -1, k
+        cdef list want = r.kv_tokens if r.preempted else r.prompt_tokens
+        for s in free:
+            if (r.preempted or (r.cache_prompt and self.cache_prompt)):
+                k = self._common_prefix(self.slot_tokens[s], want, len(want))
+            else:
+                k = 0
+            if k > best_k or (k == best_k and self.slot_used[s] < self.slot_used[best]):
+                best, best_k = s, k
+        return best
 
     cdef void _release(self, GenerationRequest r, str reason):
         if r.finish_reason is None:
             r.finish_reason = reason
         if r.slot >= 0:
             self.slots[r.slot] = None
+            self.slot_used[r.slot] = self.n_steps
         r.slot = -1
+        r.has_next = False
+
+    cdef void _fail(self, GenerationRequest r, object exc):
+        """End one request with an error its owner will raise."""
+        if r.finish_reason is None:
+            r.error = exc
+        self._release(r, "error")
+
+    cdef bint _preempt_one(self):
+        """Free the slot of a paused request (its KV stays as the slot's cache)."""
+        cdef GenerationRequest r
+        cdef int s
+        for s in range(self.n_slots):
+            x = self.slots[s]
+            if x is None:
+                continue
+            r = x
+            if not r.paused or r.cancel_requested or r._followers and not all(
+                    (<GenerationRequest>f).forked or (<GenerationRequest>f).done for f in r._followers):
+                continue
+            if r.leader is not None and not r.forked:
+                continue
+            if r.has_next or r.refill:
+                r.kv_tokens = list(self.slot_tokens[s]) + (r.refill or [])
+                # refill tokens were never evaluated: they are what must be, not what is
+                r.refill = None
+                r.preempted = True
+            else:
+                # Still evaluating its prompt: it starts over (from whatever cache survives).
+                r.preempted = False
+            self.slots[s] = None
+            self.slot_used[s] = self.n_steps
+            r.slot = -1
+            self.parked.append(r)
+            return True
+        return False
 
     def share_prefix(self, prompts) -> int:
-        """Evaluate the prefix common to all `prompts` (token lists) once, in slot 0,
-        and copy it to the other slots (llama_memory_seq_cp shares the cells).
-        Returns the prefix length.  Only when the engine is idle."""
-        if self.busy:
-            raise RuntimeError("share_prefix needs an idle engine")
+        """Evaluate the prefix common to all `prompts` (token lists) once, in a free slot,
+        and copy it to the other free slots (llama_memory_seq_cp shares the cells).
+        Returns the prefix length (0 when fewer than two slots are free)."""
+        self._check_init()
+        cdef list free = [s for s in range(self.n_slots) if self.slots[s] is None]
+        cdef llama_memory_t mem
+        cdef Py_ssize_t have, pos, chunk, i
+        cdef int s0, s
+        cdef Py_ssize_t best
+        cdef list cached
         prompts = [list(p) for p in prompts]
-        if len(prompts) < 2 or self.n_slots < 2:
+        if len(prompts) < 2 or len(free) < 2:
             return 0
         cdef Py_ssize_t n = min(len(p) for p in prompts) - 1, k = 0
         first = prompts[0]
@@ -312,27 +668,34 @@ cdef class Engine:
         if k < 4:
             return 0
         prefix = first[:k]
-        # Reuse what slot 0 already holds.
-        cached = self.slot_tokens[0]
-        cdef Py_ssize_t have = 0
-        while have < min(len(cached), k) and cached[have] == prefix[have]:
-            have += 1
-        cdef llama_memory_t mem = llama_get_memory(self.context.ptr)
-        llama_memory_seq_rm(mem, 0, have, -1)
-        del cached[have:]
-        cdef Py_ssize_t pos = have, chunk
-        while pos < k:
-            chunk = min(k - pos, self.n_batch)
-            self.batch.clear()
-            for i in range(chunk):
-                self.batch._add(prefix[pos + i], pos + i, 0, False)
-            self.context._eval(self.batch, False)
-            cached.extend(prefix[pos:pos + chunk])
-            pos += chunk
-        for s in range(1, self.n_slots):
-            llama_memory_seq_rm(mem, s, -1, -1)
-            llama_memory_seq_cp(mem, 0, s, -1, -1)
-            self.slot_tokens[s] = list(prefix)
+        with self.context._lock:
+            self.context._get()
+            # Reuse what the best free slot already holds.
+            s0 = free[0]
+            best = -1
+            for s in free:
+                have = self._common_prefix(self._valid_cache(s), prefix, k)
+                if have > best:
+                    s0, best = s, have
+            cached = self._valid_cache(s0)
+            have = self._common_prefix(cached, prefix, k)
+            mem = llama_get_memory(self.context.ptr)
+            llama_memory_seq_rm(mem, s0, have, -1)
+            del cached[have:]
+            pos = have
+            while pos < k:
+                chunk = min(k - pos, self.n_batch)
+                self.batch.clear()
+                for i in range(chunk):
+                    self.batch._add(prefix[pos + i], pos + i, s0, False)
+                self.context._eval(self.batch, False)
+                cached.extend(prefix[pos:pos + chunk])
+                pos += chunk
+            for s in free:
+                if s != s0 and self._common_prefix(self._valid_cache(s), prefix, k) < k:
+                    llama_memory_seq_rm(mem, s, -1, -1)
+                    llama_memory_seq_cp(mem, s0, s, -1, -1)
+                    self.slot_tokens[s] = list(prefix)
         return k
 
     cdef int _evict_idle_caches(self) except -1:
@@ -349,77 +712,168 @@ cdef class Engine:
     # ---- one step ---------------------------------------------------------------
 
     def step(self) -> list:
-        """One decode step.  Returns (request, new_text, finish_reason) events."""
+        """One decode step.  Returns (request, new_text, finish_reason) events, one per
+        request that produced text or finished (a request group's followers included)."""
+        self._check_init()
         events = []
         with self.context._lock:
             self._step(events, None)
         return events
 
+    def collect_cancelled(self) -> list:
+        """Finish the requests whose cancel_requested flag is set (freeing their slots) now,
+        without a decode; returns their events.  For the scheduler, between steps."""
+        self._check_init()
+        events = []
+        self._collect_cancelled(events, None)
+        return events
+
+    cdef int _collect_cancelled(self, list events, object callback) except -1:
+        cdef GenerationRequest r
+        for x in self.requests():
+            r = x
+            if r.cancel_requested and r.finish_reason is None:
+                self.cancel(r)
+                self._emit(r, "", events, callback)
+                for f in r._followers:
+                    if (<GenerationRequest>f).finish_reason == "cancelled" and not (<GenerationRequest>f).forked:
+                        self._emit(<GenerationRequest>f, "", events, callback)
+        return 0
+
+    cdef int _take_waiting(self, list events, object callback) except -1:
+        """Cancellations, resumptions, and free slots taking waiting requests."""
+        cdef GenerationRequest r
+        cdef int s, need
+        cdef list free
+        cdef bint fresh
+        # Requests cancelled from another thread.
+        self._collect_cancelled(events, callback)
+        # Preempted requests whose owner wants them again go first.
+        for x in list(self.parked):
+            r = x
+            if not r.paused:
+                self.parked.remove(r)
+                self.queue.appendleft(r)
+        # Waiting requests take free slots in order; a paused request gives its slot up
+        # when nothing else is free.
+        while self.queue:
+            r = None
+            for x in self.queue:
+                if not (<GenerationRequest>x).paused:
+                    r = x
+                    break
+            if r is None:
+                break
+            fresh = not r.preempted and not r.forked and r.leader is None
+            need = 1
+            if fresh:
+                need += sum(1 for f in r._followers if not (<GenerationRequest>f).done)
+            free = [s for s in range(self.n_slots) if self.slots[s] is None]
+            while len(free) < need and self._preempt_one():
+                free = [s for s in range(self.n_slots) if self.slots[s] is None]
+            if len(free) < need:
+                break
+            self.queue.remove(r)
+            s = self._pick_slot(r, free)
+            free.remove(s)
+            self._assign(s, r)
+            if fresh:
+                for f in r._followers:
+                    if (<GenerationRequest>f).done or (<GenerationRequest>f).slot >= 0:
+                        continue
+                    s = free.pop(0)
+                    self.slots[s] = f
+                    (<GenerationRequest>f).slot = s
+                    (<GenerationRequest>f).t_start = r.t_start
+        return 0
+
     cdef int _step(self, list events, object callback) except -1:
         cdef GenerationRequest r
-        cdef int s, i, room, take
+        cdef int s, i, room, take, first
         cdef Batch batch = self.batch
         cdef double t0, t1, dt
-        cdef int n_gen = 0, n_prefill = 0
+        cdef int n_busy = 0
+        cdef bint want_logits
 
         if PyErr_CheckSignals() != 0:
             return -1
         self.context._get()
+        self.n_steps += 1
         # 1. Free slots take waiting requests.
-        for s in range(self.n_slots):
-            if self.slots[s] is None and self.queue:
-                self._assign(s, <GenerationRequest>self.queue.popleft())
+        self._take_waiting(events, callback)
 
         # 2. One batch: the next token of every generating sequence first, then as much
-        #    prompt as fits (prefill shares the batch with generation).
+        #    prompt (or re-evaluation after preemption) as fits.
         batch.clear()
         for s in range(self.n_slots):
-            r = self.slots[s]
-            if r is not None and r.has_next:
+            x = self.slots[s]
+            if x is None:
+                continue
+            r = x
+            r.batch_idx = -1
+            r.n_fed = 0
+            if r.paused or (r.leader is not None and not r.forked):
+                continue
+            n_busy += 1
+            if r.has_next and not r.refill:
                 r.batch_idx = batch._add(r.next_token, r.n_past, s, True)
-                n_gen += 1
-            elif r is not None:
-                r.batch_idx = -1
-                r.n_fed = 0
         for s in range(self.n_slots):
-            r = self.slots[s]
-            if r is None or r.has_next:
+            x = self.slots[s]
+            if x is None:
+                continue
+            r = x
+            if r.paused or (r.leader is not None and not r.forked) or (r.has_next and not r.refill):
                 continue
             room = self.n_batch - batch.batch.n_tokens
             if room <= 0:
                 break
+            if r.refill:
+                take = min(room, len(r.refill))
+                for i in range(take):
+                    batch._add(r.refill[i], r.n_past + i, s, False)
+                r.n_fed = take
+                continue
             take = min(room, len(r.prompt_tokens) - r.n_prompt_done)
+            if r.prompt_logprobs:
+                take = min(take, _PROMPT_LOGPROBS_CHUNK)
+            first = batch.batch.n_tokens
             for i in range(take):
-                batch._add(r.prompt_tokens[r.n_prompt_done + i], r.n_past + i, s,
-                           r.n_prompt_done + i == len(r.prompt_tokens) - 1)
+                want_logits = r.prompt_logprobs or r.n_prompt_done + i == len(r.prompt_tokens) - 1
+                batch._add(r.prompt_tokens[r.n_prompt_done + i], r.n_past + i, s, want_logits)
+            r.prompt_idx0 = first
             r.n_fed = take
             if r.n_prompt_done + take == len(r.prompt_tokens):
                 r.batch_idx = batch.batch.n_tokens - 1
-            n_prefill += take
         if batch.batch.n_tokens == 0:
             return 0
 
         # 3. Decode (GIL released inside; Ctrl-C aborts it and leaves the KV as before).
         t0 = pyllama_now_ms()
-        try:
-            self.context._eval(batch, False)
-        except KVCacheFullError:
-            if self._evict_idle_caches() == 0:
-                raise
-            self.context._eval(batch, False)
+        if not self._decode_or_shed(batch, events, callback):
+            return 0
         # Wait for the outputs here (GPU backends decode asynchronously) so the decode's time
         # is counted as eval time, not as sampling time (llama.cpp's common sampler does the same).
         with nogil:
             llama_synchronize(self.context.ptr)
         t1 = pyllama_now_ms()
         dt = t1 - t0
+        self.n_decode_total += 1
+        self.n_busy_slots_total += n_busy
 
         # 4. Account for what was fed.
         for s in range(self.n_slots):
-            r = self.slots[s]
-            if r is None:
+            x = self.slots[s]
+            if x is None:
                 continue
-            if r.has_next:
+            r = x
+            if r.n_fed > 0 and r.refill:
+                take = r.n_fed
+                r.n_fed = 0
+                self.slot_tokens[s].extend(r.refill[:take])
+                del r.refill[:take]
+                r.n_past += take
+                r.t_gen += dt
+            elif r.has_next and r.batch_idx >= 0:
                 self.slot_tokens[s].append(r.next_token)
                 r.n_past += 1
                 r.has_next = False
@@ -427,17 +881,125 @@ cdef class Engine:
             elif r.n_fed > 0:
                 take = r.n_fed
                 r.n_fed = 0
+                if r.prompt_logprobs:
+                    self._score_prompt(r, take)
                 self.slot_tokens[s].extend(r.prompt_tokens[r.n_prompt_done:r.n_prompt_done + take])
                 r.n_prompt_done += take
                 r.n_past += take
                 r.t_prompt += dt
 
-        # 5. Sample every sequence that has logits now.
+        # 5. Request groups whose shared prompt is now evaluated: copy it to the followers.
         for s in range(self.n_slots):
-            r = self.slots[s]
-            if r is None or r.batch_idx < 0:
+            x = self.slots[s]
+            if x is not None and (<GenerationRequest>x)._followers and (<GenerationRequest>x).batch_idx >= 0:
+                self._fork(<GenerationRequest>x)
+
+        # 6. Sample every sequence that has logits now.
+        for s in range(self.n_slots):
+            x = self.slots[s]
+            if x is None:
                 continue
-            self._sample_one(r, events, callback)
+            r = x
+            if r.batch_idx < 0:
+                continue
+            if r.max_tokens == 0:    # scoring only (echo): the prompt is done, nothing to sample
+                r.batch_idx = -1
+                self._release(r, "length")
+                self._emit(r, "", events, callback)
+                continue
+            try:
+                self._sample_one(r, events, callback)
+            except GrammarError as e:
+                self._fail(r, e)
+                self._emit(r, "", events, callback)
+        return 0
+
+    cdef void _fork(self, GenerationRequest r):
+        cdef llama_memory_t mem = llama_get_memory(self.context.ptr)
+        cdef GenerationRequest f
+        for x in r._followers:
+            f = x
+            if f.forked or f.done or f.slot < 0:
+                continue
+            llama_memory_seq_rm(mem, f.slot, -1, -1)
+            llama_memory_seq_cp(mem, r.slot, f.slot, -1, -1)
+            self.slot_tokens[f.slot] = list(self.slot_tokens[r.slot])
+            f.n_past = r.n_past
+            f.n_prompt_done = r.n_prompt_done
+            f.n_cached = r.n_cached
+            f.t_prompt = r.t_prompt
+            f.batch_idx = r.batch_idx
+            f.forked = True
+
+    cdef bint _decode_or_shed(self, Batch batch, list events, object callback) except -1:
+        """Decode the batch.  When the KV memory is full: drop idle prompt caches, then
+        preempt paused requests, then end the longest generation with finish_reason
+        "length" (it returns what it produced) and retry at the next step.  Returns False
+        when this step produced nothing."""
+        cdef GenerationRequest r, victim
+        cdef int slot
+        while True:
+            try:
+                self.context._eval(batch, False)
+                return True
+            except KVCacheFullError as e:
+                if self._evict_idle_caches() > 0:
+                    continue
+                if self._preempt_one():
+                    # its tokens may be in this batch? No: paused requests are never batched.
+                    self._evict_idle_caches()
+                    continue
+                victim = None
+                for x in self.slots:
+                    if x is not None and not (<GenerationRequest>x).paused:
+                        r = x
+                        if victim is None or r.n_past > victim.n_past:
+                            victim = r
+                if victim is None:
+                    raise
+                slot = victim.slot
+                if victim.has_next or victim.refill:
+                    victim.refill = None
+                    self._release(victim, "length")
+                else:
+                    self._fail(victim, ContextLengthError(
+                        f"no room in the KV memory for a prompt of {victim.n_prompt} tokens while other "
+                        f"sequences hold the rest of n_ctx={self.context.n_ctx}: retry later, lower n_parallel "
+                        f"or use a larger n_ctx"))
+                llama_memory_seq_rm(llama_get_memory(self.context.ptr), slot, -1, -1)
+                self.slot_tokens[slot] = []
+                self._emit(victim, victim._flush() if victim.finish_reason == "length" else "", events, callback)
+                return False
+            except DecodeError as e:
+                for x in self.slots:
+                    if x is not None and (<GenerationRequest>x).n_fed + (1 if (<GenerationRequest>x).batch_idx >= 0 else 0) > 0:
+                        self._fail(<GenerationRequest>x, e)
+                        self._emit(<GenerationRequest>x, "", events, callback)
+                return False
+
+    cdef void _emit(self, GenerationRequest r, str text, list events, object callback):
+        if text:
+            r.parts.append(text)
+        if events is not None:
+            events.append((r, text, r.finish_reason))
+        if callback is not None:
+            callback(r, text)
+
+    cdef int _score_prompt(self, GenerationRequest r, int take) except -1:
+        """Log-probabilities of the prompt tokens predicted by this step's prompt outputs."""
+        cdef int j
+        cdef Py_ssize_t p
+        cdef float * logits
+        cdef int k = max(r.n_logprobs, 0)
+        for j in range(take):
+            p = r.n_prompt_done + j            # the output at p predicts token p + 1
+            if p + 1 >= len(r.prompt_tokens):
+                break
+            logits = llama_get_logits_ith(self.context.ptr, r.prompt_idx0 + j)
+            if logits == NULL:
+                raise DecodeError("no logits for a prompt token that should have them")
+            r._prompt_logprobs.append(_logprob_entry(logits, self.context.n_vocab,
+                                                     r.prompt_tokens[p + 1], k))
         return 0
 
     cdef int _sample_one(self, GenerationRequest r, list events, object callback) except -1:
@@ -448,6 +1010,7 @@ cdef class Engine:
         cdef const llama_vocab * vocab = self.context.vocab
         cdef str text = ""
         cdef bytes data
+        cdef float * row
         if r.grammar is None and r.sampler._plain_greedy:
             tok = self._sample_greedy(r)
         elif r.grammar is None:
@@ -455,6 +1018,12 @@ cdef class Engine:
                 tok = llama_sampler_sample(r.sampler.ptr, self.context.ptr, r.batch_idx)
         else:
             tok = self._sample_with_grammar(r)
+        if r.n_logprobs >= 0:
+            # The model's own distribution at this position (before the sampler chain).
+            row = llama_get_logits_ith(self.context.ptr, r.batch_idx)
+            if row == NULL:
+                raise DecodeError("no logits for a sequence that should have them")
+            r._logprobs.append(_logprob_entry(row, self.context.n_vocab, tok, r.n_logprobs))
         t1 = pyllama_now_ms()
         r.t_sample += t1 - t0
         r.batch_idx = -1
@@ -463,6 +1032,8 @@ cdef class Engine:
 
         if llama_vocab_is_eog(vocab, tok) and not r.ignore_eos:
             r.finish_reason = "eog"
+            if r.n_logprobs >= 0:
+                r._logprobs.pop()   # the end-of-generation token is not part of the output
         elif tok in r.stop_tokens:
             r.out_tokens.append(tok)
             r.finish_reason = "stop"
@@ -493,15 +1064,9 @@ cdef class Engine:
 
         if r.finish_reason is not None:
             text += r._flush()
-        if text:
-            r.parts.append(text)
-        if r.finish_reason is not None:
             self._release(r, r.finish_reason)
-        if text or r.finish_reason is not None:
-            if events is not None:
-                events.append((r, text, r.finish_reason))
-            if callback is not None:
-                callback(r, text)
+        if text or r.finish_reason is not None or r.n_logprobs >= 0:
+            self._emit(r, text, events, callback)
         return 0
 
     cdef llama_token _sample_greedy(self, GenerationRequest r) except -1:
@@ -577,6 +1142,8 @@ cdef class Engine:
     cdef bytes _long_piece(self, llama_token tok, bint special):
         cdef int32_t n = llama_token_to_piece(self.context.vocab, tok, NULL, 0, 0, special)
         cdef char * buf = <char *>malloc(-n + 1)
+        if buf == NULL:
+            raise MemoryError()
         try:
             n = llama_token_to_piece(self.context.vocab, tok, buf, -n + 1, 0, special)
             return buf[:max(n, 0)]
@@ -584,27 +1151,44 @@ cdef class Engine:
             free(buf)
 
     def run(self, requests=(), callback=None) -> None:
-        """Submit `requests` and step until every request is finished.
+        """Submit `requests` and step until they (and their followers) are finished; other
+        requests on this engine advance in the same steps.  With no requests, step until
+        nothing is left to run.
 
         Without a callback no Python code runs per token; with one it is called as
         callback(request, new_text) whenever a request produces text or finishes.
-        If the run is interrupted (Ctrl-C, an exception in the callback) the
-        unfinished requests are cancelled and the engine stays usable.
+        If the run is interrupted (Ctrl-C, an exception in the callback) the given
+        requests are cancelled and the engine stays usable.
         """
+        self._check_init()
+        requests = list(requests)
         for r in requests:
             self.submit(r)
+        watched = []
+        for r in requests:
+            watched.append(r)
+            watched.extend((<GenerationRequest>r)._followers)
         with self.context._lock:
             try:
-                while self.busy:
-                    self._step(None, callback)
+                if watched:
+                    while not all((<GenerationRequest>r).finish_reason is not None for r in watched):
+                        self._step(None, callback)
+                else:
+                    while self.runnable:
+                        self._step(None, callback)
             except BaseException:
-                self._cancel_all()
+                if watched:
+                    for r in watched:
+                        self.cancel(r)
+                else:
+                    self._cancel_all()
                 raise
 
     cdef void _cancel_all(self):
-        for r in list(self.queue):
+        for r in list(self.queue) + list(self.parked):
             (<GenerationRequest>r).finish_reason = "cancelled"
         self.queue.clear()
+        del self.parked[:]
         for s in range(self.n_slots):
             if self.slots[s] is not None:
                 self._release(<GenerationRequest>self.slots[s], "cancelled")

@@ -11,6 +11,7 @@ timings.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import logging
@@ -20,6 +21,8 @@ import sys
 import threading
 import time
 import warnings
+import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -27,6 +30,7 @@ from pyllama import _core
 from pyllama.errors import ContextLengthError, ModelLoadError
 from pyllama.sampling import FIELD_NAMES as SAMPLING_FIELDS
 from pyllama.sampling import SamplingParams, _unknown_message, build_chain
+from pyllama.scheduler import ClosedError, Scheduler
 
 logger = logging.getLogger("pyllama")
 
@@ -106,22 +110,76 @@ class Timings:
 
 
 @dataclass
+class TopLogprob:
+    """One of the most likely tokens at a position."""
+
+    token: str
+    id: int
+    logprob: float
+    bytes: Optional[list]
+
+    def to_openai(self) -> dict:
+        return {"token": self.token, "logprob": self.logprob, "bytes": self.bytes}
+
+
+@dataclass
+class TokenLogprob:
+    """A generated (or prompt) token with its log-probability under the model's raw
+    distribution (before the sampler chain), and the most likely alternatives there."""
+
+    token: str
+    id: int
+    logprob: float
+    bytes: Optional[list]
+    top_logprobs: list = field(default_factory=list)
+
+    def to_openai(self) -> dict:
+        """The shape of one entry of OpenAI's ``choices[].logprobs.content``."""
+        return {"token": self.token, "logprob": self.logprob, "bytes": self.bytes,
+                "top_logprobs": [t.to_openai() for t in self.top_logprobs]}
+
+
+@dataclass
 class Completion:
     """The result of one generation."""
 
     text: str
     tokens: list
-    finish_reason: str            # "stop" | "length" | "eog"
+    finish_reason: str            # "stop" | "length" | "eog" | "tool_calls"
     prompt_tokens: int
     timings: Timings = field(default_factory=Timings)
+    index: int = 0                # which of n answers (or which prompt of generate())
+    logprobs: Optional[list] = None          # list[TokenLogprob], with logprobs=True
+    prompt_logprobs: Optional[list] = None   # list[TokenLogprob] for prompt tokens 2..n (echo)
+    tool_calls: Optional[list] = None        # OpenAI-shaped tool calls (chat with tools)
+    content: Optional[str] = None            # the text outside tool calls (chat with tools)
 
     @property
     def usage(self) -> dict:
         n = len(self.tokens)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n,
+                "prompt_tokens_details": {"cached_tokens": self.timings.cached_n}}
+
+    def logprobs_openai(self) -> Optional[dict]:
+        """``{"content": [...]}`` as in OpenAI's chat completion choices, or None."""
+        if self.logprobs is None:
+            return None
+        return {"content": [t.to_openai() for t in self.logprobs]}
 
     def __str__(self) -> str:
         return self.text
+
+
+@dataclass
+class Chunk:
+    """A piece of a streamed answer: new text, the tokens behind it, their log-probabilities
+    (with logprobs=True) and, on the last chunk of an answer, its finish_reason."""
+
+    index: int
+    text: str
+    token_ids: list
+    logprobs: Optional[list] = None
+    finish_reason: Optional[str] = None
 
 
 class LLM:
@@ -130,6 +188,10 @@ class LLM:
     Load/context parameters are fixed at construction; every generation
     parameter (temperature, top_p, max_tokens, stop, grammar, json_schema, seed ...)
     can be given here as a default and overridden per call.
+
+    One LLM may be used from many threads and coroutines at once: their requests share
+    its `n_parallel` sequences and advance together, one ``llama_decode`` per step.  A
+    stream advances only while it is iterated; an idle one never holds others up.
     """
 
     @_check_kwargs
@@ -163,6 +225,7 @@ class LLM:
         rpc_servers: Union[str, Sequence[str], None] = None,
         embedding: bool = False,
         chat_template: Optional[str] = None,
+        cache_prompt: bool = True,
         verbose: bool = False,
         model: Optional[str] = None,
         **sampling: Any,
@@ -184,7 +247,7 @@ class LLM:
         if not os.path.exists(raw_path) and ("/" in raw_path or os.sep in raw_path
                                              or raw_path.lower().endswith(".gguf")):
             raise FileNotFoundError(2, "model file not found", raw_path)   # a path, not a model name
-        self.model_path = str(resolve_model(os.fspath(model_path), progress=verbose or sys.stderr.isatty()))
+        self.model_path = str(resolve_model(os.fspath(model_path), progress=verbose or _stderr_is_tty()))
         self.defaults = SamplingParams(**sampling)
         self._resolve_grammar(self.defaults)   # a bad grammar fails here, before loading
 
@@ -197,6 +260,10 @@ class LLM:
             raise ValueError(f"n_ubatch must be an int >= 1, got {n_ubatch!r}")
         if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
             raise ValueError(f"n_gpu_layers must be -1 (all) or >= 0, got {n_gpu_layers!r}")
+        if n_parallel > n_batch:
+            # llama.cpp reserves n_seq_max outputs per batch; more sequences than n_batch abort it.
+            raise ValueError(f"n_parallel={n_parallel} exceeds n_batch={n_batch}: every sequence needs room in a "
+                             "batch; raise n_batch or lower n_parallel")
         if f16_kv is not None:
             if f16_kv is False and type_k is None and type_v is None:
                 warnings.warn("f16_kv=False is deprecated: it now means type_k='f32', type_v='f32'; "
@@ -227,7 +294,8 @@ class LLM:
         self._eog_cache: Optional[list] = None
         self._chat_template = chat_template
         self._formatter = None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()          # the embeddings context, re-creating the context
+        self._stats = _Counters()
 
         n_ctx_train = self._model.n_ctx_train
         if n_ctx is None:
@@ -240,39 +308,72 @@ class LLM:
             kv_unified=bool(kv_unified), rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
         self._ctx: Optional[_core.Context] = None
         self._engine: Optional[_core.Engine] = None
+        self._sched: Optional[Scheduler] = None
         self._embed_ctx: Optional[_core.Context] = None
         self.embedding = embedding
+        self.cache_prompt = bool(cache_prompt)
         self._lora = None
         if lora_path is not None:
+            if not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
+                self._model.close()
+                self._closed = True
+                raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}")
             self._lora = _core.LoraAdapter(self._model, os.fspath(lora_path))
             self._lora_scale = float(lora_scale)
         if not vocab_only:
             self._make_context(n_parallel)
         self.load_ms = (time.perf_counter() - t0) * 1000.0
         self._first_call = True
+        _live_llms.add(self)
 
     # ---- lifecycle -----------------------------------------------------------
 
     def _make_context(self, n_seq: int) -> None:
+        """(Re-)create the context with n_seq sequences.  Only while no request exists."""
+        old_sched = self._sched
         if self._ctx is not None:
             self._ctx.close()
         self._ctx = _core.Context(self._model, n_seq_max=n_seq, **self._ctx_params)
         if self._lora is not None:
             self._ctx.set_lora_adapters([(self._lora, self._lora_scale)])
-        self._engine = _core.Engine(self._ctx)
+        self._engine = _core.Engine(self._ctx, cache_prompt=self.cache_prompt)
+        if old_sched is None:
+            self._sched = Scheduler(self._engine)
+        else:
+            old_sched.engine = self._engine
 
     def close(self) -> None:
-        """Free the context(s) and the weights now."""
+        """Free the context(s) and the weights now.  A call running in another thread (a
+        decode in progress included) stops promptly and raises ValueError("... closed")."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            sched, ctx = self._sched, self._ctx
+            if sched is not None and ctx is not None:
+                ctx.abort()                       # a decode in progress stops now
+                if not sched.close(timeout=10.0):
+                    # A step did not end (cannot happen short of a hung backend): freeing the
+                    # context under it would crash; keep it alive until the process ends.
+                    _keep_forever(self)
+                    return
+                pending = sched.engine.requests()
+                sched.engine.reset()
+                for r in pending:
+                    if r.error is None:
+                        r.error = ClosedError("this LLM was closed while the call was running")
+                    if r.listener is not None:
+                        try:
+                            r.listener(r)
+                        except Exception:   # noqa: BLE001 - a closed event loop, say
+                            pass
             for c in (self._ctx, self._embed_ctx):
                 if c is not None:
                     c.close()
             self._engine = None
             self._ctx = self._embed_ctx = None
             self._model.close()
+        _live_llms.discard(self)
 
     def __enter__(self) -> "LLM":
         return self
@@ -291,14 +392,20 @@ class LLM:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError("this LLM is closed")
+            raise ClosedError("this LLM is closed")
 
     def reset(self) -> None:
-        """Forget the KV cache (the prompt cache included)."""
-        with self._lock:
-            self._check_open()
-            if self._engine is not None:
-                self._engine.reset()
+        """Forget the KV cache (the prompt cache included).  Running calls are cancelled."""
+        self._check_open()
+        if self._sched is None:
+            return
+        with self._sched.exclusive():
+            pending = self._engine.requests()
+            self._engine.reset()
+        for r in pending:
+            if r.listener is not None:
+                r.listener(r)
+        self._sched.wake()
 
     # ---- information ---------------------------------------------------------
 
@@ -318,8 +425,38 @@ class LLM:
         return self.context.n_ctx
 
     @property
+    def n_parallel(self) -> int:
+        """How many sequences (slots) generate at once."""
+        return self.context.n_seq_max
+
+    @property
     def metadata(self) -> dict:
         return self._model.metadata
+
+    def slots(self) -> list:
+        """One dict per sequence slot (as llama-server's /slots): id, busy, paused, n_ctx,
+        n_cached (tokens of its prompt cache), n_prompt, n_decoded."""
+        self._check_open()
+        n_ctx = self.context.n_ctx_seq
+        return [dict(info, n_ctx=n_ctx) for info in self._engine.slot_info()]
+
+    def metrics(self) -> dict:
+        """Counters since load, with llama-server's metric names."""
+        self._check_open()
+        eng = self._engine
+        s = self._stats
+        busy = sum(1 for info in eng.slot_info() if info["busy"])
+        return {
+            "prompt_tokens_total": s.prompt_tokens, "prompt_seconds_total": s.prompt_ms / 1000.0,
+            "tokens_predicted_total": s.predicted_tokens,
+            "tokens_predicted_seconds_total": s.predicted_ms / 1000.0,
+            "n_decode_total": eng.n_decode_total + s.decodes_before,
+            "n_busy_slots_total": eng.n_busy_slots_total + s.busy_before,
+            "n_busy_slots_per_decode": ((eng.n_busy_slots_total + s.busy_before)
+                                        / max(1, eng.n_decode_total + s.decodes_before)),
+            "requests_processing": busy, "requests_deferred": eng.n_waiting,
+            "requests_total": s.requests,
+        }
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else self._model.description
@@ -364,82 +501,239 @@ class LLM:
             self.vocab.check_tokens(tokens)
         if not tokens:
             raise ValueError("the prompt is empty (no tokens); pass some text")
-        n_ctx = self.context.n_ctx
+        n_ctx = self.context.n_ctx_seq
         if len(tokens) >= n_ctx:
             raise ContextLengthError(f"the prompt has {len(tokens)} tokens but the context window (n_ctx) is "
                                      f"{n_ctx}; shorten the prompt or load with a larger n_ctx")
         return tokens
 
     def _request(self, prompt: Any, params: SamplingParams, tag: Any = None, *, add_special: bool = True,
-                 parse_special: bool = False) -> "_core.GenerationRequest":
-        tokens = self._prompt_tokens(prompt, add_special, parse_special)
+                 parse_special: bool = False, tokens: Optional[list] = None, logprobs: Any = None,
+                 echo: bool = False, seed_offset: int = 0) -> "_core.GenerationRequest":
+        if tokens is None:
+            tokens = self._prompt_tokens(prompt, add_special, parse_special)
+        if seed_offset and params.seed is not None and params.seed >= 0:
+            params = params.replace(seed=(params.seed + seed_offset) & 0xFFFFFFFF)
         chain = build_chain(params, self.vocab, self._eog_tokens() if params.ignore_eos else ())
         gbnf = self._resolve_grammar(params)
         grammar = _core.SamplerChain(self.vocab).add_grammar(gbnf) if gbnf is not None else None
         max_tokens = -1 if params.max_tokens is None else params.max_tokens
         return _core.GenerationRequest(tokens, chain, grammar=grammar, max_tokens=max_tokens,
                                        stop=params.stop or (), stop_tokens=params.stop_tokens,
-                                       ignore_eos=params.ignore_eos, tag=tag)
+                                       ignore_eos=params.ignore_eos, tag=tag, logprobs=logprobs,
+                                       prompt_logprobs=echo and logprobs is not None)
 
-    def _completion(self, req: "_core.GenerationRequest", t_start: float, report: bool = True) -> Completion:
+    def _group(self, prompt: Any, params: SamplingParams, *, n: int, logprobs: Any, echo: bool, tag: Any = None,
+               add_special: bool = True, parse_special: bool = False) -> list:
+        """The requests of one prompt: a leader and n - 1 followers that share its prompt
+        evaluation (llama_memory_seq_cp) and differ by seed."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if n > _core.max_parallel_sequences():
+            raise ValueError(f"n={n} exceeds llama.cpp's limit of {_core.max_parallel_sequences()} sequences")
+        tokens = self._prompt_tokens(prompt, add_special, parse_special)
+        leader = self._request(prompt, params, tag, tokens=tokens, logprobs=logprobs, echo=echo)
+        group = [leader]
+        for i in range(1, n):
+            f = self._request(prompt, params, tag, tokens=tokens, logprobs=logprobs, seed_offset=i)
+            leader.add_follower(f)
+            group.append(f)
+        return group
+
+    def _ensure_slots(self, n: int) -> None:
+        """At least n sequences: re-create the context when it has fewer and nothing runs."""
+        if n <= self.context.n_seq_max:
+            return
+        with self._lock, self._sched.exclusive():
+            if n <= self.context.n_seq_max:
+                return
+            if self._engine.busy:
+                if n > self.context.n_seq_max:
+                    raise ValueError(f"{n} sequences at once need n_parallel >= {n}, and this LLM (n_parallel="
+                                     f"{self.context.n_seq_max}) is busy with other calls; load it with "
+                                     f"LLM(..., n_parallel={n})")
+                return
+            if n > self._ctx_params["n_batch"]:
+                raise ValueError(f"{n} sequences at once exceed n_batch={self._ctx_params['n_batch']}")
+            self._stats.decodes_before += self._engine.n_decode_total
+            self._stats.busy_before += self._engine.n_busy_slots_total
+            self._make_context(n)
+
+    def _logprobs_arg(self, logprobs: Any, top_logprobs: Any) -> Any:
+        """None (off) or the number of top alternatives (0..20) to record per token."""
+        if top_logprobs is None:
+            top_logprobs = 0
+        if not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool) or not 0 <= top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be an int in 0..20, got {top_logprobs!r}")
+        if logprobs is None or logprobs is False:
+            if top_logprobs:
+                raise ValueError("top_logprobs needs logprobs=True")
+            return None
+        if logprobs is True:
+            return top_logprobs
+        if isinstance(logprobs, int) and 0 <= logprobs <= 20:   # OpenAI's legacy completions: logprobs=K
+            return max(logprobs, top_logprobs)
+        raise ValueError(f"logprobs must be True/False (or an int 0..20 as in OpenAI's completions), got {logprobs!r}")
+
+    def _token_logprob(self, entry: tuple) -> TokenLogprob:
+        tok, lp, top = entry
+        text, raw = self._token_text(tok)
+        return TokenLogprob(token=text, id=tok, logprob=lp, bytes=raw,
+                            top_logprobs=[self._top_logprob(t, l) for t, l in top])
+
+    def _top_logprob(self, tok: int, lp: float) -> TopLogprob:
+        text, raw = self._token_text(tok)
+        return TopLogprob(token=text, id=tok, logprob=lp, bytes=raw)
+
+    def _token_text(self, tok: int) -> tuple:
+        """(text, utf-8 bytes) of one token, as OpenAI reports it (special tokens rendered)."""
+        piece = self.vocab.token_to_piece(tok, True)
+        return piece.decode("utf-8", "replace"), list(piece)
+
+    def _completion(self, req: "_core.GenerationRequest", t_start: float, report: bool = True,
+                    index: int = 0, echo_text: Optional[str] = None) -> Completion:
+        if req.error is not None:
+            raise req.error
+        if req.finish_reason == "cancelled":
+            raise ClosedError("this LLM was closed while the call was running") if self._closed else \
+                RuntimeError("the request was cancelled")
         n_gen = len(req.tokens)
+        prompt_n = req.n_prompt_evaluated
         timings = Timings(
             load_ms=self.load_ms if self._first_call else 0.0,
-            prompt_n=req.n_prompt_evaluated, prompt_ms=req.t_prompt_ms, cached_n=req.n_prompt - req.n_prompt_evaluated,
+            prompt_n=prompt_n, prompt_ms=req.t_prompt_ms if prompt_n else 0.0,
+            cached_n=req.n_cached_tokens if prompt_n else req.n_prompt,
             predicted_n=max(n_gen - 1, 0) if req.finish_reason != "eog" else n_gen, predicted_ms=req.t_gen_ms,
             sample_n=n_gen + (1 if req.finish_reason == "eog" else 0), sample_ms=req.t_sample_ms,
             ttft_ms=req.t_first_token_ms, total_ms=(time.perf_counter() - t_start) * 1000.0)
         self._first_call = False
-        reason = req.finish_reason
-        comp = Completion(text=req.text, tokens=req.tokens, finish_reason=reason, prompt_tokens=req.n_prompt,
-                          timings=timings)
+        self._stats.add(timings)
+        logprobs = [self._token_logprob(e) for e in req.logprobs] if req.n_logprobs >= 0 else None
+        prompt_logprobs = None
+        if req.prompt_logprobs:
+            prompt_logprobs = [self._token_logprob(e) for e in req.prompt_logprobs_list]
+        text = req.text if echo_text is None else echo_text + req.text
+        comp = Completion(text=text, tokens=req.tokens, finish_reason=req.finish_reason, prompt_tokens=req.n_prompt,
+                          timings=timings, index=index, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         if report and self.verbose:
             print(timings.format(), file=sys.stderr, flush=True)
         return comp
 
+    # ---- running requests ---------------------------------------------------------
+
+    def _run(self, reqs: list, callback: Optional[Callable[[Any, str], Any]] = None) -> None:
+        """Submit the request groups `reqs` (leaders) and return when they and their
+        followers are finished; other callers' requests advance in the same steps."""
+        sched = self._sched
+        watched = [r for lead in reqs for r in [lead, *lead.followers]]
+        cursors = [0] * len(watched)
+
+        def deliver() -> None:
+            for i, r in enumerate(watched):
+                if r.n_parts > cursors[i]:
+                    for piece in r.parts_since(cursors[i]):
+                        callback(r, piece)
+                    cursors[i] = r.n_parts
+
+        if sched.in_step():
+            raise RuntimeError("an LLM listener cannot start another generation on the same LLM")
+        try:
+            for lead in reqs:
+                sched.submit(lead)
+            sched.drive(lambda: all(r.done for r in watched), deliver if callback is not None else None)
+            if callback is not None:
+                deliver()
+        except BaseException:
+            sched.cancel(watched)
+            raise
+
     # ---- generation ---------------------------------------------------------------
+
+    def _prepare_complete(self, prompt: Union[str, Sequence[int]], *, add_special: bool = True,
+                          parse_special: bool = False, n: int = 1, logprobs: Union[bool, int, None] = None,
+                          top_logprobs: Optional[int] = None, echo: bool = False,
+                          **overrides: Any) -> "_Prepared":
+        self._check_open()
+        params = self._params(overrides)
+        lp = self._logprobs_arg(logprobs, top_logprobs)
+        group = self._group(prompt, params, n=n, logprobs=lp, echo=echo, add_special=add_special,
+                            parse_special=parse_special)
+        self._ensure_slots(n)
+        echo_text = self._echo_text(prompt, group[0]) if echo else None
+        t0 = time.perf_counter()
+
+        def finish() -> Any:
+            comps = [self._completion(r, t0, index=i, echo_text=echo_text) for i, r in enumerate(group)]
+            return comps[0] if n == 1 else comps
+
+        return _Prepared([group[0]], group, finish)
 
     @_check_kwargs
     def complete(self, prompt: Union[str, Sequence[int]], *, callback: Optional[Callable[[str], Any]] = None,
-                 add_special: bool = True, parse_special: bool = False, **overrides: Any) -> Completion:
+                 add_special: bool = True, parse_special: bool = False, n: int = 1,
+                 logprobs: Union[bool, int, None] = None, top_logprobs: Optional[int] = None, echo: bool = False,
+                 **overrides: Any) -> Any:
         """Generate a completion of `prompt` (text or token ids).
 
-        `callback(piece)` is called with each new piece of text as it is generated.
+        `callback(piece)` is called, in this thread, with each new piece of text.
+        `n > 1` returns a list of n completions that share one evaluation of the prompt
+        (identical at temperature 0, different otherwise; reproducible with a seed).
+        `logprobs=True` (with `top_logprobs=K`, 0..20) fills Completion.logprobs; with
+        `echo=True` as well, Completion.prompt_logprobs scores the prompt's tokens
+        (`max_tokens=0`: score only) and the text starts with the prompt.
         """
-        with self._lock:
-            self._check_open()
-            params = self._params(overrides)
-            t0 = time.perf_counter()
-            req = self._request(prompt, params, add_special=add_special, parse_special=parse_special)
-            cb = None if callback is None else (lambda r, text: text and callback(text))
-            self._engine.run([req], cb)
-            return self._completion(req, t0)
+        prep = self._prepare_complete(prompt, add_special=add_special, parse_special=parse_special, n=n,
+                                      logprobs=logprobs, top_logprobs=top_logprobs, echo=echo, **overrides)
+        cb = None if callback is None else (lambda r, text: callback(text))
+        self._run(prep.leaders, cb)
+        return prep.finish()
+
+    def _echo_text(self, prompt: Any, req: "_core.GenerationRequest") -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return self.vocab.detokenize(req.prompt_tokens, remove_special=True)
 
     @_check_kwargs
-    def invoke(self, prompt: Union[str, Sequence[int]], **overrides: Any) -> str:
+    def invoke(self, prompt: Union[str, Sequence[int]], *, callback: Optional[Callable[[str], Any]] = None,
+               **overrides: Any) -> str:
         """Generate and return the text only."""
-        return self.complete(prompt, **overrides).text
+        return self.complete(prompt, callback=callback, **overrides).text
 
     __call__ = invoke
 
     @_check_kwargs
     def stream(self, prompt: Union[str, Sequence[int]], *, add_special: bool = True, parse_special: bool = False,
-               **overrides: Any) -> Iterator[str]:
+               chunks: bool = False, n: int = 1, logprobs: Union[bool, int, None] = None,
+               top_logprobs: Optional[int] = None, **overrides: Any) -> "Stream":
         """Yield the completion piece by piece (whole characters; a stop string never leaks).
 
-        The returned iterator also exposes the final Completion as `.completion`
-        once exhausted.
+        The stream advances only while it is iterated: left open, it holds no other call
+        up.  With `chunks=True` (implied by n > 1) it yields :class:`Chunk` objects that
+        carry the choice index, token ids and log-probabilities.  Once exhausted, the
+        iterator exposes the final Completion as `.completion` (all of them as
+        `.completions`); `.close()` stops it early.
         """
-        self._check_open()
-        params = self._params(overrides)
-        req = self._request(prompt, params, add_special=add_special, parse_special=parse_special)
-        return _Stream(self, [req], single=True)
+        prep = self._prepare_complete(prompt, add_special=add_special, parse_special=parse_special, n=n,
+                                      logprobs=logprobs, top_logprobs=top_logprobs, **overrides)
+        return Stream(self, prep, mode="chunks" if chunks or n > 1 else "text")
 
     # ---- batched generation ---------------------------------------------------------
+
+    def _prepare_generate(self, prompts: Sequence[Union[str, Sequence[int]]], *, n_parallel: Optional[int] = None,
+                          per_prompt: Optional[Sequence[Mapping[str, Any]]] = None, share_prefix: bool = True,
+                          logprobs: Union[bool, int, None] = None, top_logprobs: Optional[int] = None,
+                          **overrides: Any) -> "_Prepared":
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError("generate() takes a list of prompts; use complete() for one")
+        reqs = self._batch_requests(prompts, per_prompt, overrides, n_parallel, share_prefix,
+                                    self._logprobs_arg(logprobs, top_logprobs))
+        t0 = time.perf_counter()
+        return _Prepared(reqs, reqs, lambda: [self._completion(r, t0, index=i) for i, r in enumerate(reqs)])
 
     @_check_kwargs
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]], *, n_parallel: Optional[int] = None,
                  per_prompt: Optional[Sequence[Mapping[str, Any]]] = None, share_prefix: bool = True,
+                 logprobs: Union[bool, int, None] = None, top_logprobs: Optional[int] = None,
                  **overrides: Any) -> list:
         """Generate completions for many prompts at once (one Completion per prompt, in order).
 
@@ -448,24 +742,25 @@ class LLM:
         prompt at once.  `per_prompt` gives per-prompt overrides (a list of dicts,
         same length as prompts).  A prefix shared by all prompts is evaluated once.
         """
-        if isinstance(prompts, (str, bytes)):
-            raise TypeError("generate() takes a list of prompts; use complete() for one")
-        with self._lock:
-            reqs = self._batch_requests(prompts, per_prompt, overrides, n_parallel, share_prefix)
-            t0 = time.perf_counter()
-            self._engine.run(reqs)
-            return [self._completion(r, t0) for r in reqs]
+        prep = self._prepare_generate(prompts, n_parallel=n_parallel, per_prompt=per_prompt,
+                                      share_prefix=share_prefix, logprobs=logprobs, top_logprobs=top_logprobs,
+                                      **overrides)
+        self._run(prep.leaders)
+        return prep.finish()
 
     @_check_kwargs
     def generate_stream(self, prompts: Sequence[Union[str, Sequence[int]]], *, n_parallel: Optional[int] = None,
                         per_prompt: Optional[Sequence[Mapping[str, Any]]] = None, share_prefix: bool = True,
-                        **overrides: Any) -> Iterator[tuple]:
-        """Like generate(), but yield (index, piece) events as the sequences advance."""
-        with self._lock:
-            reqs = self._batch_requests(prompts, per_prompt, overrides, n_parallel, share_prefix)
-        return _Stream(self, reqs, single=False)
+                        chunks: bool = False, logprobs: Union[bool, int, None] = None,
+                        top_logprobs: Optional[int] = None, **overrides: Any) -> "Stream":
+        """Like generate(), but yield (index, piece) events as the sequences advance
+        (:class:`Chunk` objects with chunks=True)."""
+        prep = self._prepare_generate(prompts, n_parallel=n_parallel, per_prompt=per_prompt,
+                                      share_prefix=share_prefix, logprobs=logprobs, top_logprobs=top_logprobs,
+                                      **overrides)
+        return Stream(self, prep, mode="chunks" if chunks else "events")
 
-    def _batch_requests(self, prompts, per_prompt, overrides, n_parallel, share_prefix) -> list:
+    def _batch_requests(self, prompts, per_prompt, overrides, n_parallel, share_prefix, logprobs=None) -> list:
         self._check_open()
         prompts = list(prompts)
         if not prompts:
@@ -476,17 +771,21 @@ class LLM:
         reqs = []
         for i, p in enumerate(prompts):
             params = base.replace(**per_prompt[i]) if per_prompt and per_prompt[i] else base
-            reqs.append(self._request(p, params, tag=i))
+            reqs.append(self._request(p, params, tag=i, logprobs=logprobs))
         slots = self._plan_slots(reqs, n_parallel)
-        if slots > self.context.n_seq_max:
-            self._make_context(slots)
+        if slots > self.context.n_seq_max and not self._engine.busy:
+            try:
+                self._ensure_slots(slots)
+            except ValueError:
+                pass   # busy meanwhile: the prompts queue for the slots there are
         if share_prefix and len(reqs) > 1:
-            self._engine.share_prefix([r.prompt_tokens for r in reqs])
+            with self._sched.exclusive():
+                self._engine.share_prefix([r.prompt_tokens for r in reqs])
         return reqs
 
     def _plan_slots(self, reqs: list, n_parallel: Optional[int]) -> int:
         """How many sequences to run at once: as many as asked (or up to 16), limited
-        by what fits in the KV memory; an impossible request fails before any work."""
+        by what fits in the KV memory and a batch; an impossible request fails before any work."""
         n_ctx = self.context.n_ctx
         need = []
         for r in reqs:
@@ -495,15 +794,19 @@ class LLM:
         longest = max(need)
         if longest >= n_ctx:
             raise ContextLengthError(f"a prompt plus max_tokens needs {longest} tokens but n_ctx is {n_ctx}")
+        n_batch = self._ctx_params["n_batch"]
         if n_parallel is not None:
             if not isinstance(n_parallel, int) or n_parallel < 1:
                 raise ValueError(f"n_parallel must be an int >= 1, got {n_parallel!r}")
             if n_parallel > _core.max_parallel_sequences():
                 raise ValueError(f"n_parallel={n_parallel} exceeds llama.cpp's limit of "
                                  f"{_core.max_parallel_sequences()} sequences")
+            if n_parallel > n_batch:
+                raise ValueError(f"n_parallel={n_parallel} exceeds n_batch={n_batch}: every sequence needs room "
+                                 "in a batch; raise n_batch or lower n_parallel")
             wanted = min(n_parallel, len(reqs))
         else:
-            wanted = min(len(reqs), _MAX_AUTO_SLOTS)
+            wanted = min(len(reqs), _MAX_AUTO_SLOTS, n_batch)
         fits = max(1, n_ctx // max(longest, 1))
         if n_parallel is not None and wanted > fits:
             raise ContextLengthError(f"{wanted} parallel sequences of up to {longest} tokens need "
@@ -524,24 +827,151 @@ class LLM:
         """The prompt text the model's chat template makes of `messages`."""
         return self._chat_formatter().render(list(messages), add_generation_prompt=add_generation_prompt, **kwargs)
 
+    def chat_tokens(self, messages: Sequence[Mapping[str, Any]], *, tools: Optional[list] = None,
+                    allow_special_in_messages: bool = False, add_generation_prompt: bool = True,
+                    **kwargs: Any) -> list:
+        """The prompt tokens of a conversation.  Message contents are data: text in them
+        that spells a control token (``<|im_start|>``) stays text, unless
+        `allow_special_in_messages=True`; only the template's own markup is special."""
+        fmt = self._chat_formatter()
+        if hasattr(fmt, "render_tokens"):
+            return fmt.render_tokens(list(messages), self.vocab, add_generation_prompt=add_generation_prompt,
+                                     tools=tools, allow_special_in_messages=allow_special_in_messages, **kwargs)
+        prompt, add_special = fmt.render_for_tokenize(list(messages), add_generation_prompt=add_generation_prompt,
+                                                      tools=tools, **kwargs)
+        return self.vocab.tokenize(prompt, add_special=add_special, parse_special=True)
+
     @_check_kwargs
     def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False,
              response_format: Optional[Mapping[str, Any]] = None, tools: Optional[list] = None,
-             **overrides: Any) -> Union[Completion, Iterator[str]]:
+             tool_choice: Any = None, n: int = 1, logprobs: Union[bool, int, None] = None,
+             top_logprobs: Optional[int] = None, callback: Optional[Callable[[str], Any]] = None,
+             allow_special_in_messages: bool = False, **overrides: Any) -> Any:
         """Answer a conversation using the model's own chat template.
 
         response_format={"type": "json_object"} constrains the answer to JSON;
         {"type": "json_schema", "json_schema": {"schema": {...}}} (or "schema": {...})
-        to a schema.  stream=True returns an iterator of text pieces.
+        to a schema.  stream=True returns an iterator of text pieces.  `tools` (OpenAI
+        function tools) with `tool_choice` ("auto", "required", "none" or a named
+        function) may answer with Completion.tool_calls (see pyllama.tools).  `n`,
+        `logprobs`, `top_logprobs` and `callback` work as in complete().
         """
         self._check_open()
         if response_format is not None:
             overrides = dict(overrides)
             overrides.update(_response_format_overrides(response_format))
-        prompt, add_special = self._chat_formatter().render_for_tokenize(list(messages), tools=tools)
+        if tools and tool_choice != "none":
+            from pyllama import tools as tools_mod
+
+            return tools_mod.chat_with_tools(self, messages, tools=tools, tool_choice=tool_choice or "auto",
+                                             stream=stream, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
+                                             callback=callback, allow_special_in_messages=allow_special_in_messages,
+                                             **overrides)
+        tokens = self.chat_tokens(messages, tools=tools or None, allow_special_in_messages=allow_special_in_messages)
         if stream:
-            return self.stream(prompt, add_special=add_special, parse_special=True, **overrides)
-        return self.complete(prompt, add_special=add_special, parse_special=True, **overrides)
+            return self.stream(tokens, n=n, logprobs=logprobs, top_logprobs=top_logprobs, **overrides)
+        return self.complete(tokens, n=n, logprobs=logprobs, top_logprobs=top_logprobs, callback=callback,
+                             **overrides)
+
+    def _prepare_chat(self, messages: Sequence[Mapping[str, Any]], *, response_format: Optional[Mapping[str, Any]] = None,
+                      allow_special_in_messages: bool = False, **kwargs: Any) -> "_Prepared":
+        if response_format is not None:
+            kwargs.update(_response_format_overrides(response_format))
+        tokens = self.chat_tokens(messages, allow_special_in_messages=allow_special_in_messages)
+        return self._prepare_complete(tokens, **kwargs)
+
+    # ---- async ----------------------------------------------------------------------
+
+    async def _arun(self, prep: "_Prepared") -> Any:
+        """Run prepared requests without blocking the event loop: the scheduler's driver
+        thread steps the engine (batching them with every other caller's requests) and the
+        last finishing request wakes this coroutine."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        watched = prep.requests
+        finished: set = set()
+
+        def resolve() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def listener(r: Any) -> None:   # runs in the stepping thread
+            if r.done and id(r) not in finished:
+                finished.add(id(r))
+                if len(finished) == len(watched):
+                    try:
+                        loop.call_soon_threadsafe(resolve)
+                    except RuntimeError:   # the event loop is gone: nobody waits any more
+                        self._sched.cancel(watched)
+
+        for r in watched:
+            r.listener = listener
+        sched = self._sched
+        try:
+            for lead in prep.leaders:
+                sched.submit(lead, driven=True)
+            if not all(r.done for r in watched):
+                await fut
+        except BaseException:
+            sched.cancel(watched)
+            raise
+        finally:
+            sched.driven_done(len(watched))
+        return prep.finish()
+
+    async def acomplete(self, prompt: Union[str, Sequence[int]], **kwargs: Any) -> Any:
+        """complete() for asyncio: the event loop keeps running while the model works, and
+        other coroutines' requests batch with this one.  Cancelling the task cancels the
+        request and frees its sequence."""
+        import asyncio
+
+        if kwargs.get("callback") is not None:
+            raise TypeError("acomplete() takes no callback: use astream()")
+        kwargs.pop("callback", None)
+        prep = await asyncio.to_thread(functools.partial(self._prepare_complete, prompt, **kwargs))
+        return await self._arun(prep)
+
+    async def achat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Any:
+        """chat() for asyncio (for an async stream use astream_chat)."""
+        import asyncio
+
+        if kwargs.get("stream"):
+            raise ValueError("achat(stream=True): use astream_chat(messages, ...) for an async stream")
+        kwargs.pop("stream", None)
+        if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
+            return await asyncio.to_thread(functools.partial(self.chat, messages, **kwargs))   # tool calls come whole
+        kwargs.pop("tools", None)
+        kwargs.pop("tool_choice", None)
+        prep = await asyncio.to_thread(functools.partial(self._prepare_chat, messages, **kwargs))
+        return await self._arun(prep)
+
+    async def agenerate(self, prompts: Sequence[Union[str, Sequence[int]]], **kwargs: Any) -> list:
+        """generate() for asyncio."""
+        import asyncio
+
+        prep = await asyncio.to_thread(functools.partial(self._prepare_generate, prompts, **kwargs))
+        return await self._arun(prep)
+
+    def astream(self, prompt: Union[str, Sequence[int]], **kwargs: Any) -> "AsyncStream":
+        """stream() for asyncio: ``async for piece in llm.astream(prompt): ...`` (Chunks with
+        chunks=True or n > 1).  Leaving the loop early, or cancelling the task, cancels the
+        request."""
+        chunks = bool(kwargs.pop("chunks", False))
+        mode = "chunks" if chunks or kwargs.get("n", 1) > 1 else "text"
+        return AsyncStream(self, functools.partial(self._prepare_complete, prompt, **kwargs), mode)
+
+    def astream_chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> "AsyncStream":
+        """chat(stream=True) for asyncio."""
+        chunks = bool(kwargs.pop("chunks", False))
+        kwargs.pop("stream", None)
+        if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
+            raise ValueError("astream_chat() with tools: tool calls come whole, use achat()")
+        kwargs.pop("tools", None)
+        kwargs.pop("tool_choice", None)
+        mode = "chunks" if chunks or kwargs.get("n", 1) > 1 else "text"
+        return AsyncStream(self, functools.partial(self._prepare_chat, messages, **kwargs), mode)
 
     # ---- embeddings -------------------------------------------------------------------
 
@@ -607,82 +1037,304 @@ def _embed_slots(wanted: int, n_tokens: int) -> int:
     return 1
 
 
-class _Stream:
-    """Iterator over a running generation.  Steps the engine under the LLM's lock, one
-    decode per step, so several streams (and other calls) interleave safely."""
 
-    def __init__(self, llm: LLM, reqs: list, single: bool) -> None:
+
+class _Prepared:
+    """Requests built for one call: the leaders to submit, every request to watch (followers
+    included, in answer order) and how to turn them into the call's result."""
+
+    __slots__ = ("leaders", "requests", "finish")
+
+    def __init__(self, leaders: list, requests: list, finish: Callable[[], Any]) -> None:
+        self.leaders = leaders
+        self.requests = [r for lead in leaders for r in [lead, *lead.followers]] if requests is leaders else requests
+        self.finish = finish
+
+
+class _Cursor:
+    """How much of one request a consumer has seen: pieces, tokens, logprob entries.
+    Reading from a cursor is O(new items), never O(everything so far)."""
+
+    __slots__ = ("parts", "tokens", "logprobs", "finished")
+
+    def __init__(self) -> None:
+        self.parts = self.tokens = self.logprobs = 0
+        self.finished = False
+
+    def take(self, llm: LLM, r: Any, index: int, mode: str) -> Optional[Any]:
+        """The next item for a consumer in `mode` ("text", "events", "chunks"), or None."""
+        text = ""
+        if r.n_parts > self.parts:
+            text = "".join(r.parts_since(self.parts))
+            self.parts = r.n_parts
+        finish = r.finish_reason if r.done and not self.finished else None
+        if finish is not None:
+            self.finished = True
+        if mode == "text":
+            return text or None
+        if mode == "events":
+            return (index, text) if text else None
+        token_ids = r.tokens_since(self.tokens) if r.n_tokens > self.tokens else []
+        self.tokens += len(token_ids)
+        logprobs = None
+        if r.n_logprobs >= 0:
+            entries = r.logprobs_since(self.logprobs)
+            self.logprobs += len(entries)
+            logprobs = [llm._token_logprob(e) for e in entries]
+        if not text and not token_ids and not logprobs and finish is None:
+            return None
+        if finish == "error" or finish == "cancelled":
+            finish = None if finish == "cancelled" else finish
+        return Chunk(index=index, text=text, token_ids=token_ids, logprobs=logprobs, finish_reason=finish)
+
+
+class Stream:
+    """Iterator over a running generation (LLM.stream / chat(stream=True) / generate_stream).
+
+    It advances only while it is iterated: between next() calls its requests are paused,
+    so a stream left open costs other callers nothing (its slot is lent out if needed and
+    its KV cells re-used when it resumes)."""
+
+    def __init__(self, llm: LLM, prep: _Prepared, mode: str) -> None:
         self._llm = llm
-        self._reqs = reqs
-        self._single = single
-        self._t0 = time.perf_counter()
-        self._events: list = []
-        self._emitted = [0] * len(reqs)   # characters of each request's text already yielded
+        self._prep = prep
+        self._reqs = prep.requests
+        self._mode = mode
+        self._cursors = [_Cursor() for _ in self._reqs]
+        self._events: deque = deque()
         self._started = False
         self._finished = False
+        self._reported = False
         self.completion: Optional[Completion] = None
         self.completions: Optional[list] = None
-        self._unreported = False
 
-    def __iter__(self) -> "_Stream":
+    def __iter__(self) -> "Stream":
         return self
+
+    def _collect(self) -> bool:
+        for i, r in enumerate(self._reqs):
+            item = self._cursors[i].take(self._llm, r, i if self._mode != "events" else r.tag, self._mode)
+            if item is not None:
+                self._events.append(item)
+        return bool(self._events)
 
     def __next__(self) -> Any:
         llm = self._llm
         while not self._events:
             if self._finished:
-                if self._unreported:   # verbose timings after the last piece, not before it
-                    self._unreported = False
+                if not self._reported:   # verbose timings after the last piece, not before it
+                    self._reported = True
                     if llm.verbose:
                         for c in self.completions or ():
                             print(c.timings.format(), file=sys.stderr, flush=True)
                 raise StopIteration
-            with llm._lock:
-                llm._check_open()
-                engine = llm._engine
+            llm._check_open()
+            sched = llm._sched
+            if sched.in_step():
+                raise RuntimeError("a stream cannot be advanced from inside an LLM listener")
+            reqs = self._reqs
+            try:
                 if not self._started:
-                    for r in self._reqs:
-                        engine.submit(r)
                     self._started = True
-                try:
-                    engine.step()
-                except BaseException:
-                    for r in self._reqs:
-                        engine.cancel(r)
-                    self._finished = True
-                    raise
-                # Take the new text from each request itself, not from this step's events:
-                # another thread's complete()/generate() on this LLM may have advanced our
-                # requests through the shared engine since our last step.
-                for i, r in enumerate(self._reqs):
-                    if self._emitted[i] < 0:
-                        continue   # finished and fully yielded
-                    text = r.text
-                    if len(text) > self._emitted[i]:
-                        piece = text[self._emitted[i]:]
-                        self._events.append((r.tag, piece) if not self._single else piece)
-                    self._emitted[i] = -1 if r.done else len(text)
-                if all(r.done for r in self._reqs):
-                    self._finished = True
-                    comps = [llm._completion(r, self._t0, report=False) for r in self._reqs]
-                    self._unreported = True
-                    self.completions = comps
-                    self.completion = comps[0] if self._single else None
-        return self._events.pop(0)
+                    for lead in self._prep.leaders:
+                        sched.submit(lead)
+                else:
+                    sched.set_paused(reqs, False)
+                sched.drive(lambda: self._collect() or all(r.done for r in reqs))
+            except BaseException:
+                self._finished = True
+                sched.cancel(reqs)
+                raise
+            if all(r.done for r in reqs):
+                self._collect()
+                self._finished = True
+                comps = self._prep.finish()
+                self.completions = comps if isinstance(comps, list) else [comps]
+                self.completion = self.completions[0] if len(self.completions) == 1 or self._mode != "events" \
+                    else None
+                if self._mode == "events":
+                    self.completion = None
+            else:
+                sched.set_paused([r for r in reqs if not r.done], True)
+        return self._events.popleft()
 
     def close(self) -> None:
-        """Stop generating (the unfinished requests are cancelled)."""
+        """Stop generating (the unfinished requests are cancelled, their slots freed)."""
         if not self._finished and self._started:
-            with self._llm._lock:
-                for r in self._reqs:
-                    if self._llm._engine is not None:
-                        self._llm._engine.cancel(r)
+            sched = self._llm._sched
+            if sched is not None:
+                sched.cancel(self._reqs)
         self._finished = True
+        self._reported = True
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __del__(self) -> None:
         try:
             self.close()
         except Exception:
+            pass
+
+
+_END = object()
+
+
+class AsyncStream:
+    """Async iterator over a running generation (LLM.astream / astream_chat).  The driver
+    thread steps the engine; each step's new text reaches this iterator through the event
+    loop, so the loop never waits on llama.cpp."""
+
+    def __init__(self, llm: LLM, prepare: Callable[[], _Prepared], mode: str) -> None:
+        self._llm = llm
+        self._prepare = prepare
+        self._mode = mode
+        self._prep: Optional[_Prepared] = None
+        self._queue: Any = None
+        self._done = False
+        self._submitted = False
+        self.completion: Optional[Completion] = None
+        self.completions: Optional[list] = None
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def _start(self) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        self._prep = prep = await asyncio.to_thread(self._prepare)
+        self._queue = queue = asyncio.Queue()
+        reqs = prep.requests
+        cursors = [_Cursor() for _ in reqs]
+        index = {id(r): i for i, r in enumerate(reqs)}
+        llm = self._llm
+        mode = self._mode
+        n_done = [0]
+        counted = [False] * len(reqs)
+
+        def listener(r: Any) -> None:   # runs in the stepping thread, between steps
+            i = index[id(r)]
+            item = cursors[i].take(llm, r, i, mode)
+            items = [item] if item is not None else []
+            if r.done and not counted[i]:
+                counted[i] = True
+                n_done[0] += 1
+                if n_done[0] == len(reqs):
+                    items.append(_END)
+            if items:
+                try:
+                    loop.call_soon_threadsafe(_put_all, queue, items)
+                except RuntimeError:   # the event loop is closed: nobody reads any more
+                    llm._sched.cancel(reqs)
+
+        for r in reqs:
+            r.listener = listener
+        self._submitted = True
+        for lead in prep.leaders:
+            llm._sched.submit(lead, driven=True)
+        if all(r.done for r in reqs):      # finished at submit (max_tokens=0)
+            for r in reqs:
+                listener(r)
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if self._prep is None:
+                await self._start()
+            item = await self._queue.get()
+        except BaseException:
+            self._cancel()
+            raise
+        if item is _END:
+            self._finish()
+            raise StopAsyncIteration
+        return item
+
+    def _finish(self) -> None:
+        self._done = True
+        prep = self._prep
+        self._llm._sched.driven_done(len(prep.requests))
+        comps = prep.finish()
+        self.completions = comps if isinstance(comps, list) else [comps]
+        self.completion = self.completions[0]
+
+    def _cancel(self) -> None:
+        if not self._done:
+            self._done = True
+            if self._prep is not None and self._submitted:
+                sched = self._llm._sched
+                sched.cancel(self._prep.requests)
+                sched.driven_done(len(self._prep.requests))
+
+    async def aclose(self) -> None:
+        """Stop generating (cancels the unfinished requests)."""
+        self._cancel()
+
+    def __del__(self) -> None:
+        try:
+            self._cancel()
+        except Exception:
+            pass
+
+
+def _put_all(queue: Any, items: list) -> None:
+    for item in items:
+        queue.put_nowait(item)
+
+
+class _Counters:
+    """Totals for LLM.metrics()."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.prompt_ms = 0.0
+        self.predicted_tokens = 0
+        self.predicted_ms = 0.0
+        self.requests = 0
+        self.decodes_before = 0    # from engines replaced by a re-created context
+        self.busy_before = 0
+
+    def add(self, t: Timings) -> None:
+        self.requests += 1
+        self.prompt_tokens += t.prompt_n
+        self.prompt_ms += t.prompt_ms
+        self.predicted_tokens += t.predicted_n
+        self.predicted_ms += t.predicted_ms
+
+
+def _stderr_is_tty() -> bool:
+    """sys.stderr may be None (pythonw, daemons) or lack isatty."""
+    try:
+        return bool(sys.stderr is not None and sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+# Every open LLM, so that interpreter exit closes them before daemon threads and module
+# teardown can free memory under a running decode.
+_live_llms: "weakref.WeakSet[LLM]" = weakref.WeakSet()
+_immortal: list = []
+
+
+def _keep_forever(obj: Any) -> None:
+    """Never free `obj` (a context a stuck step still uses): one leak at exit beats a crash."""
+    import ctypes
+
+    _immortal.append(obj)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    for llm in list(_live_llms):
+        try:
+            llm.close()
+        except Exception:   # noqa: BLE001 - exit must go on
             pass
 
 

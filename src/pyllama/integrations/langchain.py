@@ -27,9 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import threading
-import uuid
 import warnings
 from operator import itemgetter
 from pathlib import Path
@@ -59,6 +57,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
     ) from _exc
 
 import pyllama
+from pyllama import tools as _tools
 from pyllama.errors import GrammarError
 from pyllama.sampling import FIELD_NAMES as SAMPLING_FIELDS
 
@@ -240,9 +239,14 @@ class _LlamaCppCommon(BaseModel):
             self.model_path = os.fspath(self.model_path)
         text = _check_grammar(self.grammar, self.grammar_path)   # syntax: before anything is loaded
         if self.client is None:
-            if text is not None:
-                _validate_with_vocab(self.model_path, text)   # llama.cpp's parser, vocabulary only
-            self.client = _OwnedLLM(self.model_path, **self._load_kwargs())
+            client = _OwnedLLM(self.model_path, **self._load_kwargs())
+            if text is not None:   # llama.cpp's own parser, with the vocabulary just loaded
+                try:
+                    pyllama._core.validate_grammar(client.vocab, text)
+                except BaseException:
+                    client.close()
+                    raise
+            self.client = client
         elif not isinstance(self.client, pyllama.LLM):
             raise TypeError(f"client must be a pyllama.LLM, not {type(self.client).__name__}")
         else:
@@ -408,21 +412,6 @@ def _check_grammar(grammar: Optional[str], path: Any) -> Optional[str]:
         where = f" in {os.fspath(path)}" if path is not None else ""
         raise GrammarError(f"invalid grammar{where}: {err}")
     return text
-
-
-def _validate_with_vocab(model_path: str, text: str) -> None:
-    """llama.cpp's own grammar parser, with only the vocabulary loaded (cheap)."""
-    from pyllama.models import resolve_model
-
-    raw = os.path.expanduser(os.fspath(model_path))
-    if not os.path.exists(raw) and ("/" in raw or os.sep in raw or raw.lower().endswith(".gguf")):
-        raise FileNotFoundError(2, "model file not found", raw)   # as pyllama.LLM says it
-    path = os.fspath(resolve_model(raw, progress=False))
-    model = pyllama.Model(path, vocab_only=True)
-    try:
-        pyllama._core.validate_grammar(model.vocab, text)
-    finally:
-        model.close()
 
 
 def _info(comp: Any) -> Dict[str, Any]:
@@ -668,72 +657,17 @@ def _message_dict(message: BaseMessage) -> Dict[str, Any]:
     raise TypeError(f"unsupported message type {type(message).__name__}")
 
 
-def _tool_name(tool: Mapping[str, Any]) -> str:
-    return tool["function"]["name"] if "function" in tool else tool["name"]
-
-
-def _tool_call_schema(tools: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
-    """JSON schema of a call to one of `tools`: {"name": <const>, "arguments": <parameters>}."""
-    defs: Dict[str, Any] = {}
-    options = []
-    for tool in tools:
-        fn = tool["function"] if "function" in tool else tool
-        params = dict(fn.get("parameters") or {"type": "object", "properties": {}})
-        for key in ("$defs", "definitions"):
-            if key in params:
-                defs.update(params.pop(key))
-                if key == "definitions":
-                    params = json.loads(json.dumps(params).replace('"#/definitions/', '"#/$defs/'))
-        params.pop("title", None)
-        options.append({"type": "object",
-                        "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                        "required": ["name", "arguments"]})
-    schema: Dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
-    if defs:
-        schema = {**schema, "$defs": defs}
-    return schema
-
-
-_TOOL_PROMPT = ("You can call these tools (JSON schemas):\n{tools}\n"
-                "To call a tool, answer with only a JSON object: "
-                '{{"name": <tool name>, "arguments": <the arguments, as an object>}}.')
-
-
-def _parse_tool_call(text: str, names: Sequence[str]) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """(name, arguments) when `text` is a call to one of the tools, else None."""
-    s = text.strip()
-    m = re.search(r"<tool_call>(.*?)(?:</tool_call>|$)", s, re.S)
-    if m:
-        s = m.group(1).strip()
-    m = re.match(r"^```(?:json)?\s*(.*?)\s*```$", s, re.S)
-    if m:
-        s = m.group(1)
-    try:
-        obj = json.loads(s)
-    except ValueError:
-        return None
-    if isinstance(obj, list) and len(obj) == 1:
-        obj = obj[0]
-    if not isinstance(obj, dict) or obj.get("name") not in names:
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return None
-    return (obj["name"], args) if isinstance(args, dict) else None
-
-
 class ChatLlamaCpp(_LlamaCppCommon, BaseChatModel):
     """A GGUF model through pyllama, as a LangChain chat model (the model's own chat template).
 
     Same fields as :class:`LlamaCpp`.  ``bind_tools(tools, tool_choice=...)``: with
     ``tool_choice`` set to a tool's name, ``"any"``/``"required"``/``True``, the reply is forced
     by a grammar to be a call of that tool (of one of the tools) and comes back as an AIMessage
-    with ``tool_calls``; with ``"auto"``/None the model may answer in text or with a JSON tool
-    call.  ``with_structured_output(schema)`` constrains the reply to the schema's JSON
-    (``method="json_schema"``, the default) and returns a validated pydantic instance (or a dict).
+    with ``tool_calls``; with ``"auto"``/None the model may answer in text or with a tool call
+    (in its template's format, or JSON).  Tool calling is pyllama's own (:mod:`pyllama.tools`,
+    shared with ``LLM.chat`` and the server).  ``with_structured_output(schema)`` constrains the
+    reply to the schema's JSON (``method="json_schema"``, the default) and returns a validated
+    pydantic instance (or a dict).
 
     ``streaming`` defaults to False here; ``stream()``/``astream()`` always stream.
     """
@@ -750,77 +684,75 @@ class ChatLlamaCpp(_LlamaCppCommon, BaseChatModel):
 
     # -- requests ----------------------------------------------------------------------------
 
-    def _chat_request(self, messages: List[BaseMessage], stop: Optional[List[str]],
-                      kwargs: Mapping[str, Any]) -> Tuple[List[Dict[str, Any]], Dict[str, Any], Optional[List[str]], bool]:
-        """(message dicts, chat() keyword arguments, tool names or None, tool call forced)."""
+    def _chat_request(self, messages: List[BaseMessage], stop: Optional[List[str]], kwargs: Mapping[str, Any]
+                      ) -> Tuple[List[Dict[str, Any]], Dict[str, Any], Optional[List[Dict[str, Any]]], Any]:
+        """(message dicts, keyword arguments for the call, the tools or None, the tool_choice
+        in pyllama.tools' terms).  With tools, the call goes through pyllama.tools.chat_with_tools."""
         kwargs = dict(kwargs)
         tools = kwargs.pop("tools", None)
-        tool_choice = kwargs.pop("tool_choice", None)
+        choice = _tool_choice(kwargs.pop("tool_choice", None))
         kwargs.pop("ls_structured_output_format", None)
         kwargs.pop("stream", None)
         for k in ("echo", "suffix"):
             kwargs.pop(k, None)
         params, _ = self._call_params(stop, kwargs)
         msgs = [_message_dict(m) for m in messages]
-        chat_kw: Dict[str, Any] = {}
         if "response_format" in params:
-            chat_kw["response_format"] = params.pop("response_format")
             params.pop("grammar", None)
-        if not tools or tool_choice == "none":
-            return msgs, {**params, **chat_kw}, None, False
-        tools = [convert_to_openai_tool(t) for t in tools]
-        names = [_tool_name(t) for t in tools]
-        forced = _forced_tools(tools, names, tool_choice)
-        if forced is not None:
+        if not tools:
+            return msgs, params, None, None
+        tools = _tools.validate_tools([convert_to_openai_tool(t) for t in tools])
+        choice = _tools.normalize_tool_choice(choice, tools)
+        if choice == "none":   # the tools are not shown; earlier calls and results still render
+            msgs, _ = _tools.prepare_messages(self.client, msgs, None)
+            return msgs, params, None, None
+        if choice != "auto":   # the tool call grammar replaces the model's own grammar
             for k in _GRAMMAR_KEYS:
                 params.pop(k, None)
-            params["json_schema"] = _tool_call_schema(forced)
-        # Show the tools to the model: through its template when the template uses them,
-        # else in a system message.
-        client = self.client
-        if client.render_chat(msgs, tools=tools) != client.render_chat(msgs):
-            chat_kw["tools"] = tools
-        else:
-            note = _TOOL_PROMPT.format(tools=json.dumps([t["function"] for t in tools], ensure_ascii=False))
-            if msgs and msgs[0]["role"] == "system":
-                msgs[0] = {**msgs[0], "content": (msgs[0]["content"] + "\n\n" + note).strip()}
-            else:
-                msgs.insert(0, {"role": "system", "content": note})
-        return msgs, {**params, **chat_kw}, names, forced is not None
+        return msgs, params, tools, choice
 
-    def _message(self, text: str, names: Optional[List[str]], forced: bool, comp: Any) -> AIMessage:
+    def _message(self, comp: Any, tools: Optional[List[Dict[str, Any]]], choice: Any) -> AIMessage:
         meta = {"finish_reason": comp.finish_reason, "model_name": self.model_path}
         usage = {"input_tokens": comp.prompt_tokens, "output_tokens": len(comp.tokens),
                  "total_tokens": comp.prompt_tokens + len(comp.tokens)}
-        if names is not None:
-            call = _parse_tool_call(text, names)
-            if call is not None:
-                return AIMessage(content="", tool_calls=[tool_call(name=call[0], args=call[1], id=_call_id())],
-                                 response_metadata=meta, usage_metadata=usage)
-            if forced:
-                return AIMessage(content="", invalid_tool_calls=[invalid_tool_call(
-                    name=None, args=text, id=_call_id(),
-                    error=f"the tool call was cut off (finish_reason={comp.finish_reason!r}); raise max_tokens")],
-                    response_metadata=meta, usage_metadata=usage)
-        return AIMessage(content=text, response_metadata=meta, usage_metadata=usage)
+        if tools is None:
+            return AIMessage(content=comp.text, response_metadata=meta, usage_metadata=usage)
+        calls = getattr(comp, "tool_calls", None)
+        content = getattr(comp, "content", None) or ""
+        if calls:
+            return AIMessage(content=content, response_metadata=meta, usage_metadata=usage, tool_calls=[
+                tool_call(name=c["function"]["name"], args=json.loads(c["function"]["arguments"]), id=c["id"])
+                for c in calls])
+        if choice != "auto":   # a forced call that did not finish
+            return AIMessage(content="", invalid_tool_calls=[invalid_tool_call(
+                name=None, args=comp.text, id=_tools.new_call_id(),
+                error=f"the tool call was cut off (finish_reason={comp.finish_reason!r}); raise max_tokens")],
+                response_metadata=meta, usage_metadata=usage)
+        return AIMessage(content=content, response_metadata=meta, usage_metadata=usage)
+
+    def _answer(self, msgs: List[Dict[str, Any]], params: Dict[str, Any], tools: Optional[List[Dict[str, Any]]],
+                choice: Any) -> Any:
+        if tools is None:
+            return self.client.chat(msgs, **params)
+        return _tools.chat_with_tools(self.client, msgs, tools=tools, tool_choice=choice, **params)
 
     # -- sync --------------------------------------------------------------------------------
 
     def _generate(self, messages: List[BaseMessage], stop: Optional[List[str]] = None,
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
-        msgs, chat_kw, names, forced = self._chat_request(messages, stop, kwargs)
-        comp = self.client.chat(msgs, **chat_kw)
-        message = self._message(comp.text, names, forced, comp)
+        msgs, params, tools, choice = self._chat_request(messages, stop, kwargs)
+        comp = self._answer(msgs, params, tools, choice)
+        message = self._message(comp, tools, choice)
         return ChatResult(generations=[ChatGeneration(message=message, generation_info=_info(comp))])
 
     def _chunks(self, messages: List[BaseMessage], stop: Optional[List[str]],
                 kwargs: Mapping[str, Any]) -> Iterator[ChatGenerationChunk]:
-        msgs, chat_kw, names, forced = self._chat_request(messages, stop, kwargs)
-        if names is not None:   # a tool call comes whole
-            comp = self.client.chat(msgs, **chat_kw)
-            yield _as_chunk(self._message(comp.text, names, forced, comp), comp)
+        msgs, params, tools, choice = self._chat_request(messages, stop, kwargs)
+        if tools is not None:   # a reply that may be a tool call comes whole
+            comp = self._answer(msgs, params, tools, choice)
+            yield _as_chunk(self._message(comp, tools, choice), comp)
             return
-        stream = self.client.chat(msgs, stream=True, **chat_kw)
+        stream = self.client.chat(msgs, stream=True, **params)
         try:
             for piece in stream:
                 yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
@@ -828,7 +760,9 @@ class ChatLlamaCpp(_LlamaCppCommon, BaseChatModel):
             stream.close()
         comp = stream.completion
         if comp is not None:
-            yield _as_chunk(self._message("", None, False, comp), comp)
+            last = self._message(comp, None, None)
+            yield _as_chunk(AIMessage(content="", response_metadata=last.response_metadata,
+                                      usage_metadata=last.usage_metadata), comp)
 
     def _stream(self, messages: List[BaseMessage], stop: Optional[List[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
@@ -864,7 +798,7 @@ class ChatLlamaCpp(_LlamaCppCommon, BaseChatModel):
         {"type": "function", "function": {"name": ...}} (a call of that tool is forced).
         """
         formatted = [convert_to_openai_tool(t) for t in tools]
-        _forced_tools(formatted, [_tool_name(t) for t in formatted], tool_choice)   # validate now
+        _tools.normalize_tool_choice(_tool_choice(tool_choice), _tools.validate_tools(formatted))   # check now
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(self, schema: Union[Dict[str, Any], Type], *, include_raw: bool = False,
@@ -903,25 +837,14 @@ class ChatLlamaCpp(_LlamaCppCommon, BaseChatModel):
         return llm | parser
 
 
-def _forced_tools(tools: List[Dict[str, Any]], names: List[str], choice: Any) -> Optional[List[Dict[str, Any]]]:
-    """The tools a call must be made to (None: not forced)."""
-    if choice is None or choice == "auto" or choice is False or choice == "none":
-        return None
+def _tool_choice(choice: Any) -> Any:
+    """LangChain's tool_choice in pyllama.tools' terms: None/False/"auto" -> "auto",
+    True/"any"/"required" -> "required"; "none", names and dicts as they are."""
+    if choice is None or choice is False or choice == "auto":
+        return "auto"
     if choice is True or choice in ("any", "required"):
-        return tools
-    if isinstance(choice, Mapping):
-        name = choice.get("function", {}).get("name") if "function" in choice else choice.get("name")
-    elif isinstance(choice, str):
-        name = choice
-    else:
-        raise TypeError(f"tool_choice must be a str, bool or dict, not {type(choice).__name__}")
-    if name not in names:
-        raise ValueError(f"tool_choice {name!r} is not one of the bound tools ({', '.join(names)})")
-    return [tools[names.index(name)]]
-
-
-def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+        return "required"
+    return choice
 
 
 def _as_chunk(message: AIMessage, comp: Any) -> ChatGenerationChunk:

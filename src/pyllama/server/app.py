@@ -1,0 +1,671 @@
+"""The FastAPI application: routes, the gate (API key, readiness, body limit), error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import difflib
+import logging
+import os
+import threading
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pyllama.server import metrics as M
+from pyllama.server import protocol as P
+from pyllama.server import schemas as S
+from pyllama.server.backend import Backend, Stream
+from pyllama.server.errors import (AUTHENTICATION, NOT_FOUND, SERVER, UNAVAILABLE, APIError, bad_request,
+                                   pydantic_errors_to_api_error)
+from pyllama.server.settings import ServerSettings
+
+logger = logging.getLogger("pyllama.server")
+
+#: Paths answered without an API key (as llama-server does).
+PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
+
+
+class ServerState:
+    """What the routes share: settings, the backend once the model is loaded, the registry."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.backend: Optional[Backend] = None
+        self.llm: Any = None
+        self.owns_llm = False
+        self.load_error: Optional[BaseException] = None
+        self.model_id = settings.model_alias or "pyllama"
+        self.created = int(time.time())
+        self.registry = M.make_registry(self._metrics)
+        self.closing = False
+
+    def set_llm(self, llm: Any, owns: bool) -> None:
+        self.llm = llm
+        self.owns_llm = owns
+        if not self.settings.model_alias:
+            self.model_id = os.path.basename(str(getattr(llm, "model_path", "pyllama")))
+        self.backend = Backend(llm, max_queue=self.settings.max_queue, retry_after_s=self.settings.retry_after_s)
+
+    def _metrics(self) -> dict:
+        return self.backend.metrics() if self.backend is not None else {}
+
+    def ready_backend(self) -> Backend:
+        if self.backend is None:
+            raise APIError(503, "Loading model", type=UNAVAILABLE, code="loading")
+        return self.backend
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+# --------------------------------------------------------------------------- the gate (pure ASGI)
+
+
+class _Gate:
+    """API key, readiness and the body limit, before any routing or parsing."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        settings = self.state.settings
+        if settings.api_keys and path not in PUBLIC_PATHS and scope.get("method") != "OPTIONS":
+            if _api_key(scope) not in settings.api_keys:
+                await error_response(APIError(401, "Invalid API Key: send 'Authorization: Bearer <key>'",
+                                              type=AUTHENTICATION, code="invalid_api_key"))(scope, receive, send)
+                return
+        if self.state.backend is None and path not in PUBLIC_PATHS:
+            if self.state.load_error is not None:
+                err = APIError(500, f"the model failed to load: {self.state.load_error}", type=SERVER)
+            else:
+                err = APIError(503, "Loading model", type=UNAVAILABLE, code="loading",
+                               headers={"Retry-After": "1"})
+            await error_response(err)(scope, receive, send)
+            return
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            limit = settings.max_body_bytes
+            length = _content_length(scope)
+            too_big = APIError(413, f"the request body is larger than the limit of {limit} bytes",
+                               code="body_too_large")
+            if length is not None and length > limit:
+                await error_response(too_big)(scope, receive, send)
+                return
+            chunks: List[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body = message.get("body", b"")
+                size += len(body)
+                if size > limit:
+                    await error_response(too_big)(scope, receive, send)
+                    return
+                chunks.append(body)
+                if not message.get("more_body", False):
+                    break
+            whole = b"".join(chunks)
+            replayed = False
+
+            async def replay() -> dict:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": whole, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _header(scope: dict, name: bytes) -> Optional[str]:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _api_key(scope: dict) -> Optional[str]:
+    auth = _header(scope, b"authorization") or _header(scope, b"x-api-key")
+    if auth is None:
+        return None
+    auth = auth.strip()
+    if auth[:7].lower() == "bearer ":
+        auth = auth[7:].strip()
+    return auth
+
+
+def _content_length(scope: dict) -> Optional[int]:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- disconnects
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, aw: Awaitable[Any]) -> Any:
+    """Await `aw`, but cancel it (which cancels the request in the LLM) if the client leaves."""
+    task = asyncio.ensure_future(aw)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that stop as soon as the client disconnects (whatever ASGI version
+    the server speaks), and always close the body iterator, which cancels the generation."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        async def stream() -> None:
+            with contextlib.suppress(OSError):
+                await self.stream_response(send)
+
+        async def listen() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        sender = asyncio.ensure_future(stream())
+        listener = asyncio.ensure_future(listen())
+        try:
+            await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (sender, listener):
+                t.cancel()
+            for t in (sender, listener):
+                with contextlib.suppress(BaseException):
+                    await t
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(BaseException):
+                    await aclose()
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(llm: Any = None, *, loader: Optional[Callable[[], Any]] = None, **settings: Any) -> FastAPI:
+    """An OpenAI-compatible ASGI app serving `llm` (a `pyllama.LLM`).
+
+    Give either `llm` (already loaded; the caller closes it) or `loader`, a callable that
+    returns one: it runs in a thread when the app starts (``/health`` answers 503 until it
+    returns) and the app closes that LLM when it stops.  `settings` are
+    :class:`ServerSettings` fields (api_keys, cors_origins, max_queue, model_alias ...).
+    """
+    if (llm is None) == (loader is None):
+        raise TypeError("create_app() needs exactly one of llm (a loaded LLM) or loader (a callable returning one)")
+    cfg = ServerSettings.from_kwargs(**settings)
+    state = ServerState(cfg)
+    if llm is not None:
+        state.set_llm(llm, owns=False)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading: Optional[threading.Thread] = None
+        if loader is not None and state.backend is None:
+            def load() -> None:
+                try:
+                    state.set_llm(loader(), owns=True)
+                except BaseException as exc:  # noqa: BLE001  (reported by /health)
+                    state.load_error = exc
+                    logger.error("the model failed to load: %s", exc)
+
+            loading = threading.Thread(target=load, name="pyllama-server-load", daemon=True)
+            loading.start()
+        try:
+            yield
+        finally:
+            state.closing = True
+            if state.owns_llm and state.llm is not None:
+                with contextlib.suppress(Exception):
+                    state.llm.close()
+
+    app = FastAPI(title="pyllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.pyllama = state
+    _install_error_handlers(app)
+    _add_routes(app, state)
+    app.add_middleware(_Gate, state=state)
+    if cfg.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in cfg.cors_origins)
+    return app
+
+
+_FIELDS = sorted(set(S.ChatCompletionRequest.model_fields) | set(S.CompletionRequest.model_fields)
+                 | set(S.EmbeddingRequest.model_fields))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = pydantic_errors_to_api_error(exc.errors())
+        if err.code == "unknown_field" and err.param and "." not in err.param:
+            close = difflib.get_close_matches(err.param, _FIELDS, n=1, cutoff=0.6)
+            if close:
+                err.message += f" (did you mean '{close[0]}'?)"
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            err = APIError(404, f"no route {request.method} {request.url.path}", type=NOT_FOUND, code="not_found")
+        elif exc.status_code == 405:
+            err = APIError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+        else:
+            err = APIError(exc.status_code, str(exc.detail))
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("error while answering %s %s", request.method, request.url.path)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type=SERVER))
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    cfg = state.settings
+
+    def n_vocab() -> int:
+        return int(state.llm.vocab.n_tokens)
+
+    # ---- ops ------------------------------------------------------------------------
+
+    @app.get("/health")
+    @app.get("/v1/health")
+    async def health() -> JSONResponse:
+        if state.load_error is not None:
+            return error_response(APIError(500, f"the model failed to load: {state.load_error}", type=SERVER))
+        if state.backend is None:
+            return error_response(APIError(503, "Loading model", type=UNAVAILABLE, code="loading"))
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    @app.get("/models")
+    async def models() -> JSONResponse:
+        llm = state.llm
+        meta: dict = {}
+        with contextlib.suppress(Exception):
+            m = llm.model
+            meta = {"n_vocab": llm.vocab.n_tokens, "n_ctx_train": m.n_ctx_train, "n_embd": m.n_embd,
+                    "n_params": m.n_params, "size": m.size, "n_ctx": llm.n_ctx,
+                    "n_ctx_slot": _slot_ctx(state), "n_slots": state.backend.n_slots}
+        card = S.ModelCard(id=state.model_id, created=state.created, meta=meta or None)
+        return JSONResponse(S.ModelList(data=[card]).model_dump(exclude_none=True))
+
+    @app.get("/slots")
+    async def slots() -> JSONResponse:
+        out = []
+        n_ctx = _slot_ctx(state)
+        for s in state.ready_backend().slots():
+            s = dict(s)
+            s.setdefault("n_ctx", n_ctx)
+            if "is_processing" not in s and "busy" in s:
+                s["is_processing"] = bool(s["busy"])
+            out.append(s)
+        return JSONResponse(out)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(M.render(state.registry), media_type=M.CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(body: S.TokenizeRequest) -> JSONResponse:
+        llm = state.llm
+        tokens = llm.tokenize(body.content, add_special=body.add_special, parse_special=body.parse_special)
+        if body.with_pieces:
+            return JSONResponse({"tokens": [{"id": t, "piece": llm.detokenize([t])} for t in tokens]})
+        return JSONResponse({"tokens": tokens})
+
+    @app.post("/detokenize")
+    async def detokenize(body: S.DetokenizeRequest) -> JSONResponse:
+        P.check_token_ids([body.tokens], n_vocab(), param="tokens")
+        return JSONResponse({"content": state.llm.detokenize(body.tokens)})
+
+    # ---- embeddings ---------------------------------------------------------------------
+
+    @app.post("/v1/embeddings")
+    @app.post("/embeddings")
+    async def embeddings(body: S.EmbeddingRequest, request: Request) -> JSONResponse:
+        backend = state.ready_backend()
+        llm = state.llm
+        if not getattr(llm, "embedding", False):
+            raise APIError(501, "this server's model was loaded without embeddings (LLM(..., embedding=True))",
+                           type="not_supported_error", code="embeddings_disabled")
+        inp = body.input
+        if isinstance(inp, str):
+            items: list = [inp]
+        elif isinstance(inp[0], int):
+            items = [list(inp)]
+        else:
+            items = list(inp)
+        for i, item in enumerate(items):
+            if isinstance(item, str) and not item:
+                raise bad_request("input contains an empty string", param="input" if len(items) == 1 else f"input.{i}")
+        P.check_token_ids(items, n_vocab(), param="input")
+        n_tokens = sum(len(llm.tokenize(x)) if isinstance(x, str) else len(x) for x in items)
+        with backend.admit():
+            vectors = await unless_disconnected(request, backend.embed(items))
+        data = []
+        for i, vec in enumerate(vectors):
+            if body.dimensions is not None:
+                vec = vec[: body.dimensions]
+            if body.encoding_format == "base64":
+                import numpy as np
+
+                emb: Any = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
+            else:
+                emb = [float(x) for x in vec]
+            data.append(S.EmbeddingData(index=i, embedding=emb))
+        resp = S.EmbeddingResponse(data=data, model=state.model_id,
+                                   usage=S.EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens))
+        return JSONResponse(resp.model_dump())
+
+    # ---- chat ----------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Response:
+        body.check()
+        backend = state.ready_backend()
+        _check_n(body.n, backend)
+        kw = P.chat_kwargs(body, cfg, n_vocab())
+        messages = P.chat_messages(body)
+        rid, created, model = P.new_id("chatcmpl"), P.now(), state.model_id
+        if not body.stream:
+            try:
+                with backend.admit():
+                    result = await unless_disconnected(request, backend.chat(messages, **kw))
+            except ClientGone:
+                return Response(status_code=499)
+            comps = result if isinstance(result, list) else [result]
+            return JSONResponse(P.chat_response(comps, model, rid, created).model_dump())
+        backend.acquire()
+        try:
+            if "tools" in kw:
+                # Tool calls are parsed from the whole answer: generate it, then send it as chunks.
+                result = await unless_disconnected(request, backend.chat(messages, **kw))
+                comps = result if isinstance(result, list) else [result]
+                events = _chat_events_from_completions(comps, body, rid, created, model)
+            else:
+                stream = await unless_disconnected(request, backend.stream_chat(messages, **kw))
+                events = _chat_events(stream, body, rid, created, model)
+        except ClientGone:
+            backend.release()
+            return Response(status_code=499)
+        except BaseException:
+            backend.release()
+            raise
+        return EventStream(_released(events, backend))
+
+    # ---- completions -----------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    @app.post("/completions")
+    async def completions(body: S.CompletionRequest, request: Request) -> Response:
+        body.check()
+        backend = state.ready_backend()
+        _check_n(body.n, backend)
+        llm = state.llm
+        nv = n_vocab()
+        kw = P.sampling_kwargs(body, cfg, nv)
+        if body.logprobs is not None:
+            kw["logprobs"] = True
+            if body.logprobs > 0:
+                kw["top_logprobs"] = body.logprobs
+        prompts = P.completion_prompts(body)
+        P.check_token_ids(prompts, nv)
+        # llama-server tokenizes completion prompts with special tokens parsed
+        kw["parse_special"] = True
+        prompt_texts = [p if isinstance(p, str) else llm.detokenize(p) for p in prompts] if body.echo else None
+        rid, created, model = P.new_id("cmpl"), P.now(), state.model_id
+        if not body.stream:
+            try:
+                with backend.admit():   # echo: the library puts the prompt in front (and scores it)
+                    results = await unless_disconnected(
+                        request, asyncio.gather(*(backend.complete(p, echo=body.echo, **kw) for p in prompts)))
+            except ClientGone:
+                return Response(status_code=499)
+            groups = [r if isinstance(r, list) else [r] for r in results]
+            choices = []
+            for pi, comps in enumerate(groups):
+                for j, c in enumerate(comps):
+                    choices.append(P.completion_choice(c, pi * body.n + j, prompt_texts[pi] if body.echo else "",
+                                                       body.echo, body.logprobs is not None))
+            # (the library's Completion.text already starts with the prompt when echo=True)
+            resp = S.CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                        usage=P.usage(groups), timings=P.timings(groups[0][0]))
+            return JSONResponse(resp.model_dump())
+        backend.acquire()
+        try:
+            streams = await unless_disconnected(
+                request, asyncio.gather(*(backend.stream_complete(p, **kw) for p in prompts)))
+        except ClientGone:
+            backend.release()
+            return Response(status_code=499)
+        except BaseException:
+            backend.release()
+            raise
+        events = _completion_events(streams, body, prompt_texts, rid, created, model)
+        return EventStream(_released(events, backend))
+
+
+def _check_n(n: int, backend: Backend) -> None:
+    # The LLM would grow its context to n sequences when idle, changing every slot's size:
+    # a server keeps the layout it was started with.
+    if n > backend.n_slots:
+        raise bad_request(f"n={n} choices need {n} slots at once but this server has {backend.n_slots} "
+                          "(start it with a larger -np)", param="n")
+
+
+def _slot_ctx(state: ServerState) -> Optional[int]:
+    llm = state.llm
+    for attr in ("n_ctx_slot", "n_ctx_seq"):
+        v = getattr(llm, attr, None)
+        if isinstance(v, int):
+            return v
+    try:
+        n_ctx = int(llm.n_ctx)
+    except Exception:  # noqa: BLE001
+        return None
+    unified = bool(getattr(llm, "_ctx_params", {}).get("kv_unified", True))
+    return n_ctx if unified else n_ctx // max(state.backend.n_slots if state.backend else 1, 1)
+
+
+async def _released(events: AsyncIterator[bytes], backend: Backend) -> AsyncIterator[bytes]:
+    try:
+        async for e in events:
+            yield e
+    finally:
+        backend.release()
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(BaseException):
+                await aclose()
+
+
+def _include_usage(body: S.SamplingFields) -> bool:
+    return bool(body.stream_options is not None and body.stream_options.include_usage)
+
+
+async def _chat_events(stream: Stream, body: S.ChatCompletionRequest, rid: str, created: int,
+                       model: str) -> AsyncIterator[bytes]:
+    include_usage = _include_usage(body)
+
+    def chunk(choices: list, usage: Any = None, timings: Any = None) -> bytes:
+        return P.sse(P.chat_chunk(rid, created, model, choices, usage, include_usage, timings))
+
+    finished: dict = {}
+    try:
+        for i in range(body.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for piece in stream:
+            if piece.text or piece.logprobs:
+                yield chunk([{"index": piece.index, "delta": {"content": piece.text},
+                              "logprobs": P.chat_logprobs(piece.logprobs) if piece.logprobs else None,
+                              "finish_reason": None}])
+            if piece.finish_reason is not None:
+                finished[piece.index] = piece.finish_reason
+        comps = stream.completions or []
+        for i in range(body.n):
+            reason = comps[i].finish_reason if i < len(comps) else finished.get(i, "stop")
+            last = i == body.n - 1
+            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(reason)}],
+                        timings=P.timings(comps[0]) if (last and comps) else None)
+        if include_usage and comps:
+            yield chunk([], usage=P.usage([comps]))
+        yield P.SSE_DONE
+    finally:
+        await stream.aclose()
+
+
+async def _chat_events_from_completions(comps: list, body: S.ChatCompletionRequest, rid: str, created: int,
+                                        model: str) -> AsyncIterator[bytes]:
+    include_usage = _include_usage(body)
+
+    def chunk(choices: list, usage: Any = None, timings: Any = None) -> bytes:
+        return P.sse(P.chat_chunk(rid, created, model, choices, usage, include_usage, timings))
+
+    for i, c in enumerate(comps):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+        msg = P._message(c)
+        if msg.tool_calls:
+            calls = [dict(tc, index=k) for k, tc in enumerate(msg.tool_calls)]
+            delta: dict = {"tool_calls": calls}
+            if msg.content:
+                delta["content"] = msg.content
+            yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+        elif msg.content:
+            yield chunk([{"index": i, "delta": {"content": msg.content},
+                          "logprobs": P.chat_logprobs(getattr(c, "logprobs", None)), "finish_reason": None}])
+        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(c.finish_reason)}],
+                    timings=P.timings(c) if i == len(comps) - 1 else None)
+    if include_usage:
+        yield chunk([], usage=P.usage([comps]))
+    yield P.SSE_DONE
+
+
+async def _merge(streams: List[Stream]) -> AsyncIterator[tuple]:
+    """(stream index, piece) from several streams as they come."""
+    if len(streams) == 1:
+        async for piece in streams[0]:
+            yield 0, piece
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, s: Stream) -> None:
+        try:
+            async for piece in s:
+                await queue.put((k, piece, None))
+        except BaseException as exc:  # noqa: BLE001
+            await queue.put((k, None, exc))
+            return
+        await queue.put((k, None, None))
+
+    tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(streams)]
+    try:
+        open_ = len(streams)
+        while open_:
+            k, piece, exc = await queue.get()
+            if piece is None:
+                if exc is not None and not isinstance(exc, asyncio.CancelledError):
+                    raise exc
+                open_ -= 1
+                continue
+            yield k, piece
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _completion_events(streams: List[Stream], body: S.CompletionRequest, prompt_texts: Optional[list],
+                             rid: str, created: int, model: str) -> AsyncIterator[bytes]:
+    include_usage = _include_usage(body)
+    want_lp = body.logprobs is not None
+    offsets: dict = {}
+
+    def chunk(choices: list, usage: Any = None, timings: Any = None) -> bytes:
+        return P.sse(P.completion_chunk(rid, created, model, choices, usage, include_usage, timings))
+
+    try:
+        if body.echo:
+            for k, text in enumerate(prompt_texts or ()):
+                for j in range(body.n):
+                    yield chunk([{"index": k * body.n + j, "text": text, "logprobs": None, "finish_reason": None}])
+                    offsets[k * body.n + j] = len(text)
+        async for k, piece in _merge(streams):
+            index = k * body.n + piece.index
+            if not piece.text and not piece.logprobs:
+                continue
+            lp = None
+            if want_lp:
+                lp = P.legacy_logprobs(piece.logprobs or [], offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + len(piece.text)
+            yield chunk([{"index": index, "text": piece.text, "logprobs": lp, "finish_reason": None}])
+        groups = [s.completions or [] for s in streams]
+        n_total = len(streams) * body.n
+        for index in range(n_total):
+            k, j = divmod(index, body.n)
+            comps = groups[k]
+            reason = comps[j].finish_reason if j < len(comps) else "stop"
+            last = index == n_total - 1
+            yield chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": P.finish_reason(reason)}],
+                        timings=P.timings(groups[0][0]) if (last and groups and groups[0]) else None)
+        if include_usage:
+            yield chunk([], usage=P.usage(groups))
+        yield P.SSE_DONE
+    finally:
+        for s in streams:
+            with contextlib.suppress(BaseException):
+                await s.aclose()

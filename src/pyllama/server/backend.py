@@ -1,0 +1,307 @@
+"""The server's only door into the model: admission (slots + bounded queue) and the calls
+into `LLM`'s async API.
+
+The `LLM` owns the engine, the scheduling of sequences into its slots, the prompt cache,
+logprobs, `n`, tool calling and cancellation; this module only
+
+* counts the requests in flight and refuses (503 + Retry-After) those beyond
+  ``slots + max_queue``,
+* awaits `LLM`'s coroutines / async iterators (one adapter, :meth:`Backend._call` and
+  :meth:`Backend._open_stream`), and turns the library's input errors into 400s,
+* makes sure a request whose client went away is cancelled (closing the async iterator /
+  cancelling the awaiting task is what cancels the request inside the `LLM`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Iterator, List, Optional
+
+from pyllama.server.errors import UNAVAILABLE, APIError, from_library_error
+
+logger = logging.getLogger("pyllama.server")
+
+
+@dataclass
+class Piece:
+    """One streamed piece of one choice (the shape of the library's Chunk)."""
+
+    index: int
+    text: str
+    token_ids: Optional[list] = None
+    logprobs: Optional[list] = None
+    finish_reason: Optional[str] = None
+
+
+def _as_piece(item: Any) -> Piece:
+    if isinstance(item, str):
+        return Piece(0, item)
+    if isinstance(item, tuple):                       # generate_stream's (index, piece)
+        return Piece(int(item[0]), item[1])
+    return Piece(int(getattr(item, "index", 0) or 0), getattr(item, "text", "") or "",
+                 getattr(item, "token_ids", None), getattr(item, "logprobs", None),
+                 getattr(item, "finish_reason", None))
+
+
+class Stream:
+    """An async iterator of :class:`Piece` over one running generation; after it is
+    exhausted, :attr:`completions` holds the final `Completion` objects (one per choice)."""
+
+    def __init__(self, source: Any, closer: Callable[[], Any], finals: Callable[[], Optional[list]]) -> None:
+        self._source = source
+        self._closer = closer
+        self._finals = finals
+        self.completions: Optional[list] = None
+        self._done = False
+
+    def __aiter__(self) -> "Stream":
+        return self
+
+    async def __anext__(self) -> Piece:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._source.__anext__()
+        except StopAsyncIteration:
+            self._done = True
+            self.completions = self._finals()
+            raise
+        return _as_piece(item)
+
+    async def aclose(self) -> None:
+        """Stop (cancels the request in the LLM if it is still running)."""
+        if not self._done:
+            self._done = True
+            res = self._closer()
+            if inspect.isawaitable(res):
+                await res
+
+
+class Backend:
+    """Admission control and the async calls into one `LLM`."""
+
+    def __init__(self, llm: Any, *, max_queue: int = 64, retry_after_s: int = 1) -> None:
+        self.llm = llm
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self.n_slots = _slot_count(llm)
+        self.in_flight = 0
+        self.requests_total = 0
+        self.rejected_total = 0
+        self.started = time.time()
+
+    # ---- admission ---------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.n_slots + self.max_queue
+
+    def acquire(self) -> None:
+        """Take one place among slots + queue (give it back with :meth:`release`), or raise 503."""
+        if self.in_flight >= self.capacity:
+            self.rejected_total += 1
+            raise APIError(503, f"the server is busy: {self.in_flight} requests are in flight "
+                                f"({self.n_slots} slots, queue of {self.max_queue}); retry later",
+                           type=UNAVAILABLE, code="queue_full",
+                           headers={"Retry-After": str(self.retry_after_s)})
+        self.in_flight += 1
+        self.requests_total += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one place among slots + queue for the duration of a request, or raise 503."""
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    # ---- the adapter ------------------------------------------------------------------
+
+    async def _call(self, name: str, *args: Any, param: Optional[str] = None, **kwargs: Any) -> Any:
+        """``await llm.a<name>(...)``; library input errors become 400s."""
+        afn = getattr(self.llm, "a" + name, None)
+        try:
+            if afn is not None:
+                return await afn(*args, **kwargs)
+            # An LLM without the async API: a worker thread (not cancellable mid-call).
+            return await asyncio.to_thread(getattr(self.llm, name), *args, **kwargs)
+        except APIError:
+            raise
+        except Exception as exc:
+            api = from_library_error(exc, param)
+            if api is None:
+                raise
+            raise api from exc
+
+    async def _open_stream(self, name: str, *args: Any, param: Optional[str] = None, **kwargs: Any) -> Stream:
+        """Start a streamed generation (``llm.astream`` / ``llm.astream_chat``, in Chunks) and wait
+        for its first piece, so that input errors are still a 400 rather than a broken stream."""
+        try:
+            afn = getattr(self.llm, "astream_chat" if name == "chat" else "astream", None)
+            if afn is not None:
+                stream = _wrap_async(afn(*args, chunks=True, **kwargs))
+            else:
+                stream = _thread_stream(self.llm, name, args, kwargs)
+            first = await _prefetch(stream)
+        except APIError:
+            raise
+        except Exception as exc:
+            api = from_library_error(exc, param)
+            if api is None:
+                raise
+            raise api from exc
+        return first
+
+    # ---- what the routes use -------------------------------------------------------------
+
+    async def complete(self, prompt: Any, **kwargs: Any) -> Any:
+        return await self._call("complete", prompt, param="prompt", **kwargs)
+
+    async def chat(self, messages: list, **kwargs: Any) -> Any:
+        return await self._call("chat", messages, param="messages", **kwargs)
+
+    async def stream_complete(self, prompt: Any, **kwargs: Any) -> Stream:
+        return await self._open_stream("stream", prompt, param="prompt", **kwargs)
+
+    async def stream_chat(self, messages: list, **kwargs: Any) -> Stream:
+        return await self._open_stream("chat", messages, param="messages", **kwargs)
+
+    async def embed(self, texts: Any) -> Any:
+        try:
+            return await asyncio.to_thread(self.llm.embed, texts)
+        except Exception as exc:
+            api = from_library_error(exc, "input")
+            if api is None:
+                raise
+            raise api from exc
+
+    def slots(self) -> List[dict]:
+        fn = getattr(self.llm, "slots", None)
+        if fn is not None:
+            return list(fn())
+        busy = min(self.in_flight, self.n_slots)
+        return [{"id": i, "is_processing": i < busy} for i in range(self.n_slots)]
+
+    def metrics(self) -> dict:
+        fn = getattr(self.llm, "metrics", None)
+        out = dict(fn()) if fn is not None else {}
+        out.setdefault("requests_processing", min(self.in_flight, self.n_slots))
+        out.setdefault("requests_deferred", max(0, self.in_flight - self.n_slots))
+        return out
+
+
+def _slot_count(llm: Any) -> int:
+    for attr in ("n_parallel", "n_slots"):
+        value = getattr(llm, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    try:
+        return int(llm.context.n_seq_max)
+    except Exception:  # noqa: BLE001
+        return 1
+
+
+async def _prefetch(stream: Stream) -> Stream:
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        return stream
+    source = stream._source
+
+    async def chained() -> AsyncIterator[Any]:
+        yield first
+        async for item in source:
+            yield item
+
+    gen = chained()
+    stream._source = gen
+    original_closer = stream._closer
+
+    async def close_both() -> None:
+        await gen.aclose()
+        res = original_closer()
+        if inspect.isawaitable(res):
+            await res
+
+    stream._closer = close_both
+    # The first piece was already converted to a Piece; chained() yields it as is.
+    return stream
+
+
+def _wrap_async(src: Any) -> Stream:
+    def finals() -> Optional[list]:
+        comps = getattr(src, "completions", None)
+        if comps is None:
+            comp = getattr(src, "completion", None)
+            comps = [comp] if comp is not None else None
+        return list(comps) if comps is not None else None
+
+    async def closer() -> None:
+        aclose = getattr(src, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        else:
+            close = getattr(src, "close", None)
+            if close is not None:
+                close()
+
+    return Stream(src.__aiter__(), closer, finals)
+
+
+def _thread_stream(llm: Any, name: str, args: tuple, kwargs: dict) -> Stream:
+    """For an `LLM` without the async API: iterate its sync stream in a worker thread and
+    hand the pieces to the event loop.  Closing stops the stream at its next piece."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+    holder: dict = {}
+
+    def worker() -> None:
+        try:
+            if name == "chat":
+                it = llm.chat(*args, stream=True, **kwargs)
+            else:
+                it = llm.stream(*args, **kwargs)
+            holder["it"] = it
+            for item in it:
+                if stop.is_set():
+                    it.close()
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
+            loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+        except BaseException as exc:  # noqa: BLE001  (handed to the event loop)
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+
+    threading.Thread(target=worker, name="pyllama-server-stream", daemon=True).start()
+
+    class _Source:
+        def __aiter__(self) -> "_Source":
+            return self
+
+        async def __anext__(self) -> Any:
+            kind, value = await queue.get()
+            if kind == "item":
+                return value
+            if kind == "error":
+                raise value
+            raise StopAsyncIteration
+
+    def finals() -> Optional[list]:
+        it = holder.get("it")
+        comps = getattr(it, "completions", None)
+        if comps is None:
+            comp = getattr(it, "completion", None)
+            comps = [comp] if comp is not None else None
+        return list(comps) if comps is not None else None
+
+    return Stream(_Source(), stop.set, finals)

@@ -1,0 +1,118 @@
+"""OpenAI's error object, and the mapping from pyllama's exceptions onto HTTP statuses.
+
+Every error the server returns has OpenAI's shape::
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
+
+so the `openai` SDK raises its matching exception (BadRequestError, AuthenticationError,
+NotFoundError, RateLimitError/InternalServerError ...) with our message.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from pyllama.errors import ContextLengthError, GrammarError, InvalidTokenError, JSONSchemaError
+
+INVALID_REQUEST = "invalid_request_error"
+AUTHENTICATION = "authentication_error"
+NOT_FOUND = "not_found_error"
+UNAVAILABLE = "unavailable_error"
+SERVER = "server_error"
+
+
+class APIError(Exception):
+    """An error to answer with: HTTP status plus OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = INVALID_REQUEST, param: Optional[str] = None,
+                 code: Optional[str] = None, headers: Optional[dict] = None, extra: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def body(self) -> dict:
+        err: dict = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        err.update(self.extra)
+        return {"error": err}
+
+
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+_CTX_NUMBERS = re.compile(r"(\d+) tokens.*?\b(?:is|of|has) (\d+)", re.S)
+
+
+def from_library_error(exc: BaseException, param: Optional[str] = None) -> Optional[APIError]:
+    """The API error for an exception the library raised while building a request
+    (bad value, grammar, schema, token id, prompt too long), or None if it is not the
+    caller's fault."""
+    if isinstance(exc, ContextLengthError):
+        extra: dict = {}
+        m = _CTX_NUMBERS.search(str(exc))
+        if m:   # llama-server's fields, so clients written for it find the numbers
+            extra = {"n_prompt_tokens": int(m.group(1)), "n_ctx": int(m.group(2))}
+        return APIError(400, str(exc), param=param or "messages", code="context_length_exceeded", extra=extra)
+    if isinstance(exc, InvalidTokenError):
+        return bad_request(str(exc), param=param or "prompt", code="invalid_token")
+    if isinstance(exc, JSONSchemaError):
+        return bad_request(str(exc), param="response_format", code="invalid_json_schema")
+    if isinstance(exc, GrammarError):
+        return bad_request(str(exc), param="grammar", code="invalid_grammar")
+    if isinstance(exc, ValueError):   # the library's validation; a TypeError would be our bug: 500
+        return bad_request(str(exc), param=param)
+    return None
+
+
+def pydantic_errors_to_api_error(errors: Any) -> APIError:
+    """FastAPI's RequestValidationError list -> one 400 with the first problem, named like OpenAI
+    does (``param`` is the dotted field path)."""
+    errors = list(errors)
+    if not errors:
+        return bad_request("invalid request body")
+    first = errors[0]
+    kind = first.get("type", "")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # pydantic reports a union's failed branches as extra path items ("str", "list[...]"); drop them
+    loc = [p for p in loc if not _is_type_tag(p)]
+    param = ".".join(loc) or None
+    if kind == "json_invalid":
+        ctx = first.get("ctx") or {}
+        return bad_request(f"the request body is not valid JSON: {ctx.get('error', first.get('msg'))}",
+                           code="invalid_json")
+    if kind == "missing" and not loc:
+        return bad_request("the request needs a JSON body")
+    if kind == "missing":
+        return bad_request(f"'{param}' is required", param=param, code="missing_field")
+    if kind == "extra_forbidden":
+        return bad_request(f"unknown field '{param}'", param=param, code="unknown_field")
+    if kind == "model_attributes_type" and not loc:
+        return bad_request("the request body must be a JSON object")
+    msg = first.get("msg", "invalid value")
+    given = first.get("input")
+    shown = _short_repr(given)
+    n_more = len(errors) - 1
+    more = f" (and {n_more} more problem{'s' if n_more > 1 else ''})" if n_more else ""
+    where = f"'{param}'" if param else "the request body"
+    return bad_request(f"{where}: {msg}, got {shown}{more}", param=param, code="invalid_value")
+
+
+def _is_type_tag(p: str) -> bool:
+    return bool(re.fullmatch(r"(str|int|float|bool|list\[.*\]|dict\[.*\]|literal\[.*\]|function-.*|"
+                             r"[A-Z][A-Za-z]+|tagged-union\[.*\]|is-instance\[.*\]|constrained-.*)", p))
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,239 @@
+"""OpenAI requests -> `LLM` keyword arguments, and `Completion` objects -> OpenAI bodies.
+
+Pure functions, no I/O: the routes in app.py call these around the backend's awaits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from typing import Any, Iterable, List, Optional, Sequence
+
+from pyllama.server import schemas as S
+from pyllama.server.errors import bad_request
+from pyllama.server.settings import ServerSettings
+
+#: The library's finish reasons -> OpenAI's.
+FINISH_REASONS = {"eog": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls",
+                  "cancelled": "stop", None: None}
+
+
+def finish_reason(reason: Optional[str]) -> Optional[str]:
+    return FINISH_REASONS.get(reason, reason)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def sampling_kwargs(req: S.SamplingFields, settings: ServerSettings, n_vocab: int,
+                    max_tokens: Optional[int] = None) -> dict:
+    """The generation keyword arguments of `LLM.complete` / `LLM.chat` for one request."""
+    kw: dict = dict(settings.sampling_defaults)
+    if max_tokens is None:
+        max_tokens = req.max_tokens if req.max_tokens is not None else req.n_predict
+    kw["max_tokens"] = settings.default_max_tokens if max_tokens is None else max_tokens
+    for name in ("temperature", "top_p", "top_k", "min_p", "typical_p", "presence_penalty", "frequency_penalty",
+                 "repeat_penalty", "mirostat_tau", "mirostat_eta", "ignore_eos", "grammar", "json_schema"):
+        value = getattr(req, name)
+        if value is not None:
+            kw[name] = value
+    if req.repeat_last_n is not None:
+        kw["last_n_tokens_size"] = req.repeat_last_n
+    if req.mirostat is not None:
+        kw["mirostat_mode"] = req.mirostat
+    if req.stop is not None:
+        kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if req.seed is not None:
+        kw["seed"] = None if req.seed == -1 else req.seed
+    if req.logit_bias:
+        bias = {}
+        for key, value in req.logit_bias.items():
+            tok = int(key)
+            if not 0 <= tok < n_vocab:
+                raise bad_request(f"logit_bias names token {tok}, outside the vocabulary [0, {n_vocab})",
+                                  param="logit_bias", code="invalid_token")
+            # OpenAI: -100 bans a token, 100 forces it; llama.cpp adds the bias to the logit.
+            bias[tok] = -math.inf if value <= -100 else float(value)
+        kw["logit_bias"] = bias
+    if req.n > 1:
+        kw["n"] = req.n
+    return kw
+
+
+def chat_kwargs(req: S.ChatCompletionRequest, settings: ServerSettings, n_vocab: int) -> dict:
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else None
+    if max_tokens is None:
+        max_tokens = req.max_tokens if req.max_tokens is not None else req.n_predict
+    kw = sampling_kwargs(req, settings, n_vocab, max_tokens)
+    if req.logprobs:
+        kw["logprobs"] = True
+        if req.top_logprobs:
+            kw["top_logprobs"] = req.top_logprobs
+    if req.response_format is not None and req.response_format.type != "text":
+        kw["response_format"] = req.response_format.to_library()
+    if req.tools and req.tool_choice != "none":
+        kw["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        choice = req.tool_choice
+        if choice is not None:
+            kw["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
+    return kw
+
+
+def chat_messages(req: S.ChatCompletionRequest) -> list:
+    return [m.to_template() for m in req.messages]
+
+
+def completion_prompts(req: S.CompletionRequest) -> list:
+    """The prompts of a /v1/completions request: each a str or a list of token ids."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    if p and isinstance(p[0], int):
+        return [list(p)]
+    return list(p)
+
+
+def check_token_ids(prompts: Sequence[Any], n_vocab: int, param: str = "prompt") -> None:
+    for i, p in enumerate(prompts):
+        if isinstance(p, list):
+            for tok in p:
+                if not 0 <= tok < n_vocab:
+                    where = param if len(prompts) == 1 else f"{param}.{i}"
+                    raise bad_request(f"token id {tok} is outside the vocabulary [0, {n_vocab})", param=where,
+                                      code="invalid_token")
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def _timings(comp: Any) -> Optional[S.ServerTimings]:
+    t = getattr(comp, "timings", None)
+    if t is None:
+        return None
+    pn, pms = int(t.prompt_n), float(t.prompt_ms)
+    gn, gms = int(t.predicted_n), float(t.predicted_ms)
+    return S.ServerTimings(
+        cache_n=int(getattr(t, "cached_n", 0)), prompt_n=pn, prompt_ms=pms,
+        prompt_per_token_ms=pms / pn if pn else 0.0, prompt_per_second=1000.0 * pn / pms if pms > 0 else 0.0,
+        predicted_n=gn, predicted_ms=gms, predicted_per_token_ms=gms / gn if gn else 0.0,
+        predicted_per_second=1000.0 * gn / gms if gms > 0 else 0.0)
+
+
+def usage(groups: Sequence[Sequence[Any]]) -> S.Usage:
+    """Usage of one request: `groups` holds, per prompt, the completions that share it."""
+    prompt = cached = completion = 0
+    for comps in groups:
+        if not comps:
+            continue
+        prompt += int(comps[0].prompt_tokens)
+        t = getattr(comps[0], "timings", None)
+        cached += int(getattr(t, "cached_n", 0) or 0)
+        completion += sum(len(c.tokens) for c in comps)
+    return S.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=S.PromptTokensDetails(cached_tokens=cached))
+
+
+def chat_logprobs(entries: Optional[Iterable[Any]]) -> Optional[dict]:
+    if entries is None:
+        return None
+    return {"content": [e.to_openai() for e in entries], "refusal": None}
+
+
+def _message(comp: Any) -> S.ResponseMessage:
+    tool_calls = getattr(comp, "tool_calls", None)
+    if tool_calls:
+        return S.ResponseMessage(content=getattr(comp, "content", None), tool_calls=list(tool_calls))
+    content = getattr(comp, "content", None)
+    return S.ResponseMessage(content=comp.text if content is None else content)
+
+
+def chat_response(comps: List[Any], model: str, rid: str, created: int) -> S.ChatCompletionResponse:
+    choices = [S.ChatChoice(index=i, message=_message(c), finish_reason=finish_reason(c.finish_reason),
+                            logprobs=chat_logprobs(getattr(c, "logprobs", None)))
+               for i, c in enumerate(comps)]
+    return S.ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage([comps]),
+                                    timings=_timings(comps[0]))
+
+
+def legacy_logprobs(entries: Optional[Sequence[Any]], offset0: int, prompt_entries: Optional[Sequence[Any]] = None
+                    ) -> Optional[dict]:
+    """/v1/completions' logprobs object: tokens, token_logprobs, top_logprobs, text_offset.
+    With echo, `prompt_entries` (the library scores prompt tokens 2..n; the first has no
+    context to be scored in) come first and offsets count from the start of the text."""
+    if entries is None:
+        return None
+    tokens: list = []
+    token_logprobs: list = []
+    tops: list = []
+    offsets: list = []
+    offset = offset0
+    for e in list(prompt_entries or ()) + list(entries):
+        tokens.append(e.token)
+        token_logprobs.append(e.logprob)
+        tops.append({t.token: t.logprob for t in (e.top_logprobs or ())})
+        offsets.append(offset)
+        offset += len(e.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def completion_choice(comp: Any, index: int, prompt_text: str, echo: bool, want_logprobs: bool) -> S.CompletionChoice:
+    text = comp.text     # with echo, the library's text already starts with the prompt
+    lp = None
+    if want_logprobs:
+        prompt_lp = getattr(comp, "prompt_logprobs", None) if echo else None
+        start = 0
+        if echo and prompt_lp is not None:   # the unscored first prompt token's text comes before
+            start = max(0, len(prompt_text) - sum(len(e.token) for e in prompt_lp))
+        elif echo:
+            start = len(prompt_text)
+        lp = legacy_logprobs(getattr(comp, "logprobs", None) or [], start, prompt_lp)
+    return S.CompletionChoice(index=index, text=text, finish_reason=finish_reason(comp.finish_reason), logprobs=lp)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def sse(obj: Any) -> bytes:
+    if hasattr(obj, "model_dump_json"):
+        data = obj.model_dump_json()
+    else:
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return b"data: " + data.encode("utf-8") + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def chat_chunk(rid: str, created: int, model: str, choices: list, usage_obj: Any = None,
+               include_usage_field: bool = False, timings: Any = None) -> dict:
+    out: dict = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "system_fingerprint": None, "choices": choices}
+    if include_usage_field or usage_obj is not None:
+        out["usage"] = usage_obj.model_dump() if usage_obj is not None else None
+    if timings is not None:
+        out["timings"] = timings.model_dump()
+    return out
+
+
+def completion_chunk(rid: str, created: int, model: str, choices: list, usage_obj: Any = None,
+                     include_usage_field: bool = False, timings: Any = None) -> dict:
+    out: dict = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                 "system_fingerprint": None, "choices": choices}
+    if include_usage_field or usage_obj is not None:
+        out["usage"] = usage_obj.model_dump() if usage_obj is not None else None
+    if timings is not None:
+        out["timings"] = timings.model_dump()
+    return out
+
+
+timings = _timings

@@ -1,0 +1,401 @@
+"""Request and response bodies, with OpenAI's field names (and llama-server's extensions).
+
+Requests forbid unknown fields (a typo such as ``temprature`` is a 400 naming the closest
+field, not a silently ignored setting); fields OpenAI defines that have no meaning here
+(``user``, ``store``, ``metadata`` ...) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pyllama.server.errors import bad_request
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class _Open(BaseModel):
+    """Sub-objects whose extra keys are kept (passed through to templates / tools)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+Stop = Union[str, List[str], None]
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False   # vLLM's name; accepted, usage comes at the end
+
+
+class SamplingFields(_Strict):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(default=None, ge=-1)
+    n_predict: Optional[int] = Field(default=None, ge=-1)          # llama-server's name
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=0)
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    typical_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=128)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Stop = None
+    seed: Optional[int] = Field(default=None, ge=-1, le=0xFFFFFFFF)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    repeat_penalty: Optional[float] = Field(default=None, gt=0.0)
+    repeat_last_n: Optional[int] = Field(default=None, ge=-1)
+    mirostat: Optional[Literal[0, 1, 2]] = None
+    mirostat_tau: Optional[float] = Field(default=None, ge=0.0)
+    mirostat_eta: Optional[float] = Field(default=None, ge=0.0)
+    logit_bias: Optional[Dict[str, float]] = None
+    grammar: Optional[str] = None
+    json_schema: Optional[Dict[str, Any]] = None                   # llama-server's extension
+    ignore_eos: Optional[bool] = None
+    cache_prompt: Optional[bool] = None
+    # OpenAI fields that change nothing here
+    user: Optional[str] = None
+    store: Optional[bool] = None
+    metadata: Optional[Dict[str, Any]] = None
+    service_tier: Optional[str] = None
+    safety_identifier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Stop) -> Stop:
+        items = [v] if isinstance(v, str) else (v or [])
+        for s in items:
+            if not s:
+                raise ValueError("stop strings must not be empty")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
+        if v is None:
+            return v
+        for key, bias in v.items():
+            try:
+                int(key)
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
+        return v
+
+
+# --------------------------------------------------------------------------- chat
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Optional[str] = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Union[TextPart, ImagePart]
+
+
+class FunctionCall(_Open):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Open):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Union[str, List[ContentPart], None] = None
+    name: Optional[str] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    refusal: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _content(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role!r} message needs 'content'")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs 'content' or 'tool_calls'")
+        return self
+
+    def to_template(self) -> dict:
+        """The dict the chat template (and pyllama.tools) sees."""
+        msg = self.model_dump(exclude_none=True)
+        if self.role == "developer":        # OpenAI's newer name for system
+            msg["role"] = "system"
+        if "content" not in msg:
+            msg["content"] = None
+        return msg
+
+
+class FunctionDefinition(_Open):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
+class JSONSchemaSpec(_Strict):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[Dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaSpec] = None
+    schema_: Optional[Dict[str, Any]] = Field(default=None, alias="schema")   # llama-server's shortcut
+
+    @model_validator(mode="after")
+    def _schema(self) -> "ResponseFormat":
+        if self.type == "json_schema":
+            schema = self.json_schema.schema_ if self.json_schema is not None else self.schema_
+            if schema is None:
+                raise ValueError("a json_schema response_format needs json_schema.schema")
+        return self
+
+    def to_library(self) -> dict:
+        if self.type == "json_schema":
+            schema = self.json_schema.schema_ if self.json_schema is not None else self.schema_
+            return {"type": "json_schema", "json_schema": {"schema": schema}}
+        if self.type == "json_object" and self.schema_ is not None:
+            return {"type": "json_object", "schema": self.schema_}
+        return {"type": self.type}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=-1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[List[Tool]] = None
+    tool_choice: Optional[ToolChoice] = None
+    parallel_tool_calls: Optional[bool] = None
+    # accepted and ignored (OpenAI)
+    reasoning_effort: Optional[str] = None
+    modalities: Optional[List[str]] = None
+    verbosity: Optional[str] = None
+
+    def check(self) -> None:
+        """Cross-field checks (raise APIError with the field's name)."""
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or ()]
+            if self.tool_choice.function.name not in names:
+                raise bad_request(f"tool_choice names the function {self.tool_choice.function.name!r}, "
+                                  f"which is not in tools ({', '.join(names) or 'none given'})",
+                                  param="tool_choice")
+        elif self.tool_choice == "required" and not self.tools:
+            raise bad_request("tool_choice 'required' needs tools", param="tool_choice")
+        for i, m in enumerate(self.messages):
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if isinstance(part, ImagePart):
+                        raise bad_request("image content is not supported by this server (text models only)",
+                                          param=f"messages.{i}.content.{j}")
+
+
+# --------------------------------------------------------------------------- completions
+
+
+Prompt = Union[str, List[str], List[int], List[List[int]]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt
+    echo: bool = False
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    suffix: Optional[str] = None
+    best_of: Optional[int] = Field(default=None, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Prompt) -> Prompt:
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt is an empty list")
+        if isinstance(v, list) and isinstance(v[0], list) and any(not p for p in v):
+            raise ValueError("prompt contains an empty list of token ids")
+        return v
+
+    def check(self) -> None:
+        """Cross-field checks (raise APIError with the field's name)."""
+        if self.suffix:
+            raise bad_request("suffix (fill-in-the-middle) is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request("best_of is not supported (give n only)", param="best_of")
+
+
+# --------------------------------------------------------------------------- embeddings, tokens
+
+
+class EmbeddingRequest(_Strict):
+    input: Union[str, List[str], List[int], List[List[int]]]
+    model: Optional[str] = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(default=None, ge=1)
+    user: Optional[str] = None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("input is an empty list")
+        return v
+
+
+class TokenizeRequest(_Strict):
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    tokens: List[int]
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+class ServerTimings(BaseModel):
+    """llama-server's ``timings`` object."""
+
+    cache_n: int = 0
+    prompt_n: int = 0
+    prompt_ms: float = 0.0
+    prompt_per_token_ms: float = 0.0
+    prompt_per_second: float = 0.0
+    predicted_n: int = 0
+    predicted_ms: float = 0.0
+    predicted_per_token_ms: float = 0.0
+    predicted_per_second: float = 0.0
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None
+    refusal: Optional[str] = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: Optional[str]
+    logprobs: Optional[Dict[str, Any]] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: Optional[str] = None
+    choices: List[ChatChoice]
+    usage: Usage
+    timings: Optional[ServerTimings] = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Optional[str]
+    logprobs: Optional[Dict[str, Any]] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: Optional[str] = None
+    choices: List[CompletionChoice]
+    usage: Usage
+    timings: Optional[ServerTimings] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "pyllama"
+    meta: Optional[Dict[str, Any]] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: List[ModelCard]
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[List[float], str]
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: List[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
