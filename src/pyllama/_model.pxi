@@ -8,7 +8,9 @@ cdef class _ProgressState:
     cdef bint cancelled
 
 
-cdef bint _progress_trampoline(float progress, void * user_data) noexcept with gil:
+from libcpp cimport bool as cpp_bool
+
+cdef cpp_bool _progress_trampoline(float progress, void * user_data) noexcept with gil:
     cdef _ProgressState st = <_ProgressState>user_data
     if st.error is not None:
         return False
@@ -58,24 +60,27 @@ cdef extern from "gguf.h" nogil:
     cdef struct gguf_init_params:
         bint no_alloc
         void * ctx
-    gguf_context * gguf_init_from_file(const char * fname, gguf_init_params params)
-    void gguf_free(gguf_context * ctx)
-    int64_t gguf_find_key(const gguf_context * ctx, const char * key)
-    int gguf_get_kv_type(const gguf_context * ctx, int64_t key_id)
-    int gguf_get_arr_type(const gguf_context * ctx, int64_t key_id)
-    size_t gguf_get_arr_n(const gguf_context * ctx, int64_t key_id)
-    const void * gguf_get_arr_data(const gguf_context * ctx, int64_t key_id)
-    const void * gguf_get_val_data(const gguf_context * ctx, int64_t key_id)
-    const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id)
-    const char * gguf_get_arr_str(const gguf_context * ctx, int64_t key_id, size_t i)
-    int64_t gguf_get_n_kv(const gguf_context * ctx)
-    const char * gguf_get_key(const gguf_context * ctx, int64_t key_id)
+    gguf_context * gguf_init_from_file(const char * fname, gguf_init_params params) except +
+    void gguf_free(gguf_context * ctx) except +
+    int64_t gguf_find_key(const gguf_context * ctx, const char * key) except +
+    int gguf_get_kv_type(const gguf_context * ctx, int64_t key_id) except +
+    int gguf_get_arr_type(const gguf_context * ctx, int64_t key_id) except +
+    size_t gguf_get_arr_n(const gguf_context * ctx, int64_t key_id) except +
+    const void * gguf_get_arr_data(const gguf_context * ctx, int64_t key_id) except +
+    const void * gguf_get_val_data(const gguf_context * ctx, int64_t key_id) except +
+    const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id) except +
+    const char * gguf_get_arr_str(const gguf_context * ctx, int64_t key_id, size_t i) except +
+    int64_t gguf_get_n_kv(const gguf_context * ctx) except +
+    const char * gguf_get_key(const gguf_context * ctx, int64_t key_id) except +
 
 cdef extern from * nogil:
     """
     #include <stddef.h>
     #include <stdint.h>
     struct gguf_context;
+    #ifdef __cplusplus
+    extern "C"
+    #endif
     size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context * ctx, int64_t key_id);
     """
     size_t pyllama_gguf_count_duplicate_strings(const gguf_context * ctx, int64_t key_id)
@@ -100,6 +105,9 @@ cdef extern from * nogil:
     #include <stddef.h>
     typedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
                                   long long ival, double fval, const char * sval, size_t sval_len);
+    #ifdef __cplusplus
+    extern "C"
+    #endif
     int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
                           size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap);
     """

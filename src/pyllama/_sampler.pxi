@@ -5,6 +5,9 @@ from libc.stdio cimport fflush, stderr as c_stderr
 
 cdef extern from *:
     """
+    #ifdef __cplusplus
+    extern "C"
+    #endif
     int pyllama_regex_check(const char * pattern, char * err, size_t err_size);  /* src/cxx */
     """
     int pyllama_regex_check(const char * pattern, char * err, size_t err_size) nogil

@@ -1,3 +1,5 @@
+from libcpp cimport bool as cpp_bool
+
 # C-level support: Ctrl-C during long nogil calls, UTF-8 scanning, the last
 # llama.cpp error message, and routing llama.cpp's log into Python's logging.
 
@@ -103,7 +105,7 @@ cdef extern from *:
         int watch_sigint
     int pyllama_sigint_push()
     void pyllama_sigint_pop()
-    bint pyllama_abort_cb(void * data) noexcept nogil
+    cpp_bool pyllama_abort_cb(void * data) noexcept nogil
     int pyllama_sigint_seen
     void pyllama_set_last_error(const char * text) noexcept nogil
     const char * pyllama_get_last_error() noexcept nogil
