@@ -266,6 +266,7 @@ cdef extern from "llama.h" nogil:
     int32_t llama_model_n_ctx_train(const llama_model * model) except +
     int32_t llama_model_n_embd(const llama_model * model) except +
     int32_t llama_model_n_embd_out(const llama_model * model) except +
+    uint32_t llama_model_n_cls_out(const llama_model * model) except +
     int32_t llama_model_n_layer(const llama_model * model) except +
     int32_t llama_model_n_head(const llama_model * model) except +
     int32_t llama_model_n_head_kv(const llama_model * model) except +
@@ -440,6 +441,9 @@ cdef extern from *:
        linked: its entry points come from the registry, as upstream's tools do it. */
     #include "ggml-backend.h"
     #define PYLLAMA_RPC_AVAILABLE 1
+    /* the protocol of the ggml-rpc this tree builds (ggml-rpc.h; not included here) */
+    #define PYLLAMA_RPC_PROTO_MAJOR 7
+    #define PYLLAMA_RPC_PROTO_MINOR 0
     static void * pyllama_rpc_proc(const char * name) {
         ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
         return reg ? ggml_backend_reg_get_proc_address(reg, name) : NULL;
@@ -460,14 +464,20 @@ cdef extern from *:
     #elif PYLLAMA_HAS_RPC
     #include "ggml-rpc.h"
     #define PYLLAMA_RPC_AVAILABLE 1
+    #define PYLLAMA_RPC_PROTO_MAJOR RPC_PROTO_MAJOR_VERSION
+    #define PYLLAMA_RPC_PROTO_MINOR RPC_PROTO_MINOR_VERSION
     #else
     #define PYLLAMA_RPC_AVAILABLE 0
+    #define PYLLAMA_RPC_PROTO_MAJOR 0
+    #define PYLLAMA_RPC_PROTO_MINOR 0
     static inline ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint) { (void)endpoint; return NULL; }
     static inline void ggml_backend_rpc_start_server(const char * e, const char * c, size_t t, size_t n, ggml_backend_dev_t * d) { (void)e; (void)c; (void)t; (void)n; (void)d; }
     static inline void ggml_backend_rpc_get_device_memory(const char * e, uint32_t d, size_t * f, size_t * t) { (void)e; (void)d; *f = 0; *t = 0; }
     #endif
     """
     int PYLLAMA_RPC_AVAILABLE
+    int PYLLAMA_RPC_PROTO_MAJOR
+    int PYLLAMA_RPC_PROTO_MINOR
     ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint) except + nogil
     void ggml_backend_rpc_start_server(const char * endpoint, const char * cache_dir, size_t n_threads,
                                        size_t n_devices, ggml_backend_dev_t * devices) except + nogil
