@@ -890,13 +890,13 @@ cdef class Context:
         self._lora_refs = items
         try:
             for i, (a, scale) in enumerate(items):
+                scale = float(scale)
+                if not isfinite(scale):
+                    raise ValueError(f"LoRA scale must be a finite number, got {scale}")
                 if a is None or a.ptr == NULL:
                     raise ValueError("a LoRA adapter that is not loaded (built without __init__?)")
                 if a.model is not self.model:
                     raise ValueError("a LoRA adapter of another model")
-                scale = float(scale)
-                if not isfinite(scale):
-                    raise ValueError(f"LoRA scale must be a finite number, got {scale}")
                 arr[i] = a.ptr
                 scales[i] = scale
             with self._lock:
