@@ -164,6 +164,7 @@ def make_tiny_llama(
     name: str = "tiny-llama",
     extra_kv: Mapping[str, Any] | None = None,
     arch: str = "llama",
+    norm_dtype: str = "f32",
 ) -> Path:
     """Write a tiny random llama-architecture GGUF model and return its path.
 
@@ -175,6 +176,8 @@ def make_tiny_llama(
                  when non-negative, INT32 otherwise).
     arch         general.architecture (and the prefix of the hyper-parameter keys);
                  anything but "llama" makes a file llama.cpp should refuse.
+    norm_dtype   "f32" (default) or "f16" for the norm weights; "f16" makes a model llama.cpp
+                 loads and then aborts on at the first decode (pyllama's pre-check refuses it).
     """
     if n_embd % n_head:
         raise ValueError("n_embd must be a multiple of n_head")
@@ -182,6 +185,8 @@ def make_tiny_llama(
         raise ValueError("n_head must be a multiple of n_head_kv")
     if dtype not in ("f32", "f16"):
         raise ValueError("dtype must be 'f32' or 'f16'")
+    if norm_dtype not in ("f32", "f16"):
+        raise ValueError("norm_dtype must be 'f32' or 'f16'")
     head_dim = n_embd // n_head
     tok_kv = read_tokenizer_kv(vocab_from)
     tokens = next(v for k, v, *_ in tok_kv if k == "tokenizer.ggml.tokens")
@@ -196,7 +201,7 @@ def make_tiny_llama(
         return (rng.standard_normal((rows, cols), dtype=np.float32) * scale).astype(mat_dtype)
 
     def norm(n: int) -> np.ndarray:
-        return np.ones(n, dtype=np.float32)
+        return np.ones(n, dtype=np.float32 if norm_dtype == "f32" else np.float16)
 
     tensors: list[tuple[str, np.ndarray]] = []
     tensors.append(("token_embd.weight", mat(n_vocab, n_embd, 1.0)))

@@ -168,13 +168,24 @@ bool is_int(int t) {
 // when a value type is not a GGUF type: ggml's parser would reject the file too, but only
 // after loading the out-of-range number into its gguf_type enum (undefined behaviour that
 // UBSan reports), so such a file is refused here.
+//
+// After the key/values it reads the tensor infos and reports the first tensor that must be F32
+// in llama.cpp's graphs but is not (into bad_tensor / *bad_type; bad_tensor[0] stays 0 when
+// there is none): a norm weight ("...norm.weight") or any vector (a tensor whose dimensions
+// after the first are all 1: norms, biases, scales).  convert_hf_to_gguf.py always writes
+// those as F32 ("most of the codebase that takes in 1D tensors or norms only handles F32");
+// an F16 one loads, and then ggml's CPU binary ops abort the process at the first decode
+// ("binary_op: unsupported types: dst: f32, src0: f32, src1: f16").
 extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
-                                 size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap) {
+                                 size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap,
+                                 char * bad_tensor, size_t bad_cap, int * bad_type) {
     Reader r;
     *n_token_dups = 0;
     *has_tokens = 0;
+    *bad_type = -1;
     if (err_cap > 0) err[0] = '\0';
-    auto bad_type = [&](size_t key_off, uint64_t key_len, uint32_t t, const char * what) {
+    if (bad_cap > 0) bad_tensor[0] = '\0';
+    auto bad_value_type = [&](size_t key_off, uint64_t key_len, uint32_t t, const char * what) {
         std::string key(r.buf.data() + key_off, (size_t) key_len);
         key = key.substr(0, std::min(key.find('\0'), (size_t) 200));
         std::snprintf(err, err_cap, "key '%s' has an invalid GGUF %s %u (the file is corrupt)", key.c_str(), what, t);
@@ -202,7 +213,7 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
         uint64_t key_len;
         uint32_t type;
         if (!r.str(key_off, key_len) || !r.get(type)) return 0;
-        if (type >= G_COUNT) return bad_type(key_off, key_len, type, "value type");
+        if (type >= G_COUNT) return bad_value_type(key_off, key_len, type, "value type");
         // note: r.buf may move while reading the value; keep offsets, not pointers
         if (type == G_STR) {
             size_t off;
@@ -213,7 +224,7 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
             uint32_t et;
             uint64_t n;
             if (!r.get(et) || !r.get(n)) return 0;
-            if (et >= G_COUNT) return bad_type(key_off, key_len, et, "array element type");
+            if (et >= G_COUNT) return bad_value_type(key_off, key_len, et, "array element type");
             if (et == G_ARR) return 0;
             if (et == G_STR) {
                 const bool tokens = std::string(r.buf.data() + key_off, (size_t) key_len) == "tokenizer.ggml.tokens";
@@ -262,6 +273,30 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
                 cb(user, r.buf.data() + key_off, (size_t) key_len, 3, 0, v, nullptr, 0);
             }
             r.pos += es;
+        }
+    }
+    // Tensor infos: name, n_dims (u32), ne[n_dims] (i64), type (u32), offset (u64).  Any
+    // irregularity ends this check only (llama.cpp's loader reports a broken tensor table).
+    for (uint64_t t = 0; t < n_tensors && t < ((uint64_t) 1 << 24); ++t) {
+        size_t name_off;
+        uint64_t name_len;
+        uint32_t n_dims, type;
+        uint64_t offset;
+        if (!r.str(name_off, name_len) || !r.get(n_dims) || n_dims == 0 || n_dims > 4) break;
+        int64_t ne[4] = {1, 1, 1, 1};
+        bool ok = true;
+        for (uint32_t d = 0; d < n_dims && ok; ++d) ok = r.get(ne[d]);
+        if (!ok || !r.get(type) || !r.get(offset)) break;
+        if (type == 0 /* GGML_TYPE_F32 */) continue;
+        std::string name(r.buf.data() + name_off, (size_t) name_len);
+        name = name.substr(0, name.find('\0'));
+        const bool vector = ne[1] == 1 && ne[2] == 1 && ne[3] == 1;
+        const std::string suffix = "norm.weight";
+        const bool norm = name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+        if (vector || norm) {
+            std::snprintf(bad_tensor, bad_cap, "%s", name.c_str());
+            *bad_type = (int) type;
+            break;
         }
     }
     return 1;

@@ -264,6 +264,13 @@ cdef _check_mean_pooling_split(Model model, int n_ctx, int n_batch, int n_ubatch
                          f"{n_tokens // n_seq_max * n_seq_max}")
 
 
+cdef bint _is_causal(Model model):
+    """Does the model attend causally (the GGUF's {arch}.attention.causal, else by architecture)?"""
+    arch = model.architecture
+    causal_meta = model.meta(f"{arch}.attention.causal")
+    return causal_meta != "false" if causal_meta is not None else arch not in _NON_CAUSAL_ARCHS
+
+
 _KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
              "q5_0": 22 / 32, "q5_1": 24 / 32}
 
@@ -307,13 +314,20 @@ cdef class Context:
     cdef list _lora_refs
     cdef object __weakref__
     cdef bint _holds_model       # counted in model._n_users (so Model.close() cannot free it under us)
+    cdef bint _in_eval           # a decode/encode is running (abort() only reaches that one)
+    cdef readonly bint kv_unified
+    cdef bint _causal            # causal attention (non-causal models need n_tokens <= n_ubatch)
 
     def __cinit__(self):
         self.ptr = NULL
         self._holds_model = False
+        self._in_eval = False
         self._n_views = 0
         self.abort_state.abort_requested = 0
         self.abort_state.watch_sigint = 0
+        # Created here, not in __init__: a Context built with __new__ (or by a subclass that
+        # skips super().__init__) must still raise "the context is closed", not AttributeError.
+        self._lock = threading.RLock()
 
     def __init__(self, Model model not None, *, int n_ctx=0, int n_batch=512, int n_ubatch=512,
                  int n_seq_max=1, n_threads=None, n_threads_batch=None, str type_k="f16", str type_v="f16",
@@ -340,14 +354,24 @@ cdef class Context:
             raise ValueError(f"type_k/type_v must be one of {sorted(_KV_TYPES)}, got {type_k!r}/{type_v!r}")
         if pooling not in _POOLING:
             raise ValueError(f"pooling must be one of {[k for k in _POOLING if k]}, got {pooling!r}")
-        if rope_freq_base < 0 or rope_freq_scale < 0 or rope_freq_base != rope_freq_base or rope_freq_scale != rope_freq_scale:
-            raise ValueError("rope_freq_base/rope_freq_scale must be >= 0 (0 = the model's own value)")
+        if not (isfinite(rope_freq_base) and isfinite(rope_freq_scale)) or rope_freq_base < 0 or rope_freq_scale < 0:
+            raise ValueError(f"rope_freq_base/rope_freq_scale must be finite numbers >= 0 (0 = the model's own "
+                             f"value), got {rope_freq_base}/{rope_freq_scale}")
         if n_ctx > 0 and n_ctx < 8:
             raise ValueError(f"n_ctx must be 0 or at least 8, got {n_ctx}")
         if (model.vocab.n_tokens == 0 or llama_model_n_layer(m) <= 0
                 or not llama_model_has_decoder(m) and not llama_model_has_encoder(m)):
             raise ValueError("this model has no weights to run (loaded with vocab_only=True?)")
         _check_kv_fits(m, n_ctx, type_k, type_v)
+        causal = _is_causal(model)
+        # llama.cpp reserves one output row per sequence at creation, and GGML_ASSERTs that this fits
+        # in n_outputs_max = its n_batch, which is min(n_ctx, n_batch) for causal models.
+        eff_batch = min(n_batch, n_ctx if n_ctx > 0 else llama_model_n_ctx_train(m)) if causal else n_batch
+        if n_seq_max > eff_batch:
+            raise ValueError(f"n_seq_max={n_seq_max} is more than the batch can hold (n_batch={n_batch}"
+                             + (f", n_ctx={n_ctx or llama_model_n_ctx_train(m)}" if causal else "")
+                             + f"): llama.cpp needs room for one output per sequence in a batch; "
+                             f"use n_batch >= {n_seq_max}")
         if embeddings and n_seq_max > 1:
             _check_mean_pooling_split(model, n_ctx, n_batch, n_ubatch, n_seq_max, pooling)
 
@@ -389,8 +413,9 @@ cdef class Context:
         self._holds_model = True
         self.vocab = llama_model_get_vocab(m)
         self.n_vocab = llama_vocab_n_tokens(self.vocab)
-        self._lock = threading.RLock()
         self._last_n_outputs = 0
+        self.kv_unified = kv_unified
+        self._causal = causal
 
     def __dealloc__(self):
         if self.ptr != NULL:
@@ -471,12 +496,18 @@ cdef class Context:
             llama_set_n_threads(self._get(), n_threads, tb)
 
     def abort(self) -> None:
-        """Ask a decode running in another thread to stop (it raises DecodeAborted)."""
-        self.abort_state.abort_requested = 1
+        """Ask a decode running in another thread to stop (it raises DecodeAborted).
+
+        One-shot: it reaches only a decode that is running when abort() is called; with none
+        running it does nothing, and a decode started after abort() returned runs normally.
+        """
+        # Both this test and _eval's start/end run with the GIL held, so they cannot interleave.
+        if self._in_eval:
+            self.abort_state.abort_requested = 1
 
     # ---- evaluation ---------------------------------------------------------
 
-    cdef int _check_batch(self, Batch batch) except -1:
+    cdef int _check_batch(self, Batch batch, bint encode=False) except -1:
         cdef int32_t n = batch.batch.n_tokens, i, k
         cdef uint32_t n_seq = llama_n_seq_max(self.ptr)
         cdef llama_token t
@@ -485,6 +516,12 @@ cdef class Context:
             raise ValueError("cannot decode an empty batch")
         if <uint32_t>n > llama_n_batch(self.ptr):
             raise BatchCapacityError(f"batch of {n} tokens exceeds this context's n_batch={llama_n_batch(self.ptr)}")
+        if (encode or not self._causal or llama_get_memory(self.ptr) == NULL) and <uint32_t>n > llama_n_ubatch(self.ptr):
+            # llama.cpp GGML_ASSERTs this: an encoder (or non-causal attention) sees the whole
+            # batch in one micro-batch.
+            raise BatchCapacityError(f"batch of {n} tokens exceeds this context's n_ubatch={llama_n_ubatch(self.ptr)}; "
+                                     f"{'encoding' if encode else 'a model with non-causal attention'} needs the "
+                                     "whole batch in one micro-batch (use a larger n_ubatch)")
         for i in range(n):
             t = batch.batch.token[i]
             if t < 0 or t >= self.n_vocab:
@@ -502,13 +539,14 @@ cdef class Context:
 
     cdef int _eval(self, Batch batch, bint encode) except -1:
         """Run llama_decode/llama_encode with the GIL released; Ctrl-C aborts it."""
+        global pyllama_sigint_seen
         cdef llama_context * ctx = self._get()
         cdef int32_t rc
         cdef int32_t i, n_out = 0
         if self._n_views > 0:
             raise BufferError(f"{self._n_views} logits/embedding views of this context are still alive; "
                               "llama.cpp may reuse that memory: delete them (or use copy=True) first")
-        self._check_batch(batch)
+        self._check_batch(batch, encode)
         if llama_n_threads(ctx) > 1 or llama_n_threads_batch(ctx) > 1:
             _check_thread_pool_after_fork()
         for i in range(batch.batch.n_tokens):
@@ -516,14 +554,27 @@ cdef class Context:
                 n_out += 1
         watch = _in_main_thread() and pyllama_sigint_push()
         self.abort_state.watch_sigint = 1 if watch else 0
+        # abort() is one-shot: forget any request that came while no decode ran.
+        self.abort_state.abort_requested = 0
+        self._in_eval = True
         pyllama_clear_last_error()
         try:
-            with nogil:
-                if encode:
-                    rc = llama_encode(ctx, batch.batch)
-                else:
-                    rc = llama_decode(ctx, batch.batch)
+            while True:
+                with nogil:
+                    if encode:
+                        rc = llama_encode(ctx, batch.batch)
+                    else:
+                        rc = llama_decode(ctx, batch.batch)
+                if rc != 2 or self.abort_state.abort_requested or not watch or not pyllama_sigint_seen:
+                    break
+                # Ctrl-C stopped it.  Run Python's handler now: KeyboardInterrupt (or whatever
+                # a user's handler raises) propagates from here.  A handler that returns has
+                # handled the signal: the decode did not happen, so run it again.
+                self._forget_batch(batch)
+                pyllama_sigint_seen = 0
+                PyErr_CheckSignals()
         finally:
+            self._in_eval = False
             self.abort_state.watch_sigint = 0
             if watch:
                 pyllama_sigint_pop()
@@ -536,8 +587,9 @@ cdef class Context:
             self.abort_state.abort_requested = 0
             self._forget_batch(batch)
             if not requested:
-                PyErr_CheckSignals()      # raises KeyboardInterrupt through Python's handler
-                raise KeyboardInterrupt()
+                # Our abort callback only stops a decode for abort() or a SIGINT it watched,
+                # so this is llama.cpp's own abort (e.g. a backend's), not Ctrl-C.
+                raise DecodeError("llama.cpp aborted the computation: " + _last_error("see the 'pyllama' logger"))
             raise DecodeAborted("decode aborted by Context.abort()")
         if rc == 1:
             raise KVCacheFullError("no room in the KV memory for this batch "
@@ -567,8 +619,12 @@ cdef class Context:
     def encode(self, Batch batch not None) -> None:
         """Run the encoder of an encoder-decoder (or embedding) model over a batch."""
         with self._lock:
-            if not llama_model_has_encoder(self.model._get()) and not llama_get_pooling_type(self._get()) != LLAMA_POOLING_TYPE_NONE:
-                raise ValueError("this model has no encoder; use decode()")
+            self._get()
+            # llama_encode runs the encoder graph; on a decoder-only model with a KV memory it
+            # builds a graph the model does not have (segfault).  Memory-less models (BERT-style
+            # embedders) encode; llama_decode forwards to llama_encode for them anyway.
+            if not llama_model_has_encoder(self.model._get()) and llama_get_memory(self.ptr) != NULL:
+                raise ValueError("this model has no encoder; use decode() (also for embeddings)")
             self._eval(batch, True)
 
     cdef int32_t _output_index(self, int idx) except -2147483648:
@@ -616,7 +672,13 @@ cdef class Context:
             p = llama_get_embeddings_seq(self._get(), seq_id)
             if p == NULL:
                 raise IndexError(f"no pooled embedding for sequence {seq_id} (embeddings=True with pooling?)")
-            return _float_array(self, p, llama_model_n_embd_out(self.model.ptr), copy)
+            # rank pooling gives n_cls_out scores per sequence, not n_embd floats (reading
+            # n_embd would run past llama.cpp's buffer)
+            n = (llama_model_n_cls_out(self.model.ptr) if llama_get_pooling_type(self.ptr) == LLAMA_POOLING_TYPE_RANK
+                 else llama_model_n_embd_out(self.model.ptr))
+            if n <= 0:
+                raise IndexError(f"no pooled output for sequence {seq_id}: the model has no classifier head")
+            return _float_array(self, p, n, copy)
 
     # ---- KV memory ----------------------------------------------------------
 
@@ -646,9 +708,21 @@ cdef class Context:
             return llama_memory_seq_rm(self._mem(), seq_id, p0, p1)
 
     def kv_seq_cp(self, int src, int dst, int p0=-1, int p1=-1) -> None:
+        """Make positions [p0, p1) of sequence src part of sequence dst too (-1: open end).
+
+        With kv_unified=False each sequence has its own KV buffer and llama.cpp can only copy
+        a whole sequence (it GGML_ASSERTs otherwise): a partial range raises ValueError.
+        """
+        cdef int64_t size
         with self._lock:
             self._check_seq(src)
             self._check_seq(dst)
+            if not self.kv_unified and src != dst:
+                size = llama_n_ctx_seq(self.ptr)
+                if (p0 > 0 and p0 + 1 < size) or (p1 > 0 and p1 + 1 < size):
+                    raise ValueError(f"kv_seq_cp({src}, {dst}, p0={p0}, p1={p1}): with kv_unified=False "
+                                     "llama.cpp copies only whole sequences (use p0=-1, p1=-1, or a "
+                                     "context with kv_unified=True)")
             llama_memory_seq_cp(self._mem(), src, dst, p0, p1)
 
     def kv_seq_keep(self, int seq_id) -> None:
@@ -816,6 +890,11 @@ cdef class Context:
         self._lora_refs = items
         try:
             for i, (a, scale) in enumerate(items):
+                scale = float(scale)
+                if not isfinite(scale):
+                    raise ValueError(f"LoRA scale must be a finite number, got {scale}")
+                if a is None or a.ptr == NULL:
+                    raise ValueError("a LoRA adapter that is not loaded (built without __init__?)")
                 if a.model is not self.model:
                     raise ValueError("a LoRA adapter of another model")
                 arr[i] = a.ptr

@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from pyllama.errors import ModelLoadError
+
 __llama_cpp_commit__: str
 
 def system_info() -> str:
@@ -190,6 +192,7 @@ class Context:
     """An inference context (KV memory, threads, logits) over a Model."""
 
     model: Model
+    kv_unified: bool
     def __init__(
         self,
         model: Model,
@@ -266,6 +269,10 @@ class Context:
     def __exit__(self, *exc: object) -> None: ...
 
 
+class UnsupportedTensorTypeError(ModelLoadError, ValueError):
+    """A tensor is stored in a type llama.cpp cannot compute with (e.g. F16 norm weights)."""
+
+
 class SamplerChain:
     """llama.cpp's sampler chain.  Add stages in order; the last one must select a
     token (greedy, dist, mirostat)."""
@@ -287,9 +294,13 @@ class SamplerChain:
     def add_mirostat(self, seed: int, tau: float, eta: float, m: int = 100) -> SamplerChain: ...
     def add_mirostat_v2(self, seed: int, tau: float, eta: float) -> SamplerChain: ...
     def add_penalties(self, last_n: int = 64, repeat: float = 1.0, frequency: float = 0.0,
-                      presence: float = 0.0) -> SamplerChain: ...
+                      presence: float = 0.0, *, n_ctx: int = 0) -> SamplerChain:
+        """last_n=-1: the whole context (n_ctx, or the model's training context when 0)."""
     def add_dry(self, multiplier: float, base: float = 1.75, allowed_length: int = 2, last_n: int = -1,
-                seq_breakers: Sequence[str] = ("\n", ":", '"', "*")) -> SamplerChain: ...
+                seq_breakers: Sequence[str] = ("\n", ":", '"', "*"), *, n_ctx: int = 0) -> SamplerChain: ...
+    @property
+    def stage_params(self) -> list[tuple[str, dict[str, Any]]]:
+        """(name, parameters handed to llama.cpp) per stage; penalty windows resolved."""
     def add_logit_bias(self, bias: dict[int, float]) -> SamplerChain: ...
     def add_grammar(self, grammar: str, root: str = "root") -> SamplerChain:
         """GBNF grammar; GrammarError (with llama.cpp's parser message) if it does not parse."""

@@ -20,6 +20,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset, strlen
+from libc.math cimport isfinite
 
 from pyllama._llama cimport *
 
@@ -284,8 +285,8 @@ def rpc_add_server(endpoint) -> list:
     if not PYLLAMA_RPC_AVAILABLE:
         raise RuntimeError("this pyllama was built without the RPC backend (GGML_RPC=OFF)")
     cdef bytes ep = _check_endpoint(endpoint)
-    # Probe first: ggml's RPC client aborts on some connection failures, and a
-    # memory query is a cheap round trip that fails cleanly.
+    # Probe first: ggml's RPC client blocks forever on a server that never answers and
+    # aborts on a malformed answer; our own handshake has a timeout and fails cleanly.
     _rpc_probe(endpoint)
     cdef ggml_backend_reg_t reg
     cdef const char * ep_c = ep

@@ -3,6 +3,7 @@
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport FILE
+from libcpp cimport bool as cpp_bool   # _core is compiled as C++ (see CMakeLists.txt)
 
 
 cdef extern from "ggml.h" nogil:
@@ -15,7 +16,7 @@ cdef extern from "ggml.h" nogil:
         GGML_LOG_LEVEL_CONT
 
     ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text, void * user_data) noexcept
-    ctypedef bint (*ggml_abort_callback)(void * data) noexcept
+    ctypedef cpp_bool (*ggml_abort_callback)(void * data) noexcept
 
     cdef enum ggml_type:
         GGML_TYPE_F32
@@ -28,7 +29,7 @@ cdef extern from "ggml.h" nogil:
         GGML_TYPE_BF16
         GGML_TYPE_COUNT
 
-    const char * ggml_type_name(ggml_type type)
+    const char * ggml_type_name(ggml_type type) except +
 
 
 cdef extern from "ggml-backend.h" nogil:
@@ -43,25 +44,25 @@ cdef extern from "ggml-backend.h" nogil:
         GGML_BACKEND_DEVICE_TYPE_IGPU
         GGML_BACKEND_DEVICE_TYPE_ACCEL
 
-    size_t ggml_backend_reg_count()
-    ggml_backend_reg_t ggml_backend_reg_get(size_t index)
-    const char * ggml_backend_reg_name(ggml_backend_reg_t reg)
-    size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg)
-    ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
+    size_t ggml_backend_reg_count() except +
+    ggml_backend_reg_t ggml_backend_reg_get(size_t index) except +
+    const char * ggml_backend_reg_name(ggml_backend_reg_t reg) except +
+    size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg) except +
+    ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index) except +
 
-    size_t ggml_backend_dev_count()
-    ggml_backend_dev_t ggml_backend_dev_get(size_t index)
-    ggml_backend_dev_t ggml_backend_dev_by_name(const char * name)
-    const char * ggml_backend_dev_name(ggml_backend_dev_t device)
-    const char * ggml_backend_dev_description(ggml_backend_dev_t device)
-    void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total)
-    ggml_backend_dev_type ggml_backend_dev_get_type "ggml_backend_dev_type"(ggml_backend_dev_t device)
-    ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device)
+    size_t ggml_backend_dev_count() except +
+    ggml_backend_dev_t ggml_backend_dev_get(size_t index) except +
+    ggml_backend_dev_t ggml_backend_dev_by_name(const char * name) except +
+    const char * ggml_backend_dev_name(ggml_backend_dev_t device) except +
+    const char * ggml_backend_dev_description(ggml_backend_dev_t device) except +
+    void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total) except +
+    ggml_backend_dev_type ggml_backend_dev_get_type "ggml_backend_dev_type"(ggml_backend_dev_t device) except +
+    ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device) except +
 
-    void ggml_backend_load_all()
-    void ggml_backend_load_all_from_path(const char * dir_path)
-    void ggml_backend_device_register(ggml_backend_dev_t device)
-    void ggml_backend_register(ggml_backend_reg_t reg)
+    void ggml_backend_load_all() except +
+    void ggml_backend_load_all_from_path(const char * dir_path) except +
+    void ggml_backend_device_register(ggml_backend_dev_t device) except +
+    void ggml_backend_register(ggml_backend_reg_t reg) except +
 
 
 cdef extern from "ggml-cpu.h" nogil:
@@ -146,7 +147,7 @@ cdef extern from "llama.h" nogil:
         int64_t selected
         bint sorted
 
-    ctypedef bint (*llama_progress_callback)(float progress, void * user_data) noexcept
+    ctypedef cpp_bool (*llama_progress_callback)(float progress, void * user_data) noexcept
 
     ctypedef struct llama_batch:
         int32_t n_tokens
@@ -230,188 +231,189 @@ cdef extern from "llama.h" nogil:
     cdef struct llama_sampler:
         pass
 
-    const char * llama_version()
-    llama_model_params llama_model_default_params()
-    llama_context_params llama_context_default_params()
-    llama_sampler_chain_params llama_sampler_chain_default_params()
+    const char * llama_version() except +
+    llama_model_params llama_model_default_params() except +
+    llama_context_params llama_context_default_params() except +
+    llama_sampler_chain_params llama_sampler_chain_default_params() except +
 
-    void llama_backend_init()
-    void llama_backend_free()
+    void llama_backend_init() except +
+    void llama_backend_free() except +
 
-    llama_model * llama_model_load_from_file(const char * path_model, llama_model_params params)
-    void llama_model_free(llama_model * model)
-    llama_context * llama_init_from_model(llama_model * model, llama_context_params params)
-    void llama_free(llama_context * ctx)
+    llama_model * llama_model_load_from_file(const char * path_model, llama_model_params params) except +
+    void llama_model_free(llama_model * model) except +
+    llama_context * llama_init_from_model(llama_model * model, llama_context_params params) except +
+    void llama_free(llama_context * ctx) except +
 
-    int64_t llama_time_us()
-    size_t llama_max_devices()
-    size_t llama_max_parallel_sequences()
-    bint llama_supports_mmap()
-    bint llama_supports_mlock()
-    bint llama_supports_gpu_offload()
-    bint llama_supports_rpc()
+    int64_t llama_time_us() except +
+    size_t llama_max_devices() except +
+    size_t llama_max_parallel_sequences() except +
+    bint llama_supports_mmap() except +
+    bint llama_supports_mlock() except +
+    bint llama_supports_gpu_offload() except +
+    bint llama_supports_rpc() except +
 
-    uint32_t llama_n_ctx(const llama_context * ctx)
-    uint32_t llama_n_ctx_seq(const llama_context * ctx)
-    uint32_t llama_n_batch(const llama_context * ctx)
-    uint32_t llama_n_ubatch(const llama_context * ctx)
-    uint32_t llama_n_seq_max(const llama_context * ctx)
+    uint32_t llama_n_ctx(const llama_context * ctx) except +
+    uint32_t llama_n_ctx_seq(const llama_context * ctx) except +
+    uint32_t llama_n_batch(const llama_context * ctx) except +
+    uint32_t llama_n_ubatch(const llama_context * ctx) except +
+    uint32_t llama_n_seq_max(const llama_context * ctx) except +
 
-    const llama_model * llama_get_model(const llama_context * ctx)
-    llama_memory_t llama_get_memory(const llama_context * ctx)
-    llama_pooling_type llama_get_pooling_type "llama_pooling_type"(const llama_context * ctx)
+    const llama_model * llama_get_model(const llama_context * ctx) except +
+    llama_memory_t llama_get_memory(const llama_context * ctx) except +
+    llama_pooling_type llama_get_pooling_type "llama_pooling_type"(const llama_context * ctx) except +
 
-    const llama_vocab * llama_model_get_vocab(const llama_model * model)
-    int32_t llama_model_n_ctx_train(const llama_model * model)
-    int32_t llama_model_n_embd(const llama_model * model)
-    int32_t llama_model_n_embd_out(const llama_model * model)
-    int32_t llama_model_n_layer(const llama_model * model)
-    int32_t llama_model_n_head(const llama_model * model)
-    int32_t llama_model_n_head_kv(const llama_model * model)
-    int32_t llama_model_n_swa(const llama_model * model)
-    float llama_model_rope_freq_scale_train(const llama_model * model)
+    const llama_vocab * llama_model_get_vocab(const llama_model * model) except +
+    int32_t llama_model_n_ctx_train(const llama_model * model) except +
+    int32_t llama_model_n_embd(const llama_model * model) except +
+    int32_t llama_model_n_embd_out(const llama_model * model) except +
+    uint32_t llama_model_n_cls_out(const llama_model * model) except +
+    int32_t llama_model_n_layer(const llama_model * model) except +
+    int32_t llama_model_n_head(const llama_model * model) except +
+    int32_t llama_model_n_head_kv(const llama_model * model) except +
+    int32_t llama_model_n_swa(const llama_model * model) except +
+    float llama_model_rope_freq_scale_train(const llama_model * model) except +
 
-    llama_vocab_type llama_vocab_get_type "llama_vocab_type"(const llama_vocab * vocab)
-    int32_t llama_vocab_n_tokens(const llama_vocab * vocab)
+    llama_vocab_type llama_vocab_get_type "llama_vocab_type"(const llama_vocab * vocab) except +
+    int32_t llama_vocab_n_tokens(const llama_vocab * vocab) except +
 
-    int32_t llama_model_meta_val_str(const llama_model * model, const char * key, char * buf, size_t buf_size)
-    int32_t llama_model_meta_count(const llama_model * model)
-    int32_t llama_model_meta_key_by_index(const llama_model * model, int32_t i, char * buf, size_t buf_size)
-    int32_t llama_model_meta_val_str_by_index(const llama_model * model, int32_t i, char * buf, size_t buf_size)
-    int32_t llama_model_desc(const llama_model * model, char * buf, size_t buf_size)
-    llama_ftype llama_model_ftype(const llama_model * model)
-    const char * llama_ftype_name(llama_ftype ftype)
-    uint64_t llama_model_size(const llama_model * model)
-    const char * llama_model_chat_template(const llama_model * model, const char * name)
-    uint64_t llama_model_n_params(const llama_model * model)
-    bint llama_model_has_encoder(const llama_model * model)
-    bint llama_model_has_decoder(const llama_model * model)
-    llama_token llama_model_decoder_start_token(const llama_model * model)
-    bint llama_model_is_recurrent(const llama_model * model)
+    int32_t llama_model_meta_val_str(const llama_model * model, const char * key, char * buf, size_t buf_size) except +
+    int32_t llama_model_meta_count(const llama_model * model) except +
+    int32_t llama_model_meta_key_by_index(const llama_model * model, int32_t i, char * buf, size_t buf_size) except +
+    int32_t llama_model_meta_val_str_by_index(const llama_model * model, int32_t i, char * buf, size_t buf_size) except +
+    int32_t llama_model_desc(const llama_model * model, char * buf, size_t buf_size) except +
+    llama_ftype llama_model_ftype(const llama_model * model) except +
+    const char * llama_ftype_name(llama_ftype ftype) except +
+    uint64_t llama_model_size(const llama_model * model) except +
+    const char * llama_model_chat_template(const llama_model * model, const char * name) except +
+    uint64_t llama_model_n_params(const llama_model * model) except +
+    bint llama_model_has_encoder(const llama_model * model) except +
+    bint llama_model_has_decoder(const llama_model * model) except +
+    llama_token llama_model_decoder_start_token(const llama_model * model) except +
+    bint llama_model_is_recurrent(const llama_model * model) except +
 
-    llama_adapter_lora * llama_adapter_lora_init(llama_model * model, const char * path_lora)
-    void llama_adapter_lora_free(llama_adapter_lora * adapter)
-    int32_t llama_set_adapters_lora(llama_context * ctx, llama_adapter_lora ** adapters, size_t n_adapters, float * scales)
+    llama_adapter_lora * llama_adapter_lora_init(llama_model * model, const char * path_lora) except +
+    void llama_adapter_lora_free(llama_adapter_lora * adapter) except +
+    int32_t llama_set_adapters_lora(llama_context * ctx, llama_adapter_lora ** adapters, size_t n_adapters, float * scales) except +
 
-    void llama_memory_clear(llama_memory_t mem, bint data)
-    bint llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1)
-    void llama_memory_seq_cp(llama_memory_t mem, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1)
-    void llama_memory_seq_keep(llama_memory_t mem, llama_seq_id seq_id)
-    void llama_memory_seq_add(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos delta)
-    void llama_memory_seq_div(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d)
-    llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id)
-    llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id)
-    bint llama_memory_can_shift(llama_memory_t mem)
+    void llama_memory_clear(llama_memory_t mem, bint data) except +
+    bint llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1) except +
+    void llama_memory_seq_cp(llama_memory_t mem, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) except +
+    void llama_memory_seq_keep(llama_memory_t mem, llama_seq_id seq_id) except +
+    void llama_memory_seq_add(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos delta) except +
+    void llama_memory_seq_div(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) except +
+    llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id) except +
+    llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id) except +
+    bint llama_memory_can_shift(llama_memory_t mem) except +
 
-    size_t llama_state_get_size(llama_context * ctx)
-    size_t llama_state_get_data(llama_context * ctx, uint8_t * dst, size_t size)
-    size_t llama_state_set_data(llama_context * ctx, const uint8_t * src, size_t size)
+    size_t llama_state_get_size(llama_context * ctx) except +
+    size_t llama_state_get_data(llama_context * ctx, uint8_t * dst, size_t size) except +
+    size_t llama_state_set_data(llama_context * ctx, const uint8_t * src, size_t size) except +
     bint llama_state_load_file(llama_context * ctx, const char * path_session, llama_token * tokens_out,
-                               size_t n_token_capacity, size_t * n_token_count_out)
+                               size_t n_token_capacity, size_t * n_token_count_out) except +
     bint llama_state_save_file(llama_context * ctx, const char * path_session, const llama_token * tokens,
-                               size_t n_token_count)
-    size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)
-    size_t llama_state_seq_get_data(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id)
-    size_t llama_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id)
+                               size_t n_token_count) except +
+    size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id) except +
+    size_t llama_state_seq_get_data(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id) except +
+    size_t llama_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id) except +
     size_t llama_state_seq_save_file(llama_context * ctx, const char * filepath, llama_seq_id seq_id,
-                                     const llama_token * tokens, size_t n_token_count)
+                                     const llama_token * tokens, size_t n_token_count) except +
     size_t llama_state_seq_load_file(llama_context * ctx, const char * filepath, llama_seq_id dest_seq_id,
-                                     llama_token * tokens_out, size_t n_token_capacity, size_t * n_token_count_out)
+                                     llama_token * tokens_out, size_t n_token_capacity, size_t * n_token_count_out) except +
 
-    llama_batch llama_batch_init(int32_t n_tokens, int32_t embd, int32_t n_seq_max)
-    void llama_batch_free(llama_batch batch)
-    int32_t llama_encode(llama_context * ctx, llama_batch batch)
-    int32_t llama_decode(llama_context * ctx, llama_batch batch)
+    llama_batch llama_batch_init(int32_t n_tokens, int32_t embd, int32_t n_seq_max) except +
+    void llama_batch_free(llama_batch batch) except +
+    int32_t llama_encode(llama_context * ctx, llama_batch batch) except +
+    int32_t llama_decode(llama_context * ctx, llama_batch batch) except +
 
-    void llama_set_n_threads(llama_context * ctx, int32_t n_threads, int32_t n_threads_batch)
-    int32_t llama_n_threads(llama_context * ctx)
-    int32_t llama_n_threads_batch(llama_context * ctx)
-    void llama_set_embeddings(llama_context * ctx, bint embeddings)
-    void llama_set_causal_attn(llama_context * ctx, bint causal_attn)
-    void llama_set_abort_callback(llama_context * ctx, ggml_abort_callback abort_callback, void * abort_callback_data)
-    void llama_synchronize(llama_context * ctx)
+    void llama_set_n_threads(llama_context * ctx, int32_t n_threads, int32_t n_threads_batch) except +
+    int32_t llama_n_threads(llama_context * ctx) except +
+    int32_t llama_n_threads_batch(llama_context * ctx) except +
+    void llama_set_embeddings(llama_context * ctx, bint embeddings) except +
+    void llama_set_causal_attn(llama_context * ctx, bint causal_attn) except +
+    void llama_set_abort_callback(llama_context * ctx, ggml_abort_callback abort_callback, void * abort_callback_data) except +
+    void llama_synchronize(llama_context * ctx) except +
 
-    float * llama_get_logits(llama_context * ctx)
-    float * llama_get_logits_ith(llama_context * ctx, int32_t i)
-    float * llama_get_embeddings(llama_context * ctx)
-    float * llama_get_embeddings_ith(llama_context * ctx, int32_t i)
-    float * llama_get_embeddings_seq(llama_context * ctx, llama_seq_id seq_id)
+    float * llama_get_logits(llama_context * ctx) except +
+    float * llama_get_logits_ith(llama_context * ctx, int32_t i) except +
+    float * llama_get_embeddings(llama_context * ctx) except +
+    float * llama_get_embeddings_ith(llama_context * ctx, int32_t i) except +
+    float * llama_get_embeddings_seq(llama_context * ctx, llama_seq_id seq_id) except +
 
-    const char * llama_vocab_get_text(const llama_vocab * vocab, llama_token token)
-    float llama_vocab_get_score(const llama_vocab * vocab, llama_token token)
-    llama_token_attr llama_vocab_get_attr(const llama_vocab * vocab, llama_token token)
-    bint llama_vocab_is_eog(const llama_vocab * vocab, llama_token token)
-    bint llama_vocab_is_control(const llama_vocab * vocab, llama_token token)
-    llama_token llama_vocab_bos(const llama_vocab * vocab)
-    llama_token llama_vocab_eos(const llama_vocab * vocab)
-    llama_token llama_vocab_eot(const llama_vocab * vocab)
-    llama_token llama_vocab_sep(const llama_vocab * vocab)
-    llama_token llama_vocab_nl(const llama_vocab * vocab)
-    llama_token llama_vocab_pad(const llama_vocab * vocab)
-    llama_token llama_vocab_mask(const llama_vocab * vocab)
-    bint llama_vocab_get_add_bos(const llama_vocab * vocab)
-    bint llama_vocab_get_add_eos(const llama_vocab * vocab)
-    bint llama_vocab_get_add_sep(const llama_vocab * vocab)
-    llama_token llama_vocab_fim_pre(const llama_vocab * vocab)
-    llama_token llama_vocab_fim_suf(const llama_vocab * vocab)
-    llama_token llama_vocab_fim_mid(const llama_vocab * vocab)
-    llama_token llama_vocab_fim_pad(const llama_vocab * vocab)
-    llama_token llama_vocab_fim_rep(const llama_vocab * vocab)
-    llama_token llama_vocab_fim_sep(const llama_vocab * vocab)
+    const char * llama_vocab_get_text(const llama_vocab * vocab, llama_token token) except +
+    float llama_vocab_get_score(const llama_vocab * vocab, llama_token token) except +
+    llama_token_attr llama_vocab_get_attr(const llama_vocab * vocab, llama_token token) except +
+    bint llama_vocab_is_eog(const llama_vocab * vocab, llama_token token) except +
+    bint llama_vocab_is_control(const llama_vocab * vocab, llama_token token) except +
+    llama_token llama_vocab_bos(const llama_vocab * vocab) except +
+    llama_token llama_vocab_eos(const llama_vocab * vocab) except +
+    llama_token llama_vocab_eot(const llama_vocab * vocab) except +
+    llama_token llama_vocab_sep(const llama_vocab * vocab) except +
+    llama_token llama_vocab_nl(const llama_vocab * vocab) except +
+    llama_token llama_vocab_pad(const llama_vocab * vocab) except +
+    llama_token llama_vocab_mask(const llama_vocab * vocab) except +
+    bint llama_vocab_get_add_bos(const llama_vocab * vocab) except +
+    bint llama_vocab_get_add_eos(const llama_vocab * vocab) except +
+    bint llama_vocab_get_add_sep(const llama_vocab * vocab) except +
+    llama_token llama_vocab_fim_pre(const llama_vocab * vocab) except +
+    llama_token llama_vocab_fim_suf(const llama_vocab * vocab) except +
+    llama_token llama_vocab_fim_mid(const llama_vocab * vocab) except +
+    llama_token llama_vocab_fim_pad(const llama_vocab * vocab) except +
+    llama_token llama_vocab_fim_rep(const llama_vocab * vocab) except +
+    llama_token llama_vocab_fim_sep(const llama_vocab * vocab) except +
 
     int32_t llama_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len, llama_token * tokens,
-                           int32_t n_tokens_max, bint add_special, bint parse_special)
+                           int32_t n_tokens_max, bint add_special, bint parse_special) except +
     int32_t llama_token_to_piece(const llama_vocab * vocab, llama_token token, char * buf, int32_t length,
-                                 int32_t lstrip, bint special)
+                                 int32_t lstrip, bint special) except +
     int32_t llama_detokenize(const llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens, char * text,
-                             int32_t text_len_max, bint remove_special, bint unparse_special)
+                             int32_t text_len_max, bint remove_special, bint unparse_special) except +
 
     int32_t llama_chat_apply_template(const char * tmpl, const llama_chat_message * chat, size_t n_msg,
-                                      bint add_ass, char * buf, int32_t length)
-    int32_t llama_chat_builtin_templates(const char ** output, size_t len)
+                                      bint add_ass, char * buf, int32_t length) except +
+    int32_t llama_chat_builtin_templates(const char ** output, size_t len) except +
 
-    const char * llama_sampler_name(const llama_sampler * smpl)
-    void llama_sampler_accept(llama_sampler * smpl, llama_token token)
-    void llama_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p)
-    void llama_sampler_reset(llama_sampler * smpl)
-    llama_sampler * llama_sampler_clone(const llama_sampler * smpl)
-    void llama_sampler_free(llama_sampler * smpl)
-    llama_sampler * llama_sampler_chain_init(llama_sampler_chain_params params)
-    void llama_sampler_chain_add(llama_sampler * chain, llama_sampler * smpl)
-    llama_sampler * llama_sampler_chain_get(llama_sampler * chain, int32_t i)
-    int32_t llama_sampler_chain_n(const llama_sampler * chain)
-    llama_sampler * llama_sampler_init_greedy()
-    llama_sampler * llama_sampler_init_dist(uint32_t seed)
-    llama_sampler * llama_sampler_init_top_k(int32_t k)
-    llama_sampler * llama_sampler_init_top_p(float p, size_t min_keep)
-    llama_sampler * llama_sampler_init_min_p(float p, size_t min_keep)
-    llama_sampler * llama_sampler_init_typical(float p, size_t min_keep)
-    llama_sampler * llama_sampler_init_temp(float t)
-    llama_sampler * llama_sampler_init_temp_ext(float t, float delta, float exponent)
-    llama_sampler * llama_sampler_init_xtc(float p, float t, size_t min_keep, uint32_t seed)
-    llama_sampler * llama_sampler_init_top_n_sigma(float n)
-    llama_sampler * llama_sampler_init_mirostat(int32_t n_vocab, uint32_t seed, float tau, float eta, int32_t m)
-    llama_sampler * llama_sampler_init_mirostat_v2(uint32_t seed, float tau, float eta)
+    const char * llama_sampler_name(const llama_sampler * smpl) except +
+    void llama_sampler_accept(llama_sampler * smpl, llama_token token) except +
+    void llama_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) except +
+    void llama_sampler_reset(llama_sampler * smpl) except +
+    llama_sampler * llama_sampler_clone(const llama_sampler * smpl) except +
+    void llama_sampler_free(llama_sampler * smpl) except +
+    llama_sampler * llama_sampler_chain_init(llama_sampler_chain_params params) except +
+    void llama_sampler_chain_add(llama_sampler * chain, llama_sampler * smpl) except +
+    llama_sampler * llama_sampler_chain_get(llama_sampler * chain, int32_t i) except +
+    int32_t llama_sampler_chain_n(const llama_sampler * chain) except +
+    llama_sampler * llama_sampler_init_greedy() except +
+    llama_sampler * llama_sampler_init_dist(uint32_t seed) except +
+    llama_sampler * llama_sampler_init_top_k(int32_t k) except +
+    llama_sampler * llama_sampler_init_top_p(float p, size_t min_keep) except +
+    llama_sampler * llama_sampler_init_min_p(float p, size_t min_keep) except +
+    llama_sampler * llama_sampler_init_typical(float p, size_t min_keep) except +
+    llama_sampler * llama_sampler_init_temp(float t) except +
+    llama_sampler * llama_sampler_init_temp_ext(float t, float delta, float exponent) except +
+    llama_sampler * llama_sampler_init_xtc(float p, float t, size_t min_keep, uint32_t seed) except +
+    llama_sampler * llama_sampler_init_top_n_sigma(float n) except +
+    llama_sampler * llama_sampler_init_mirostat(int32_t n_vocab, uint32_t seed, float tau, float eta, int32_t m) except +
+    llama_sampler * llama_sampler_init_mirostat_v2(uint32_t seed, float tau, float eta) except +
     llama_sampler * llama_sampler_init_grammar(const llama_vocab * vocab, const char * grammar_str,
-                                               const char * grammar_root)
+                                               const char * grammar_root) except +
     llama_sampler * llama_sampler_init_grammar_lazy_patterns(const llama_vocab * vocab, const char * grammar_str,
                                                              const char * grammar_root,
                                                              const char ** trigger_patterns,
                                                              size_t num_trigger_patterns,
                                                              const llama_token * trigger_tokens,
-                                                             size_t num_trigger_tokens)
+                                                             size_t num_trigger_tokens) except +
     llama_sampler * llama_sampler_init_penalties(int32_t n_vocab, int32_t penalty_last_n, float penalty_repeat,
-                                                 float penalty_freq, float penalty_present)
+                                                 float penalty_freq, float penalty_present) except +
     llama_sampler * llama_sampler_init_dry(const llama_vocab * vocab, float dry_multiplier, float dry_base,
                                            int32_t dry_allowed_length, int32_t dry_penalty_last_n,
-                                           const char ** seq_breakers, size_t num_breakers)
+                                           const char ** seq_breakers, size_t num_breakers) except +
     llama_sampler * llama_sampler_init_logit_bias(int32_t n_vocab, int32_t n_logit_bias,
-                                                  const llama_logit_bias * logit_bias)
-    uint32_t llama_sampler_get_seed(const llama_sampler * smpl)
-    llama_token llama_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx)
+                                                  const llama_logit_bias * logit_bias) except +
+    uint32_t llama_sampler_get_seed(const llama_sampler * smpl) except +
+    llama_token llama_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx) except +
 
-    const char * llama_print_system_info()
-    void llama_log_set(ggml_log_callback log_callback, void * user_data)
+    const char * llama_print_system_info() except +
+    void llama_log_set(ggml_log_callback log_callback, void * user_data) except +
 
     cdef struct llama_perf_context_data:
         double t_start_ms
@@ -426,10 +428,10 @@ cdef extern from "llama.h" nogil:
         double t_sample_ms
         int32_t n_sample
 
-    llama_perf_context_data llama_perf_context(const llama_context * ctx)
-    void llama_perf_context_reset(llama_context * ctx)
-    llama_perf_sampler_data llama_perf_sampler(const llama_sampler * chain)
-    void llama_perf_sampler_reset(llama_sampler * chain)
+    llama_perf_context_data llama_perf_context(const llama_context * ctx) except +
+    void llama_perf_context_reset(llama_context * ctx) except +
+    llama_perf_sampler_data llama_perf_sampler(const llama_sampler * chain) except +
+    void llama_perf_sampler_reset(llama_sampler * chain) except +
 
 
 cdef extern from *:
@@ -439,6 +441,9 @@ cdef extern from *:
        linked: its entry points come from the registry, as upstream's tools do it. */
     #include "ggml-backend.h"
     #define PYLLAMA_RPC_AVAILABLE 1
+    /* the protocol of the ggml-rpc this tree builds (ggml-rpc.h; not included here) */
+    #define PYLLAMA_RPC_PROTO_MAJOR 7
+    #define PYLLAMA_RPC_PROTO_MINOR 0
     static void * pyllama_rpc_proc(const char * name) {
         ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
         return reg ? ggml_backend_reg_get_proc_address(reg, name) : NULL;
@@ -459,16 +464,22 @@ cdef extern from *:
     #elif PYLLAMA_HAS_RPC
     #include "ggml-rpc.h"
     #define PYLLAMA_RPC_AVAILABLE 1
+    #define PYLLAMA_RPC_PROTO_MAJOR RPC_PROTO_MAJOR_VERSION
+    #define PYLLAMA_RPC_PROTO_MINOR RPC_PROTO_MINOR_VERSION
     #else
     #define PYLLAMA_RPC_AVAILABLE 0
+    #define PYLLAMA_RPC_PROTO_MAJOR 0
+    #define PYLLAMA_RPC_PROTO_MINOR 0
     static inline ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint) { (void)endpoint; return NULL; }
     static inline void ggml_backend_rpc_start_server(const char * e, const char * c, size_t t, size_t n, ggml_backend_dev_t * d) { (void)e; (void)c; (void)t; (void)n; (void)d; }
     static inline void ggml_backend_rpc_get_device_memory(const char * e, uint32_t d, size_t * f, size_t * t) { (void)e; (void)d; *f = 0; *t = 0; }
     #endif
     """
     int PYLLAMA_RPC_AVAILABLE
-    ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint) nogil
+    int PYLLAMA_RPC_PROTO_MAJOR
+    int PYLLAMA_RPC_PROTO_MINOR
+    ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint) except + nogil
     void ggml_backend_rpc_start_server(const char * endpoint, const char * cache_dir, size_t n_threads,
-                                       size_t n_devices, ggml_backend_dev_t * devices) nogil
+                                       size_t n_devices, ggml_backend_dev_t * devices) except + nogil
     void ggml_backend_rpc_get_device_memory(const char * endpoint, uint32_t device, size_t * free,
-                                            size_t * total) nogil
+                                            size_t * total) except + nogil

@@ -8,7 +8,9 @@ cdef class _ProgressState:
     cdef bint cancelled
 
 
-cdef bint _progress_trampoline(float progress, void * user_data) noexcept with gil:
+from libcpp cimport bool as cpp_bool
+
+cdef cpp_bool _progress_trampoline(float progress, void * user_data) noexcept with gil:
     cdef _ProgressState st = <_ProgressState>user_data
     if st.error is not None:
         return False
@@ -23,6 +25,10 @@ cdef bint _progress_trampoline(float progress, void * user_data) noexcept with g
     except BaseException as e:   # KeyboardInterrupt included: cancel the load, re-raise after
         st.error = e
         return False
+
+
+class UnsupportedTensorTypeError(ModelLoadError, ValueError):
+    """A tensor of the model is stored in a type llama.cpp cannot compute with there."""
 
 
 cdef int _GGUF_MIN_HEADER = 24   # magic, version, tensor count, kv count
@@ -58,24 +64,30 @@ cdef extern from "gguf.h" nogil:
     cdef struct gguf_init_params:
         bint no_alloc
         void * ctx
-    gguf_context * gguf_init_from_file(const char * fname, gguf_init_params params)
-    void gguf_free(gguf_context * ctx)
-    int64_t gguf_find_key(const gguf_context * ctx, const char * key)
-    int gguf_get_kv_type(const gguf_context * ctx, int64_t key_id)
-    int gguf_get_arr_type(const gguf_context * ctx, int64_t key_id)
-    size_t gguf_get_arr_n(const gguf_context * ctx, int64_t key_id)
-    const void * gguf_get_arr_data(const gguf_context * ctx, int64_t key_id)
-    const void * gguf_get_val_data(const gguf_context * ctx, int64_t key_id)
-    const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id)
-    const char * gguf_get_arr_str(const gguf_context * ctx, int64_t key_id, size_t i)
-    int64_t gguf_get_n_kv(const gguf_context * ctx)
-    const char * gguf_get_key(const gguf_context * ctx, int64_t key_id)
+    gguf_context * gguf_init_from_file(const char * fname, gguf_init_params params) except +
+    void gguf_free(gguf_context * ctx) except +
+    int64_t gguf_find_key(const gguf_context * ctx, const char * key) except +
+    int gguf_get_kv_type(const gguf_context * ctx, int64_t key_id) except +
+    int gguf_get_arr_type(const gguf_context * ctx, int64_t key_id) except +
+    size_t gguf_get_arr_n(const gguf_context * ctx, int64_t key_id) except +
+    const void * gguf_get_arr_data(const gguf_context * ctx, int64_t key_id) except +
+    const void * gguf_get_val_data(const gguf_context * ctx, int64_t key_id) except +
+    const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id) except +
+    const char * gguf_get_arr_str(const gguf_context * ctx, int64_t key_id, size_t i) except +
+    int64_t gguf_get_n_kv(const gguf_context * ctx) except +
+    const char * gguf_get_key(const gguf_context * ctx, int64_t key_id) except +
+    int64_t gguf_get_n_tensors(const gguf_context * ctx) except +
+    const char * gguf_get_tensor_name(const gguf_context * ctx, int64_t tensor_id) except +
+    ggml_type gguf_get_tensor_type(const gguf_context * ctx, int64_t tensor_id) except +
 
 cdef extern from * nogil:
     """
     #include <stddef.h>
     #include <stdint.h>
     struct gguf_context;
+    #ifdef __cplusplus
+    extern "C"
+    #endif
     size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context * ctx, int64_t key_id);
     """
     size_t pyllama_gguf_count_duplicate_strings(const gguf_context * ctx, int64_t key_id)
@@ -100,13 +112,18 @@ cdef extern from * nogil:
     #include <stddef.h>
     typedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
                                   long long ival, double fval, const char * sval, size_t sval_len);
+    #ifdef __cplusplus
+    extern "C"
+    #endif
     int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
-                          size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap);
+                          size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap,
+                          char * bad_tensor, size_t bad_cap, int * bad_type);
     """
     ctypedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
                                    long long ival, double fval, const char * sval, size_t sval_len) noexcept
     int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
-                          size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap) noexcept
+                          size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap,
+                          char * bad_tensor, size_t bad_cap, int * bad_type) noexcept
 
 
 cdef void _collect_kv(void * user, const char * key, size_t key_len, int kind, long long ival,
@@ -134,7 +151,7 @@ def _gguf_precheck_metadata(path, bint fast=True, bint fallback=True):
     return _gguf_metadata(os.fsdecode(os.fspath(path)), fast, fallback)
 
 
-cdef _gguf_metadata(str path, bint fast=True, bint fallback=True):
+cdef _gguf_metadata(str path, bint fast=True, bint fallback=True, bint with_tensors=False):
     """(integer and string metadata as a dict, repeated token texts) of a GGUF file, read
     with the fast scanner (pyllama_checks.cpp) or, when it gives up, ggml's own parser.
     Integer arrays of u32/i32 give their largest element (per-layer values)."""
@@ -142,12 +159,16 @@ cdef _gguf_metadata(str path, bint fast=True, bint fallback=True):
     cdef const char * cpath_c = cpath
     cdef dict meta = {}
     cdef size_t n_dup = 0
-    cdef int has_tokens = 0, ok
+    cdef int has_tokens = 0, ok, bad_type = -1
     cdef char err[320]
+    cdef char bad_tensor[256]
     if fast:
         with nogil:
-            ok = pyllama_gguf_scan(cpath_c, _collect_kv, <void *>meta, &n_dup, &has_tokens, err, sizeof(err))
+            ok = pyllama_gguf_scan(cpath_c, _collect_kv, <void *>meta, &n_dup, &has_tokens, err, sizeof(err),
+                                   bad_tensor, sizeof(bad_tensor), &bad_type)
         if ok > 0:
+            if with_tensors:
+                return meta, n_dup, (_str(bad_tensor), bad_type) if bad_type >= 0 else None
             return meta, n_dup
         if ok < 0:
             raise ModelLoadError(path, err.decode("utf-8", "replace"))
@@ -206,8 +227,18 @@ cdef _gguf_metadata(str path, bint fast=True, bint fallback=True):
         if k >= 0 and gguf_get_kv_type(g, k) == _GGUF_ARR and gguf_get_arr_type(g, k) == _GGUF_STR:
             with nogil:
                 n_dup = pyllama_gguf_count_duplicate_strings(g, k)
+        bad = None
+        if with_tensors:
+            # (ggml's parser does not give shapes without building tensors: names only here)
+            for i in range(gguf_get_n_tensors(g)):
+                name = _str(gguf_get_tensor_name(g, i))
+                if gguf_get_tensor_type(g, i) != GGML_TYPE_F32 and (name.endswith("norm.weight") or name.endswith(".bias")):
+                    bad = (name, <int>gguf_get_tensor_type(g, i))
+                    break
     finally:
         gguf_free(g)
+    if with_tensors:
+        return meta, n_dup, bad
     return meta, n_dup
 
 
@@ -228,7 +259,7 @@ cdef _precheck_metadata(str path, overrides, bint vocab_only):
     """Read the GGUF metadata (a corrupt header is a clean error here) and check what
     llama.cpp's loader GGML_ASSERTs on -- a crafted or broken file (or kv_overrides) would
     otherwise abort the process inside llama_model_load."""
-    meta, n_dup = _gguf_metadata(path)
+    meta, n_dup, bad_tensor = _gguf_metadata(path, True, True, True)
     ov = dict(overrides or {})
     # Two tokens with the same text: llama_vocab::load GGML_ASSERTs (token_to_id is a map).
     if n_dup:
@@ -236,6 +267,13 @@ cdef _precheck_metadata(str path, overrides, bint vocab_only):
                                    "(corrupt tokenizer.ggml.tokens)")
     if vocab_only:
         return   # llama.cpp reads no hyper-parameters then
+    if bad_tensor is not None:
+        name, t = bad_tensor
+        tname = _str(ggml_type_name(<ggml_type>t)) if 0 <= t < <int>GGML_TYPE_COUNT else f"type {t}"
+        raise UnsupportedTensorTypeError(
+            path, f"tensor {name!r} is {tname}; llama.cpp needs norm weights and other 1-D tensors "
+                  "(biases, scales) in F32 (its CPU kernels abort on anything else at the first "
+                  "decode); re-convert the model, keeping those tensors F32")
     arch = ov.get("general.architecture")
     if not isinstance(arch, str):
         arch = meta.get("general.architecture")
@@ -275,6 +313,19 @@ cdef _precheck_metadata(str path, overrides, bint vocab_only):
             if isinstance(v, float) and not v >= 0.0:   # also catches NaN
                 raise ModelLoadError(path, f"{key} is {v}; a normalisation epsilon must be a number >= 0 "
                                            "(corrupt metadata or a bad kv_overrides value)")
+    # RoPE: a base frequency of 0, a negative or NaN one (or a NaN/negative scaling factor) loads
+    # and then gives NaN logits and empty answers.
+    for key in sorted(k for k in set(meta) | set(ov)
+                      if isinstance(k, str) and k.startswith(f"{arch}.rope.freq_base")):
+        v = ov.get(key, meta.get(key))
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isfinite(v) and v > 0):
+            raise ModelLoadError(path, f"{key} is {v}; the RoPE base frequency must be a finite number > 0 "
+                                       "(corrupt metadata or a bad kv_overrides value)")
+    for key in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
+        v = ov.get(key, meta.get(key))
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isfinite(v) and v >= 0):
+            raise ModelLoadError(path, f"{key} is {v}; a RoPE scaling factor must be a finite number >= 0 "
+                                       "(corrupt metadata or a bad kv_overrides value)")
     rope = ov.get(f"{arch}.rope.scaling.type")
     if not isinstance(rope, str):
         rope = meta.get(f"{arch}.rope.scaling.type")
@@ -389,13 +440,16 @@ cdef class Model:
 
     cdef inline llama_model * _get(self) except NULL:
         if self.ptr == NULL or self._close_pending:
-            raise ValueError("the model is closed")
+            raise ValueError("the model is closed" if self.path is not None else
+                             "the model is not loaded (Model built without __init__?)")
         return self.ptr
 
     cdef void _add_user(self):
         self._n_users += 1
 
     cdef void _release_user(self):
+        # Users: open Contexts, grammar samplers, and calls that run with the GIL released
+        # (tokenize, detokenize, LoRA loading).  All counting happens with the GIL held.
         self._n_users -= 1
         if self._n_users <= 0 and self._close_pending and self.ptr != NULL:
             llama_model_free(self.ptr)
@@ -637,6 +691,8 @@ cdef class Vocab:
         return v
 
     cdef inline const llama_vocab * _get(self) except NULL:
+        if self.model is None or self.ptr == NULL:
+            raise ValueError("this Vocab is not initialised (Vocab objects come from Model.vocab)")
         self.model._get()   # raises once the model is closed
         return self.ptr
 
@@ -681,9 +737,17 @@ cdef class Vocab:
         cdef const char * cdata = PyBytes_AS_STRING(data)
         if out == NULL:
             raise MemoryError()
+        # While the GIL is released another thread may call Model.close(): count this call
+        # as a user of the model, so the weights (and the vocabulary) outlive it.
+        cdef Model model = self.model
+        model._add_user()
         try:
             with nogil:
                 n = llama_tokenize(v, cdata, <int32_t>n_bytes, out, cap, add_special, parse_special)
+            # A Ctrl-C that came during a long tokenization: run Python's handler now (it
+            # raises KeyboardInterrupt, or whatever a user's handler does; one that returns is
+            # respected and we go on).
+            PyErr_CheckSignals()
             if n < 0:
                 if n == -2147483648:
                     raise ValueError("tokenization overflowed int32")
@@ -693,11 +757,13 @@ cdef class Vocab:
                     raise MemoryError()
                 with nogil:
                     n = llama_tokenize(v, cdata, <int32_t>n_bytes, out, cap, add_special, parse_special)
+                PyErr_CheckSignals()
                 if n < 0:
                     raise RuntimeError("llama_tokenize failed")
             return [out[i] for i in range(n)]
         finally:
             free(out)
+            model._release_user()
 
     cdef bytes _detokenize(self, tokens, bint remove_special, bint unparse_special):
         cdef const llama_vocab * v = self._get()
@@ -705,8 +771,10 @@ cdef class Vocab:
         cdef llama_token * arr = <llama_token *>malloc(max(n, 1) * sizeof(llama_token))
         cdef int32_t cap, got
         cdef char * buf = NULL
+        cdef Model model = self.model
         if arr == NULL:
             raise MemoryError()
+        model._add_user()   # see tokenize(): Model.close() waits for us
         try:
             for i in range(n):
                 t = tokens[i]
@@ -725,6 +793,7 @@ cdef class Vocab:
         finally:
             free(arr)
             free(buf)
+            model._release_user()
 
     def detokenize(self, tokens, bint remove_special=False, bint unparse_special=False) -> str:
         """Token ids to text; bytes that are not valid UTF-8 become U+FFFD."""
@@ -797,8 +866,12 @@ cdef class LoraAdapter:
         cdef const char * pc = p
         cdef llama_model * m = model._get()
         pyllama_clear_last_error()
-        with nogil:
-            self.ptr = llama_adapter_lora_init(m, pc)
+        model._add_user()   # Model.close() from another thread must not free it under the load
+        try:
+            with nogil:
+                self.ptr = llama_adapter_lora_init(m, pc)
+        finally:
+            model._release_user()
         if self.ptr == NULL:
             raise ModelLoadError(path, "not a LoRA adapter for this model: " + _last_error("llama.cpp refused it"))
         self.model = model

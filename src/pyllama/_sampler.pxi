@@ -5,6 +5,9 @@ from libc.stdio cimport fflush, stderr as c_stderr
 
 cdef extern from *:
     """
+    #ifdef __cplusplus
+    extern "C"
+    #endif
     int pyllama_regex_check(const char * pattern, char * err, size_t err_size);  /* src/cxx */
     """
     int pyllama_regex_check(const char * pattern, char * err, size_t err_size) nogil
@@ -164,6 +167,8 @@ cdef class SamplerChain:
     cdef llama_logit_bias * _bias
     cdef float * _bias_saved
     cdef int32_t _n_bias
+    cdef list _params            # the parameters each stage was built with (stage_params)
+    cdef object _grammar_failed   # None, or why a grammar stage broke (reset() clears it)
 
     def __cinit__(self):
         self.ptr = NULL
@@ -172,16 +177,29 @@ cdef class SamplerChain:
         self._bias = NULL
         self._bias_saved = NULL
         self._n_bias = 0
+        self._names = []
+        self._grammar_stages = []
+        self._params = []
+        self._grammar_failed = None
 
     def __init__(self, Vocab vocab not None, bint no_perf=False):
+        if self.ptr != NULL:
+            raise RuntimeError("SamplerChain is already initialised")
+        vocab._get()   # a closed model (or a Vocab built without a model) is refused here
         cdef llama_sampler_chain_params p = llama_sampler_chain_default_params()
         p.no_perf = no_perf
         self.vocab = vocab
         self.ptr = llama_sampler_chain_init(p)
         if self.ptr == NULL:
             raise MemoryError()
-        self._grammar_stages = []
-        self._names = []
+
+    cdef inline llama_sampler * _get(self) except NULL:
+        """The chain; raises for a SamplerChain built with __new__ (or by a subclass whose
+        __init__ did not call SamplerChain.__init__) instead of handing NULL to llama.cpp."""
+        if self.ptr == NULL or self.vocab is None:
+            raise RuntimeError("this SamplerChain is not initialised: create it with SamplerChain(vocab) "
+                               "(a subclass must call super().__init__(vocab))")
+        return self.ptr
 
     def __dealloc__(self):
         if self.ptr != NULL:
@@ -199,11 +217,12 @@ cdef class SamplerChain:
             self.vocab.model._add_user()
             self._holds_model = True
 
-    cdef SamplerChain _add(self, llama_sampler * stage, str name):
+    cdef SamplerChain _add(self, llama_sampler * stage, str name, dict params=None):
         if stage == NULL:
             raise ValueError(f"llama.cpp refused the {name} sampler: " + _last_error("invalid parameters"))
-        llama_sampler_chain_add(self.ptr, stage)
+        llama_sampler_chain_add(self._get(), stage)
         self._names.append(name)
+        self._params.append(params or {})
         self._plain_greedy = self._names == ["greedy"] or self._names == ["logit-bias", "greedy"]
         return self
 
@@ -239,48 +258,59 @@ cdef class SamplerChain:
         return 0
 
     def add_greedy(self) -> SamplerChain:
+        self._get()
         return self._add(llama_sampler_init_greedy(), "greedy")
 
     def add_dist(self, seed=0xFFFFFFFF) -> SamplerChain:
+        self._get()
         return self._add(llama_sampler_init_dist(_seed(seed)), "dist")
 
     def add_top_k(self, int k) -> SamplerChain:
+        self._get()
         if k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {k}")
         return self._add(llama_sampler_init_top_k(k), "top-k")
 
     def add_top_p(self, float p, size_t min_keep=1) -> SamplerChain:
+        self._get()
         _check_prob("top_p", p, allow_zero=False)
         return self._add(llama_sampler_init_top_p(p, min_keep), "top-p")
 
     def add_min_p(self, float p, size_t min_keep=1) -> SamplerChain:
+        self._get()
         _check_prob("min_p", p, allow_zero=True)
         return self._add(llama_sampler_init_min_p(p, min_keep), "min-p")
 
     def add_typical(self, float p, size_t min_keep=1) -> SamplerChain:
+        self._get()
         _check_prob("typical_p", p, allow_zero=False)
         return self._add(llama_sampler_init_typical(p, min_keep), "typical")
 
     def add_temp(self, float t) -> SamplerChain:
+        self._get()
         _check_finite("temperature", t, minimum=0.0)
         return self._add(llama_sampler_init_temp(t), "temp")
 
     def add_temp_ext(self, float t, float delta, float exponent) -> SamplerChain:
+        self._get()
         _check_finite("temperature", t, minimum=0.0)
         _check_finite("dynatemp delta", delta, minimum=0.0)
         _check_finite("dynatemp exponent", exponent)
         return self._add(llama_sampler_init_temp_ext(t, delta, exponent), "temp-ext")
 
     def add_xtc(self, float p, float t, size_t min_keep=1, seed=0xFFFFFFFF) -> SamplerChain:
+        self._get()
         _check_prob("xtc probability", p, allow_zero=True)
         _check_prob("xtc threshold", t, allow_zero=True)
         return self._add(llama_sampler_init_xtc(p, t, min_keep, _seed(seed)), "xtc")
 
     def add_top_n_sigma(self, float n) -> SamplerChain:
+        self._get()
         _check_finite("top_n_sigma", n)
         return self._add(llama_sampler_init_top_n_sigma(n), "top-n-sigma")
 
     def add_mirostat(self, seed, float tau, float eta, int m=100) -> SamplerChain:
+        self._get()
         _check_finite("mirostat_tau", tau, minimum=0.0)
         _check_finite("mirostat_eta", eta, minimum=0.0)
         if m < 1:
@@ -288,28 +318,36 @@ cdef class SamplerChain:
         return self._add(llama_sampler_init_mirostat(self.vocab.n_tokens, _seed(seed), tau, eta, m), "mirostat")
 
     def add_mirostat_v2(self, seed, float tau, float eta) -> SamplerChain:
+        self._get()
         _check_finite("mirostat_tau", tau, minimum=0.0)
         _check_finite("mirostat_eta", eta, minimum=0.0)
         return self._add(llama_sampler_init_mirostat_v2(_seed(seed), tau, eta), "mirostat-v2")
 
     def add_penalties(self, int last_n=64, float repeat=1.0, float frequency=0.0,
-                      float presence=0.0) -> SamplerChain:
-        if last_n < -1:
-            raise ValueError(f"penalty last_n must be >= -1, got {last_n}")
+                      float presence=0.0, *, int n_ctx=0) -> SamplerChain:
+        """Repetition penalties over the last `last_n` tokens (0 disables them; -1: the whole
+        context, `n_ctx` tokens, or the model's training context when n_ctx is 0)."""
+        self._get()
         _check_finite("repeat_penalty", repeat, minimum=0.0)
         if repeat == 0.0:
             raise ValueError("repeat_penalty must be > 0 (1.0 disables it)")
         _check_finite("frequency_penalty", frequency)
         _check_finite("presence_penalty", presence)
-        return self._add(llama_sampler_init_penalties(self.vocab.n_tokens, last_n, repeat, frequency, presence),
-                         "penalties")
+        cdef int32_t window = self._window("penalty last_n", last_n, n_ctx)
+        return self._add(llama_sampler_init_penalties(self.vocab.n_tokens, window, repeat, frequency, presence),
+                         "penalties", {"last_n": window, "repeat": repeat, "frequency": frequency,
+                                       "presence": presence})
 
     def add_dry(self, float multiplier, float base=1.75, int allowed_length=2, int last_n=-1,
-                seq_breakers=("\n", ":", '"', "*")) -> SamplerChain:
+                seq_breakers=("\n", ":", '"', "*"), *, int n_ctx=0) -> SamplerChain:
+        """DRY repetition penalty over the last `last_n` tokens (-1, the default: the whole
+        context, as for add_penalties; 0 disables it)."""
+        self._get()
         _check_finite("dry_multiplier", multiplier, minimum=0.0)
         _check_finite("dry_base", base, minimum=1.0)
-        if allowed_length < 0 or last_n < -1:
-            raise ValueError("dry allowed_length must be >= 0 and last_n >= -1")
+        if allowed_length < 0:
+            raise ValueError(f"dry allowed_length must be >= 0, got {allowed_length}")
+        cdef int32_t window = self._window("dry last_n", last_n, n_ctx)
         cdef list keep = [_utf8(brk, "DRY sequence breaker") for brk in seq_breakers]
         cdef const char ** arr = <const char **>calloc(max(len(keep), 1), sizeof(char *))
         cdef llama_sampler * s
@@ -318,13 +356,15 @@ cdef class SamplerChain:
                 if not b:
                     raise ValueError("DRY sequence breakers must not be empty")
                 arr[i] = PyBytes_AS_STRING(b)
-            s = llama_sampler_init_dry(self.vocab._get(), multiplier, base, allowed_length, last_n, arr, len(keep))
+            s = llama_sampler_init_dry(self.vocab._get(), multiplier, base, allowed_length, window, arr, len(keep))
         finally:
             free(arr)
-        return self._add(s, "dry")
+        return self._add(s, "dry", {"multiplier": multiplier, "base": base, "allowed_length": allowed_length,
+                                    "last_n": window, "seq_breakers": [b.decode() for b in keep]})
 
     def add_logit_bias(self, bias) -> SamplerChain:
         """{token_id: bias}; float('-inf') forbids a token."""
+        self._get()
         cdef dict items = dict(bias)
         cdef llama_logit_bias * arr = <llama_logit_bias *>calloc(max(len(items), 1), sizeof(llama_logit_bias))
         cdef llama_sampler * s
@@ -345,6 +385,7 @@ cdef class SamplerChain:
 
     def add_grammar(self, grammar, root="root") -> SamplerChain:
         """Constrain output with a GBNF grammar (GrammarError if it does not parse)."""
+        self._get()
         cdef llama_sampler * s = _make_grammar_sampler(self.vocab, grammar, root, None, None)
         self._hold_model()
         self._grammar_stages.append(len(self._names))
@@ -353,12 +394,35 @@ cdef class SamplerChain:
 
     def add_grammar_lazy(self, grammar, root="root", trigger_patterns=(), trigger_tokens=()) -> SamplerChain:
         """A grammar that applies only after a trigger pattern (regex) or token appears."""
+        self._get()
         cdef llama_sampler * s = _make_grammar_sampler(self.vocab, grammar, root, list(trigger_patterns),
                                                        list(trigger_tokens))
         self._hold_model()
         self._grammar_stages.append(len(self._names))
         self.has_grammar = True
         return self._add(s, "grammar-lazy")
+
+    cdef int32_t _window(self, str what, int last_n, int n_ctx) except -2:
+        """A penalty window as llama.cpp's samplers take it.  They treat any negative value as 0
+        (penalty off), so "-1 = the whole context" is resolved here; a window beyond any
+        context is capped (the sampler allocates a ring buffer of that many tokens up front:
+        2**31 would be std::bad_alloc)."""
+        if last_n < -1:
+            raise ValueError(f"{what} must be >= -1 (-1: the whole context, 0: off), got {last_n}")
+        if n_ctx < 0:
+            raise ValueError(f"n_ctx must be >= 0, got {n_ctx}")
+        cdef int64_t whole = n_ctx if n_ctx > 0 else llama_model_n_ctx_train(self.vocab.model._get())
+        if whole <= 0:
+            whole = 4096
+        if last_n == -1:
+            return <int32_t>whole
+        cdef int64_t cap = max(whole, _PENALTY_WINDOW_CAP)
+        return <int32_t>min(<int64_t>last_n, cap)
+
+    @property
+    def stage_params(self) -> list:
+        """(name, parameters) of each stage, as handed to llama.cpp (penalty windows resolved)."""
+        return [(n, dict(p)) for n, p in zip(self._names, self._params)]
 
     cdef int _check_selects(self) except -1:
         if not self._names or self._names[-1] not in ("greedy", "dist", "mirostat", "mirostat-v2"):
@@ -367,7 +431,9 @@ cdef class SamplerChain:
 
     def sample(self, Context ctx not None, int idx=-1) -> int:
         """Sample and accept a token from the logits at batch index `idx` of ctx's last decode."""
+        cdef llama_sampler * chain = self._get()
         self._check_selects()
+        self._check_grammar_ok()
         cdef llama_token tok
         with ctx._lock:
             ctx._get()   # a closed context has no logits
@@ -375,9 +441,30 @@ cdef class SamplerChain:
                 raise ValueError(f"this sampler was built for a vocabulary of {self.vocab.n_tokens} tokens, "
                                  f"the context's model has {ctx.n_vocab}")
             ctx._output_index(idx)
-            with nogil:
-                tok = llama_sampler_sample(self.ptr, ctx.ptr, idx)
+            try:
+                with nogil:
+                    tok = llama_sampler_sample(chain, ctx.ptr, idx)
+            except RuntimeError as e:
+                self._grammar_error(e)
+                raise
         return tok
+
+    cdef int _check_grammar_ok(self) except -1:
+        if self._grammar_failed is not None:
+            raise GrammarError(f"a grammar stage of this sampler failed ({self._grammar_failed}); "
+                               "call reset() before using it again")
+        return 0
+
+    cdef int _grammar_error(self, object e) except -1:
+        """llama.cpp's grammar throws when the text that fires a lazy grammar's trigger (or a
+        token it was told to accept) is not allowed by the grammar: its stacks are empty from
+        then on.  Turn that into GrammarError and refuse the chain until reset()."""
+        if self._grammar_stages and "grammar" in str(e):
+            self._grammar_failed = str(e)
+            raise GrammarError(f"the grammar rejected the generated text: {e} (for a lazy grammar: the text "
+                               "that fired a trigger does not match the grammar); call reset() before "
+                               "using this sampler again") from None
+        return 0
 
     cdef bint _grammar_allows(self, llama_token token):
         """Would every grammar stage accept `token` now?  (Accepting a forbidden token
@@ -399,22 +486,31 @@ cdef class SamplerChain:
 
     def accept(self, int token) -> None:
         """Tell the stateful stages (penalties, grammar, mirostat) that `token` was chosen."""
+        cdef llama_sampler * chain = self._get()
+        self._check_grammar_ok()
         self.vocab._check_token(token)
         if self._grammar_stages and not self._grammar_allows(token):
             raise GrammarError(f"token {token} ({self.vocab.token_text(token)!r}) is not allowed by the grammar here")
-        llama_sampler_accept(self.ptr, token)
+        try:
+            llama_sampler_accept(chain, token)
+        except RuntimeError as e:
+            self._grammar_error(e)
+            raise
 
     def reset(self) -> None:
-        llama_sampler_reset(self.ptr)
+        llama_sampler_reset(self._get())
+        self._grammar_failed = None
 
     def clone(self) -> SamplerChain:
         cdef SamplerChain c = SamplerChain.__new__(SamplerChain)
         c.vocab = self.vocab
-        c.ptr = llama_sampler_clone(self.ptr)
+        c.ptr = llama_sampler_clone(self._get())
         if c.ptr == NULL:
             raise MemoryError()
         c._grammar_stages = list(self._grammar_stages)
         c._names = list(self._names)
+        c._params = [dict(p) for p in self._params]
+        c._grammar_failed = self._grammar_failed
         c.has_grammar = self.has_grammar
         c._plain_greedy = self._plain_greedy
         c._set_bias(self._bias, self._n_bias)
@@ -427,21 +523,24 @@ cdef class SamplerChain:
         return list(self._names)
 
     def __len__(self):
-        return llama_sampler_chain_n(self.ptr)
+        return llama_sampler_chain_n(self._get())
 
     @property
     def seed(self) -> int:
-        return llama_sampler_get_seed(self.ptr)
+        return llama_sampler_get_seed(self._get())
 
     def perf(self) -> dict:
-        cdef llama_perf_sampler_data d = llama_perf_sampler(self.ptr)
+        cdef llama_perf_sampler_data d = llama_perf_sampler(self._get())
         return {"t_sample_ms": d.t_sample_ms, "n_sample": d.n_sample}
 
     def perf_reset(self) -> None:
-        llama_perf_sampler_reset(self.ptr)
+        llama_perf_sampler_reset(self._get())
 
     def __repr__(self):
         return f"<pyllama.SamplerChain {' -> '.join(self._names) or '(empty)'}>"
+
+
+cdef int64_t _PENALTY_WINDOW_CAP = 1 << 20   # tokens; windows past every context are capped here
 
 
 cdef uint32_t _seed(object seed) except? 0xFFFFFFFF:

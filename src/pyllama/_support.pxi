@@ -1,3 +1,5 @@
+from libcpp cimport bool as cpp_bool
+
 # C-level support: Ctrl-C during long nogil calls, UTF-8 scanning, the last
 # llama.cpp error message, and routing llama.cpp's log into Python's logging.
 
@@ -103,7 +105,7 @@ cdef extern from *:
         int watch_sigint
     int pyllama_sigint_push()
     void pyllama_sigint_pop()
-    bint pyllama_abort_cb(void * data) noexcept nogil
+    cpp_bool pyllama_abort_cb(void * data) noexcept nogil
     int pyllama_sigint_seen
     void pyllama_set_last_error(const char * text) noexcept nogil
     const char * pyllama_get_last_error() noexcept nogil
@@ -255,13 +257,59 @@ cdef bytes _check_endpoint(object endpoint):
     return _utf8(endpoint, "endpoint")
 
 
+# ggml-rpc's HELLO (ggml/src/ggml-rpc/ggml-rpc.cpp, negotiate_hello): the client sends
+# | cmd u8 = 14 | size u64 = 24 | conn_caps[24] | and the server answers
+# | size u64 = 28 | major u8 | minor u8 | patch u8 | pad u8 | conn_caps[24] |.
+# ggml's own client does this with no timeout and GGML_ABORTs on a short or malformed answer.
+_RPC_CMD_HELLO = 14
+_RPC_CONN_CAPS_SIZE = 24
+
+
+def _recv_exact(sock, int n, str endpoint):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"{endpoint} closed the connection during the ggml RPC handshake "
+                                  f"(after {len(buf)} of {n} bytes): not a ggml rpc-server of this protocol")
+        buf += chunk
+    return bytes(buf)
+
+
 cdef _rpc_probe(str endpoint, double timeout=3.0):
-    """Connect with a timeout first: ggml's client would otherwise block or abort."""
+    """Connect and run ggml-rpc's HELLO handshake ourselves, with a timeout: an address that
+    accepts and never answers would hang ggml's client, and one that answers with another
+    protocol (an HTTP server, say) would make it abort the process."""
     import socket
+    import struct
+    import time
     host, _, port = endpoint.rpartition(":")
     host = host.strip("[]")
+    deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as e:
         raise ConnectionError(f"cannot reach RPC server {endpoint}: {e.strerror or e}") from None
+    try:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            sock.sendall(struct.pack("<BQ", _RPC_CMD_HELLO, _RPC_CONN_CAPS_SIZE) + bytes(_RPC_CONN_CAPS_SIZE))
+            size = struct.unpack("<Q", _recv_exact(sock, 8, endpoint))[0]
+            expected = 4 + _RPC_CONN_CAPS_SIZE
+            if size != expected:
+                raise ConnectionError(f"{endpoint} is not a ggml RPC server (or speaks another protocol version): "
+                                      f"its answer to the handshake announces {size} bytes, expected {expected}")
+            major, minor, patch = struct.unpack("<BBB", _recv_exact(sock, expected, endpoint)[:3])
+        except socket.timeout:
+            raise ConnectionError(f"{endpoint} accepted the connection but did not answer the ggml RPC handshake "
+                                  f"within {timeout:g} s (not a ggml rpc-server, or one busy with another client)") from None
+        except ConnectionError:
+            raise
+        except OSError as e:
+            raise ConnectionError(f"RPC handshake with {endpoint} failed: {e.strerror or e}") from None
+        if major != PYLLAMA_RPC_PROTO_MAJOR or minor > PYLLAMA_RPC_PROTO_MINOR:
+            raise ConnectionError(f"RPC server {endpoint} speaks protocol {major}.{minor}.{patch}; this pyllama's "
+                                  f"ggml needs {PYLLAMA_RPC_PROTO_MAJOR}.x (x <= {PYLLAMA_RPC_PROTO_MINOR}): "
+                                  "run an rpc-server from the same llama.cpp version")
+    finally:
+        sock.close()

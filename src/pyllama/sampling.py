@@ -116,8 +116,15 @@ class SamplingParams:
 FIELD_NAMES = frozenset(f.name for f in fields(SamplingParams))
 
 
-def build_chain(params: SamplingParams, vocab: "_core.Vocab", eog_tokens: Sequence[int] = ()) -> "_core.SamplerChain":
-    """The llama.cpp sampler chain for these settings (the grammar is separate)."""
+def build_chain(
+    params: SamplingParams, vocab: "_core.Vocab", eog_tokens: Sequence[int] = (), n_ctx: int = 0
+) -> "_core.SamplerChain":
+    """The llama.cpp sampler chain for these settings (the grammar is separate).
+
+    ``n_ctx`` is the context the chain samples for: ``last_n_tokens_size=-1`` ("the whole
+    context") penalises that many tokens (0: the model's training context).  llama.cpp's own
+    sampler would read -1 as 0 and silently switch the penalty off.
+    """
     chain = _core.SamplerChain(vocab)
     bias = dict(params.logit_bias or {})
     if params.ignore_eos:
@@ -127,7 +134,7 @@ def build_chain(params: SamplingParams, vocab: "_core.Vocab", eog_tokens: Sequen
         chain.add_logit_bias(bias)
     if params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
         chain.add_penalties(params.last_n_tokens_size, params.repeat_penalty, params.frequency_penalty,
-                            params.presence_penalty)
+                            params.presence_penalty, n_ctx=n_ctx)
     seed = -1 if params.seed is None else params.seed
     if params.greedy:
         return chain.add_greedy()
