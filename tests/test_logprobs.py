@@ -179,7 +179,11 @@ def test_n_greedy_all_equal_the_single_answer(any_llm):
 
 def test_n_sampled_differ_and_are_reproducible(smol):
     kw = dict(max_tokens=16, temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=1234, n=3)
+    # Same seed and same KV state (a prompt-cache hit evaluates the prompt in another batch
+    # shape, and float rounding then moves a sampled token now and then: docs/batching.md).
+    smol.reset()
     a = smol.complete("Write a word:", **kw)
+    smol.reset()
     b = smol.complete("Write a word:", **kw)
     assert [c.text for c in a] == [c.text for c in b]          # reproducible with a seed
     assert len({c.text for c in a}) > 1                          # the answers differ

@@ -35,7 +35,7 @@ def mid(tiny_model_factory):
 
 def test_open_stream_does_not_hold_up_other_calls(mid):
     out = run(r"""
-    llm = LLM(TINY, n_ctx=2048, n_threads=2, temperature=0, ignore_eos=True)   # one slot
+    llm = LLM(TINY, n_ctx=2048, n_threads=1, temperature=0, ignore_eos=True)   # one slot
     expected = llm.complete("Story 1:", max_tokens=1000).text
     t0 = time.perf_counter(); llm.complete("warm", max_tokens=20); per20 = elapsed(t0)
     it = llm.stream("Story 1:", max_tokens=1000)
@@ -61,7 +61,7 @@ def test_open_stream_does_not_hold_up_other_calls(mid):
 
 def test_many_open_streams_more_than_slots(tiny_model_path):
     out = run(r"""
-    llm = LLM(TINY, n_ctx=1024, n_parallel=2, n_threads=2, temperature=0, ignore_eos=True, max_tokens=12)
+    llm = LLM(TINY, n_ctx=1024, n_parallel=2, n_threads=1, temperature=0, ignore_eos=True, max_tokens=12)
     prompts = [f"Prompt {i}:" for i in range(6)]
     expected = [llm.complete(p).text for p in prompts]
     streams = [llm.stream(p) for p in prompts]
@@ -89,7 +89,7 @@ def test_many_open_streams_more_than_slots(tiny_model_path):
 
 def test_mixed_workload_threads_and_async(mid, tiny_model_path):
     out = run(r"""
-    llm = LLM(TINY, n_ctx=4096, n_parallel=4, n_threads=2, temperature=0, ignore_eos=True, max_tokens=10,
+    llm = LLM(TINY, n_ctx=4096, n_parallel=4, n_threads=1, temperature=0, ignore_eos=True, max_tokens=10,
               embedding=True)
     prompts = [f"Mixed {i}:" for i in range(8)]
     expected = {p: llm.complete(p).text for p in prompts}
@@ -148,7 +148,7 @@ def test_mixed_workload_threads_and_async(mid, tiny_model_path):
 
 def test_close_from_another_thread_stops_a_running_stream(mid):
     out = run(r"""
-    llm = LLM(TINY, n_ctx=4096, n_threads=2, temperature=0, ignore_eos=True)
+    llm = LLM(TINY, n_ctx=4096, n_threads=1, temperature=0, ignore_eos=True)
     result = {}
     started = threading.Event()
     def consume():
@@ -169,7 +169,7 @@ def test_close_from_another_thread_stops_a_running_stream(mid):
     assert result["end"].startswith("closed"), result
     assert elapsed(t0) < 5, elapsed(t0)
     # and a complete() running in another thread stops the same way
-    llm = LLM(TINY, n_ctx=4096, n_threads=2, temperature=0, ignore_eos=True)
+    llm = LLM(TINY, n_ctx=4096, n_threads=1, temperature=0, ignore_eos=True)
     def comp():
         try:
             llm.complete("Story:", max_tokens=3000); result["c"] = "finished"
@@ -187,7 +187,7 @@ def test_callback_may_use_the_llm(tiny_model_path):
     """A callback runs in the caller's thread, outside every lock: it may call the same LLM
     (the outer call goes on and stays correct)."""
     out = run(r"""
-    llm = LLM(TINY, n_ctx=1024, n_threads=2, temperature=0, ignore_eos=True, max_tokens=6)
+    llm = LLM(TINY, n_ctx=1024, n_threads=1, temperature=0, ignore_eos=True, max_tokens=6)
     expected_outer = llm.complete("Outer:").text
     expected_inner = llm.complete("Inner:", max_tokens=2).text
     inner = []
@@ -210,7 +210,7 @@ def test_callback_may_use_the_llm(tiny_model_path):
 def test_listener_reentry_is_refused(tiny_model_path):
     out = run(r"""
     from pyllama import _core
-    llm = LLM(TINY, n_ctx=1024, n_threads=2, temperature=0, ignore_eos=True, max_tokens=4)
+    llm = LLM(TINY, n_ctx=1024, n_threads=1, temperature=0, ignore_eos=True, max_tokens=4)
     errs = []
     async def main():
         stream = llm.astream("x")
@@ -265,7 +265,7 @@ def test_interpreter_exit_with_work_in_flight(mid, attempt):
     """Unclosed LLM, half-read streams, a daemon thread mid-decode, an async task pending:
     the interpreter exits cleanly (it used to segfault about one run in three)."""
     proc = run_python_subprocess(PRELUDE + textwrap.dedent(r"""
-    llm = LLM(TINY, n_ctx=4096, n_parallel=2, n_threads=2, temperature=0, ignore_eos=True)
+    llm = LLM(TINY, n_ctx=4096, n_parallel=2, n_threads=1, temperature=0, ignore_eos=True)
     it = llm.stream("half read", max_tokens=2000); next(it)
     def forever():
         while True:
@@ -281,7 +281,7 @@ def test_interpreter_exit_with_work_in_flight(mid, attempt):
 def test_kv_clear_invalidates_the_prompt_cache(tiny_model_path):
     from pyllama import LLM
 
-    with LLM(tiny_model_path, n_ctx=512, n_threads=2, temperature=0, ignore_eos=True, max_tokens=8) as llm:
+    with LLM(tiny_model_path, n_ctx=512, n_threads=1, temperature=0, ignore_eos=True, max_tokens=8) as llm:
         prompt = "A prompt that will be cached, with some length to it:"
         first = llm.complete(prompt)
         again = llm.complete(prompt)
@@ -295,7 +295,7 @@ def test_kv_clear_invalidates_the_prompt_cache(tiny_model_path):
 def test_filling_the_context_ends_with_length_and_keeps_the_text(tiny_model_path):
     from pyllama import LLM
 
-    with LLM(tiny_model_path, n_ctx=64, n_threads=2, temperature=0, ignore_eos=True) as llm:
+    with LLM(tiny_model_path, n_ctx=64, n_threads=1, temperature=0, ignore_eos=True) as llm:
         c = llm.complete("Fill it up:", max_tokens=None)
         assert c.finish_reason == "length"
         assert len(c.tokens) > 40 and c.text
@@ -307,7 +307,7 @@ def test_filling_the_context_ends_with_length_and_keeps_the_text(tiny_model_path
 def test_llm_works_without_stderr(tiny_model_path):
     out = run(r"""
     sys.stderr = None
-    llm = LLM(TINY, n_ctx=256, n_threads=2, temperature=0, max_tokens=3, ignore_eos=True, verbose=False)
+    llm = LLM(TINY, n_ctx=256, n_threads=1, temperature=0, max_tokens=3, ignore_eos=True, verbose=False)
     print(len(llm.complete("x").tokens))
     llm.close()
     """, tiny_model_path)
@@ -319,7 +319,7 @@ def test_n_parallel_beyond_n_batch_is_refused(tiny_model_path):
 
     with pytest.raises(ValueError, match="n_batch"):
         LLM(tiny_model_path, n_ctx=512, n_batch=4, n_parallel=8)
-    with LLM(tiny_model_path, n_ctx=512, n_batch=4, n_threads=2, temperature=0, max_tokens=3,
+    with LLM(tiny_model_path, n_ctx=512, n_batch=4, n_threads=1, temperature=0, max_tokens=3,
              ignore_eos=True) as llm:
         outs = llm.generate([f"p{i}" for i in range(10)])       # more prompts than n_batch
         assert all(len(o.tokens) == 3 for o in outs)

@@ -13,6 +13,7 @@ from pyllama._core import (
     LoraAdapter,
     Model,
     SamplerChain,
+    UnsupportedTensorTypeError,
     Vocab,
     __llama_cpp_commit__,
     backends,
@@ -57,6 +58,6 @@ def build_info() -> dict:
 
 __all__ = [
     "LLM", "Completion", "Timings", "Chunk", "TokenLogprob", "TopLogprob", "Stream", "AsyncStream", "SamplingParams", "Model", "Vocab", "Context", "Batch", "SamplerChain",
-    "Engine", "GenerationRequest", "LoraAdapter", "backends", "system_info", "build_info", "grammar_path",
+    "Engine", "GenerationRequest", "UnsupportedTensorTypeError", "LoraAdapter", "backends", "system_info", "build_info", "grammar_path",
     "json_schema_to_gbnf", "__version__", "__llama_cpp_commit__", *_errors_all,
 ]

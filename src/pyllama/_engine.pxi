@@ -912,6 +912,11 @@ cdef class Engine:
             except GrammarError as e:
                 self._fail(r, e)
                 self._emit(r, "", events, callback)
+            except RuntimeError as e:
+                # A C++ exception from the sampler chain or grammar (e.g. a lazy grammar whose
+                # trigger was rejected): this request ends, the others go on.
+                self._fail(r, GrammarError(f"sampling failed: {e}"))
+                self._emit(r, "", events, callback)
         return 0
 
     cdef void _fork(self, GenerationRequest r):
@@ -970,6 +975,8 @@ cdef class Engine:
                 self.slot_tokens[slot] = []
                 self._emit(victim, victim._flush() if victim.finish_reason == "length" else "", events, callback)
                 return False
+            except DecodeAborted:
+                raise   # the stepper's business (close(), Ctrl-C): the requests are intact
             except DecodeError as e:
                 for x in self.slots:
                     if x is not None and (<GenerationRequest>x).n_fed + (1 if (<GenerationRequest>x).batch_idx >= 0 else 0) > 0:

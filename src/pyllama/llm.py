@@ -351,6 +351,7 @@ class LLM:
             self._closed = True
             sched, ctx = self._sched, self._ctx
             if sched is not None and ctx is not None:
+                sched.begin_close()
                 ctx.abort()                       # a decode in progress stops now
                 if not sched.close(timeout=10.0):
                     # A step did not end (cannot happen short of a hung backend): freeing the
@@ -514,7 +515,8 @@ class LLM:
             tokens = self._prompt_tokens(prompt, add_special, parse_special)
         if seed_offset and params.seed is not None and params.seed >= 0:
             params = params.replace(seed=(params.seed + seed_offset) & 0xFFFFFFFF)
-        chain = build_chain(params, self.vocab, self._eog_tokens() if params.ignore_eos else ())
+        chain = build_chain(params, self.vocab, self._eog_tokens() if params.ignore_eos else (),
+                            n_ctx=self.context.n_ctx_seq)
         gbnf = self._resolve_grammar(params)
         grammar = _core.SamplerChain(self.vocab).add_grammar(gbnf) if gbnf is not None else None
         max_tokens = -1 if params.max_tokens is None else params.max_tokens
@@ -662,8 +664,9 @@ class LLM:
         echo_text = self._echo_text(prompt, group[0]) if echo else None
         t0 = time.perf_counter()
 
-        def finish() -> Any:
-            comps = [self._completion(r, t0, index=i, echo_text=echo_text) for i, r in enumerate(group)]
+        def finish(report: bool = True) -> Any:
+            comps = [self._completion(r, t0, report=report, index=i, echo_text=echo_text)
+                     for i, r in enumerate(group)]
             return comps[0] if n == 1 else comps
 
         return _Prepared([group[0]], group, finish)
@@ -728,7 +731,8 @@ class LLM:
         reqs = self._batch_requests(prompts, per_prompt, overrides, n_parallel, share_prefix,
                                     self._logprobs_arg(logprobs, top_logprobs))
         t0 = time.perf_counter()
-        return _Prepared(reqs, reqs, lambda: [self._completion(r, t0, index=i) for i, r in enumerate(reqs)])
+        return _Prepared(reqs, reqs, lambda report=True: [self._completion(r, t0, report=report, index=i)
+                                                          for i, r in enumerate(reqs)])
 
     @_check_kwargs
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]], *, n_parallel: Optional[int] = None,
@@ -1148,7 +1152,7 @@ class Stream:
             if all(r.done for r in reqs):
                 self._collect()
                 self._finished = True
-                comps = self._prep.finish()
+                comps = self._prep.finish(report=False)   # timings are printed after the last piece
                 self.completions = comps if isinstance(comps, list) else [comps]
                 self.completion = self.completions[0] if len(self.completions) == 1 or self._mode != "events" \
                     else None

@@ -36,7 +36,9 @@ class Scheduler:
         self._closed = False
         self._driver: Optional[threading.Thread] = None
         self._n_driven = 0            # requests whose owners rely on the driver thread
+        self._cancel_pending = False  # a cancel arrived while a step was running
         self._stepper_ident: Optional[int] = None
+        self._local = threading.local()     # .dispatching: this thread runs listeners now
 
     # ---- submitting and signalling ------------------------------------------------
 
@@ -64,12 +66,12 @@ class Scheduler:
                 if not r.done:
                     r.cancel_requested = True
             events = []
-            if not self._stepping and not self._closed:
+            if self._stepping:
+                self._cancel_pending = True      # the stepper frees them right after its step
+            elif not self._closed:
                 events = self.engine.collect_cancelled()
             self._cond.notify_all()
-        for request, _text, _reason in events:
-            if request.listener is not None:
-                request.listener(request)
+        self._dispatch(events)
 
     def set_paused(self, requests: Iterable["_core.GenerationRequest"], paused: bool) -> None:
         with self._cond:
@@ -90,7 +92,20 @@ class Scheduler:
 
     def in_step(self) -> bool:
         """Is the calling thread the stepper right now (e.g. inside a listener)?"""
-        return self._stepper_ident == threading.get_ident()
+        return self._stepper_ident == threading.get_ident() or getattr(self._local, "dispatching", False)
+
+    def _dispatch(self, events: list) -> None:
+        """Run the listeners of the requests in `events` (this thread, no lock held)."""
+        if not events:
+            return
+        self._local.dispatching = True
+        try:
+            for request, _text, _reason in events:
+                listener = request.listener
+                if listener is not None:
+                    listener(request)
+        finally:
+            self._local.dispatching = False
 
     def drive(self, until: Callable[[], bool], on_progress: Optional[Callable[[], None]] = None) -> None:
         """Step the engine (or wait while another caller steps it) until ``until()``.
@@ -124,15 +139,19 @@ class Scheduler:
         decoded_before = engine.n_decode_total
         try:
             events = engine.step()
+        except _core.DecodeAborted as exc:
+            if self._closed:   # close() stopped the decode in progress
+                raise ClosedError("this LLM was closed while the call was running") from exc
+            raise
         finally:
             with self._cond:
+                if self._cancel_pending:
+                    self._cancel_pending = False
+                    events = list(events) + engine.collect_cancelled()
                 self._stepping = False
                 self._stepper_ident = None
                 self._cond.notify_all()
-        for request, _text, _reason in events:
-            listener = request.listener
-            if listener is not None:
-                listener(request)
+        self._dispatch(events)
         if not events and engine.n_decode_total == decoded_before:
             # Nothing could run (every slot held by a request that cannot be preempted yet):
             # do not spin.
@@ -186,6 +205,13 @@ class Scheduler:
                 if not r.done and r.listener is not None:
                     r.error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
                     r.cancel_requested = True
+            self._cond.notify_all()
+
+    def begin_close(self) -> None:
+        """Refuse new work from now on (before the decode in progress is aborted, so that
+        its caller reads the abort as "closed")."""
+        with self._cond:
+            self._closed = True
             self._cond.notify_all()
 
     def close(self, timeout: float = 10.0) -> bool:
