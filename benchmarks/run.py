@@ -1039,7 +1039,8 @@ def render_markdown(meta: dict, rows: list[dict], contenders: list[str], cells: 
         "",
         "pyllama side by side with llama.cpp's own tools (*native*) and llama-cpp-python 0.3.36, "
         "measured in one run on one machine by `benchmarks/run.py` (see benchmarks/README.md). "
-        "This file is rewritten by each full run; only the *Findings* section is kept.",
+        "This file is rewritten by each full run; the *Findings* section and the *Server* and *logprobs overhead* "
+        "sections (written from benchmarks/server_bench.py and benchmarks/logprobs_bench.py) are kept.",
         "",
         f"- **Date**: {meta['date']}",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
@@ -1109,15 +1110,26 @@ def render_markdown(meta: dict, rows: list[dict], contenders: list[str], cells: 
 
 
 FINDINGS_RE = re.compile(r"^## Findings\b.*?(?=^## (?!Findings)|\Z)", re.S | re.M)
+# Sections written by the separate scripts (benchmarks/server_bench.py, benchmarks/logprobs_bench.py):
+# kept, like Findings, when run.py rewrites the file.
+KEPT_SECTIONS = ("Server", "logprobs overhead")
+
+
+def _section(text: str, title: str) -> str | None:
+    m = re.search(r"^## " + re.escape(title) + r"\b.*?(?=^## |\Z)", text, re.S | re.M)
+    return m.group(0).rstrip() + "\n" if m else None
 
 
 def write_markdown(text: str, path: Path = BENCHMARKS_MD) -> None:
     findings = "## Findings\n\n_Profiling notes: where pyllama falls short, what was found and fixed._\n"
+    kept: list[str] = []
     if path.exists():
-        m = FINDINGS_RE.search(path.read_text())
+        old = path.read_text()
+        m = FINDINGS_RE.search(old)
         if m:
             findings = m.group(0).rstrip() + "\n"
-    path.write_text(text.rstrip() + "\n\n" + findings)
+        kept = [sec for sec in (_section(old, t) for t in KEPT_SECTIONS) if sec]
+    path.write_text(text.rstrip() + "\n\n" + "".join(k + "\n" for k in kept) + findings)
 
 
 # --------------------------------------------------------------------------- main

@@ -8,7 +8,8 @@
 #   NATIVE_FORCE=1 bash benchmarks/setup_native.sh
 #
 # Targets: llama-bench, llama-batched-bench, llama-simple, llama-completion, ggml-rpc-server,
-# and load_time (benchmarks/native/load_time.c: the C API's model load timed around the call).
+# llama-server (the server benchmark, benchmarks/server_bench.py; built without its web UI:
+# LLAMA_BUILD_UI=OFF and no prebuilt-UI download), and load_time (benchmarks/native/load_time.c: the C API's model load timed around the call).
 # Cached: nothing is done when every binary exists, is newer than the vendor tree's marker
 # and was configured with the same pin and flags (ninja would be a no-op anyway).
 set -euo pipefail
@@ -19,7 +20,7 @@ VENDOR="$ROOT/vendor/llama.cpp"
 MARKER="$VENDOR/.pyllama-vendor.json"
 PY="${PYTHON:-python3}"
 JOBS="${NATIVE_JOBS:-2}"
-TARGETS=(llama-bench llama-batched-bench llama-simple llama-completion ggml-rpc-server)
+TARGETS=(llama-bench llama-batched-bench llama-simple llama-completion ggml-rpc-server llama-server)
 
 # ggml's AMX kernels: off exactly when pyllama's build turned them off (cmake/amx.cmake: GCC 12's
 # AMX intrinsics miscompile them and the first decode crashes).  GCC lets these explicit
@@ -41,9 +42,10 @@ CMAKE_FLAGS=(
     -DLLAMA_BUILD_TOOLS=ON
     -DLLAMA_BUILD_EXAMPLES=ON
     -DLLAMA_BUILD_TESTS=OFF
-    -DLLAMA_BUILD_SERVER=OFF
+    -DLLAMA_BUILD_SERVER=ON
     -DLLAMA_BUILD_APP=OFF
     -DLLAMA_BUILD_UI=OFF
+    -DLLAMA_USE_PREBUILT_UI=OFF
     -DLLAMA_OPENSSL=OFF
     -DLLAMA_BUILD_IS_DEV=OFF
     -DLLAMA_ALL_WARNINGS=OFF
@@ -62,6 +64,28 @@ build_load_time() {
 
 # 1. common/ tools/ examples/ next to the library sources (idempotent, same pinned archive).
 "$PY" "$ROOT/scripts/vendor_llama_cpp.py" --with tools >/dev/null
+
+# llama-server's CMake runs scripts/ui-assets.cmake (it embeds the web UI, here an empty table).
+# Older vendoring scripts did not copy scripts/ with the 'tools' part: take that one file from
+# the same pinned archive (sha256-checked) when it is missing.
+if [[ ! -f "$VENDOR/scripts/ui-assets.cmake" ]]; then
+    "$PY" - "$ROOT" "$VENDOR" <<'PYEOF'
+import hashlib, json, os, sys, tarfile
+root, vendor = sys.argv[1], sys.argv[2]
+pin = json.load(open(os.path.join(root, "vendor", "llama.cpp.pin.json")))
+base = os.environ.get("PYLLAMA_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pyllama")
+archive = os.path.join(base, "archives", pin["archive"])
+with open(archive, "rb") as f:
+    if hashlib.sha256(f.read()).hexdigest() != pin["sha256"]:
+        sys.exit(f"sha256 mismatch: {archive}")
+with tarfile.open(archive) as tf:
+    member = next(m for m in tf.getmembers() if m.name.endswith("/vendor/llama.cpp/scripts/ui-assets.cmake"))
+    os.makedirs(os.path.join(vendor, "scripts"), exist_ok=True)
+    with open(os.path.join(vendor, "scripts", "ui-assets.cmake"), "wb") as out:
+        out.write(tf.extractfile(member).read())
+PYEOF
+fi
 
 stamp_want="$(sha256sum "$MARKER" | cut -d' ' -f1) ${CMAKE_FLAGS[*]}"
 stamp_file="$BUILD/.pyllama-native-stamp"

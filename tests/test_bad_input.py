@@ -433,7 +433,7 @@ for _kw, _exc, _words in [
     case(f"llm-stream-{_kw}", f"list(llm().stream('hi', {_kw}))", _exc, _words)
 case("llm-generate-n-parallel-0", "llm().generate(['a', 'b'], n_parallel=0, max_tokens=1)", VE, ["n_parallel"])
 case("llm-generate-per-prompt-length", "llm().generate(['a', 'b'], per_prompt=[{}], max_tokens=1)", VE, ["per_prompt"])
-case("llm-closed", "l = llm(); l.close(); l.complete('hi')", VE, ["closed"])
+case("llm-closed", "l = llm(); l.close(); l.complete('hi')", ("ValueError", "ClosedError"), ["closed"])
 case("llm-vocab-only-complete", "LLM(TINY, vocab_only=True).complete('hi')", VE, ["vocab_only"])
 case("llm-embed-not-enabled", "llm().embed('hi')", VE, ["embedding=True"])
 for _kw, _exc, _words in [

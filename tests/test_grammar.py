@@ -18,6 +18,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+import pyllama
 from pyllama import grammar as G
 from pyllama.errors import GrammarError, JSONSchemaError
 
@@ -86,7 +87,7 @@ def test_grammar_path(name):
     path = G.grammar_path(name)
     assert os.path.isabs(path)
     assert Path(path).is_file()
-    assert Path(path).parent == Path(G.__file__).resolve().parent / "grammars"
+    assert Path(path).parent == Path(pyllama.__file__).resolve().parent / "grammars"
     assert Path(path).name == name.replace(".gbnf", "") + ".gbnf"
 
 
@@ -707,3 +708,112 @@ def test_schema_pydantic_end_to_end(check_schema):
                         bad=[doc.replace('"red"', '"green"'), doc.replace('"pen"', '""')])
     Order.model_validate_json(doc)
     assert "Item ::= " in gbnf
+
+
+# --------------------------------------------------------------------------- package layout and caches
+
+
+def test_public_names_and_modules():
+    from pyllama.grammar import gbnf, json_schema, regex
+
+    for name in G.__all__:
+        assert hasattr(G, name), name
+    assert G.load_grammar is gbnf.load_grammar and G.grammar_path is gbnf.grammar_path
+    assert G.json_schema_to_gbnf is json_schema.json_schema_to_gbnf
+    assert G.regex_to_gbnf is regex.regex_to_gbnf
+    import pyllama._gbnf_check as check
+
+    assert G.precheck_gbnf is check.precheck_gbnf and G.gbnf_syntax_error is check.gbnf_syntax_error
+
+
+def test_core_layer_imports_nothing_above_it():
+    """_core (and the pre-check it owns) must not import the Python modules built on it."""
+    import ast
+
+    src = Path(pyllama.__file__).resolve().parent
+    tree = ast.parse((src / "_gbnf_check.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m and m.startswith("pyllama")} == {"pyllama.errors"}
+    above = ("grammar", "llm", "chat", "tools", "sampling", "integrations", "server", "cli", "models")
+    pattern = re.compile(r"^\s*(?:from|import)\s+pyllama\.(%s)\b" % "|".join(above), re.M)
+    for f in sorted(src.glob("_*.p[xy][xid]")):
+        hits = pattern.findall(f.read_text())
+        assert not hits, f"{f.name} imports pyllama.{hits[0]}"
+
+
+def test_regex_to_gbnf_is_json_encoded():
+    assert G.regex_to_gbnf("^a\\.b$") == '"a.b"'
+    assert G.regex_to_gbnf('"') == '"\\\\\\""'   # a quote is written \" inside a JSON string
+    with pytest.raises(JSONSchemaError) as info:
+        G.regex_to_gbnf("(?=a)", "#/x")
+    assert info.value.keyword == "pattern" and info.value.path == "#/x"
+
+
+SCHEMA_30 = {"type": "object",
+             "properties": {f"p{i}": [{"type": "string"}, {"type": "integer", "minimum": 0},
+                                      {"type": "array", "items": {"type": "number"}}][i % 3] for i in range(30)},
+             "required": ["p0", "p5"]}
+
+
+def test_json_schema_conversion_is_cached(monkeypatch):
+    from pyllama.grammar import json_schema
+
+    G.clear_caches()
+    calls = []
+    real = json_schema._SchemaConverter.grammar
+
+    def counting(self, schema):
+        calls.append(1)
+        return real(self, schema)
+
+    monkeypatch.setattr(json_schema._SchemaConverter, "grammar", counting)
+    first = G.load_grammar(json_schema=SCHEMA_30)
+    assert G.load_grammar(json_schema=json.loads(json.dumps(SCHEMA_30))) == first   # an equal dict
+    assert G.json_schema_to_gbnf(json.dumps(SCHEMA_30)) == first                    # the same JSON text
+    assert len(calls) == 1
+    G.json_schema_to_gbnf(SCHEMA_30, root="other")                                  # root is part of the key
+    assert len(calls) == 2
+
+
+def test_json_schema_cache_keeps_property_order():
+    a = {"type": "object", "properties": {"x": {"type": "string"}, "y": {"type": "integer"}}, "required": ["x", "y"]}
+    b = {"type": "object", "properties": {"y": {"type": "integer"}, "x": {"type": "string"}}, "required": ["x", "y"]}
+    ga, gb = G.json_schema_to_gbnf(a), G.json_schema_to_gbnf(b)
+    assert ga != gb
+    assert ga.index('x\\""') < ga.index('y\\""') and gb.index('y\\""') < gb.index('x\\""')
+
+
+def test_json_schema_cache_skips_ambiguous_schemas():
+    from pyllama.grammar.json_schema import _cache_key
+
+    assert _cache_key({"enum": [1, 2]}, "root") is not None
+    assert _cache_key({"enum": (1, 2)}, "root") is None          # a tuple is written like a list
+    assert _cache_key({"properties": {1: {}}}, "root") is None    # 1 is written like "1"
+    assert _cache_key({"const": float("nan")}, "root") is None
+    assert _cache_key({"const": object()}, "root") is None
+
+
+def test_json_schema_errors_are_not_cached():
+    for _ in range(2):
+        with pytest.raises(JSONSchemaError, match="'not'"):
+            G.json_schema_to_gbnf({"not": {"type": "string"}})
+
+
+def test_precheck_is_cached_per_text_and_vocab(monkeypatch):
+    import pyllama._gbnf_check as check
+
+    G.clear_caches()
+    scans = []
+    real = check._precheck
+    monkeypatch.setattr(check, "_precheck", lambda text, n_vocab: (scans.append(n_vocab), real(text, n_vocab)))
+    text = 'root ::= "a" <[5]>'
+    G.precheck_gbnf(text)
+    G.precheck_gbnf(text)
+    G.precheck_gbnf(text, n_vocab=100)
+    G.precheck_gbnf(text, n_vocab=100)
+    assert scans == [None, 100]
+    for _ in range(2):   # a failure is checked (and reported) every time
+        with pytest.raises(GrammarError, match="outside the vocabulary"):
+            G.precheck_gbnf(text, n_vocab=3)
+    assert scans == [None, 100, 3, 3]

@@ -222,15 +222,21 @@ def test_invoke_overrides_stop_echo_suffix(llm):
         llm.invoke(prompt, no_such_option=1)
 
 
-def test_batch_is_one_batched_call(llm, client, monkeypatch):
+def _record_calls(monkeypatch, client, method: str) -> list:
+    """The first argument (as a list) of every call of client.<method> from now on."""
     calls = []
-    real = client.generate
+    real = getattr(client, method)
 
-    def spy(prompts, **kw):
-        calls.append(list(prompts))
-        return real(prompts, **kw)
+    def spy(items, **kw):
+        calls.append(list(items))
+        return real(items, **kw)
 
-    monkeypatch.setattr(client, "generate", spy)
+    monkeypatch.setattr(client, method, spy)
+    return calls
+
+
+def test_batch_is_one_batched_call(llm, client, monkeypatch):
+    calls = _record_calls(monkeypatch, client, "generate")
     prompts = ["The capital of France is", "Water boils at", "One, two,"]
     out = llm.batch(prompts, max_tokens=4)
     assert len(calls) == 1 and calls[0] == prompts
@@ -445,7 +451,7 @@ def test_tool_call_is_well_formed(chat):
     assert isinstance(call["args"], dict) and set(call["args"]) == {"city"} and isinstance(call["args"]["city"], str)
     GetWeather(**call["args"])
     # the call can be sent back with its result, and rendered by the model's template
-    from pyllama.integrations.langchain import _message_dict
+    from pyllama.integrations.langchain.chat_models import _message_dict
 
     convo = [HumanMessage("What is the weather in Paris?"), msg,
              ToolMessage("sunny, 21 C", tool_call_id=call["id"])]
@@ -465,14 +471,7 @@ def test_bind_tools_checks_tool_choice(chat):
 
 def test_embeddings_shape_batched_and_deterministic(client, monkeypatch):
     emb = LlamaCppEmbeddings(client=client)
-    calls = []
-    real = client.embed
-
-    def spy(texts, **kw):
-        calls.append(list(texts))
-        return real(texts, **kw)
-
-    monkeypatch.setattr(client, "embed", spy)
+    calls = _record_calls(monkeypatch, client, "embed")
     texts = ["The cat sat on the mat.", "A dog barked.", "Stock prices fell today."]
     docs = emb.embed_documents(texts)
     assert len(calls) == 1 and calls[0] == texts

@@ -32,7 +32,7 @@ def _default_threads() -> int:
             return len(cores)
     except OSError:
         pass
-    return max(1, os.cpu_count() or 1)
+    return max(1, _os.cpu_count() or 1)
 
 
 cdef int64_t _BATCH_MAX_TOKENS = 1 << 24      # 16M tokens: far beyond any n_batch
@@ -219,8 +219,8 @@ def _after_fork_in_child():
         _omp_pool_inherited = True
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 cdef int _check_thread_pool_after_fork() except -1:
@@ -286,7 +286,7 @@ cdef _check_kv_fits(llama_model * m, int n_ctx, str type_k, str type_v):
     per_layer = llama_model_n_embd(m) // n_head * max(llama_model_n_head_kv(m), 1)
     need = n * llama_model_n_layer(m) * per_layer * (_KV_BYTES[type_k] + _KV_BYTES[type_v])
     try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = _os.sysconf("SC_PAGE_SIZE") * _os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return
     for be in backends():
@@ -327,7 +327,7 @@ cdef class Context:
         self.abort_state.watch_sigint = 0
         # Created here, not in __init__: a Context built with __new__ (or by a subclass that
         # skips super().__init__) must still raise "the context is closed", not AttributeError.
-        self._lock = threading.RLock()
+        self._lock = _threading.RLock()
 
     def __init__(self, Model model not None, *, int n_ctx=0, int n_batch=512, int n_ubatch=512,
                  int n_seq_max=1, n_threads=None, n_threads_batch=None, str type_k="f16", str type_v="f16",
@@ -810,7 +810,7 @@ cdef class Context:
                 raise ValueError("sequence state does not match this context: " + _last_error("wrong model or size"))
 
     def state_save_file(self, path, tokens=()) -> None:
-        cdef bytes p = os.fsencode(path)
+        cdef bytes p = _os.fsencode(path)
         cdef const char * pc = p
         cdef llama_token * toks = _token_array(tokens, self.n_vocab)
         cdef bint ok
@@ -821,15 +821,15 @@ cdef class Context:
                 with nogil:
                     ok = llama_state_save_file(self.ptr, pc, toks, n)
                 if not ok:
-                    raise OSError(f"could not save state to {os.fsdecode(p)!r}")
+                    raise OSError(f"could not save state to {_os.fsdecode(p)!r}")
         finally:
             free(toks)
 
     def state_load_file(self, path) -> list:
-        cdef bytes p = os.fsencode(path)
+        cdef bytes p = _os.fsencode(path)
         cdef const char * pc = p
-        if not os.path.isfile(path):
-            raise FileNotFoundError(2, "state file not found", os.fsdecode(p))
+        if not _os.path.isfile(path):
+            raise FileNotFoundError(2, "state file not found", _os.fsdecode(p))
         cdef size_t cap = llama_n_ctx(self._get()) + 1, n = 0
         cdef llama_token * toks = <llama_token *>malloc(cap * sizeof(llama_token))
         cdef bint ok
@@ -840,13 +840,13 @@ cdef class Context:
                     ok = llama_state_load_file(self.ptr, pc, toks, cap, &n)
                 self._forget_outputs()
                 if not ok:
-                    raise ValueError(f"could not load state from {os.fsdecode(p)!r}: " + _last_error("not a state file of this model"))
+                    raise ValueError(f"could not load state from {_os.fsdecode(p)!r}: " + _last_error("not a state file of this model"))
                 return [toks[i] for i in range(n)]
         finally:
             free(toks)
 
     def seq_state_save_file(self, path, int seq_id, tokens=()) -> None:
-        cdef bytes p = os.fsencode(path)
+        cdef bytes p = _os.fsencode(path)
         cdef const char * pc = p
         self._check_seq(seq_id)
         cdef llama_token * toks = _token_array(tokens, self.n_vocab)
@@ -856,15 +856,15 @@ cdef class Context:
                 with nogil:
                     got = llama_state_seq_save_file(self.ptr, pc, seq_id, toks, n)
                 if got == 0:
-                    raise OSError(f"could not save sequence state to {os.fsdecode(p)!r}")
+                    raise OSError(f"could not save sequence state to {_os.fsdecode(p)!r}")
         finally:
             free(toks)
 
     def seq_state_load_file(self, path, int seq_id) -> list:
-        cdef bytes p = os.fsencode(path)
+        cdef bytes p = _os.fsencode(path)
         cdef const char * pc = p
-        if not os.path.isfile(path):
-            raise FileNotFoundError(2, "state file not found", os.fsdecode(p))
+        if not _os.path.isfile(path):
+            raise FileNotFoundError(2, "state file not found", _os.fsdecode(p))
         self._check_seq(seq_id)
         cdef size_t cap = llama_n_ctx(self._get()) + 1, n = 0, got
         cdef llama_token * toks = <llama_token *>malloc(cap * sizeof(llama_token))
@@ -874,7 +874,7 @@ cdef class Context:
                 with nogil:
                     got = llama_state_seq_load_file(self.ptr, pc, seq_id, toks, cap, &n)
                 if got == 0:
-                    raise ValueError(f"could not load sequence state from {os.fsdecode(p)!r}: "
+                    raise ValueError(f"could not load sequence state from {_os.fsdecode(p)!r}: "
                                      + _last_error("not a sequence state file of this model"))
                 return [toks[i] for i in range(n)]
         finally:

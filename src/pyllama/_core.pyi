@@ -12,7 +12,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pyllama.errors import ModelLoadError
+from pyllama.errors import BatchCapacityError as BatchCapacityError
+from pyllama.errors import ContextLengthError as ContextLengthError
+from pyllama.errors import DecodeAborted as DecodeAborted
+from pyllama.errors import DecodeError as DecodeError
+from pyllama.errors import GrammarError as GrammarError
+from pyllama.errors import InvalidSequenceError as InvalidSequenceError
+from pyllama.errors import InvalidTokenError as InvalidTokenError
+from pyllama.errors import KVCacheFullError as KVCacheFullError
+from pyllama.errors import ModelLoadError as ModelLoadError
 
 __llama_cpp_commit__: str
 
@@ -76,7 +84,7 @@ class Model:
         split_mode: str = "layer",
         main_gpu: int = 0,
         tensor_split: Sequence[float] | None = None,
-        use_mmap: bool = True,
+        use_mmap: bool | None = None,
         use_mlock: bool = False,
         vocab_only: bool = False,
         check_tensors: bool = False,
@@ -174,6 +182,8 @@ class Batch:
     def capacity(self) -> int: ...
     @property
     def n_tokens(self) -> int: ...
+    @property
+    def n_seq_max(self) -> int: ...
     def clear(self) -> None: ...
     def add(self, token: int, pos: int, seq_ids: int | Sequence[int] = 0, logits: bool = False) -> int:
         """Append one token; returns its index in the batch (the idx for sampling/logits)."""
@@ -186,6 +196,16 @@ class Batch:
                     seq_ids: Sequence[int] | np.ndarray, logits: Sequence[bool] | np.ndarray | None = None,
                     n_seq_max: int = 1) -> Batch: ...
     def tokens(self) -> list[int]: ...
+
+
+class LoraAdapter:
+    """A LoRA adapter file loaded for a model (apply it with Context.set_lora_adapters)."""
+
+    def __init__(self, model: Model, path: str | os.PathLike[str]) -> None: ...
+    @property
+    def model(self) -> Model: ...
+    @property
+    def path(self) -> str: ...
 
 
 class Context:
@@ -218,6 +238,14 @@ class Context:
     @property
     def n_ctx(self) -> int: ...
     @property
+    def n_ctx_seq(self) -> int:
+        """KV cells one sequence can use (n_ctx, or n_ctx / n_seq_max with kv_unified=False)."""
+    @property
+    def lock(self) -> Any:
+        """The lock that serialises use of this context across threads."""
+    def set_lora_adapters(self, adapters: Sequence[tuple[LoraAdapter, float]]) -> None:
+        """Apply LoRA adapters (adapter, scale) to this context; [] removes them."""
+    @property
     def n_batch(self) -> int: ...
     @property
     def n_ubatch(self) -> int: ...
@@ -234,11 +262,11 @@ class Context:
         """Evaluate a batch.  Raises KVCacheFullError (no room), DecodeError, or
         KeyboardInterrupt (Ctrl-C; tokens of this batch are removed from memory)."""
     def encode(self, batch: Batch) -> None: ...
-    def logits(self, idx: int = -1, copy: bool = False) -> np.ndarray:
+    def logits(self, idx: int = -1, copy: bool = True) -> np.ndarray:
         """Logits of output `idx` of the last decode (negative counts from the end):
         a read-only float32 view valid until the next decode, or a copy."""
-    def embeddings(self, idx: int = -1, copy: bool = False) -> np.ndarray: ...
-    def embeddings_seq(self, seq_id: int = 0, copy: bool = False) -> np.ndarray: ...
+    def embeddings(self, idx: int = -1, copy: bool = True) -> np.ndarray: ...
+    def embeddings_seq(self, seq_id: int = 0, copy: bool = True) -> np.ndarray: ...
     # KV memory
     def kv_clear(self, data: bool = True) -> None: ...
     def kv_seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool: ...
@@ -281,6 +309,10 @@ class SamplerChain:
     # of the logits itself instead of running llama.cpp's samplers (the same token).
     _plain_greedy: bool
     def __init__(self, vocab: Vocab, no_perf: bool = False) -> None: ...
+    @property
+    def vocab(self) -> Vocab: ...
+    @property
+    def has_grammar(self) -> bool: ...
     def add_greedy(self) -> SamplerChain: ...
     def add_dist(self, seed: int = 0xFFFFFFFF) -> SamplerChain: ...
     def add_top_k(self, k: int) -> SamplerChain: ...
@@ -321,34 +353,92 @@ class SamplerChain:
 
 
 class GenerationRequest:
-    """One prompt to run through an Engine, with its own sampler and stop conditions."""
+    """One prompt to run through an Engine, with its own sampler and stop conditions.
+
+    `logprobs=K` (True = 0, up to 20) records each generated token's log-probability under the
+    raw distribution and the K most likely alternatives; `prompt_logprobs=True` does the same
+    for every prompt token after the first (the prompt is then not taken from a cache).
+    """
 
     def __init__(
         self,
         prompt_tokens: Sequence[int],
         sampler: SamplerChain,
         *,
+        grammar: SamplerChain | None = None,
         max_tokens: int = -1,
-        stop: Sequence[str] = (),
+        stop: str | Sequence[str] = (),
         stop_tokens: Sequence[int] = (),
         ignore_eos: bool = False,
         render_special: bool = False,
         tag: Any = None,
+        logprobs: bool | int | None = None,
+        prompt_logprobs: bool = False,
+        cache_prompt: bool = True,
     ) -> None: ...
     tag: Any
+    # Sharing (settable from any thread between steps):
+    paused: bool
+    cancel_requested: bool
+    listener: Callable[[GenerationRequest], Any] | None
+    error: BaseException | None
+    def add_follower(self, other: GenerationRequest) -> None:
+        """Let `other` (same prompt) share this request's prompt evaluation (n answers)."""
+    @property
+    def followers(self) -> list[GenerationRequest]: ...
+    @property
+    def leader(self) -> GenerationRequest | None: ...
+    @property
+    def sampler(self) -> SamplerChain: ...
+    @property
+    def grammar(self) -> SamplerChain | None: ...
+    @property
+    def prompt_tokens(self) -> list[int]: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def stop(self) -> tuple[str, ...]: ...
+    @property
+    def ignore_eos(self) -> bool: ...
+    @property
+    def n_logprobs(self) -> int: ...
+    @property
+    def prompt_logprobs(self) -> bool: ...
+    @property
+    def cache_prompt(self) -> bool: ...
     # Results, filled in as the request runs:
     @property
     def text(self) -> str: ...
     @property
     def tokens(self) -> list[int]: ...
     @property
+    def n_tokens(self) -> int: ...
+    @property
+    def n_parts(self) -> int: ...
+    def parts_since(self, start: int) -> list[str]:
+        """Text pieces produced since piece `start` (a cursor: O(new pieces))."""
+    def tokens_since(self, start: int) -> list[int]: ...
+    def logprobs_since(self, start: int) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]: ...
+    @property
+    def logprobs(self) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]:
+        """(token, logprob, ((id, logprob), ...top K)) per generated token."""
+    @property
+    def prompt_logprobs_list(self) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]: ...
+    @property
     def finish_reason(self) -> str | None:
-        """None while running; then "eog", "stop" (stop string or stop token) or "length"."""
+        """None while running; then "eog", "stop" (stop string or stop token), "length",
+        "cancelled" or "error" (see `error`)."""
+    @property
+    def done(self) -> bool: ...
+    @property
+    def running(self) -> bool: ...
     @property
     def n_prompt(self) -> int: ...
     @property
     def n_prompt_evaluated(self) -> int:
         """Prompt tokens actually evaluated (the rest came from the prompt cache / shared prefix)."""
+    @property
+    def n_cached_tokens(self) -> int: ...
     @property
     def t_prompt_ms(self) -> float: ...
     @property
@@ -364,28 +454,46 @@ class Engine:
 
     All live sequences advance in one llama_decode per step; prompt prefill of
     new requests shares batches with running ones; a finished slot takes the
-    next waiting request at once (continuous batching).  With one slot and
-    `keep_cache=True`, a prompt that shares a prefix with the previous call
-    evaluates only the new part.
+    next waiting request at once (continuous batching).  Each slot keeps the
+    tokens in its KV memory: a new request goes to the free slot with the longest
+    common prefix and evaluates only the rest (`cache_prompt`).  Stepped by one
+    thread at a time (pyllama.scheduler); paused requests are skipped and give
+    their slot up when another request needs it.
     """
 
-    def __init__(self, ctx: Context, n_slots: int | None = None) -> None: ...
+    def __init__(self, context: Context, n_slots: int | None = None, *, cache_prompt: bool = True) -> None: ...
+    cache_prompt: bool
     @property
     def context(self) -> Context: ...
     @property
     def n_slots(self) -> int: ...
     def submit(self, request: GenerationRequest) -> None: ...
+    def cancel(self, request: GenerationRequest) -> None: ...
+    def collect_cancelled(self) -> list[tuple[GenerationRequest, str, str | None]]:
+        """Finish requests whose cancel_requested is set, now (between steps)."""
+    def requests(self) -> list[GenerationRequest]:
+        """Every unfinished request (running, waiting, preempted, unforked followers)."""
+    def slot_info(self) -> list[dict[str, Any]]: ...
+    def share_prefix(self, prompts: Sequence[Sequence[int]]) -> int: ...
+    def reset(self) -> None: ...
     @property
     def busy(self) -> bool: ...
+    @property
+    def runnable(self) -> bool: ...
+    @property
+    def cached_tokens(self) -> list[int]: ...
+    @property
+    def n_waiting(self) -> int: ...
+    @property
+    def n_decode_total(self) -> int: ...
+    @property
+    def n_busy_slots_total(self) -> int: ...
+    @property
+    def n_steps(self) -> int: ...
     def step(self) -> list[tuple[GenerationRequest, str, str | None]]:
         """One decode step: returns (request, new_text, finish_reason) events."""
     def run(self, requests: Iterable[GenerationRequest] = (),
             callback: Callable[[GenerationRequest, str], Any] | None = None) -> None:
-        """Submit requests and run until all are finished (no Python per token unless
+        """Submit requests and step until they (and their followers) are finished; with
+        none, until nothing is runnable (no Python per token unless
         a callback is given)."""
-    def cancel(self, request: GenerationRequest) -> None: ...
-    def reset(self) -> None:
-        """Forget the prompt cache and all sequences."""
-    @property
-    def cached_tokens(self) -> list[int]:
-        """Tokens in slot 0's KV memory (the prompt cache)."""

@@ -24,9 +24,9 @@ from libc.math cimport isfinite
 
 from pyllama._llama cimport *
 
-import logging
-import os
-import threading
+import logging as _logging
+import os as _os
+import threading as _threading
 
 from pyllama.errors import (
     BatchCapacityError,
@@ -135,9 +135,9 @@ cdef object _backend_library(ggml_backend_reg_t reg):
     cdef char buf[4096]
     if reg == NULL or not pyllama_library_of(<const void *>reg, buf, sizeof(buf)):
         return None
-    path = os.fsdecode(<bytes>buf)
+    path = _os.fsdecode(<bytes>buf)
     try:
-        if os.path.samefile(path, __file__):
+        if _os.path.samefile(path, __file__):
             return None
     except OSError:
         pass
@@ -148,7 +148,7 @@ cdef object _variant_of(object library):
     """'haswell' for .../libggml-cpu-haswell.so (or ggml-cpu-haswell.dll), else None."""
     if library is None:
         return None
-    stem = os.path.basename(library).split(".")[0]
+    stem = _os.path.basename(library).split(".")[0]
     if stem.startswith("lib"):
         stem = stem[3:]
     return stem[len("ggml-cpu-"):] if stem.startswith("ggml-cpu-") else None
@@ -308,9 +308,9 @@ def rpc_start_server(endpoint, *, int threads=0, cache_dir=None, devices=None) -
         raise RuntimeError("this pyllama was built without the RPC backend (GGML_RPC=OFF)")
     _ensure_backends_loaded()
     cdef bytes ep = _check_endpoint(endpoint)
-    cdef bytes cache = _utf8(os.fspath(cache_dir), "cache_dir") if cache_dir is not None else None
+    cdef bytes cache = _utf8(_os.fspath(cache_dir), "cache_dir") if cache_dir is not None else None
     cdef const char * cache_c = PyBytes_AS_STRING(cache) if cache is not None else NULL
-    cdef size_t n_threads = threads if threads > 0 else max(1, (os.cpu_count() or 2) // 2)
+    cdef size_t n_threads = threads if threads > 0 else max(1, (_os.cpu_count() or 2) // 2)
     cdef list names = list(devices) if devices else []
     cdef ggml_backend_dev_t * devs = NULL
     cdef size_t n_devs = 0, i

@@ -12,7 +12,7 @@
 # it; then it is preempted (its KV cells stay as the slot's prompt cache) and, when
 # it resumes, it re-evaluates only what another request overwrote.
 
-from collections import deque
+from collections import deque as _deque
 from cpython.unicode cimport PyUnicode_GET_LENGTH
 from libc.math cimport expf, log
 
@@ -405,7 +405,7 @@ cdef class Engine:
         self.slots = [None] * self.n_slots
         self.slot_tokens = [[] for _ in range(self.n_slots)]
         self.slot_used = [0] * self.n_slots
-        self.queue = deque()
+        self.queue = _deque()
         self.parked = []
         self.cache_prompt = cache_prompt
         self._initialized = True

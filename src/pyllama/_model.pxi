@@ -36,12 +36,12 @@ cdef int _GGUF_MIN_HEADER = 24   # magic, version, tensor count, kv count
 
 cdef _precheck_model_file(str path):
     """The checks llama.cpp would turn into an abort or a vague message."""
-    if not os.path.exists(path):
+    if not _os.path.exists(path):
         raise FileNotFoundError(2, "model file not found", path)
-    if os.path.isdir(path):
+    if _os.path.isdir(path):
         raise ModelLoadError(path, "is a directory, not a GGUF file")
     try:
-        size = os.path.getsize(path)
+        size = _os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(_GGUF_MIN_HEADER)
     except PermissionError:
@@ -148,14 +148,14 @@ def _gguf_precheck_metadata(path, bint fast=True, bint fallback=True):
     """(metadata dict, repeated token texts) as the model pre-check reads them; fast=False
     forces ggml's parser, fallback=False gives None where the scanner gives up.  For tests:
     both readers must agree."""
-    return _gguf_metadata(os.fsdecode(os.fspath(path)), fast, fallback)
+    return _gguf_metadata(_os.fsdecode(_os.fspath(path)), fast, fallback)
 
 
 cdef _gguf_metadata(str path, bint fast=True, bint fallback=True, bint with_tensors=False):
     """(integer and string metadata as a dict, repeated token texts) of a GGUF file, read
     with the fast scanner (pyllama_checks.cpp) or, when it gives up, ggml's own parser.
     Integer arrays of u32/i32 give their largest element (per-layer values)."""
-    cdef bytes cpath = os.fsencode(path)
+    cdef bytes cpath = _os.fsencode(path)
     cdef const char * cpath_c = cpath
     cdef dict meta = {}
     cdef size_t n_dup = 0
@@ -355,9 +355,9 @@ cdef class Model:
                  bint check_tensors=False, kv_overrides=None, devices=None, progress_callback=None):
         if self.ptr != NULL:
             raise RuntimeError("Model is already initialised")
-        path = os.fspath(path)
+        path = _os.fspath(path)
         if isinstance(path, bytes):
-            path = os.fsdecode(path)
+            path = _os.fsdecode(path)
         self.path = path
         if split_mode not in _SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {split_mode!r}")
@@ -390,7 +390,7 @@ cdef class Model:
         cdef llama_model_kv_override * overrides = NULL
         cdef ggml_backend_dev_t * devs = NULL
         cdef _ProgressState progress = _ProgressState()
-        cdef bytes cpath = os.fsencode(path)
+        cdef bytes cpath = _os.fsencode(path)
         cdef const char * cpath_c = cpath
         cdef Py_ssize_t i
         progress.callback = progress_callback
@@ -860,9 +860,9 @@ cdef class LoraAdapter:
         self.ptr = NULL
 
     def __init__(self, Model model not None, path):
-        path = os.fsdecode(os.fspath(path))
+        path = _os.fsdecode(_os.fspath(path))
         _precheck_model_file(path)
-        cdef bytes p = os.fsencode(path)
+        cdef bytes p = _os.fsencode(path)
         cdef const char * pc = p
         cdef llama_model * m = model._get()
         pyllama_clear_last_error()

@@ -15,7 +15,7 @@ cdef extern from *:
 # llama.cpp's grammar parser reports syntax errors with fprintf(stderr), not through
 # its log callback.  We capture file descriptor 2 around the parse: verbose=False stays
 # silent, and the GrammarError carries the parser's own message.
-_stderr_capture_lock = threading.Lock()
+_stderr_capture_lock = _threading.Lock()
 
 
 cdef class _StderrCapture:
@@ -29,8 +29,8 @@ cdef class _StderrCapture:
         try:
             self.tmp = tempfile.TemporaryFile()
             fflush(c_stderr)
-            self.saved_fd = os.dup(2)
-            os.dup2(self.tmp.fileno(), 2)
+            self.saved_fd = _os.dup(2)
+            _os.dup2(self.tmp.fileno(), 2)
         except BaseException:
             _stderr_capture_lock.release()
             raise
@@ -39,8 +39,8 @@ cdef class _StderrCapture:
     def __exit__(self, *exc):
         try:
             fflush(c_stderr)
-            os.dup2(self.saved_fd, 2)
-            os.close(self.saved_fd)
+            _os.dup2(self.saved_fd, 2)
+            _os.close(self.saved_fd)
             self.tmp.seek(0)
             self.text = self.tmp.read().decode("utf-8", "replace")
             self.tmp.close()
@@ -67,8 +67,8 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
     cdef const llama_vocab * v = vocab._get()
     # llama.cpp's parser can hang, overflow the C stack or allocate without bound on some
     # grammars (reversed repetitions, deep nesting, long left chains, huge expansions):
-    # pyllama.grammar rejects those before they reach it.
-    from pyllama.grammar import precheck_gbnf
+    # pyllama._gbnf_check rejects those before they reach it.
+    from pyllama._gbnf_check import precheck_gbnf
     precheck_gbnf(g.decode("utf-8"), n_vocab=vocab.n_tokens)
     cdef char regex_err[256]
     cdef llama_sampler * smpl

@@ -160,16 +160,16 @@ cdef str _last_error(str fallback):
 
 
 cdef inline bint _in_main_thread():
-    return threading.current_thread() is threading.main_thread()
+    return _threading.current_thread() is _threading.main_thread()
 
 
 # ---- logging --------------------------------------------------------------
 
-_logger = logging.getLogger("pyllama")
+_logger = _logging.getLogger("pyllama")
 # Python logging level below which llama.cpp records are dropped in C, before the
 # GIL is taken.  The default forwards nothing: verbose=False prints nothing at all.
-cdef int _log_threshold = logging.CRITICAL + 10
-cdef int _log_last_level = logging.INFO
+cdef int _log_threshold = _logging.CRITICAL + 10
+cdef int _log_last_level = _logging.INFO
 
 cdef int _ggml_to_logging(ggml_log_level level) noexcept nogil:
     if level == GGML_LOG_LEVEL_ERROR:
@@ -229,7 +229,7 @@ cdef void _ensure_backends_loaded():
         return
     _backends_loaded = True
     if PYLLAMA_BACKEND_DL:
-        here = os.path.dirname(os.path.abspath(__file__)).encode()
+        here = _os.path.dirname(_os.path.abspath(__file__)).encode()
         ggml_backend_load_all_from_path(here)
 
 

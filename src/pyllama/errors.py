@@ -62,6 +62,10 @@ class DecodeAborted(DecodeError):
     """A decode was aborted on request (Context.abort from another thread)."""
 
 
+class ClosedError(PyllamaError, ValueError):
+    """The LLM is closed (or was closed while the call was running)."""
+
+
 __all__ = [
     "PyllamaError",
     "ModelLoadError",
@@ -74,4 +78,5 @@ __all__ = [
     "DecodeError",
     "KVCacheFullError",
     "DecodeAborted",
+    "ClosedError",
 ]

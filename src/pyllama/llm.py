@@ -24,7 +24,7 @@ import warnings
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from pyllama import _core
 from pyllama.errors import ContextLengthError, ModelLoadError
@@ -260,6 +260,9 @@ class LLM:
             raise ValueError(f"n_ubatch must be an int >= 1, got {n_ubatch!r}")
         if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
             raise ValueError(f"n_gpu_layers must be -1 (all) or >= 0, got {n_gpu_layers!r}")
+        if n_parallel > _core.max_parallel_sequences():
+            raise ValueError(f"n_parallel={n_parallel} exceeds llama.cpp's limit of "
+                             f"{_core.max_parallel_sequences()} sequences (n_seq_max)")
         if n_parallel > n_batch:
             # llama.cpp reserves n_seq_max outputs per batch; more sequences than n_batch abort it.
             raise ValueError(f"n_parallel={n_parallel} exceeds n_batch={n_batch}: every sequence needs room in a "
@@ -1178,10 +1181,11 @@ class Stream:
         self.close()
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        if self._started and not self._finished:
+            try:
+                self._llm._sched.cancel_soon(self._reqs)
+            except Exception:   # noqa: BLE001 - interpreter teardown
+                pass
 
 
 _END = object()
@@ -1280,10 +1284,12 @@ class AsyncStream:
         self._cancel()
 
     def __del__(self) -> None:
-        try:
-            self._cancel()
-        except Exception:
-            pass
+        if not self._done and self._prep is not None and self._submitted:
+            try:
+                self._llm._sched.cancel_soon(self._prep.requests)
+                self._llm._sched.driven_done(len(self._prep.requests))
+            except Exception:   # noqa: BLE001 - interpreter teardown
+                pass
 
 
 def _put_all(queue: Any, items: list) -> None:

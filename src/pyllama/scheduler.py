@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from pyllama import _core
-
-
-class ClosedError(ValueError):
-    """The LLM was closed while a call was waiting for its request."""
+from pyllama.errors import ClosedError
 
 
 class Scheduler:
@@ -31,7 +28,8 @@ class Scheduler:
 
     def __init__(self, engine: "_core.Engine") -> None:
         self.engine = engine
-        self._cond = threading.Condition(threading.Lock())
+        # Re-entrant: a __del__ run by the garbage collector inside a critical section may cancel.
+        self._cond = threading.Condition(threading.RLock())
         self._stepping = False
         self._closed = False
         self._driver: Optional[threading.Thread] = None
@@ -72,6 +70,18 @@ class Scheduler:
                 events = self.engine.collect_cancelled()
             self._cond.notify_all()
         self._dispatch(events)
+
+    def cancel_soon(self, requests: Iterable["_core.GenerationRequest"]) -> None:
+        """Cancel without taking any lock (for __del__, which the garbage collector may run
+        inside this very scheduler's critical sections): the next step frees the slots."""
+        for r in requests:
+            if not r.done:
+                r.cancel_requested = True
+        if self._cond.acquire(blocking=False):
+            try:
+                self._cond.notify_all()
+            finally:
+                self._cond.release()
 
     def set_paused(self, requests: Iterable["_core.GenerationRequest"], paused: bool) -> None:
         with self._cond:

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, List, Optional
@@ -129,12 +128,8 @@ class Backend:
 
     async def _call(self, name: str, *args: Any, param: Optional[str] = None, **kwargs: Any) -> Any:
         """``await llm.a<name>(...)``; library input errors become 400s."""
-        afn = getattr(self.llm, "a" + name, None)
         try:
-            if afn is not None:
-                return await afn(*args, **kwargs)
-            # An LLM without the async API: a worker thread (not cancellable mid-call).
-            return await asyncio.to_thread(getattr(self.llm, name), *args, **kwargs)
+            return await getattr(self.llm, "a" + name)(*args, **kwargs)
         except APIError:
             raise
         except Exception as exc:
@@ -147,11 +142,8 @@ class Backend:
         """Start a streamed generation (``llm.astream`` / ``llm.astream_chat``, in Chunks) and wait
         for its first piece, so that input errors are still a 400 rather than a broken stream."""
         try:
-            afn = getattr(self.llm, "astream_chat" if name == "chat" else "astream", None)
-            if afn is not None:
-                stream = _wrap_async(afn(*args, chunks=True, **kwargs))
-            else:
-                stream = _thread_stream(self.llm, name, args, kwargs)
+            afn = self.llm.astream_chat if name == "chat" else self.llm.astream
+            stream = _wrap_async(afn(*args, chunks=True, **kwargs))
             first = await _prefetch(stream)
         except APIError:
             raise
@@ -256,52 +248,3 @@ def _wrap_async(src: Any) -> Stream:
                 close()
 
     return Stream(src.__aiter__(), closer, finals)
-
-
-def _thread_stream(llm: Any, name: str, args: tuple, kwargs: dict) -> Stream:
-    """For an `LLM` without the async API: iterate its sync stream in a worker thread and
-    hand the pieces to the event loop.  Closing stops the stream at its next piece."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-    holder: dict = {}
-
-    def worker() -> None:
-        try:
-            if name == "chat":
-                it = llm.chat(*args, stream=True, **kwargs)
-            else:
-                it = llm.stream(*args, **kwargs)
-            holder["it"] = it
-            for item in it:
-                if stop.is_set():
-                    it.close()
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
-            loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
-        except BaseException as exc:  # noqa: BLE001  (handed to the event loop)
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
-
-    threading.Thread(target=worker, name="pyllama-server-stream", daemon=True).start()
-
-    class _Source:
-        def __aiter__(self) -> "_Source":
-            return self
-
-        async def __anext__(self) -> Any:
-            kind, value = await queue.get()
-            if kind == "item":
-                return value
-            if kind == "error":
-                raise value
-            raise StopAsyncIteration
-
-    def finals() -> Optional[list]:
-        it = holder.get("it")
-        comps = getattr(it, "completions", None)
-        if comps is None:
-            comp = getattr(it, "completion", None)
-            comps = [comp] if comp is not None else None
-        return list(comps) if comps is not None else None
-
-    return Stream(_Source(), stop.set, finals)
