@@ -96,7 +96,7 @@ def main() -> int:
     args = ap.parse_args()
 
     results = [bench_model(m, args.tokens, args.reps, args.threads) for m in args.models]
-    print(f"\n| model | mode | ms/token (min-max) | tokens/s | overhead vs off [ms/token] | ratio vs off |\n"
+    print("\n| model | mode | ms/token (min-max) | tokens/s | overhead vs off [ms/token] | ratio vs off |\n"
           "|---|---|---|---|---|---|")
     for res in results:
         for row in res["rows"]:

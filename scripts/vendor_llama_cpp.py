@@ -45,7 +45,9 @@ MARKER = ".pyllama-vendor.json"
 PARTS: dict[str, tuple[str, ...]] = {
     "build": ("CMakeLists.txt", "LICENSE", "AUTHORS", "licenses", "cmake", "ggml", "src", "include", "vendor"),
     "vocab": ("models/ggml-vocab-",),
-    "tools": ("common", "tools", "examples", "pocs"),
+    # scripts/ui-assets.cmake: llama-server's CMake (benchmarks); the JSON-schema test cases: tests.
+    "tools": ("common", "tools", "examples", "pocs", "scripts/ui-assets.cmake",
+              "tests/test-json-schema-to-grammar.cpp"),
 }
 # Never needed by any part, even inside the directories above (saves space in the sdist).
 EXCLUDE_SUFFIXES = (".md", ".png", ".jpg", ".svg")

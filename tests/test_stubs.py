@@ -142,6 +142,14 @@ def _same_default(stub: str | None, runtime: str | None) -> bool:
     return s == r or (r in ("True", "False") and str(s) == r)
 
 
+def _compare(label: str, stub: dict, runtime: dict) -> list:
+    """What differs between the stub's parameters and the extension's (names, defaults)."""
+    if set(stub) != set(runtime):
+        return [f"{label}: parameters {sorted(stub)} in the stub, {sorted(runtime)} at run time"]
+    return [f"{label}({p}=...): default {stub[p]} in the stub, {runtime[p]} at run time"
+            for p in stub if not _same_default(stub[p], runtime[p])]
+
+
 def test_module_names_match():
     tree = _stub()
     stub_names = _public(_stub_toplevel(tree)) - STUB_ONLY
@@ -178,13 +186,7 @@ def test_class_members_and_signatures(name, node):
             rt = _runtime_params(getattr(cls, mname))
         if rt is None:
             continue
-        st = _stub_params(fn)
-        if set(st) != set(rt):
-            problems.append(f"{name}.{mname}: parameters {sorted(st)} in the stub, {sorted(rt)} at run time")
-            continue
-        for p in st:
-            if not _same_default(st[p], rt[p]):
-                problems.append(f"{name}.{mname}({p}=...): default {st[p]} in the stub, {rt[p]} at run time")
+        problems += _compare(f"{name}.{mname}", _stub_params(fn), rt)
     assert not problems, "\n".join(problems)
 
 
@@ -196,11 +198,5 @@ def test_module_function_signatures():
         rt = _runtime_params(getattr(_core, fname))
         if rt is None:
             continue
-        st = _stub_params(fn)
-        if set(st) != set(rt):
-            problems.append(f"{fname}: parameters {sorted(st)} in the stub, {sorted(rt)} at run time")
-            continue
-        for p in st:
-            if not _same_default(st[p], rt[p]):
-                problems.append(f"{fname}({p}=...): default {st[p]} in the stub, {rt[p]} at run time")
+        problems += _compare(fname, _stub_params(fn), rt)
     assert not problems, "\n".join(problems)

@@ -251,22 +251,15 @@ class LLM:
         self.defaults = SamplingParams(**sampling)
         self._resolve_grammar(self.defaults)   # a bad grammar fails here, before loading
 
-        for name, value in (("n_batch", n_batch), ("n_parallel", n_parallel)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch < 1:
+            raise ValueError(f"n_batch must be an int >= 1, got {n_batch!r}")
         if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 0):
             raise ValueError(f"n_ctx must be an int >= 0 (0 = the model's training context), got {n_ctx!r}")
         if n_ubatch is not None and (not isinstance(n_ubatch, int) or n_ubatch < 1):
             raise ValueError(f"n_ubatch must be an int >= 1, got {n_ubatch!r}")
         if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
             raise ValueError(f"n_gpu_layers must be -1 (all) or >= 0, got {n_gpu_layers!r}")
-        if n_parallel > _core.max_parallel_sequences():
-            raise ValueError(f"n_parallel={n_parallel} exceeds llama.cpp's limit of "
-                             f"{_core.max_parallel_sequences()} sequences (n_seq_max)")
-        if n_parallel > n_batch:
-            # llama.cpp reserves n_seq_max outputs per batch; more sequences than n_batch abort it.
-            raise ValueError(f"n_parallel={n_parallel} exceeds n_batch={n_batch}: every sequence needs room in a "
-                             "batch; raise n_batch or lower n_parallel")
+        _check_n_parallel(n_parallel, n_batch)
         if f16_kv is not None:
             if f16_kv is False and type_k is None and type_v is None:
                 warnings.warn("f16_kv=False is deprecated: it now means type_k='f32', type_v='f32'; "
@@ -803,14 +796,7 @@ class LLM:
             raise ContextLengthError(f"a prompt plus max_tokens needs {longest} tokens but n_ctx is {n_ctx}")
         n_batch = self._ctx_params["n_batch"]
         if n_parallel is not None:
-            if not isinstance(n_parallel, int) or n_parallel < 1:
-                raise ValueError(f"n_parallel must be an int >= 1, got {n_parallel!r}")
-            if n_parallel > _core.max_parallel_sequences():
-                raise ValueError(f"n_parallel={n_parallel} exceeds llama.cpp's limit of "
-                                 f"{_core.max_parallel_sequences()} sequences")
-            if n_parallel > n_batch:
-                raise ValueError(f"n_parallel={n_parallel} exceeds n_batch={n_batch}: every sequence needs room "
-                                 "in a batch; raise n_batch or lower n_parallel")
+            _check_n_parallel(n_parallel, n_batch)
             wanted = min(n_parallel, len(reqs))
         else:
             wanted = min(len(reqs), _MAX_AUTO_SLOTS, n_batch)
@@ -1028,6 +1014,19 @@ class LLM:
                 norms = np.linalg.norm(out, axis=1, keepdims=True)
                 out = out / np.where(norms == 0, 1.0, norms)
             return out[0] if single else out
+
+
+def _check_n_parallel(n_parallel: Any, n_batch: int) -> None:
+    """n_parallel sequences must be possible: llama.cpp's own limit, and one batch row each
+    (llama.cpp reserves n_seq_max outputs per batch: more sequences than n_batch abort it)."""
+    if not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or n_parallel < 1:
+        raise ValueError(f"n_parallel must be an int >= 1, got {n_parallel!r}")
+    if n_parallel > _core.max_parallel_sequences():
+        raise ValueError(f"n_parallel={n_parallel} exceeds llama.cpp's limit of "
+                         f"{_core.max_parallel_sequences()} sequences (n_seq_max)")
+    if n_parallel > n_batch:
+        raise ValueError(f"n_parallel={n_parallel} exceeds n_batch={n_batch}: every sequence needs room in a "
+                         "batch; raise n_batch or lower n_parallel")
 
 
 def _embed_slots(wanted: int, n_tokens: int) -> int:
