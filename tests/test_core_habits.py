@@ -180,3 +180,83 @@ def test_view_in_reference_cycle_releases_its_context(tiny):
             del view, cycle
             gc.collect()
         _decode_one(ctx, 8)   # BufferError if a collected view never released the context
+
+
+# --------------------------------------------------------------------------- Batch.add_sequences
+
+
+def test_add_sequences_fills_like_per_token_adds(tiny):
+    seqs = [[1, 100, 200, 300], [1, 50], [1, 7, 8], [1]]
+    with _core.Context(tiny, n_ctx=64, n_threads=1, embeddings=True, pooling="mean", n_seq_max=4) as ctx:
+        def pooled(batch):
+            ctx.kv_clear()
+            ctx.decode(batch)
+            return [ctx.embeddings_seq(s) for s in range(len(seqs))]
+
+        by_token = _core.Batch(16, 4)
+        for s, toks in enumerate(seqs):
+            for p, t in enumerate(toks):
+                by_token.add(t, p, s, True)
+        at_once = _core.Batch(16, 4)
+        assert at_once.add_sequences(seqs, logits_all=True) == 9
+        assert at_once.tokens() == by_token.tokens()
+        for a, b in zip(pooled(by_token), pooled(at_once)):
+            assert (a == b).all()
+
+
+def test_add_sequences_logits_on_last_and_seq_ids(tiny):
+    with _core.Context(tiny, n_ctx=64, n_threads=1, n_seq_max=2) as ctx:
+        b = _core.Batch(8, 2)
+        assert b.add_sequences([[1, 5], [1, 6, 7]], seq_ids=[1, 0], pos0=0) == 4
+        ctx.decode(b)
+        ctx.logits(1)
+        ctx.logits(4)
+        with pytest.raises(IndexError):
+            ctx.logits(0)
+
+
+def test_add_sequences_is_all_or_nothing():
+    from pyllama.errors import BatchCapacityError, InvalidSequenceError
+
+    b = _core.Batch(4, 2)
+    b.add(1, 0, 0)
+    with pytest.raises(BatchCapacityError):
+        b.add_sequences([[1, 2], [3, 4]])
+    with pytest.raises(InvalidSequenceError):
+        b.add_sequences([[1]], seq_ids=[2])
+    with pytest.raises(ValueError, match="2 sequences but 1"):
+        b.add_sequences([[1], [2]], seq_ids=[0])
+    with pytest.raises(TypeError):
+        b.add_sequences([[1, "x"]])
+    assert b.n_tokens == 1
+    assert b.add_sequences([]) == -1 and b.n_tokens == 1
+
+
+def test_llm_embed_fills_batches_in_one_call(tiny_model_path, monkeypatch):
+    """LLM.embed hands whole token lists to the batch (no Python loop of Batch.add), and its
+    results are those of the per-token loop it replaces."""
+    import numpy as np
+    from pyllama import LLM
+
+    llm = LLM(str(tiny_model_path), embedding=True, n_ctx=128, n_threads=1)
+    texts = ["The cat sat on the mat.", "A dog barked.", "x", "The cat sat on the mat."]
+    got = llm.embed(texts, normalize=False)
+
+    class NoPerTokenAdd(_core.Batch):
+        def add(self, *args, **kwargs):
+            raise AssertionError("LLM.embed filled a batch one token at a time")
+
+    monkeypatch.setattr(_core, "Batch", NoPerTokenAdd)
+    assert np.array_equal(llm.embed(texts, normalize=False), got)
+    monkeypatch.undo()
+
+    ctx = llm._embed_ctx
+    toks = [llm._prompt_tokens(t) for t in texts]
+    batch = _core.Batch(llm._ctx_params["n_batch"], ctx.n_seq_max)
+    for s, t in enumerate(toks):
+        for p, tok in enumerate(t):
+            batch.add(tok, p, s, True)
+    ctx.kv_clear()
+    ctx.decode(batch)
+    for s in range(len(texts)):
+        assert np.array_equal(ctx.embeddings_seq(s), got[s])

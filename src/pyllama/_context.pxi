@@ -215,6 +215,46 @@ cdef class Batch:
             last = self._add(tokens[k], pos0 + k, seq_id, logits_last and k == n - 1)
         return last
 
+    def add_sequences(self, sequences, seq_ids=None, int pos0=0, *, bint logits_all=False) -> int:
+        """Append several sequences in one call: the tokens of sequences[j] for sequence
+        seq_ids[j] (default: j) at positions pos0, pos0+1, ...; logits on every token with
+        logits_all=True (what pooled embeddings need), else on the last token of each.
+        Returns the index of the last token appended (-1 if none).  All or nothing: on an
+        error the batch is left as it was."""
+        cdef list seqs = list(sequences)
+        cdef list ids = list(range(len(seqs))) if seq_ids is None else [int(s) for s in seq_ids]
+        cdef Py_ssize_t j, k, n, total = 0
+        cdef int32_t start = self.batch.n_tokens, i
+        cdef llama_seq_id sid
+        if len(ids) != len(seqs):
+            raise ValueError(f"{len(seqs)} sequences but {len(ids)} sequence ids")
+        if pos0 < 0:
+            raise ValueError(f"pos0 must be >= 0, got {pos0}")
+        for j in range(len(seqs)):
+            if ids[j] < 0 or ids[j] >= self.n_seq_max:
+                raise InvalidSequenceError(f"sequence id {ids[j]} is outside [0, {self.n_seq_max}) for this batch")
+            total += len(seqs[j])
+        if start + total > self.capacity:
+            raise BatchCapacityError(f"{total} tokens do not fit: the batch holds {start} of {self.capacity}")
+        i = start
+        try:
+            for j in range(len(seqs)):
+                tokens = seqs[j]
+                n = len(tokens)
+                sid = ids[j]
+                for k in range(n):
+                    self.batch.token[i] = tokens[k]
+                    self.batch.pos[i] = pos0 + k
+                    self.batch.n_seq_id[i] = 1
+                    self.batch.seq_id[i][0] = sid
+                    self.batch.logits[i] = logits_all or k == n - 1
+                    i += 1
+        except BaseException:
+            self.batch.n_tokens = start   # a token that is not an int32: append nothing
+            raise
+        self.batch.n_tokens = i
+        return i - 1 if i > start else -1
+
     @classmethod
     def from_arrays(cls, tokens, pos, seq_ids, logits=None, int n_seq_max=1):
         n = len(tokens)
