@@ -11,7 +11,12 @@ _POOLING = {
 }
 
 
-def _default_threads() -> int:
+# Where the cgroup file system is mounted; a module-level name so tests can point it at a fake tree.
+_CGROUP_ROOT = "/sys/fs/cgroup"
+_SELF_CGROUP = "/proc/self/cgroup"
+
+
+def _physical_cores() -> int:
     """Physical cores: hyper-threads slow llama.cpp's matmuls down rather than up."""
     try:
         cores = set()
@@ -33,6 +38,83 @@ def _default_threads() -> int:
     except OSError:
         pass
     return max(1, _os.cpu_count() or 1)
+
+
+def _cgroup_dirs(root, self_cgroup, controller):
+    """The directories of this process's cgroup for `controller` ("" = cgroup v2), innermost
+    first, then each parent up to the mount point: a quota anywhere on the path applies."""
+    rel = ""
+    try:
+        with open(self_cgroup) as f:
+            for line in f:
+                parts = line.rstrip("\n").split(":", 2)
+                if len(parts) == 3 and (parts[1] == controller if not controller
+                                        else controller in parts[1].split(",")):
+                    rel = parts[2].strip("/")
+                    break
+    except OSError:
+        pass
+    dirs = []
+    while True:
+        d = _os.path.join(root, rel) if rel else root
+        if _os.path.isdir(d):
+            dirs.append(d)
+        if not rel:
+            return dirs
+        rel = _os.path.dirname(rel)
+
+
+def _read_fields(path):
+    with open(path) as f:
+        return f.read().split()
+
+
+def _cgroup_cpu_limit(root=None, self_cgroup=None):
+    """CPUs this process may use under cgroup CPU quotas (ceil(quota / period), the smallest
+    along its cgroup path), or None when no quota applies or none can be read.  Reads cgroup v2
+    (cpu.max: "max 100000" or "200000 100000") and v1 (cpu.cfs_quota_us / cpu.cfs_period_us,
+    -1 = no quota)."""
+    root = _CGROUP_ROOT if root is None else _os.fspath(root)
+    self_cgroup = _SELF_CGROUP if self_cgroup is None else _os.fspath(self_cgroup)
+    limits = []
+    for d in _cgroup_dirs(root, self_cgroup, ""):
+        try:
+            fields = _read_fields(_os.path.join(d, "cpu.max"))
+            if fields and fields[0] != "max":
+                quota, period = int(fields[0]), int(fields[1]) if len(fields) > 1 else 100000
+                if quota > 0 and period > 0:
+                    limits.append(-(-quota // period))
+        except (OSError, ValueError):
+            pass
+    for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        v1_root = _os.path.join(root, mount)
+        if not _os.path.isdir(v1_root):
+            continue
+        for d in _cgroup_dirs(v1_root, self_cgroup, "cpu"):
+            try:
+                quota = int(_read_fields(_os.path.join(d, "cpu.cfs_quota_us"))[0])
+                period = int(_read_fields(_os.path.join(d, "cpu.cfs_period_us"))[0])
+                if quota > 0 and period > 0:
+                    limits.append(-(-quota // period))
+            except (OSError, ValueError, IndexError):
+                pass
+        break
+    return max(1, min(limits)) if limits else None
+
+
+def _default_threads(cgroup_root=None, self_cgroup=None) -> int:
+    """Threads to compute on: the physical cores, but no more CPUs than this process may run
+    on (sched_getaffinity: taskset, cpusets) nor than its cgroup CPU quota allows (a container
+    on a 64-core host limited to 2 CPUs must not start 64 threads that take turns)."""
+    n = _physical_cores()
+    try:
+        n = min(n, len(_os.sched_getaffinity(0)) or n)
+    except (AttributeError, OSError):
+        pass
+    quota = _cgroup_cpu_limit(cgroup_root, self_cgroup)
+    if quota is not None:
+        n = min(n, quota)
+    return max(1, n)
 
 
 cdef int64_t _BATCH_MAX_TOKENS = 1 << 24      # 16M tokens: far beyond any n_batch
@@ -133,6 +215,46 @@ cdef class Batch:
             last = self._add(tokens[k], pos0 + k, seq_id, logits_last and k == n - 1)
         return last
 
+    def add_sequences(self, sequences, seq_ids=None, int pos0=0, *, bint logits_all=False) -> int:
+        """Append several sequences in one call: the tokens of sequences[j] for sequence
+        seq_ids[j] (default: j) at positions pos0, pos0+1, ...; logits on every token with
+        logits_all=True (what pooled embeddings need), else on the last token of each.
+        Returns the index of the last token appended (-1 if none).  All or nothing: on an
+        error the batch is left as it was."""
+        cdef list seqs = list(sequences)
+        cdef list ids = list(range(len(seqs))) if seq_ids is None else [int(s) for s in seq_ids]
+        cdef Py_ssize_t j, k, n, total = 0
+        cdef int32_t start = self.batch.n_tokens, i
+        cdef llama_seq_id sid
+        if len(ids) != len(seqs):
+            raise ValueError(f"{len(seqs)} sequences but {len(ids)} sequence ids")
+        if pos0 < 0:
+            raise ValueError(f"pos0 must be >= 0, got {pos0}")
+        for j in range(len(seqs)):
+            if ids[j] < 0 or ids[j] >= self.n_seq_max:
+                raise InvalidSequenceError(f"sequence id {ids[j]} is outside [0, {self.n_seq_max}) for this batch")
+            total += len(seqs[j])
+        if start + total > self.capacity:
+            raise BatchCapacityError(f"{total} tokens do not fit: the batch holds {start} of {self.capacity}")
+        i = start
+        try:
+            for j in range(len(seqs)):
+                tokens = seqs[j]
+                n = len(tokens)
+                sid = ids[j]
+                for k in range(n):
+                    self.batch.token[i] = tokens[k]
+                    self.batch.pos[i] = pos0 + k
+                    self.batch.n_seq_id[i] = 1
+                    self.batch.seq_id[i][0] = sid
+                    self.batch.logits[i] = logits_all or k == n - 1
+                    i += 1
+        except BaseException:
+            self.batch.n_tokens = start   # a token that is not an int32: append nothing
+            raise
+        self.batch.n_tokens = i
+        return i - 1 if i > start else -1
+
     @classmethod
     def from_arrays(cls, tokens, pos, seq_ids, logits=None, int n_seq_max=1):
         n = len(tokens)
@@ -150,6 +272,8 @@ cdef class Batch:
         return f"<pyllama.Batch {self.batch.n_tokens}/{self.capacity} tokens>"
 
 
+@cython.no_gc_clear   # __dealloc__ needs self.owner: a view collected in a reference cycle
+                     # must still release its Context, or decode() refuses forever
 cdef class _FloatView:
     """A read-only buffer over floats owned by a Context (logits or embeddings).
 
@@ -405,9 +529,8 @@ cdef class Context:
         pyllama_clear_last_error()
         with nogil:
             self.ptr = llama_init_from_model(m, p)
-        if self.ptr == NULL:
-            raise ValueError("llama.cpp could not create the context: "
-                             + _last_error("invalid parameters or not enough memory"))
+        _check(self.ptr != NULL, ValueError, "llama.cpp could not create the context: ",
+               "invalid parameters or not enough memory")
         self.model = model
         model._add_user()
         self._holds_model = True
@@ -586,17 +709,17 @@ cdef class Context:
             requested = self.abort_state.abort_requested
             self.abort_state.abort_requested = 0
             self._forget_batch(batch)
-            if not requested:
-                # Our abort callback only stops a decode for abort() or a SIGINT it watched,
-                # so this is llama.cpp's own abort (e.g. a backend's), not Ctrl-C.
-                raise DecodeError("llama.cpp aborted the computation: " + _last_error("see the 'pyllama' logger"))
+            # Our abort callback only stops a decode for abort() or a SIGINT it watched, so
+            # an abort nobody requested is llama.cpp's own (e.g. a backend's), not Ctrl-C.
+            _check(requested, DecodeError, "llama.cpp aborted the computation: ", "see the 'pyllama' logger")
             raise DecodeAborted("decode aborted by Context.abort()")
         if rc == 1:
             raise KVCacheFullError("no room in the KV memory for this batch "
                                    f"({batch.batch.n_tokens} tokens; n_ctx={llama_n_ctx(ctx)}): free sequences "
                                    "with kv_seq_rm/kv_clear or use a larger n_ctx")
-        raise DecodeError(f"llama_{'encode' if encode else 'decode'} failed with code {rc}: "
-                          + _last_error("see the 'pyllama' logger"))
+        _check(rc == 0, DecodeError, f"llama_{'encode' if encode else 'decode'} failed with code {rc}: ",
+               "see the 'pyllama' logger")
+        return 0
 
     cdef void _forget_batch(self, Batch batch):
         """After an abort, drop whatever part of the batch reached the KV memory."""
@@ -649,8 +772,7 @@ cdef class Context:
             self._output_index(idx)
             pyllama_clear_last_error()
             p = llama_get_logits_ith(self._get(), idx)
-            if p == NULL:
-                raise IndexError(f"no logits for batch index {idx}: " + _last_error("it did not request logits"))
+            _check(p != NULL, IndexError, f"no logits for batch index {idx}: ", "it did not request logits")
             return _float_array(self, p, self.n_vocab, copy)
 
     def embeddings(self, int idx=-1, bint copy=True):
@@ -659,8 +781,7 @@ cdef class Context:
         with self._lock:
             self._output_index(idx)
             p = llama_get_embeddings_ith(self._get(), idx)
-            if p == NULL:
-                raise IndexError(f"no embedding for batch index {idx} (embeddings=True? pooling='none'?)")
+            _check(p != NULL, IndexError, f"no embedding for batch index {idx} (embeddings=True? pooling='none'?)")
             return _float_array(self, p, llama_model_n_embd_out(self.model.ptr), copy)
 
     def embeddings_seq(self, int seq_id=0, bint copy=True):
@@ -670,8 +791,7 @@ cdef class Context:
             if seq_id < 0 or <uint32_t>seq_id >= llama_n_seq_max(self._get()):
                 raise InvalidSequenceError(f"sequence id {seq_id} is outside [0, {llama_n_seq_max(self.ptr)})")
             p = llama_get_embeddings_seq(self._get(), seq_id)
-            if p == NULL:
-                raise IndexError(f"no pooled embedding for sequence {seq_id} (embeddings=True with pooling?)")
+            _check(p != NULL, IndexError, f"no pooled embedding for sequence {seq_id} (embeddings=True with pooling?)")
             # rank pooling gives n_cls_out scores per sequence, not n_embd floats (reading
             # n_embd would run past llama.cpp's buffer)
             n = (llama_model_n_cls_out(self.model.ptr) if llama_get_pooling_type(self.ptr) == LLAMA_POOLING_TYPE_RANK
@@ -780,8 +900,7 @@ cdef class Context:
             with nogil:
                 got = llama_state_set_data(self.ptr, &view[0], view.shape[0])
             self._forget_outputs()
-            if got == 0:
-                raise ValueError("state data does not match this context: " + _last_error("wrong model or size"))
+            _check(got != 0, ValueError, "state data does not match this context: ", "wrong model or size")
 
     def seq_state_get(self, int seq_id) -> bytes:
         cdef size_t size, got
@@ -806,8 +925,7 @@ cdef class Context:
             pyllama_clear_last_error()
             with nogil:
                 got = llama_state_seq_set_data(self.ptr, &view[0], view.shape[0], seq_id)
-            if got == 0:
-                raise ValueError("sequence state does not match this context: " + _last_error("wrong model or size"))
+            _check(got != 0, ValueError, "sequence state does not match this context: ", "wrong model or size")
 
     def state_save_file(self, path, tokens=()) -> None:
         cdef bytes p = _os.fsencode(path)
@@ -817,11 +935,10 @@ cdef class Context:
         cdef size_t n = len(tokens)
         try:
             with self._lock:
-                self._get()
+                self._get()   # inside the lock: close() from another thread cannot come between
                 with nogil:
                     ok = llama_state_save_file(self.ptr, pc, toks, n)
-                if not ok:
-                    raise OSError(f"could not save state to {_os.fsdecode(p)!r}")
+                _check(ok, OSError, f"could not save state to {_os.fsdecode(p)!r}")
         finally:
             free(toks)
 
@@ -830,17 +947,21 @@ cdef class Context:
         cdef const char * pc = p
         if not _os.path.isfile(path):
             raise FileNotFoundError(2, "state file not found", _os.fsdecode(p))
-        cdef size_t cap = llama_n_ctx(self._get()) + 1, n = 0
-        cdef llama_token * toks = <llama_token *>malloc(cap * sizeof(llama_token))
+        cdef size_t cap, n = 0
+        cdef llama_token * toks = NULL
         cdef bint ok
         try:
             with self._lock:
+                cap = llama_n_ctx(self._get()) + 1
+                toks = <llama_token *>malloc(cap * sizeof(llama_token))
+                if toks == NULL:
+                    raise MemoryError()
                 pyllama_clear_last_error()
                 with nogil:
                     ok = llama_state_load_file(self.ptr, pc, toks, cap, &n)
                 self._forget_outputs()
-                if not ok:
-                    raise ValueError(f"could not load state from {_os.fsdecode(p)!r}: " + _last_error("not a state file of this model"))
+                _check(ok, ValueError, f"could not load state from {_os.fsdecode(p)!r}: ",
+                       "not a state file of this model")
                 return [toks[i] for i in range(n)]
         finally:
             free(toks)
@@ -848,15 +969,14 @@ cdef class Context:
     def seq_state_save_file(self, path, int seq_id, tokens=()) -> None:
         cdef bytes p = _os.fsencode(path)
         cdef const char * pc = p
-        self._check_seq(seq_id)
         cdef llama_token * toks = _token_array(tokens, self.n_vocab)
         cdef size_t n = len(tokens), got
         try:
             with self._lock:
+                self._check_seq(seq_id)   # checks the pointer too, inside the lock
                 with nogil:
                     got = llama_state_seq_save_file(self.ptr, pc, seq_id, toks, n)
-                if got == 0:
-                    raise OSError(f"could not save sequence state to {_os.fsdecode(p)!r}")
+                _check(got != 0, OSError, f"could not save sequence state to {_os.fsdecode(p)!r}")
         finally:
             free(toks)
 
@@ -865,17 +985,20 @@ cdef class Context:
         cdef const char * pc = p
         if not _os.path.isfile(path):
             raise FileNotFoundError(2, "state file not found", _os.fsdecode(p))
-        self._check_seq(seq_id)
-        cdef size_t cap = llama_n_ctx(self._get()) + 1, n = 0, got
-        cdef llama_token * toks = <llama_token *>malloc(cap * sizeof(llama_token))
+        cdef size_t cap, n = 0, got
+        cdef llama_token * toks = NULL
         try:
             with self._lock:
+                self._check_seq(seq_id)
+                cap = llama_n_ctx(self.ptr) + 1
+                toks = <llama_token *>malloc(cap * sizeof(llama_token))
+                if toks == NULL:
+                    raise MemoryError()
                 pyllama_clear_last_error()
                 with nogil:
                     got = llama_state_seq_load_file(self.ptr, pc, seq_id, toks, cap, &n)
-                if got == 0:
-                    raise ValueError(f"could not load sequence state from {_os.fsdecode(p)!r}: "
-                                     + _last_error("not a sequence state file of this model"))
+                _check(got != 0, ValueError, f"could not load sequence state from {_os.fsdecode(p)!r}: ",
+                       "not a sequence state file of this model")
                 return [toks[i] for i in range(n)]
         finally:
             free(toks)
@@ -901,8 +1024,7 @@ cdef class Context:
                 scales[i] = scale
             with self._lock:
                 rc = llama_set_adapters_lora(self._get(), arr, len(items), scales)
-            if rc != 0:
-                raise ValueError(f"llama.cpp refused the LoRA adapters (code {rc})")
+            _check(rc == 0, ValueError, f"llama.cpp refused the LoRA adapters (code {rc})")
         finally:
             free(arr)
             free(scales)

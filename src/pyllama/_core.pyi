@@ -191,6 +191,11 @@ class Batch:
                      logits_last: bool = True) -> int:
         """Append a run of tokens of one sequence at positions pos0, pos0+1, ...;
         returns the index of the last one."""
+    def add_sequences(self, sequences: Sequence[Sequence[int] | np.ndarray], seq_ids: Sequence[int] | None = None,
+                      pos0: int = 0, *, logits_all: bool = False) -> int:
+        """Append several sequences in one call (sequences[j] for sequence seq_ids[j], default j,
+        at positions pos0, pos0+1, ...); logits on every token with logits_all, else on the
+        last of each.  Returns the index of the last token appended (-1 if none); all or nothing."""
     @classmethod
     def from_arrays(cls, tokens: Sequence[int] | np.ndarray, pos: Sequence[int] | np.ndarray,
                     seq_ids: Sequence[int] | np.ndarray, logits: Sequence[bool] | np.ndarray | None = None,

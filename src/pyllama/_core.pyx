@@ -292,8 +292,7 @@ def rpc_add_server(endpoint) -> list:
     cdef const char * ep_c = ep
     with nogil:
         reg = ggml_backend_rpc_add_server(ep_c)
-    if reg == NULL:
-        raise OSError(f"cannot connect to RPC server {endpoint}")
+    _check(reg != NULL, OSError, f"cannot connect to RPC server {endpoint}")
     if endpoint not in _rpc_registered:
         # Make its devices visible to model loading and backends() (once per endpoint:
         # ggml returns the same registration for the same endpoint).

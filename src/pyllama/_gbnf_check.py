@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 from pyllama.errors import GrammarError
 
-__all__ = ["precheck_gbnf", "precheck_cache_clear", "gbnf_syntax_error", "MAX_REPETITION"]
+__all__ = ["precheck_gbnf", "precheck_cache_clear", "gbnf_syntax_error", "check_before_llama", "MAX_REPETITION"]
 
 # ----------------------------------------------------------------------------- GBNF pre-check
 #
@@ -89,16 +89,20 @@ def gbnf_syntax_error(text: str, root: str = "root") -> Optional[str]:
     try:
         scan.parse()
     except _SyntaxStop as e:
-        if e.pos < 0:
-            return e.message
-        line = text.count("\n", 0, e.pos) + 1
-        col = e.pos - (text.rfind("\n", 0, e.pos) + 1) + 1
-        return f"line {line}, column {col}: {e.message}"
+        return _stop_message(text, e)
     except GrammarError:
         return None
     if root not in scan.symbols:
         return f"the grammar has no rule named {root!r}"
     return None
+
+
+def _stop_message(text: str, e: _SyntaxStop) -> str:
+    if e.pos < 0:
+        return e.message
+    line = text.count("\n", 0, e.pos) + 1
+    col = e.pos - (text.rfind("\n", 0, e.pos) + 1) + 1
+    return f"line {line}, column {col}: {e.message}"
 
 
 # Texts that passed the pre-check, by (text, n_vocab): the same grammar is usually checked for
@@ -136,11 +140,37 @@ def precheck_gbnf(text: str, *, n_vocab: Optional[int] = None) -> None:
     if not isinstance(text, str):
         raise TypeError(f"grammar must be GBNF text (str), not {type(text).__name__}")
     key = (text, n_vocab)
+    if _passed_before(key):
+        return
+    _precheck(text, n_vocab)
+    _remember_pass(key, text)
+
+
+def check_before_llama(text: str, root: str = "root", *, n_vocab: Optional[int] = None) -> None:
+    """What ``pyllama._core`` runs before llama.cpp's parser sees `text`: :func:`precheck_gbnf`,
+    and llama.cpp's syntax errors raised here as ``GrammarError("invalid grammar: line L,
+    column C: reason")``.  llama.cpp prints those to stderr, which we would otherwise have to
+    capture by redirecting file descriptor 2 -- for every thread of the process."""
+    if not isinstance(text, str):
+        raise TypeError(f"grammar must be GBNF text (str), not {type(text).__name__}")
+    key = (text, n_vocab, root)
+    if _passed_before(key):
+        return
+    error = _precheck(text, n_vocab, root=root)
+    if error is not None:
+        raise GrammarError(f"invalid grammar: {error}")
+    _remember_pass(key, text)
+
+
+def _passed_before(key: tuple) -> bool:
     with _PASSED_LOCK:
         if key in _PASSED:
             _PASSED.move_to_end(key)
-            return
-    _precheck(text, n_vocab)
+            return True
+    return False
+
+
+def _remember_pass(key: tuple, text: str) -> None:
     if len(text) <= _CACHE_MAX_CHARS:
         with _PASSED_LOCK:
             _PASSED[key] = None
@@ -148,7 +178,9 @@ def precheck_gbnf(text: str, *, n_vocab: Optional[int] = None) -> None:
                 _PASSED.popitem(last=False)
 
 
-def _precheck(text: str, n_vocab: Optional[int]) -> None:
+def _precheck(text: str, n_vocab: Optional[int], root: Optional[str] = None) -> Optional[str]:
+    """GrammarError for what llama.cpp cannot survive; otherwise llama.cpp's syntax error for
+    `text` ("line L, column C: reason"), or None when it parses (and has `root`, if given)."""
     if "\0" in text:
         raise GrammarError(f"the grammar contains a NUL character (at index {text.index(chr(0))})")
     try:
@@ -160,9 +192,12 @@ def _precheck(text: str, n_vocab: Optional[int]) -> None:
     scan = _GbnfScan(text, n_vocab)
     try:
         scan.parse()
-    except _SyntaxStop:
-        return
+    except _SyntaxStop as e:
+        return _stop_message(text, e)
     scan.check_left_recursion()
+    if root is not None and root not in scan.symbols:
+        return f"the grammar has no rule named {root!r}"
+    return None
 
 
 class _GbnfScan:

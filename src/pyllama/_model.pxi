@@ -182,8 +182,7 @@ cdef _gguf_metadata(str path, bint fast=True, bint fallback=True, bint with_tens
     pyllama_clear_last_error()
     with nogil:
         g = gguf_init_from_file(cpath_c, gp)
-    if g == NULL:
-        raise ModelLoadError(path, _last_error("not a valid GGUF file (corrupt or truncated header)"))
+    _check(g != NULL, ModelLoadError, "", "not a valid GGUF file (corrupt or truncated header)", path)
     cdef int64_t i, k
     cdef long long v
     cdef int t
@@ -425,8 +424,7 @@ cdef class Model:
                 raise ModelLoadError(path, f"progress callback raised {progress.error!r}") from progress.error
             if self.ptr == NULL and progress.cancelled:
                 raise ModelLoadError(path, "loading was cancelled by the progress callback")
-            if self.ptr == NULL:
-                raise ModelLoadError(path, _last_error("llama.cpp could not load it (not a supported model?)"))
+            _check(self.ptr != NULL, ModelLoadError, "", "llama.cpp could not load it (not a supported model?)", path)
         finally:
             free(split)
             free(overrides)
@@ -758,8 +756,7 @@ cdef class Vocab:
                 with nogil:
                     n = llama_tokenize(v, cdata, <int32_t>n_bytes, out, cap, add_special, parse_special)
                 PyErr_CheckSignals()
-                if n < 0:
-                    raise RuntimeError("llama_tokenize failed")
+                _check(n >= 0, RuntimeError, "llama_tokenize failed")
             return [out[i] for i in range(n)]
         finally:
             free(out)
@@ -849,6 +846,7 @@ cdef class Vocab:
         return f"<pyllama.Vocab {self.type} n_tokens={self.n_tokens}>"
 
 
+@cython.no_gc_clear   # __dealloc__ needs self.model (it frees the adapter only while the model lives)
 cdef class LoraAdapter:
     """A LoRA adapter (GGUF) loaded for a Model; apply it with Context.set_lora_adapters."""
 
@@ -860,6 +858,8 @@ cdef class LoraAdapter:
         self.ptr = NULL
 
     def __init__(self, Model model not None, path):
+        if self.ptr != NULL:
+            raise RuntimeError("LoraAdapter is already initialised")
         path = _os.fsdecode(_os.fspath(path))
         _precheck_model_file(path)
         cdef bytes p = _os.fsencode(path)
@@ -872,8 +872,7 @@ cdef class LoraAdapter:
                 self.ptr = llama_adapter_lora_init(m, pc)
         finally:
             model._release_user()
-        if self.ptr == NULL:
-            raise ModelLoadError(path, "not a LoRA adapter for this model: " + _last_error("llama.cpp refused it"))
+        _check(self.ptr != NULL, ModelLoadError, "not a LoRA adapter for this model: ", "llama.cpp refused it", path)
         self.model = model
         self.path = path
 

@@ -1,7 +1,6 @@
 # SamplerChain (owns a llama_sampler chain; stages are owned by the chain).
 
 from libc.math cimport INFINITY, isfinite
-from libc.stdio cimport fflush, stderr as c_stderr
 
 cdef extern from *:
     """
@@ -11,50 +10,6 @@ cdef extern from *:
     int pyllama_regex_check(const char * pattern, char * err, size_t err_size);  /* src/cxx */
     """
     int pyllama_regex_check(const char * pattern, char * err, size_t err_size) nogil
-
-# llama.cpp's grammar parser reports syntax errors with fprintf(stderr), not through
-# its log callback.  We capture file descriptor 2 around the parse: verbose=False stays
-# silent, and the GrammarError carries the parser's own message.
-_stderr_capture_lock = _threading.Lock()
-
-
-cdef class _StderrCapture:
-    cdef int saved_fd
-    cdef object tmp
-    cdef public str text
-
-    def __enter__(self):
-        import tempfile
-        _stderr_capture_lock.acquire()
-        try:
-            self.tmp = tempfile.TemporaryFile()
-            fflush(c_stderr)
-            self.saved_fd = _os.dup(2)
-            _os.dup2(self.tmp.fileno(), 2)
-        except BaseException:
-            _stderr_capture_lock.release()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            fflush(c_stderr)
-            _os.dup2(self.saved_fd, 2)
-            _os.close(self.saved_fd)
-            self.tmp.seek(0)
-            self.text = self.tmp.read().decode("utf-8", "replace")
-            self.tmp.close()
-        finally:
-            _stderr_capture_lock.release()
-        return False
-
-
-cdef str _grammar_parser_message(str captured):
-    for line in captured.splitlines():
-        if "error parsing grammar:" in line:
-            return line.split("error parsing grammar:", 1)[1].strip()
-    return ""
-
 
 cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_patterns,
                                            trigger_tokens) except NULL:
@@ -67,9 +22,11 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
     cdef const llama_vocab * v = vocab._get()
     # llama.cpp's parser can hang, overflow the C stack or allocate without bound on some
     # grammars (reversed repetitions, deep nesting, long left chains, huge expansions):
-    # pyllama._gbnf_check rejects those before they reach it.
-    from pyllama._gbnf_check import precheck_gbnf
-    precheck_gbnf(g.decode("utf-8"), n_vocab=vocab.n_tokens)
+    # pyllama._gbnf_check rejects those before they reach it.  It also reports syntax errors
+    # the way llama.cpp's parser would, since that parser prints them to stderr (capturing them
+    # would mean redirecting file descriptor 2 for every thread of the process).
+    from pyllama._gbnf_check import check_before_llama
+    check_before_llama(g.decode("utf-8"), r.decode("utf-8"), n_vocab=vocab.n_tokens)
     cdef char regex_err[256]
     cdef llama_sampler * smpl
     cdef list pats = [_utf8(p, "trigger pattern") for p in (trigger_patterns or ())]
@@ -78,10 +35,8 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
     cdef llama_token * ctoks = NULL
     cdef Py_ssize_t i
     pyllama_clear_last_error()
-    capture = _StderrCapture()
     if trigger_patterns is None and trigger_tokens is None:
-        with capture:
-            smpl = llama_sampler_init_grammar(v, g, r)
+        smpl = llama_sampler_init_grammar(v, g, r)
     else:
         if not pats and not toks:
             raise GrammarError("a lazy grammar needs at least one trigger pattern or trigger token")
@@ -97,14 +52,14 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
             for i in range(len(toks)):
                 vocab._check_token(toks[i])
                 ctoks[i] = toks[i]
-            with capture:
-                smpl = llama_sampler_init_grammar_lazy_patterns(v, g, r, cpats, len(pats), ctoks, len(toks))
+            smpl = llama_sampler_init_grammar_lazy_patterns(v, g, r, cpats, len(pats), ctoks, len(toks))
         finally:
             free(cpats)
             free(ctoks)
-    if smpl == NULL:
-        detail = _grammar_parser_message(capture.text or "")
-        raise GrammarError("invalid grammar: " + (detail or _last_error("llama.cpp could not parse it")))
+    # Only a grammar the pre-check passed gets here: should llama.cpp still refuse it, say so
+    # with what it logged (its own parse errors go to stderr, not to our log callback).
+    _check(smpl != NULL, GrammarError, "invalid grammar: llama.cpp refused it: ",
+           "no details were logged (with verbose logging, llama.cpp's stderr may say more)")
     return smpl
 
 

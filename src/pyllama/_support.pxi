@@ -159,6 +159,23 @@ cdef str _last_error(str fallback):
     return fallback
 
 
+cdef int _check(bint ok, object exc_type, str what, str cause=None, object path=None) except -1:
+    """The one place where a failed llama.cpp/ggml call (a NULL pointer, a false or non-zero
+    return code) becomes an exception.  `what` says what failed; with `cause`, it is followed
+    by the first error llama.cpp logged on this thread since pyllama_clear_last_error(), or by
+    `cause` when it logged none.  With `path`, the exception is exc_type(path, message)
+    (ModelLoadError's signature).  Cheap when `ok`: call it right after the C call, GIL held.
+    The few sites whose message lists what would have been valid (unknown device or chat
+    template names) test the result and raise themselves, so the list is built only on failure."""
+    if ok:
+        return 0
+    if cause is not None:
+        what = what + _last_error(cause)
+    if path is not None:
+        raise exc_type(path, what)
+    raise exc_type(what)
+
+
 cdef inline bint _in_main_thread():
     return _threading.current_thread() is _threading.main_thread()
 

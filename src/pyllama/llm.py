@@ -1000,12 +1000,12 @@ class LLM:
             while i < len(toks):
                 batch = _core.Batch(n_batch, ctx.n_seq_max)
                 seqs = []
-                while i < len(toks) and len(seqs) < ctx.n_seq_max and batch.n_tokens + len(toks[i]) <= n_batch:
-                    s = len(seqs)
-                    for p, tok in enumerate(toks[i]):
-                        batch.add(tok, p, s, True)
+                n_tokens = 0
+                while i < len(toks) and len(seqs) < ctx.n_seq_max and n_tokens + len(toks[i]) <= n_batch:
+                    n_tokens += len(toks[i])
                     seqs.append(i)
                     i += 1
+                batch.add_sequences([toks[j] for j in seqs], logits_all=True)   # sequence s = seqs[s]
                 ctx.kv_clear()
                 ctx.decode(batch)
                 for s, idx in enumerate(seqs):
