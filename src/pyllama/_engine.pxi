@@ -728,8 +728,23 @@ cdef class Engine:
         self._collect_cancelled(events, None)
         return events
 
+    cdef bint _any_cancel_requested(self):
+        """Cheap check, every step: is any running, waiting or preempted request flagged?"""
+        for x in self.slots:
+            if x is not None and (<GenerationRequest>x).cancel_requested:
+                return True
+        for x in self.queue:
+            if (<GenerationRequest>x).cancel_requested:
+                return True
+        for x in self.parked:
+            if (<GenerationRequest>x).cancel_requested:
+                return True
+        return False
+
     cdef int _collect_cancelled(self, list events, object callback) except -1:
         cdef GenerationRequest r
+        if not self._any_cancel_requested():
+            return 0
         for x in self.requests():
             r = x
             if r.cancel_requested and r.finish_reason is None:

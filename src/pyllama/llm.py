@@ -1089,8 +1089,8 @@ class _Cursor:
             logprobs = [llm._token_logprob(e) for e in entries]
         if not text and not token_ids and not logprobs and finish is None:
             return None
-        if finish == "error" or finish == "cancelled":
-            finish = None if finish == "cancelled" else finish
+        if finish == "cancelled":   # the consumer cancelled it: no finish to report
+            finish = None
         return Chunk(index=index, text=text, token_ids=token_ids, logprobs=logprobs, finish_reason=finish)
 
 

@@ -128,31 +128,15 @@ class Backend:
 
     async def _call(self, name: str, *args: Any, param: Optional[str] = None, **kwargs: Any) -> Any:
         """``await llm.a<name>(...)``; library input errors become 400s."""
-        try:
+        with _as_api_errors(param):
             return await getattr(self.llm, "a" + name)(*args, **kwargs)
-        except APIError:
-            raise
-        except Exception as exc:
-            api = from_library_error(exc, param)
-            if api is None:
-                raise
-            raise api from exc
 
     async def _open_stream(self, name: str, *args: Any, param: Optional[str] = None, **kwargs: Any) -> Stream:
         """Start a streamed generation (``llm.astream`` / ``llm.astream_chat``, in Chunks) and wait
         for its first piece, so that input errors are still a 400 rather than a broken stream."""
-        try:
+        with _as_api_errors(param):
             afn = self.llm.astream_chat if name == "chat" else self.llm.astream
-            stream = _wrap_async(afn(*args, chunks=True, **kwargs))
-            first = await _prefetch(stream)
-        except APIError:
-            raise
-        except Exception as exc:
-            api = from_library_error(exc, param)
-            if api is None:
-                raise
-            raise api from exc
-        return first
+            return await _prefetch(_wrap_async(afn(*args, chunks=True, **kwargs)))
 
     # ---- what the routes use -------------------------------------------------------------
 
@@ -169,13 +153,8 @@ class Backend:
         return await self._open_stream("chat", messages, param="messages", **kwargs)
 
     async def embed(self, texts: Any) -> Any:
-        try:
+        with _as_api_errors("input"):
             return await asyncio.to_thread(self.llm.embed, texts)
-        except Exception as exc:
-            api = from_library_error(exc, "input")
-            if api is None:
-                raise
-            raise api from exc
 
     def slots(self) -> List[dict]:
         fn = getattr(self.llm, "slots", None)
@@ -190,6 +169,20 @@ class Backend:
         out.setdefault("requests_processing", min(self.in_flight, self.n_slots))
         out.setdefault("requests_deferred", max(0, self.in_flight - self.n_slots))
         return out
+
+
+@contextlib.contextmanager
+def _as_api_errors(param: Optional[str]) -> Iterator[None]:
+    """Library input errors (ValueError and kin) become OpenAI-style 400s; others propagate."""
+    try:
+        yield
+    except APIError:
+        raise
+    except Exception as exc:
+        api = from_library_error(exc, param)
+        if api is None:
+            raise
+        raise api from exc
 
 
 def _slot_count(llm: Any) -> int:

@@ -214,26 +214,25 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def chat_chunk(rid: str, created: int, model: str, choices: list, usage_obj: Any = None,
-               include_usage_field: bool = False, timings: Any = None) -> dict:
-    out: dict = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+def _chunk(kind: str, rid: str, created: int, model: str, choices: list, usage_obj: Any,
+           include_usage_field: bool, timings: Any) -> dict:
+    out: dict = {"id": rid, "object": kind, "created": created, "model": model,
                  "system_fingerprint": None, "choices": choices}
     if include_usage_field or usage_obj is not None:
         out["usage"] = usage_obj.model_dump() if usage_obj is not None else None
     if timings is not None:
         out["timings"] = timings.model_dump()
     return out
+
+
+def chat_chunk(rid: str, created: int, model: str, choices: list, usage_obj: Any = None,
+               include_usage_field: bool = False, timings: Any = None) -> dict:
+    return _chunk("chat.completion.chunk", rid, created, model, choices, usage_obj, include_usage_field, timings)
 
 
 def completion_chunk(rid: str, created: int, model: str, choices: list, usage_obj: Any = None,
                      include_usage_field: bool = False, timings: Any = None) -> dict:
-    out: dict = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                 "system_fingerprint": None, "choices": choices}
-    if include_usage_field or usage_obj is not None:
-        out["usage"] = usage_obj.model_dump() if usage_obj is not None else None
-    if timings is not None:
-        out["timings"] = timings.model_dump()
-    return out
+    return _chunk("text_completion", rid, created, model, choices, usage_obj, include_usage_field, timings)
 
 
 timings = _timings
