@@ -136,6 +136,31 @@ def test_not_a_gguf_file(tmp_path: Path) -> None:
     assert "bad.gguf" in _one_error_line(r)
 
 
+def test_pull_lists_fetches_and_refuses(tmp_path: Path) -> None:
+    """`pyllama pull`: --list shows the known models and what is cached; a name prints the
+    cached path on stdout; unknown names fail before any download; offline is a clear error."""
+    empty = _env(PYLLAMA_CACHE=str(tmp_path / "cache"), PYLLAMA_OFFLINE="1")
+    r = cli("pull", "--list", env=empty)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == len(models.KNOWN_MODELS)
+    assert all("not cached" in ln for ln in lines) and lines[0].startswith(models.DEFAULT_MODEL)
+    r = cli("pull", "smollm2", "no-such-model", env=empty)
+    assert r.returncode == 2 and "no-such-model" in _one_error_line(r) and r.stdout == ""
+    r = cli("pull", "gemma3", env=empty)
+    assert r.returncode == 1 and "PYLLAMA_OFFLINE" in _one_error_line(r)
+
+
+@pytest.mark.model
+def test_pull_prints_the_cached_path(smollm2_path: Path) -> None:
+    env = _env(PYLLAMA_CACHE=str(models.cache_dir()), PYLLAMA_OFFLINE="1")   # cached: no network needed
+    r = cli("pull", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(smollm2_path)
+    r = cli("pull", "--list", env=env)
+    assert "not cached" not in r.stdout.splitlines()[0]
+
+
 def test_build_info() -> None:
     import pyllama as pl
 

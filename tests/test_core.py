@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import pyllama
-from pyllama import Batch, Context, Engine, GenerationRequest, Model, SamplerChain
+from pyllama import LLM, Batch, Context, Engine, GenerationRequest, Model, SamplerChain
 from pyllama.errors import (
     BatchCapacityError,
     ContextLengthError,
@@ -537,8 +537,10 @@ def llama_simple(tmp_path_factory):
     src = ROOT / "vendor" / "llama.cpp" / "examples" / "simple" / "simple.cpp"
     exe = tmp_path_factory.mktemp("native") / "llama-simple"
     inc = ROOT / "vendor" / "llama.cpp"
-    cmd = ["g++", "-O2", "-std=c++17", str(src), "-I", str(inc / "include"), "-I", str(inc / "ggml" / "include"),
-           "-o", str(exe), *map(str, libs), "-fopenmp", "-lpthread", "-ldl"]
+    # Upstream's file compiled as it is; a forced include logs the id of every token it prints.
+    log_ids = ROOT / "tests" / "native" / "log_token_ids.h"
+    cmd = ["g++", "-O2", "-std=c++17", "-include", str(log_ids), str(src), "-I", str(inc / "include"),
+           "-I", str(inc / "ggml" / "include"), "-o", str(exe), *map(str, libs), "-fopenmp", "-lpthread", "-ldl"]
     sanitize = pyllama.build_info()["options"].get("PYLLAMA_SANITIZE")
     if sanitize:  # the static libraries are instrumented: the program needs the same runtime
         cmd.append(f"-fsanitize={sanitize}")
@@ -546,29 +548,45 @@ def llama_simple(tmp_path_factory):
     return exe
 
 
-def _simple_generated_text(exe, model: Model, prompt: str, n: int) -> str:
+def _simple_run(exe, model: Model, prompt: str, n: int) -> tuple[str, list]:
+    """llama-simple's generated text and token ids (the prompt's echo removed)."""
     out = subprocess.run([str(exe), "-m", model.path, "-n", str(n), prompt], capture_output=True, timeout=600)
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-2000:]
     text = out.stdout.decode("utf-8", "replace")
+    ids = [int(line.split()[1]) for line in out.stderr.decode(errors="replace").splitlines()
+           if line.startswith("PYLLAMA_TOKEN ")]
     v = model.vocab
-    prompt_text = b"".join(v.token_to_piece(t, special=True) for t in v.tokenize(prompt, True, True)).decode()
+    prompt_tokens = v.tokenize(prompt, True, True)   # as simple.cpp tokenizes (add and parse special)
+    assert ids[:len(prompt_tokens)] == prompt_tokens
+    prompt_text = b"".join(v.token_to_piece(t, special=True) for t in prompt_tokens).decode()
     assert text.startswith(prompt_text)
-    return text[len(prompt_text):]
+    return text[len(prompt_text):].removesuffix("\n"), ids[len(prompt_tokens):]
 
 
 @pytest.mark.model
 @pytest.mark.parametrize("which", ["smol", "gemma"])
 def test_greedy_matches_llama_simple(request, llama_simple, which):
+    """The same token ids as llama.cpp's own example, through the engine and through
+    LLM.complete(temperature=0), on both models."""
     model = request.getfixturevalue(which)
     prompt = "The capital of France is"
     n = 24
+    expected_text, expected_ids = _simple_run(llama_simple, model, prompt, n)
+    assert len(expected_ids) >= 8          # a real continuation to compare, not an instant EOG
     tokens = model.vocab.tokenize(prompt, add_special=True, parse_special=True)
     ctx = Context(model, n_ctx=len(tokens) + n, n_batch=len(tokens), n_threads=2)
-    req = GenerationRequest(tokens, SamplerChain(model.vocab).add_greedy(), max_tokens=n - 1, render_special=True)
+    req = GenerationRequest(tokens, SamplerChain(model.vocab).add_greedy(), max_tokens=len(expected_ids),
+                            render_special=True)
     Engine(ctx).run([req])
-    expected = _simple_generated_text(llama_simple, model, prompt, n)
-    assert req.text == expected[:len(req.text)]
-    assert len(req.text) > 0 and (req.finish_reason == "eog" or len(req.text) >= len(expected) - 64)
+    ctx.close()
+    assert req.tokens == expected_ids
+    assert req.text == expected_text
+    llm = LLM(model.path, n_ctx=256, n_threads=2)
+    try:
+        c = llm.complete(prompt, max_tokens=len(expected_ids), temperature=0)
+        assert c.tokens == expected_ids
+    finally:
+        llm.close()
 
 
 @pytest.mark.model

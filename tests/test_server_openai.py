@@ -345,6 +345,12 @@ def test_prompt_cache_reports_cached_tokens(smol_server, client):
     t1, t2 = first.model_extra["timings"], second.model_extra["timings"]
     assert t2["prompt_n"] < t1["prompt_n"] / 4, (t1, t2)
     assert t2["cache_n"] == cached
+    # llama-server's per-request switch: the same prompt again, evaluated afresh
+    third = client.chat.completions.create(
+        model=ALIAS, messages=[{"role": "system", "content": system}, {"role": "user", "content": "Hello there!"}],
+        max_tokens=4, temperature=0, extra_body={"cache_prompt": False})
+    assert third.usage.prompt_tokens_details.cached_tokens == 0, third.usage
+    assert third.model_extra["timings"]["prompt_n"] == third.usage.prompt_tokens
 
 
 def test_bad_inputs_against_the_process(smol_server, client):

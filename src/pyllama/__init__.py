@@ -21,6 +21,7 @@ from pyllama._core import (
 )
 from pyllama.errors import *  # noqa: F401,F403
 from pyllama.errors import __all__ as _errors_all
+from pyllama.log import disable_logging, enable_logging, set_llama_log_level
 from pyllama.llm import LLM, AsyncStream, Chunk, Completion, Stream, Timings, TokenLogprob, TopLogprob
 from pyllama.sampling import SamplingParams
 
@@ -58,6 +59,7 @@ def build_info() -> dict:
 
 __all__ = [
     "LLM", "Completion", "Timings", "Chunk", "TokenLogprob", "TopLogprob", "Stream", "AsyncStream", "SamplingParams", "Model", "Vocab", "Context", "Batch", "SamplerChain",
-    "Engine", "GenerationRequest", "UnsupportedTensorTypeError", "LoraAdapter", "backends", "system_info", "build_info", "grammar_path",
+    "Engine", "GenerationRequest", "UnsupportedTensorTypeError", "LoraAdapter", "backends", "system_info", "build_info", "enable_logging",
+    "disable_logging", "set_llama_log_level", "grammar_path",
     "json_schema_to_gbnf", "__version__", "__llama_cpp_commit__", *_errors_all,
 ]

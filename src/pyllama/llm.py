@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from pyllama import _core
-from pyllama.errors import ContextLengthError, ModelLoadError
+from pyllama.errors import ContextLengthError
+from pyllama.log import enable_logging
 from pyllama.sampling import FIELD_NAMES as SAMPLING_FIELDS
 from pyllama.sampling import SamplingParams, _unknown_message, build_chain
 from pyllama.scheduler import ClosedError, Scheduler
@@ -234,20 +235,15 @@ class LLM:
         self._closed = True
         self.verbose = bool(verbose)
         if verbose:
-            _enable_verbose_logging()
+            enable_logging()
         if model_path is None:
             model_path = model
         if model_path is None:
             raise TypeError("LLM() needs model_path (a .gguf file, or a known name such as 'smollm2')")
         from pyllama.models import resolve_model
 
-        raw_path = os.path.expanduser(os.fsdecode(os.fspath(model_path)))
-        if os.path.isdir(raw_path):
-            raise ModelLoadError(raw_path, "is a directory, not a GGUF file")
-        if not os.path.exists(raw_path) and ("/" in raw_path or os.sep in raw_path
-                                             or raw_path.lower().endswith(".gguf")):
-            raise FileNotFoundError(2, "model file not found", raw_path)   # a path, not a model name
-        self.model_path = str(resolve_model(os.fspath(model_path), progress=verbose or _stderr_is_tty()))
+        # A path, or a known model name fetched on first use (a progress bar on a terminal).
+        self.model_path = str(resolve_model(model_path, progress=True if verbose else None))
         self.defaults = SamplingParams(**sampling)
         self._resolve_grammar(self.defaults)   # a bad grammar fails here, before loading
 
@@ -271,7 +267,7 @@ class LLM:
             rpc_servers = [s.strip() for s in rpc_servers.split(",") if s.strip()]
         self.rpc_servers = list(rpc_servers or [])
         for endpoint in self.rpc_servers:
-            _add_rpc_server(endpoint)
+            _core.rpc_add_server(endpoint)   # once per process: _core keeps the registry
 
         self._model = _core.Model(
             self.model_path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu,
@@ -519,7 +515,8 @@ class LLM:
         return _core.GenerationRequest(tokens, chain, grammar=grammar, max_tokens=max_tokens,
                                        stop=params.stop or (), stop_tokens=params.stop_tokens,
                                        ignore_eos=params.ignore_eos, tag=tag, logprobs=logprobs,
-                                       prompt_logprobs=echo and logprobs is not None)
+                                       prompt_logprobs=echo and logprobs is not None,
+                                       cache_prompt=params.cache_prompt)
 
     def _group(self, prompt: Any, params: SamplingParams, *, n: int, logprobs: Any, echo: bool, tag: Any = None,
                add_special: bool = True, parse_special: bool = False) -> list:
@@ -1316,14 +1313,6 @@ class _Counters:
         self.predicted_ms += t.predicted_ms
 
 
-def _stderr_is_tty() -> bool:
-    """sys.stderr may be None (pythonw, daemons) or lack isatty."""
-    try:
-        return bool(sys.stderr is not None and sys.stderr.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
 # Every open LLM, so that interpreter exit closes them before daemon threads and module
 # teardown can free memory under a running decode.
 _live_llms: "weakref.WeakSet[LLM]" = weakref.WeakSet()
@@ -1365,30 +1354,3 @@ def _response_format_overrides(fmt: Mapping[str, Any]) -> dict:
     if kind in (None, "text"):
         return {}
     raise ValueError(f"unknown response_format type {kind!r} (use 'text', 'json_object' or 'json_schema')")
-
-
-_rpc_registered: dict = {}
-_rpc_lock = threading.Lock()
-
-
-def _add_rpc_server(endpoint: str) -> None:
-    """Register a remote RPC server once per process: ggml keeps the registration (and its
-    devices) for the life of the process, and every model loaded afterwards can use them."""
-    with _rpc_lock:
-        if endpoint not in _rpc_registered:
-            _rpc_registered[endpoint] = _core.rpc_add_server(endpoint)
-
-
-_verbose_handler: Optional[logging.Handler] = None
-
-
-def _enable_verbose_logging() -> None:
-    """verbose=True: llama.cpp's log lines go to stderr, as llama.cpp prints them."""
-    global _verbose_handler
-    if _verbose_handler is None:
-        _verbose_handler = logging.StreamHandler(sys.stderr)
-        _verbose_handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(_verbose_handler)
-        if logger.level == logging.NOTSET or logger.level > logging.INFO:
-            logger.setLevel(logging.INFO)
-    _core.set_log_level(logging.INFO)

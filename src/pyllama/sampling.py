@@ -43,6 +43,10 @@ class SamplingParams:
     grammar_path: Optional[str] = None
     json_schema: Any = None
     ignore_eos: bool = False
+    #: Not a sampler setting but a per-call one (llama-server's request field): False makes
+    #: this call evaluate its whole prompt afresh instead of reusing a slot's cached prefix.
+    #: LLM(cache_prompt=False) turns reuse off for every call.
+    cache_prompt: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +80,8 @@ class SamplingParams:
                 raise TypeError(f"max_tokens must be an int or None, got {type(self.max_tokens).__name__}")
             if self.max_tokens < -1:
                 raise ValueError(f"max_tokens must be >= -1 (-1 or None = until the end), got {self.max_tokens}")
+        if not isinstance(self.cache_prompt, bool):
+            raise TypeError(f"cache_prompt must be True or False, got {self.cache_prompt!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:

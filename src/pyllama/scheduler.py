@@ -30,11 +30,11 @@ class Scheduler:
         self.engine = engine
         # Re-entrant: a __del__ run by the garbage collector inside a critical section may cancel.
         self._cond = threading.Condition(threading.RLock())
-        self._stepping = False
         self._closed = False
         self._driver: Optional[threading.Thread] = None
         self._n_driven = 0            # requests whose owners rely on the driver thread
         self._cancel_pending = False  # a cancel arrived while a step was running
+        # The thread that holds the stepper role (steps, or works exclusively); None: free.
         self._stepper_ident: Optional[int] = None
         self._local = threading.local()     # .dispatching: this thread runs listeners now
 
@@ -100,6 +100,19 @@ class Scheduler:
 
     # ---- stepping -----------------------------------------------------------------
 
+    @property
+    def _stepping(self) -> bool:
+        return self._stepper_ident is not None
+
+    def _take_stepper(self) -> None:
+        """Become the stepper (call with the condition held, after checking _stepping)."""
+        self._stepper_ident = threading.get_ident()
+
+    def _release_stepper(self) -> None:
+        """Give the stepper role up and wake the waiters (call with the condition held)."""
+        self._stepper_ident = None
+        self._cond.notify_all()
+
     def in_step(self) -> bool:
         """Is the calling thread the stepper right now (e.g. inside a listener)?"""
         return self._stepper_ident == threading.get_ident() or getattr(self._local, "dispatching", False)
@@ -139,8 +152,7 @@ class Scheduler:
                     # yet (woken by a submit, an unpause or a cancel); the timeout is a backstop.
                     cond.wait(0.25)
                     continue
-                self._stepping = True
-                self._stepper_ident = threading.get_ident()
+                self._take_stepper()
             self._step_once()
 
     def _step_once(self) -> None:
@@ -158,9 +170,7 @@ class Scheduler:
                 if self._cancel_pending:
                     self._cancel_pending = False
                     events = list(events) + engine.collect_cancelled()
-                self._stepping = False
-                self._stepper_ident = None
-                self._cond.notify_all()
+                self._release_stepper()
         self._dispatch(events)
         if not events and engine.n_decode_total == decoded_before:
             # Nothing could run (every slot held by a request that cannot be preempted yet):
@@ -175,15 +185,12 @@ class Scheduler:
         with self._cond:
             if not self._cond.wait_for(lambda: not self._stepping, timeout):
                 raise TimeoutError("the engine stayed busy")
-            self._stepping = True
-            self._stepper_ident = threading.get_ident()
+            self._take_stepper()
         try:
             yield
         finally:
             with self._cond:
-                self._stepping = False
-                self._stepper_ident = None
-                self._cond.notify_all()
+                self._release_stepper()
 
     # ---- the driver thread (async callers, the server) -------------------------------
 
@@ -200,8 +207,7 @@ class Scheduler:
                     cond.wait(0.5 if self._n_driven else None)
                 if self._closed:
                     return
-                self._stepping = True
-                self._stepper_ident = threading.get_ident()
+                self._take_stepper()
             try:
                 self._step_once()
             except BaseException as exc:   # noqa: BLE001 - the owners of the requests hear about it
@@ -232,7 +238,7 @@ class Scheduler:
             self._cond.notify_all()
             ok = self._cond.wait_for(lambda: not self._stepping, timeout)
             if ok:
-                self._stepping = True   # nobody steps a closed scheduler again
+                self._stepper_ident = -1   # nobody steps a closed scheduler again
         driver = self._driver
         if driver is not None and driver is not threading.current_thread():
             driver.join(timeout)

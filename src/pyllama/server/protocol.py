@@ -43,7 +43,8 @@ def sampling_kwargs(req: S.SamplingFields, settings: ServerSettings, n_vocab: in
         max_tokens = req.max_tokens if req.max_tokens is not None else req.n_predict
     kw["max_tokens"] = settings.default_max_tokens if max_tokens is None else max_tokens
     for name in ("temperature", "top_p", "top_k", "min_p", "typical_p", "presence_penalty", "frequency_penalty",
-                 "repeat_penalty", "mirostat_tau", "mirostat_eta", "ignore_eos", "grammar", "json_schema"):
+                 "repeat_penalty", "mirostat_tau", "mirostat_eta", "ignore_eos", "grammar", "json_schema",
+                 "cache_prompt"):
         value = getattr(req, name)
         if value is not None:
             kw[name] = value
