@@ -1,29 +1,20 @@
-"""An independent chat-template render with transformers' apply_chat_template settings.
+"""transformers' own chat-template renderer, for tests that compare pyllama's.
 
-The tests compare pyllama's chat formatting against this: same jinja2 sandbox, same
-trim/lstrip rules, same extra filters and globals as transformers, none of pyllama's code.
+`hf_render` compiles the template with ``transformers.utils.chat_template_utils`` — the
+environment `apply_chat_template` itself uses (sandbox, trim/lstrip, filters, globals) —
+so a test that compares against it compares against the real library, not a copy of its
+settings.  (tests/test_chat_transformers.py goes further: tokenizers read from the GGUF
+files, apply_chat_template end to end, token ids.)
 """
 from __future__ import annotations
 
-import json
-from datetime import datetime
+import os
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never the network, even by accident
 
 
 def hf_render(source: str, messages, **kwargs) -> str:
     """Render `source` for `messages`; kwargs are the template's variables (bos_token, ...)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source).render(messages=messages, **kwargs)
+    return _compile_jinja_template(source).render(messages=messages, **kwargs)

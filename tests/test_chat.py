@@ -2,8 +2,9 @@
 
 Unit tests use small inline templates and need no model (the llama.cpp
 built-in fallback is replaced by a fake where it is exercised).  Model tests
-read the real templates out of the SmolLM2 / Gemma 3 GGUF files and check our
-render against an independent jinja2 render with transformers' settings.
+read the real templates out of the SmolLM2 / Gemma 3 GGUF files.  The comparison
+with transformers' own apply_chat_template (text and tokens, on both models) is in
+tests/test_chat_transformers.py.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import pytest
 import pyllama
 from pyllama import chat as chat_mod
 from pyllama.chat import ChatFormatter, ChatTemplateError, TokenizeInput, normalize_messages
-
-from hf_reference import hf_render
 
 CHATML = (
     "{% for message in messages %}"
@@ -86,6 +85,13 @@ CONVERSATION = [
 ]
 WITH_SYSTEM = [{"role": "system", "content": "You are terse."}] + CONVERSATION
 
+# CONVERSATION in ChatML, without the generation prompt.
+CONVERSATION_CHATML = (
+    "<|im_start|>user\nHello! Who are you?<|im_end|>\n"
+    "<|im_start|>assistant\nI am a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nName three colours, in Français: é, ü & <b><|im_end|>\n"
+)
+
 
 # --------------------------------------------------------------------------
 # A fake llama.cpp builtin engine, for fallback tests without the extension
@@ -132,7 +138,7 @@ def test_chatml_basic():
     assert out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     out = fmt.render([{"role": "user", "content": "hi"}], add_generation_prompt=False)
     assert out == "<|im_start|>user\nhi<|im_end|>\n"
-    assert fmt.render(CONVERSATION) == hf_render(CHATML, CONVERSATION, add_generation_prompt=True)
+    assert fmt.render(CONVERSATION) == CONVERSATION_CHATML + "<|im_start|>assistant\n"  # no HTML escaping
 
 
 def test_trim_and_lstrip_blocks():
@@ -168,7 +174,6 @@ def test_tojson_like_transformers():
     assert "météo" in compact and "<weather> & more" in compact  # no \\u escapes, no HTML escaping
     assert indented == json.dumps(tools, ensure_ascii=False, indent=2)
     assert keys == '{"a": 2, "b": 1}'
-    assert out == hf_render(src, [{"role": "user", "content": "x"}], tools=tools)
 
 
 def test_loop_controls():
@@ -188,11 +193,13 @@ def test_loop_controls():
 def test_system_message_handling():
     fmt = ChatFormatter(GEMMA3_IT, "<bos>", "<eos>")
     out = fmt.render(WITH_SYSTEM)
-    assert out.startswith("<bos><start_of_turn>user\nYou are terse.\n\nHello! Who are you?<end_of_turn>\n")
-    assert "<start_of_turn>model\nI am a helpful assistant.<end_of_turn>\n" in out
-    assert out.endswith("<start_of_turn>model\n")
+    assert out == (
+        "<bos><start_of_turn>user\nYou are terse.\n\nHello! Who are you?<end_of_turn>\n"
+        "<start_of_turn>model\nI am a helpful assistant.<end_of_turn>\n"
+        "<start_of_turn>user\nName three colours, in Français: é, ü & <b><end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
     assert "system" not in out
-    assert out == hf_render(GEMMA3_IT, WITH_SYSTEM, add_generation_prompt=True, bos_token="<bos>", eos_token="<eos>")
 
 
 def test_strftime_now_and_extras():
@@ -551,17 +558,16 @@ def _gguf_fields(path: Path) -> dict:
 
 
 @pytest.mark.model
-def test_smollm2_template_matches_jinja(smollm2_file):
+def test_smollm2_template(smollm2_file):
+    # (Compared with transformers' apply_chat_template in tests/test_chat_transformers.py.)
     meta = _gguf_fields(smollm2_file)
     source = meta["tokenizer.chat_template"]
     assert source and "<|im_start|>" in source
     fmt = ChatFormatter(source, meta["bos"], meta["eos"])
     assert fmt.uses_jinja
-    for msgs in (CONVERSATION, WITH_SYSTEM):
-        for agp in (True, False):
-            ours = fmt.render(msgs, add_generation_prompt=agp)
-            ref = hf_render(source, msgs, add_generation_prompt=agp, bos_token=meta["bos"], eos_token=meta["eos"])
-            assert ours == ref
+    assert fmt.render(WITH_SYSTEM, add_generation_prompt=False) == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n" + CONVERSATION_CHATML
+    )
     out = fmt.render(CONVERSATION)
     assert out.endswith("<|im_start|>assistant\n")
     assert out.count("<|im_start|>assistant\n") == 2
@@ -573,17 +579,14 @@ def test_smollm2_template_matches_jinja(smollm2_file):
 
 
 @pytest.mark.model
-def test_gemma_template_matches_jinja(gemma_file):
+def test_gemma_template(gemma_file):
+    # (Compared with transformers' apply_chat_template in tests/test_chat_transformers.py.)
     meta = _gguf_fields(gemma_file)
     assert meta["bos"] == "<bos>" and meta["eos"] == "<eos>"
     # The 270M GGUF is the base model: no template in the file.  Use the GGUF's
     # template when present, else the instruction-tuned Gemma 3 template.
     source = meta["tokenizer.chat_template"] or GEMMA3_IT
     fmt = ChatFormatter(source, meta["bos"], meta["eos"])
-    for msgs in (CONVERSATION, WITH_SYSTEM):
-        ours = fmt.render(msgs)
-        ref = hf_render(source, msgs, add_generation_prompt=True, bos_token=meta["bos"], eos_token=meta["eos"])
-        assert ours == ref
     out = fmt.render(CONVERSATION)
     assert out.endswith("<start_of_turn>model\n")
     assert "<start_of_turn>user\nHello! Who are you?<end_of_turn>\n" in out
@@ -614,9 +617,7 @@ def test_builtin_chatml():
     assert out == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
     fmt = ChatFormatter("chatml")
     assert fmt.render([{"role": "user", "content": "Hello"}]) == out
-    assert fmt.render(CONVERSATION, add_generation_prompt=False) == hf_render(
-        CHATML, CONVERSATION, add_generation_prompt=False
-    )
+    assert fmt.render(CONVERSATION, add_generation_prompt=False) == CONVERSATION_CHATML
 
 
 def test_builtin_fallback_real_engine():
@@ -634,9 +635,8 @@ def test_formatter_for_smollm2(smollm2_file):
     fmt = chat_mod.formatter_for_model(model)
     assert fmt.uses_jinja and fmt.template == meta["tokenizer.chat_template"]
     assert (fmt.bos_token, fmt.eos_token) == ("<|im_start|>", "<|im_end|>")
-    assert fmt.render(CONVERSATION) == hf_render(
-        meta["tokenizer.chat_template"], CONVERSATION, add_generation_prompt=True,
-        bos_token=meta["bos"], eos_token=meta["eos"],
+    assert fmt.render(CONVERSATION) == ChatFormatter(meta["tokenizer.chat_template"], meta["bos"], meta["eos"]).render(
+        CONVERSATION
     )
     # No double BOS, and special tokens parsed.
     vocab = model.vocab

@@ -76,16 +76,20 @@ def _int(minimum: Optional[int] = None, what: str = "") -> Callable[[str], int]:
     return parse
 
 
-def add_model_arguments(p: argparse.ArgumentParser, *, model_flag: bool = True) -> None:
-    """Loading and context options shared by the commands that load a model."""
+_CTX_HELP = "context size in tokens (0 = the model's training context; default: the model's, capped at 4096)"
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, model_flag: bool = True, ctx_help: str = _CTX_HELP,
+                        verbose_help: str = "print llama.cpp's log and timing lines to stderr (and tracebacks "
+                                            "on errors)") -> Any:
+    """Loading and context options shared by the commands that load a model; returns the
+    argument group, for a command to add its own."""
     g = p.add_argument_group("model and context")
     if model_flag:
         g.add_argument("-m", "--model", metavar="MODEL",
                        help="a .gguf file or a known model name (default: the default model, "
                             "downloaded and cached on first use)")
-    g.add_argument("-c", "--ctx-size", dest="n_ctx", type=_int(0), metavar="N",
-                   help="context size in tokens (0 = the model's training context; default: "
-                        "the model's, capped at 4096)")
+    g.add_argument("-c", "--ctx-size", dest="n_ctx", type=_int(0), metavar="N", help=ctx_help)
     g.add_argument("-b", "--batch-size", dest="n_batch", type=_int(1), metavar="N",
                    help="logical batch size for prompt processing (default 512)")
     g.add_argument("-t", "--threads", dest="n_threads", type=_int(1), metavar="N",
@@ -99,8 +103,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, model_flag: bool = True) 
                    help="read the weights into memory instead of mapping the file")
     g.add_argument("--mlock", dest="use_mlock", action="store_true", default=None,
                    help="lock the weights in RAM")
-    g.add_argument("--verbose", action="store_true",
-                   help="print llama.cpp's log and timing lines to stderr (and tracebacks on errors)")
+    g.add_argument("--verbose", action="store_true", help=verbose_help)
+    return g
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -633,7 +637,7 @@ def _print_build_summary(s: dict) -> None:
         opts = build.get("options") or {}
         on = [k for k, v in opts.items() if str(v).upper() in ("ON", "1", "TRUE", "YES")]
         w(f"build type:     {build.get('build_type')}, portable={build.get('portable')}")
-        w(f"build options:  " + (", ".join(on) if on else "(none on)"))
+        w("build options:  " + (", ".join(on) if on else "(none on)"))
         others = {k: v for k, v in opts.items() if k not in on and str(v).upper() not in ("OFF", "0", "FALSE", "NO", "")}
         if others:
             w("                " + ", ".join(f"{k}={v}" for k, v in others.items()))
@@ -746,28 +750,14 @@ def add_serve_parser(sub: Any) -> None:
                     "/tokenize, /detokenize). -np slots generate in parallel, batched in one llama_decode per "
                     "step; -c is the total KV size, split evenly over the slots (as llama-server does). "
                     "Needs: pip install 'pyllama[server]'. See docs/server.md.")
-    g = p.add_argument_group("model and context")
-    g.add_argument("-m", "--model", metavar="MODEL",
-                   help="a .gguf file or a known model name (default: the default model)")
+    g = add_model_arguments(
+        p, ctx_help="total KV cache size in tokens, split evenly over the -np slots: each slot (one request) "
+                    "gets N/np tokens for prompt + answer (default: np x min(the model's training context, "
+                    "4096); 0 = np x the model's training context)",
+        verbose_help="log requests, and llama.cpp's log, to stderr")
     g.add_argument("-np", "--parallel", dest="n_parallel", type=_int(1, " slot"), default=4, metavar="N",
                    help="slots: requests generated at the same time (default 4); more wait in the queue")
-    g.add_argument("-c", "--ctx-size", dest="n_ctx", type=_int(0), metavar="N",
-                   help="total KV cache size in tokens, split evenly over the -np slots: each slot (one "
-                        "request) gets N/np tokens for prompt + answer (default: np x min(the model's "
-                        "training context, 4096); 0 = np x the model's training context)")
-    g.add_argument("-b", "--batch-size", dest="n_batch", type=_int(1), metavar="N",
-                   help="logical batch size for prompt processing (default 512)")
-    g.add_argument("-t", "--threads", dest="n_threads", type=_int(1), metavar="N",
-                   help="CPU threads (default: physical cores)")
-    g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=_int(-1), metavar="N",
-                   help="layers to offload to the GPU (-1 = all)")
-    g.add_argument("--chat-template", metavar="NAME",
-                   help="a chat template to use instead of the model's own (a llama.cpp built-in name "
-                        "such as 'chatml', or Jinja text)")
     g.add_argument("--chat-template-file", metavar="FILE", help="read the chat template (Jinja) from FILE")
-    g.add_argument("--no-mmap", dest="use_mmap", action="store_false", default=None,
-                   help="read the weights into memory instead of mapping the file")
-    g.add_argument("--mlock", dest="use_mlock", action="store_true", default=None, help="lock the weights in RAM")
     g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false", default=True,
                    help="do not reuse a slot's cached prompt for the next request")
     h = p.add_argument_group("HTTP")
@@ -788,7 +778,6 @@ def add_serve_parser(sub: Any) -> None:
                    help="reject request bodies larger than this with 413 (default 16 MiB)")
     h.add_argument("--timeout-graceful-shutdown", dest="shutdown_timeout_s", type=_finite_float, default=3.0,
                    metavar="S", help="on SIGINT/SIGTERM, seconds in-flight requests get to finish (default 3)")
-    p.add_argument("--verbose", action="store_true", help="log requests, and llama.cpp's log, to stderr")
     p.set_defaults(func=cmd_serve)
 
 

@@ -306,6 +306,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             err = APIError(exc.status_code, str(exc.detail))
         return error_response(err)
 
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)   # nginx's "client closed request"; nobody reads it
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("error while answering %s %s", request.method, request.url.path)
@@ -410,41 +414,35 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                                    usage=S.EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens))
         return JSONResponse(resp.model_dump())
 
+    def checked(body: Any) -> Backend:
+        """A generation request's own checks, then the backend once the model is ready."""
+        body.check()
+        backend = state.ready_backend()
+        _check_n(body.n, backend)
+        return backend
+
     # ---- chat ----------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Response:
-        body.check()
-        backend = state.ready_backend()
-        _check_n(body.n, backend)
+        backend = checked(body)
         kw = P.chat_kwargs(body, cfg, n_vocab())
         messages = P.chat_messages(body)
         rid, created, model = P.new_id("chatcmpl"), P.now(), state.model_id
         if not body.stream:
-            try:
-                with backend.admit():
-                    result = await unless_disconnected(request, backend.chat(messages, **kw))
-            except ClientGone:
-                return Response(status_code=499)
+            with backend.admit():
+                result = await unless_disconnected(request, backend.chat(messages, **kw))
             comps = result if isinstance(result, list) else [result]
             return JSONResponse(P.chat_response(comps, model, rid, created).model_dump())
-        backend.acquire()
-        try:
-            if "tools" in kw:
-                # Tool calls are parsed from the whole answer: generate it, then send it as chunks.
-                result = await unless_disconnected(request, backend.chat(messages, **kw))
-                comps = result if isinstance(result, list) else [result]
-                events = _chat_events_from_completions(comps, body, rid, created, model)
-            else:
-                stream = await unless_disconnected(request, backend.stream_chat(messages, **kw))
-                events = _chat_events(stream, body, rid, created, model)
-        except ClientGone:
-            backend.release()
-            return Response(status_code=499)
-        except BaseException:
-            backend.release()
-            raise
+        if "tools" in kw:
+            # Tool calls are parsed from the whole answer: generate it, then send it as chunks.
+            result = await _open_stream(request, backend, backend.chat(messages, **kw))
+            comps = result if isinstance(result, list) else [result]
+            events = _chat_events_from_completions(comps, body, rid, created, model)
+        else:
+            stream = await _open_stream(request, backend, backend.stream_chat(messages, **kw))
+            events = _chat_events(stream, body, rid, created, model)
         return EventStream(_released(events, backend))
 
     # ---- completions -----------------------------------------------------------------------
@@ -452,9 +450,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     @app.post("/completions")
     async def completions(body: S.CompletionRequest, request: Request) -> Response:
-        body.check()
-        backend = state.ready_backend()
-        _check_n(body.n, backend)
+        backend = checked(body)
         llm = state.llm
         nv = n_vocab()
         kw = P.sampling_kwargs(body, cfg, nv)
@@ -469,12 +465,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         prompt_texts = [p if isinstance(p, str) else llm.detokenize(p) for p in prompts] if body.echo else None
         rid, created, model = P.new_id("cmpl"), P.now(), state.model_id
         if not body.stream:
-            try:
-                with backend.admit():   # echo: the library puts the prompt in front (and scores it)
-                    results = await unless_disconnected(
-                        request, asyncio.gather(*(backend.complete(p, echo=body.echo, **kw) for p in prompts)))
-            except ClientGone:
-                return Response(status_code=499)
+            with backend.admit():   # echo: the library puts the prompt in front (and scores it)
+                results = await unless_disconnected(
+                    request, asyncio.gather(*(backend.complete(p, echo=body.echo, **kw) for p in prompts)))
             groups = [r if isinstance(r, list) else [r] for r in results]
             choices = []
             for pi, comps in enumerate(groups):
@@ -485,16 +478,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             resp = S.CompletionResponse(id=rid, created=created, model=model, choices=choices,
                                         usage=P.usage(groups), timings=P.timings(groups[0][0]))
             return JSONResponse(resp.model_dump())
-        backend.acquire()
-        try:
-            streams = await unless_disconnected(
-                request, asyncio.gather(*(backend.stream_complete(p, **kw) for p in prompts)))
-        except ClientGone:
-            backend.release()
-            return Response(status_code=499)
-        except BaseException:
-            backend.release()
-            raise
+        streams = await _open_stream(
+            request, backend, asyncio.gather(*(backend.stream_complete(p, **kw) for p in prompts)))
         events = _completion_events(streams, body, prompt_texts, rid, created, model)
         return EventStream(_released(events, backend))
 
@@ -519,6 +504,18 @@ def _slot_ctx(state: ServerState) -> Optional[int]:
         return None
     unified = bool(getattr(llm, "_ctx_params", {}).get("kv_unified", True))
     return n_ctx if unified else n_ctx // max(state.backend.n_slots if state.backend else 1, 1)
+
+
+async def _open_stream(request: Request, backend: Backend, aw: Awaitable[Any]) -> Any:
+    """Take a place in the queue and await `aw` (the streams to send). The place is held
+    until the event stream ends (see _released), or given back here if opening fails or the
+    client leaves (ClientGone: a 499)."""
+    backend.acquire()
+    try:
+        return await unless_disconnected(request, aw)
+    except BaseException:
+        backend.release()
+        raise
 
 
 async def _released(events: AsyncIterator[bytes], backend: Backend) -> AsyncIterator[bytes]:

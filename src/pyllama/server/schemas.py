@@ -334,40 +334,39 @@ class ResponseMessage(BaseModel):
     refusal: Optional[str] = None
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
+    finish_reason: Optional[str]
+    logprobs: Optional[Dict[str, Any]] = None
+
+
+class ChatChoice(_Choice):
     message: ResponseMessage
-    finish_reason: Optional[str]
-    logprobs: Optional[Dict[str, Any]] = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: Optional[str] = None
-    choices: List[ChatChoice]
-    usage: Usage
-    timings: Optional[ServerTimings] = None
-
-
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(_Choice):
     text: str
-    finish_reason: Optional[str]
-    logprobs: Optional[Dict[str, Any]] = None
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """What every non-streamed answer carries besides its choices."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     system_fingerprint: Optional[str] = None
-    choices: List[CompletionChoice]
     usage: Usage
     timings: Optional[ServerTimings] = None
+
+
+class ChatCompletionResponse(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: List[ChatChoice]
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: List[CompletionChoice]
 
 
 class ModelCard(BaseModel):
