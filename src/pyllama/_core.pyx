@@ -3,7 +3,8 @@
 """pyllama._core: the Cython layer over llama.h.
 
 Layout (all included into this one extension module):
-  _support.pxi   C helpers: signals/abort, UTF-8 scanning, last-error capture, logging
+  _support.pxi   C helpers (their code is in src/cxx): signals/abort, UTF-8 scanning,
+                 last-error capture; logging
   _model.pxi     Model, Vocab
   _context.pxi   Context, Batch, array views
   _sampler.pxi   SamplerChain
@@ -94,40 +95,6 @@ cdef dict _device_info(ggml_backend_dev_t dev):
         "memory_free": free_mem,
         "memory_total": total_mem,
     }
-
-
-cdef extern from *:
-    """
-    /* Which shared library holds an address: with GGML_BACKEND_DL each backend (and each
-       CPU variant, libggml-cpu-haswell.so ...) is its own library, so the file that holds
-       a backend's registry object names the variant ggml chose for this machine. */
-    #if defined(_WIN32)
-    #ifndef WIN32_LEAN_AND_MEAN
-    #define WIN32_LEAN_AND_MEAN
-    #endif
-    #ifndef NOMINMAX
-    #define NOMINMAX
-    #endif
-    #include <windows.h>
-    static int pyllama_library_of(const void * addr, char * buf, size_t n) {
-        HMODULE h = NULL;
-        DWORD len;
-        if (!GetModuleHandleExA(GET_MODULE_HANDLE_EX_FLAG_FROM_ADDRESS |
-                                GET_MODULE_HANDLE_EX_FLAG_UNCHANGED_REFCOUNT, (LPCSTR)addr, &h)) return 0;
-        len = GetModuleFileNameA(h, buf, (DWORD)n);
-        return len > 0 && len < n;
-    }
-    #else
-    #include <dlfcn.h>
-    #include <stdio.h>
-    static int pyllama_library_of(const void * addr, char * buf, size_t n) {
-        Dl_info info;
-        if (!dladdr(addr, &info) || info.dli_fname == NULL || info.dli_fname[0] == 0) return 0;
-        return snprintf(buf, n, "%s", info.dli_fname) < (int)n;
-    }
-    #endif
-    """
-    int pyllama_library_of(const void * addr, char * buf, size_t n)
 
 
 cdef object _backend_library(ggml_backend_reg_t reg):
