@@ -105,6 +105,49 @@ def test_split_across_one_and_two_servers_matches_local(smollm2_path, rpc_server
     assert via_two["text"] == local["text"]
 
 
+REGISTER_TWICE = r"""
+import json, sys, threading, pyllama
+from pyllama import _core
+ep = sys.argv[1]
+results = []
+threads = [threading.Thread(target=lambda: results.append(_core.rpc_add_server(ep))) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+rpc_devices = [d["name"] for b in pyllama.backends() if b["name"].startswith("RPC") for d in b["devices"]]
+print(json.dumps({"first": results, "rpc_devices": rpc_devices}), flush=True)
+sys.stdin.readline()   # the server is gone now: a second registration must not contact it
+print(json.dumps({"again": _core.rpc_add_server(ep)}), flush=True)
+"""
+
+
+def test_rpc_add_server_registers_each_endpoint_once():
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "pyllama", "rpc-server", "--port", str(port), "-t", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    client = None
+    try:
+        _wait_for_port(port, server)
+        client = subprocess.Popen([sys.executable, "-c", REGISTER_TWICE, f"127.0.0.1:{port}"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = json.loads(client.stdout.readline() or "null")
+        assert first is not None, client.stderr.read()[-3000:]
+        server.kill()
+        server.wait(timeout=15)
+        client.stdin.write("\n")
+        client.stdin.flush()
+        again = json.loads(client.stdout.readline() or "null")
+        assert again is not None, client.stderr.read()[-3000:]
+    finally:
+        for proc in (client, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=15)
+    names = first["first"][0]
+    assert len(names) == 1 and all(r == names for r in first["first"])
+    assert first["rpc_devices"] == names          # registered once, although four threads asked
+    assert again["again"] == names                 # cached: no handshake with the dead server
+
+
 def test_unreachable_server_fails_fast(tmp_path):
     port = _free_port()   # nothing listens there
     t0 = time.time()

@@ -1,8 +1,11 @@
-// Input checks that need C++, compiled into pyllama._core (which is otherwise C).
+// Input checks that need C++ (a separate source file of pyllama._core; declared in
+// pyllama_checks.h).
 //
 // llama.cpp compiles lazy-grammar trigger patterns with std::regex; the constructor throws
 // std::regex_error on a bad pattern, and an exception escaping llama.cpp's C API terminates
 // the process.  We compile the same pattern the same way first, here, where it can be caught.
+
+#include "pyllama_checks.h"
 
 #include <cstring>
 #include <exception>
@@ -93,12 +96,7 @@ extern "C" size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context
 #include <cstring>
 #include <string>
 
-typedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
-                              long long ival, double fval, const char * sval, size_t sval_len);
-
 namespace {
-
-enum { G_U8 = 0, G_I8, G_U16, G_I16, G_U32, G_I32, G_F32, G_BOOL, G_STR, G_ARR, G_U64, G_I64, G_F64, G_COUNT };
 
 struct Reader {
     FILE * f = nullptr;
@@ -140,23 +138,24 @@ struct Reader {
     }
 };
 
-const size_t kTypeSize[G_COUNT] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+const size_t kTypeSize[GGUF_TYPE_COUNT] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
 
 long long read_int(const char * p, int type) {
     switch (type) {
-        case G_U8: { uint8_t v; std::memcpy(&v, p, 1); return v; }
-        case G_I8: { int8_t v; std::memcpy(&v, p, 1); return v; }
-        case G_U16: { uint16_t v; std::memcpy(&v, p, 2); return v; }
-        case G_I16: { int16_t v; std::memcpy(&v, p, 2); return v; }
-        case G_U32: { uint32_t v; std::memcpy(&v, p, 4); return v; }
-        case G_I32: { int32_t v; std::memcpy(&v, p, 4); return v; }
-        case G_U64: { uint64_t v; std::memcpy(&v, p, 8); return (long long) v; }   // kind 2: reinterpret
+        case GGUF_TYPE_UINT8: { uint8_t v; std::memcpy(&v, p, 1); return v; }
+        case GGUF_TYPE_INT8: { int8_t v; std::memcpy(&v, p, 1); return v; }
+        case GGUF_TYPE_UINT16: { uint16_t v; std::memcpy(&v, p, 2); return v; }
+        case GGUF_TYPE_INT16: { int16_t v; std::memcpy(&v, p, 2); return v; }
+        case GGUF_TYPE_UINT32: { uint32_t v; std::memcpy(&v, p, 4); return v; }
+        case GGUF_TYPE_INT32: { int32_t v; std::memcpy(&v, p, 4); return v; }
+        case GGUF_TYPE_UINT64: { uint64_t v; std::memcpy(&v, p, 8); return (long long) v; }   // kind 2: reinterpret
         default: { int64_t v; std::memcpy(&v, p, 8); return v; }
     }
 }
 
 bool is_int(int t) {
-    return t == G_U8 || t == G_I8 || t == G_U16 || t == G_I16 || t == G_U32 || t == G_I32 || t == G_U64 || t == G_I64;
+    return t == GGUF_TYPE_UINT8 || t == GGUF_TYPE_INT8 || t == GGUF_TYPE_UINT16 || t == GGUF_TYPE_INT16 ||
+           t == GGUF_TYPE_UINT32 || t == GGUF_TYPE_INT32 || t == GGUF_TYPE_UINT64 || t == GGUF_TYPE_INT64;
 }
 
 }  // namespace
@@ -213,20 +212,20 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
         uint64_t key_len;
         uint32_t type;
         if (!r.str(key_off, key_len) || !r.get(type)) return 0;
-        if (type >= G_COUNT) return bad_value_type(key_off, key_len, type, "value type");
+        if (type >= GGUF_TYPE_COUNT) return bad_value_type(key_off, key_len, type, "value type");
         // note: r.buf may move while reading the value; keep offsets, not pointers
-        if (type == G_STR) {
+        if (type == GGUF_TYPE_STRING) {
             size_t off;
             uint64_t len;
             if (!r.str(off, len)) return 0;
             cb(user, r.buf.data() + key_off, (size_t) key_len, 1, 0, 0.0, r.buf.data() + off, (size_t) len);
-        } else if (type == G_ARR) {
+        } else if (type == GGUF_TYPE_ARRAY) {
             uint32_t et;
             uint64_t n;
             if (!r.get(et) || !r.get(n)) return 0;
-            if (et >= G_COUNT) return bad_value_type(key_off, key_len, et, "array element type");
-            if (et == G_ARR) return 0;
-            if (et == G_STR) {
+            if (et >= GGUF_TYPE_COUNT) return bad_value_type(key_off, key_len, et, "array element type");
+            if (et == GGUF_TYPE_ARRAY) return 0;
+            if (et == GGUF_TYPE_STRING) {
                 const bool tokens = std::string(r.buf.data() + key_off, (size_t) key_len) == "tokenizer.ggml.tokens";
                 if (n > ((uint64_t) 1 << 28)) return 0;
                 std::vector<std::pair<size_t, size_t>> items;   // offsets: the buffer may grow
@@ -250,7 +249,7 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
             } else {
                 const size_t es = kTypeSize[et];
                 if (n > ((uint64_t) 1 << 40) / es || !r.need((size_t) (n * es))) return 0;
-                if ((et == G_U32 || et == G_I32) && n > 0) {
+                if ((et == GGUF_TYPE_UINT32 || et == GGUF_TYPE_INT32) && n > 0) {
                     long long best = read_int(r.buf.data() + r.pos, (int) et);
                     for (uint64_t i = 1; i < n; ++i) {
                         long long v = read_int(r.buf.data() + r.pos + i * es, (int) et);
@@ -264,11 +263,11 @@ extern "C" int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * use
             const size_t es = kTypeSize[type];
             if (!r.need(es)) return 0;
             if (is_int((int) type)) {
-                cb(user, r.buf.data() + key_off, (size_t) key_len, type == G_U64 ? 2 : 0,
+                cb(user, r.buf.data() + key_off, (size_t) key_len, type == GGUF_TYPE_UINT64 ? 2 : 0,
                    read_int(r.buf.data() + r.pos, (int) type), 0.0, nullptr, 0);
-            } else if (type == G_F32 || type == G_F64) {
+            } else if (type == GGUF_TYPE_FLOAT32 || type == GGUF_TYPE_FLOAT64) {
                 double v;
-                if (type == G_F32) { float f; std::memcpy(&f, r.buf.data() + r.pos, 4); v = f; }
+                if (type == GGUF_TYPE_FLOAT32) { float f; std::memcpy(&f, r.buf.data() + r.pos, 4); v = f; }
                 else { std::memcpy(&v, r.buf.data() + r.pos, 8); }
                 cb(user, r.buf.data() + key_off, (size_t) key_len, 3, 0, v, nullptr, 0);
             }

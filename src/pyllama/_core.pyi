@@ -66,10 +66,17 @@ def apply_builtin_chat_template(template: str, messages: Sequence[dict[str, str]
 
 def rpc_start_server(endpoint: str, *, threads: int = 0, cache_dir: str | None = None,
                      devices: Sequence[str] | None = None) -> None:
-    """Run ggml's RPC server in this thread until the process is interrupted."""
+    """Run ggml's RPC server in this thread until the process is interrupted.
+
+    threads=0 computes on as many threads as a Context does by default (the physical cores,
+    capped by CPU affinity and the cgroup CPU quota)."""
 
 def rpc_add_server(endpoint: str) -> list[str]:
-    """Register a remote RPC server; returns the names of the devices it added."""
+    """Register a remote RPC server; returns the names of the devices it added.
+
+    The process keeps one registry: a later call with the same endpoint returns the device
+    names of the first registration without contacting the server again (thread-safe).
+    Raises OSError when the server cannot be reached."""
 
 
 class Model:

@@ -3,7 +3,8 @@
 """pyllama._core: the Cython layer over llama.h.
 
 Layout (all included into this one extension module):
-  _support.pxi   C helpers: signals/abort, UTF-8 scanning, last-error capture, logging
+  _support.pxi   C helpers (their code is in src/cxx): signals/abort, UTF-8 scanning,
+                 last-error capture; logging
   _model.pxi     Model, Vocab
   _context.pxi   Context, Batch, array views
   _sampler.pxi   SamplerChain
@@ -94,40 +95,6 @@ cdef dict _device_info(ggml_backend_dev_t dev):
         "memory_free": free_mem,
         "memory_total": total_mem,
     }
-
-
-cdef extern from *:
-    """
-    /* Which shared library holds an address: with GGML_BACKEND_DL each backend (and each
-       CPU variant, libggml-cpu-haswell.so ...) is its own library, so the file that holds
-       a backend's registry object names the variant ggml chose for this machine. */
-    #if defined(_WIN32)
-    #ifndef WIN32_LEAN_AND_MEAN
-    #define WIN32_LEAN_AND_MEAN
-    #endif
-    #ifndef NOMINMAX
-    #define NOMINMAX
-    #endif
-    #include <windows.h>
-    static int pyllama_library_of(const void * addr, char * buf, size_t n) {
-        HMODULE h = NULL;
-        DWORD len;
-        if (!GetModuleHandleExA(GET_MODULE_HANDLE_EX_FLAG_FROM_ADDRESS |
-                                GET_MODULE_HANDLE_EX_FLAG_UNCHANGED_REFCOUNT, (LPCSTR)addr, &h)) return 0;
-        len = GetModuleFileNameA(h, buf, (DWORD)n);
-        return len > 0 && len < n;
-    }
-    #else
-    #include <dlfcn.h>
-    #include <stdio.h>
-    static int pyllama_library_of(const void * addr, char * buf, size_t n) {
-        Dl_info info;
-        if (!dladdr(addr, &info) || info.dli_fname == NULL || info.dli_fname[0] == 0) return 0;
-        return snprintf(buf, n, "%s", info.dli_fname) < (int)n;
-    }
-    #endif
-    """
-    int pyllama_library_of(const void * addr, char * buf, size_t n)
 
 
 cdef object _backend_library(ggml_backend_reg_t reg):
@@ -274,42 +241,56 @@ def validate_grammar(Vocab vocab, grammar, root="root") -> None:
     llama_sampler_free(smpl)
 
 
-_rpc_registered = set()
+# The process's one RPC registry: endpoint -> the names of its devices.  ggml keeps a
+# registration (and its devices) for the life of the process, and registering the same
+# endpoint twice would list its devices twice; the lock makes "probe, add, register" happen
+# once per endpoint even when threads race.  pyllama.llm registers through it as well.
+_rpc_servers = {}
+_rpc_lock = _threading.Lock()
 
 
 def rpc_add_server(endpoint) -> list:
     """Register a remote ggml RPC server (host:port); returns the names of its devices.
 
+    Once per process per endpoint: a later call with the same endpoint returns the device
+    names of the first registration without contacting the server again (thread-safe).
     Raises OSError when the server cannot be reached.
     """
     if not PYLLAMA_RPC_AVAILABLE:
         raise RuntimeError("this pyllama was built without the RPC backend (GGML_RPC=OFF)")
     cdef bytes ep = _check_endpoint(endpoint)
-    # Probe first: ggml's RPC client blocks forever on a server that never answers and
-    # aborts on a malformed answer; our own handshake has a timeout and fails cleanly.
-    _rpc_probe(endpoint)
     cdef ggml_backend_reg_t reg
     cdef const char * ep_c = ep
-    with nogil:
-        reg = ggml_backend_rpc_add_server(ep_c)
-    _check(reg != NULL, OSError, f"cannot connect to RPC server {endpoint}")
-    if endpoint not in _rpc_registered:
-        # Make its devices visible to model loading and backends() (once per endpoint:
-        # ggml returns the same registration for the same endpoint).
-        ggml_backend_register(reg)
-        _rpc_registered.add(endpoint)
-    return [_str(ggml_backend_dev_name(ggml_backend_reg_dev_get(reg, j))) for j in range(ggml_backend_reg_dev_count(reg))]
+    with _rpc_lock:
+        names = _rpc_servers.get(endpoint)
+        if names is None:
+            # Probe first: ggml's RPC client blocks forever on a server that never answers and
+            # aborts on a malformed answer; our own handshake has a timeout and fails cleanly.
+            _rpc_probe(endpoint)
+            with nogil:
+                reg = ggml_backend_rpc_add_server(ep_c)
+            _check(reg != NULL, OSError, f"cannot connect to RPC server {endpoint}")
+            # Make its devices visible to model loading and backends().
+            ggml_backend_register(reg)
+            names = [_str(ggml_backend_dev_name(ggml_backend_reg_dev_get(reg, j)))
+                     for j in range(ggml_backend_reg_dev_count(reg))]
+            _rpc_servers[endpoint] = names
+        return list(names)
 
 
 def rpc_start_server(endpoint, *, int threads=0, cache_dir=None, devices=None) -> None:
-    """Run ggml's RPC server on `endpoint` in this thread until the process ends."""
+    """Run ggml's RPC server on `endpoint` in this thread until the process ends.
+
+    threads=0 computes on as many threads as a Context does by default (the physical cores,
+    capped by CPU affinity and the cgroup CPU quota).
+    """
     if not PYLLAMA_RPC_AVAILABLE:
         raise RuntimeError("this pyllama was built without the RPC backend (GGML_RPC=OFF)")
     _ensure_backends_loaded()
     cdef bytes ep = _check_endpoint(endpoint)
     cdef bytes cache = _utf8(_os.fspath(cache_dir), "cache_dir") if cache_dir is not None else None
     cdef const char * cache_c = PyBytes_AS_STRING(cache) if cache is not None else NULL
-    cdef size_t n_threads = threads if threads > 0 else max(1, (_os.cpu_count() or 2) // 2)
+    cdef size_t n_threads = threads if threads > 0 else _default_threads()
     cdef list names = list(devices) if devices else []
     cdef ggml_backend_dev_t * devs = NULL
     cdef size_t n_devs = 0, i

@@ -16,21 +16,6 @@ from collections import deque as _deque
 from cpython.unicode cimport PyUnicode_GET_LENGTH
 from libc.math cimport expf, log
 
-cdef extern from *:
-    """
-    #include <time.h>
-    static double pyllama_now_ms(void) {
-    #ifdef _WIN32
-        return (double) clock() * 1000.0 / CLOCKS_PER_SEC;
-    #else
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
-    #endif
-    }
-    """
-    double pyllama_now_ms() nogil
-
 
 DEF _MAX_TOP_LOGPROBS = 20
 # Prompt tokens fed per step for a request that wants prompt log-probabilities: each

@@ -69,6 +69,48 @@ cdef extern from "ggml-cpu.h" nogil:
     pass
 
 
+cdef extern from "gguf.h" nogil:
+    # types that can be stored as GGUF key/value data (pyllama_checks.cpp uses the same enum)
+    cdef enum gguf_type:
+        GGUF_TYPE_UINT8
+        GGUF_TYPE_INT8
+        GGUF_TYPE_UINT16
+        GGUF_TYPE_INT16
+        GGUF_TYPE_UINT32
+        GGUF_TYPE_INT32
+        GGUF_TYPE_FLOAT32
+        GGUF_TYPE_BOOL
+        GGUF_TYPE_STRING
+        GGUF_TYPE_ARRAY
+        GGUF_TYPE_UINT64
+        GGUF_TYPE_INT64
+        GGUF_TYPE_FLOAT64
+        GGUF_TYPE_COUNT
+
+    cdef struct ggml_context:
+        pass
+    cdef struct gguf_context:
+        pass
+    cdef struct gguf_init_params:
+        cpp_bool no_alloc
+        ggml_context ** ctx
+    gguf_context * gguf_init_from_file(const char * fname, gguf_init_params params) except +
+    void gguf_free(gguf_context * ctx) except +
+    int64_t gguf_find_key(const gguf_context * ctx, const char * key) except +
+    gguf_type gguf_get_kv_type(const gguf_context * ctx, int64_t key_id) except +
+    gguf_type gguf_get_arr_type(const gguf_context * ctx, int64_t key_id) except +
+    size_t gguf_get_arr_n(const gguf_context * ctx, int64_t key_id) except +
+    const void * gguf_get_arr_data(const gguf_context * ctx, int64_t key_id) except +
+    const void * gguf_get_val_data(const gguf_context * ctx, int64_t key_id) except +
+    const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id) except +
+    const char * gguf_get_arr_str(const gguf_context * ctx, int64_t key_id, size_t i) except +
+    int64_t gguf_get_n_kv(const gguf_context * ctx) except +
+    const char * gguf_get_key(const gguf_context * ctx, int64_t key_id) except +
+    int64_t gguf_get_n_tensors(const gguf_context * ctx) except +
+    const char * gguf_get_tensor_name(const gguf_context * ctx, int64_t tensor_id) except +
+    ggml_type gguf_get_tensor_type(const gguf_context * ctx, int64_t tensor_id) except +
+
+
 cdef extern from "llama.h" nogil:
     ctypedef int32_t llama_pos
     ctypedef int32_t llama_token
@@ -434,47 +476,9 @@ cdef extern from "llama.h" nogil:
     void llama_perf_sampler_reset(llama_sampler * chain) except +
 
 
-cdef extern from *:
-    """
-    #if PYLLAMA_HAS_RPC && PYLLAMA_BACKEND_DL
-    /* Portable builds load ggml-rpc at run time (GGML_BACKEND_DL), so it cannot be
-       linked: its entry points come from the registry, as upstream's tools do it. */
-    #include "ggml-backend.h"
-    #define PYLLAMA_RPC_AVAILABLE 1
-    /* the protocol of the ggml-rpc this tree builds (ggml-rpc.h; not included here) */
-    #define PYLLAMA_RPC_PROTO_MAJOR 7
-    #define PYLLAMA_RPC_PROTO_MINOR 0
-    static void * pyllama_rpc_proc(const char * name) {
-        ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
-        return reg ? ggml_backend_reg_get_proc_address(reg, name) : NULL;
-    }
-    static inline ggml_backend_reg_t pyllama_rpc_add_server(const char * endpoint) {
-        typedef ggml_backend_reg_t (*fn_t)(const char *);
-        fn_t fn = (fn_t) pyllama_rpc_proc("ggml_backend_rpc_add_server");
-        return fn ? fn(endpoint) : NULL;
-    }
-    static inline void pyllama_rpc_start_server(const char * e, const char * c, size_t t, size_t n, ggml_backend_dev_t * d) {
-        typedef void (*fn_t)(const char *, const char *, size_t, size_t, ggml_backend_dev_t *);
-        fn_t fn = (fn_t) pyllama_rpc_proc("ggml_backend_rpc_start_server");
-        if (fn) fn(e, c, t, n, d);
-    }
-    static inline void ggml_backend_rpc_get_device_memory(const char * e, uint32_t d, size_t * f, size_t * t) { (void)e; (void)d; *f = 0; *t = 0; }
-    #define ggml_backend_rpc_add_server pyllama_rpc_add_server
-    #define ggml_backend_rpc_start_server pyllama_rpc_start_server
-    #elif PYLLAMA_HAS_RPC
-    #include "ggml-rpc.h"
-    #define PYLLAMA_RPC_AVAILABLE 1
-    #define PYLLAMA_RPC_PROTO_MAJOR RPC_PROTO_MAJOR_VERSION
-    #define PYLLAMA_RPC_PROTO_MINOR RPC_PROTO_MINOR_VERSION
-    #else
-    #define PYLLAMA_RPC_AVAILABLE 0
-    #define PYLLAMA_RPC_PROTO_MAJOR 0
-    #define PYLLAMA_RPC_PROTO_MINOR 0
-    static inline ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint) { (void)endpoint; return NULL; }
-    static inline void ggml_backend_rpc_start_server(const char * e, const char * c, size_t t, size_t n, ggml_backend_dev_t * d) { (void)e; (void)c; (void)t; (void)n; (void)d; }
-    static inline void ggml_backend_rpc_get_device_memory(const char * e, uint32_t d, size_t * f, size_t * t) { (void)e; (void)d; *f = 0; *t = 0; }
-    #endif
-    """
+# ggml-rpc: linked, loaded at run time (GGML_BACKEND_DL) or absent -- src/cxx/pyllama_rpc.h
+# gives the same names in all three builds.
+cdef extern from "pyllama_rpc.h":
     int PYLLAMA_RPC_AVAILABLE
     int PYLLAMA_RPC_PROTO_MAJOR
     int PYLLAMA_RPC_PROTO_MINOR

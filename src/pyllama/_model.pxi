@@ -58,73 +58,6 @@ cdef _precheck_model_file(str path):
 
 from libc.stdint cimport int16_t, uint16_t
 
-cdef extern from "gguf.h" nogil:
-    cdef struct gguf_context:
-        pass
-    cdef struct gguf_init_params:
-        bint no_alloc
-        void * ctx
-    gguf_context * gguf_init_from_file(const char * fname, gguf_init_params params) except +
-    void gguf_free(gguf_context * ctx) except +
-    int64_t gguf_find_key(const gguf_context * ctx, const char * key) except +
-    int gguf_get_kv_type(const gguf_context * ctx, int64_t key_id) except +
-    int gguf_get_arr_type(const gguf_context * ctx, int64_t key_id) except +
-    size_t gguf_get_arr_n(const gguf_context * ctx, int64_t key_id) except +
-    const void * gguf_get_arr_data(const gguf_context * ctx, int64_t key_id) except +
-    const void * gguf_get_val_data(const gguf_context * ctx, int64_t key_id) except +
-    const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id) except +
-    const char * gguf_get_arr_str(const gguf_context * ctx, int64_t key_id, size_t i) except +
-    int64_t gguf_get_n_kv(const gguf_context * ctx) except +
-    const char * gguf_get_key(const gguf_context * ctx, int64_t key_id) except +
-    int64_t gguf_get_n_tensors(const gguf_context * ctx) except +
-    const char * gguf_get_tensor_name(const gguf_context * ctx, int64_t tensor_id) except +
-    ggml_type gguf_get_tensor_type(const gguf_context * ctx, int64_t tensor_id) except +
-
-cdef extern from * nogil:
-    """
-    #include <stddef.h>
-    #include <stdint.h>
-    struct gguf_context;
-    #ifdef __cplusplus
-    extern "C"
-    #endif
-    size_t pyllama_gguf_count_duplicate_strings(const struct gguf_context * ctx, int64_t key_id);
-    """
-    size_t pyllama_gguf_count_duplicate_strings(const gguf_context * ctx, int64_t key_id)
-
-cdef enum:   # gguf_type values
-    _GGUF_U8 = 0
-    _GGUF_I8 = 1
-    _GGUF_U16 = 2
-    _GGUF_I16 = 3
-    _GGUF_U32 = 4
-    _GGUF_I32 = 5
-    _GGUF_F32 = 6
-    _GGUF_STR = 8
-    _GGUF_ARR = 9
-    _GGUF_U64 = 10
-    _GGUF_I64 = 11
-    _GGUF_F64 = 12
-
-
-cdef extern from * nogil:
-    """
-    #include <stddef.h>
-    typedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
-                                  long long ival, double fval, const char * sval, size_t sval_len);
-    #ifdef __cplusplus
-    extern "C"
-    #endif
-    int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
-                          size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap,
-                          char * bad_tensor, size_t bad_cap, int * bad_type);
-    """
-    ctypedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
-                                   long long ival, double fval, const char * sval, size_t sval_len) noexcept
-    int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
-                          size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap,
-                          char * bad_tensor, size_t bad_cap, int * bad_type) noexcept
-
 
 cdef void _collect_kv(void * user, const char * key, size_t key_len, int kind, long long ival,
                       double fval, const char * sval, size_t sval_len) noexcept with gil:
@@ -192,38 +125,39 @@ cdef _gguf_metadata(str path, bint fast=True, bint fallback=True, bint with_tens
         for i in range(gguf_get_n_kv(g)):
             key = _str(gguf_get_key(g, i))
             t = gguf_get_kv_type(g, i)
-            if t == _GGUF_STR:
+            if t == GGUF_TYPE_STRING:
                 meta[key] = _str(gguf_get_val_str(g, i))
-            elif t == _GGUF_ARR:
-                if gguf_get_arr_type(g, i) in (_GGUF_U32, _GGUF_I32) and gguf_get_arr_n(g, i) > 0:
+            elif t == GGUF_TYPE_ARRAY:
+                if gguf_get_arr_type(g, i) in (GGUF_TYPE_UINT32, GGUF_TYPE_INT32) and gguf_get_arr_n(g, i) > 0:
                     d = gguf_get_arr_data(g, i)
                     n = gguf_get_arr_n(g, i)
                     best = None
                     for j in range(n):
                         # (two statements: a C conditional expression would turn i32 into u32)
-                        if gguf_get_arr_type(g, i) == _GGUF_U32:
+                        if gguf_get_arr_type(g, i) == GGUF_TYPE_UINT32:
                             v = (<const uint32_t *>d)[j]
                         else:
                             v = (<const int32_t *>d)[j]
                         if best is None or v > best:
                             best = v
                     meta[key] = best
-            elif t == _GGUF_F32:
+            elif t == GGUF_TYPE_FLOAT32:
                 meta[key] = <double>(<const float *>gguf_get_val_data(g, i))[0]
-            elif t == _GGUF_F64:
+            elif t == GGUF_TYPE_FLOAT64:
                 meta[key] = (<const double *>gguf_get_val_data(g, i))[0]
-            elif t in (_GGUF_U8, _GGUF_I8, _GGUF_U16, _GGUF_I16, _GGUF_U32, _GGUF_I32, _GGUF_U64, _GGUF_I64):
+            elif t in (GGUF_TYPE_UINT8, GGUF_TYPE_INT8, GGUF_TYPE_UINT16, GGUF_TYPE_INT16,
+                       GGUF_TYPE_UINT32, GGUF_TYPE_INT32, GGUF_TYPE_UINT64, GGUF_TYPE_INT64):
                 d = gguf_get_val_data(g, i)
-                if t == _GGUF_U8: meta[key] = (<const uint8_t *>d)[0]
-                elif t == _GGUF_I8: meta[key] = (<const int8_t *>d)[0]
-                elif t == _GGUF_U16: meta[key] = (<const uint16_t *>d)[0]
-                elif t == _GGUF_I16: meta[key] = (<const int16_t *>d)[0]
-                elif t == _GGUF_U32: meta[key] = (<const uint32_t *>d)[0]
-                elif t == _GGUF_I32: meta[key] = (<const int32_t *>d)[0]
-                elif t == _GGUF_U64: meta[key] = (<const uint64_t *>d)[0]
+                if t == GGUF_TYPE_UINT8: meta[key] = (<const uint8_t *>d)[0]
+                elif t == GGUF_TYPE_INT8: meta[key] = (<const int8_t *>d)[0]
+                elif t == GGUF_TYPE_UINT16: meta[key] = (<const uint16_t *>d)[0]
+                elif t == GGUF_TYPE_INT16: meta[key] = (<const int16_t *>d)[0]
+                elif t == GGUF_TYPE_UINT32: meta[key] = (<const uint32_t *>d)[0]
+                elif t == GGUF_TYPE_INT32: meta[key] = (<const int32_t *>d)[0]
+                elif t == GGUF_TYPE_UINT64: meta[key] = (<const uint64_t *>d)[0]
                 else: meta[key] = (<const int64_t *>d)[0]
         k = gguf_find_key(g, b"tokenizer.ggml.tokens")
-        if k >= 0 and gguf_get_kv_type(g, k) == _GGUF_ARR and gguf_get_arr_type(g, k) == _GGUF_STR:
+        if k >= 0 and gguf_get_kv_type(g, k) == GGUF_TYPE_ARRAY and gguf_get_arr_type(g, k) == GGUF_TYPE_STRING:
             with nogil:
                 n_dup = pyllama_gguf_count_duplicate_strings(g, k)
         bad = None

@@ -2,14 +2,6 @@
 
 from libc.math cimport INFINITY, isfinite
 
-cdef extern from *:
-    """
-    #ifdef __cplusplus
-    extern "C"
-    #endif
-    int pyllama_regex_check(const char * pattern, char * err, size_t err_size);  /* src/cxx */
-    """
-    int pyllama_regex_check(const char * pattern, char * err, size_t err_size) nogil
 
 cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_patterns,
                                            trigger_tokens) except NULL:
@@ -61,45 +53,6 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
     _check(smpl != NULL, GrammarError, "invalid grammar: llama.cpp refused it: ",
            "no details were logged (with verbose logging, llama.cpp's stderr may say more)")
     return smpl
-
-
-cdef extern from *:
-    """
-    /* The first index of the largest value, as llama.cpp's greedy sampler finds it
-       (best = 0; for i: if (x[i] > x[best]) best = i): NaNs never win, ties go to the
-       lowest index.  16 independent lanes let the compiler vectorise the scan (about twice
-       as fast as the scalar loop on a 262k vocabulary); one pass over the logits. */
-    static int32_t pyllama_argmax_f32(const float * x, int32_t n) {
-        float lane_max[16];
-        int32_t lane_idx[16];
-        int32_t i = 0, j, best = 0;
-        float m;
-        if (n <= 0 || x[0] != x[0]) {
-            return 0;   /* a NaN first value is never beaten by a strict > */
-        }
-        for (j = 0; j < 16; j++) { lane_max[j] = x[0]; lane_idx[j] = 0; }
-        for (; i + 16 <= n; i += 16) {
-            for (j = 0; j < 16; j++) {
-                float v = x[i + j];
-                int gt = v > lane_max[j];
-                lane_max[j] = gt ? v : lane_max[j];
-                lane_idx[j] = gt ? i + j : lane_idx[j];
-            }
-        }
-        m = x[0];
-        for (j = 0; j < 16; j++) {
-            if (lane_max[j] > m || (lane_max[j] == m && lane_idx[j] < best)) {
-                m = lane_max[j];
-                best = lane_idx[j];
-            }
-        }
-        for (; i < n; i++) {
-            if (x[i] > m) { m = x[i]; best = i; }
-        }
-        return best;
-    }
-    """
-    int32_t pyllama_argmax_f32(const float * x, int32_t n) nogil
 
 
 @cython.no_gc_clear   # __dealloc__ needs self.vocab.model (see _holds_model)

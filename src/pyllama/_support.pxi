@@ -2,104 +2,11 @@ from libcpp cimport bool as cpp_bool
 
 # C-level support: Ctrl-C during long nogil calls, UTF-8 scanning, the last
 # llama.cpp error message, and routing llama.cpp's log into Python's logging.
-
-cdef extern from *:
-    """
-    #include <signal.h>
-    #include <string.h>
-    #include <stdbool.h>
-
-    /* ---- Ctrl-C while the GIL is released ---------------------------------
-     * Python's own SIGINT handler only sets a flag that is looked at when the
-     * interpreter runs bytecode, which it does not do during a long llama_decode.
-     * Around such calls (main thread only) we put a tiny handler in front of
-     * Python's: it raises our flag, which ggml's abort callback reads between graph
-     * nodes, and then chains to Python's handler so KeyboardInterrupt is raised as
-     * usual once we are back with the GIL.  Both handlers only set flags, so this is
-     * async-signal-safe. */
-    static volatile sig_atomic_t pyllama_sigint_seen = 0;
-    #ifndef _WIN32
-    static struct sigaction pyllama_prev_sigint;
-    static int pyllama_sigint_depth = 0;
-    static void pyllama_on_sigint(int sig) {
-        pyllama_sigint_seen = 1;
-        if (pyllama_prev_sigint.sa_handler != SIG_DFL && pyllama_prev_sigint.sa_handler != SIG_IGN) {
-            pyllama_prev_sigint.sa_handler(sig);
-        }
-    }
-    static int pyllama_sigint_push(void) {
-        /* called with the GIL held, from the main thread only */
-        if (pyllama_sigint_depth++ > 0) return 1;
-        struct sigaction sa;
-        memset(&sa, 0, sizeof(sa));
-        sa.sa_handler = pyllama_on_sigint;
-        sigemptyset(&sa.sa_mask);
-        pyllama_sigint_seen = 0;
-        if (sigaction(SIGINT, NULL, &pyllama_prev_sigint) != 0) { pyllama_sigint_depth--; return 0; }
-        if ((pyllama_prev_sigint.sa_flags & SA_SIGINFO) || pyllama_prev_sigint.sa_handler == SIG_IGN ||
-            pyllama_prev_sigint.sa_handler == SIG_DFL) { pyllama_sigint_depth--; return 0; }
-        if (sigaction(SIGINT, &sa, NULL) != 0) { pyllama_sigint_depth--; return 0; }
-        return 1;
-    }
-    static void pyllama_sigint_pop(void) {
-        if (pyllama_sigint_depth <= 0) return;
-        if (--pyllama_sigint_depth == 0) sigaction(SIGINT, &pyllama_prev_sigint, NULL);
-    }
-    #else
-    static int pyllama_sigint_push(void) { return 0; }
-    static void pyllama_sigint_pop(void) {}
-    #endif
-
-    typedef struct {
-        volatile int abort_requested;   /* Context.abort() from another thread */
-        volatile int watch_sigint;      /* this call installed the SIGINT hook */
-    } pyllama_abort_state;
-
-    static bool pyllama_abort_cb(void * data) {
-        pyllama_abort_state * st = (pyllama_abort_state *) data;
-        if (st->abort_requested) return true;
-        if (st->watch_sigint && pyllama_sigint_seen) return true;
-        return false;
-    }
-
-    /* ---- The last error llama.cpp logged on this thread -----------------------
-     * Loader failures are reported through the log, not through return values,
-     * so the log callback keeps the first ERROR line per thread since the last clear. */
-    #if defined(_MSC_VER)
-    #define PYLLAMA_TLS __declspec(thread)
-    #else
-    #define PYLLAMA_TLS __thread
-    #endif
-    static PYLLAMA_TLS char pyllama_last_error[1024];
-    static void pyllama_set_last_error(const char * text) {
-        /* Keep the FIRST error since the last clear: it names the cause ("tensor ... data is
-         * not within the file bounds"); the lines after it only say that loading failed. */
-        if (pyllama_last_error[0] != 0) return;
-        size_t n = strlen(text);
-        while (n > 0 && (text[n-1] == '\\n' || text[n-1] == ' ')) n--;
-        if (n >= sizeof(pyllama_last_error)) n = sizeof(pyllama_last_error) - 1;
-        memcpy(pyllama_last_error, text, n);
-        pyllama_last_error[n] = 0;
-    }
-    static const char * pyllama_get_last_error(void) { return pyllama_last_error; }
-    static void pyllama_clear_last_error(void) { pyllama_last_error[0] = 0; }
-
-    /* Length of the longest prefix of buf[0:n] that does not end inside an
-     * unfinished UTF-8 sequence (so a multi-byte character is never split). */
-    static size_t pyllama_utf8_complete_len(const char * buf, size_t n) {
-        size_t i = n, back = 0;
-        while (i > 0 && back < 4) {
-            unsigned char c = (unsigned char) buf[i-1];
-            if ((c & 0xC0) != 0x80) {           /* a lead byte (or ASCII) */
-                size_t need = (c < 0x80) ? 1 : ((c & 0xE0) == 0xC0) ? 2 : ((c & 0xF0) == 0xE0) ? 3 :
-                              ((c & 0xF8) == 0xF0) ? 4 : 1;
-                return (back + 1 >= need) ? n : i - 1;
-            }
-            i--; back++;
-        }
-        return n;  /* only continuation bytes: invalid anyway, let the decoder replace them */
-    }
-    """
+#
+# The C code itself lives in src/cxx: the helpers in pyllama_support.h (static, header-only,
+# so the per-token ones inline), the C++ input checks in pyllama_checks.cpp (declared in
+# pyllama_checks.h).
+cdef extern from "pyllama_support.h":
     ctypedef struct pyllama_abort_state:
         int abort_requested
         int watch_sigint
@@ -111,15 +18,23 @@ cdef extern from *:
     const char * pyllama_get_last_error() noexcept nogil
     void pyllama_clear_last_error() noexcept nogil
     size_t pyllama_utf8_complete_len(const char * buf, size_t n) noexcept nogil
-
-
-cdef extern from *:
-    """
-    #ifndef PYLLAMA_LLAMA_COMMIT
-    #define PYLLAMA_LLAMA_COMMIT "unknown"
-    #endif
-    """
+    double pyllama_now_ms() nogil
+    int32_t pyllama_argmax_f32(const float * x, int32_t n) nogil
+    int pyllama_library_of(const void * addr, char * buf, size_t n)
+    # build options (pyllama_config.h: CMake's values, else defaults)
     const char * PYLLAMA_LLAMA_COMMIT_C "PYLLAMA_LLAMA_COMMIT"
+    int PYLLAMA_BACKEND_DL
+
+
+cdef extern from "pyllama_checks.h" nogil:
+    int pyllama_regex_check(const char * pattern, char * err, size_t err_size)
+    size_t pyllama_gguf_count_duplicate_strings(const gguf_context * ctx, int64_t key_id)
+    ctypedef void (*pyllama_kv_cb)(void * user, const char * key, size_t key_len, int kind,
+                                   long long ival, double fval, const char * sval, size_t sval_len) noexcept
+    int pyllama_gguf_scan(const char * path, pyllama_kv_cb cb, void * user,
+                          size_t * n_token_dups, int * has_tokens, char * err, size_t err_cap,
+                          char * bad_tensor, size_t bad_cap, int * bad_type) noexcept
+
 
 _LLAMA_COMMIT = (<bytes>PYLLAMA_LLAMA_COMMIT_C).decode()
 
@@ -248,15 +163,6 @@ cdef void _ensure_backends_loaded():
     if PYLLAMA_BACKEND_DL:
         here = _os.path.dirname(_os.path.abspath(__file__)).encode()
         ggml_backend_load_all_from_path(here)
-
-
-cdef extern from *:
-    """
-    #ifndef PYLLAMA_BACKEND_DL
-    #define PYLLAMA_BACKEND_DL 0
-    #endif
-    """
-    int PYLLAMA_BACKEND_DL
 
 
 llama_backend_init()
