@@ -11,6 +11,7 @@ Two kinds of tests:
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import re
 from pathlib import Path
@@ -236,7 +237,7 @@ def _ambiguous(n):
     return "root ::= r0\n" + "".join(f'r{i} ::= r{i + 1} "a" | r{i + 1} "b"\n' for i in range(n)) + f'r{n} ::= "a"\n'
 
 
-@pytest.mark.parametrize("text,match", [
+PRECHECK_REJECTS = [
     pytest.param("", "empty", id="empty"),
     pytest.param(" \n\t ", "empty", id="whitespace"),
     pytest.param('root ::= "a\0"', "NUL", id="nul"),
@@ -254,7 +255,10 @@ def _ambiguous(n):
     pytest.param(_alternatives(10001), "more than 10000 parse stacks", id="many-alternatives"),
     pytest.param("root ::= x\nx ::= w | w | w\n" + _alternatives(4000, "w"),
                  "rule 'root' can start more than 10000 parse stacks", id="many-alternatives-through-rules"),
-])
+]
+
+
+@pytest.mark.parametrize("text,match", PRECHECK_REJECTS)
 def test_precheck_rejects(text, match):
     with pytest.raises(GrammarError, match=match):
         G.precheck_gbnf(text)
@@ -267,7 +271,7 @@ def test_precheck_token_ids():
         G.precheck_gbnf("root ::= <[10]>", n_vocab=10)
 
 
-@pytest.mark.parametrize("text", [
+PRECHECK_ACCEPTS = [
     pytest.param('root ::= "a"', id="simple"),
     pytest.param(_deep(256), id="nesting-256"),
     pytest.param(_chain(1990), id="chain-1990"),
@@ -282,46 +286,15 @@ def test_precheck_token_ids():
     pytest.param("root ::= ", id="empty-rule"),
     pytest.param("# nothing but a comment", id="comment-only"),
     pytest.param('root ::= "a"{2001}', id="repeat-2001"),
-])
+]
+
+
+@pytest.mark.parametrize("text", PRECHECK_ACCEPTS)
 def test_precheck_accepts(text):
     G.precheck_gbnf(text)
 
 
-def test_precheck_agrees_with_llama_cpp(core, vocab):
-    """What the pre-check lets through does not crash llama.cpp (it may still reject it)."""
-    for text in [_deep(256), _chain(1990), _ambiguous(10), 'root ::= "a"{3,2500}', "root ::= (",
-                 "root ::= undefined", "root ::= [a-z]{0,2000}"]:
-        G.precheck_gbnf(text)
-        try:
-            core.validate_grammar(vocab, text)
-        except GrammarError:
-            pass
-
-
-def test_precheck_prevents_crash(run_python, vocab_dir):
-    """llama.cpp's recursive parser overflows the C stack on deep nesting (a segfault, not an
-    exception); load_grammar refuses such text before it gets there."""
-    code = f"""
-import pyllama._core as core
-from pyllama.grammar import load_grammar
-from pyllama.errors import GrammarError
-vocab = core.Model({str(vocab_dir / VOCAB_NAME)!r}, vocab_only=True).vocab
-for text in ["root ::= " + "(" * 100000 + '"a"' + ")" * 100000,
-             'root ::= "a"{{5,2}}',
-             "root ::= r0\\n" + "".join(f"r{{i}} ::= r{{i+1}}\\n" for i in range(150000)) + 'r150000 ::= "a"']:
-    try:
-        core.validate_grammar(vocab, load_grammar(text))
-    except GrammarError as e:
-        print("rejected:", str(e)[:80])
-print("alive")
-"""
-    result = run_python(code, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("rejected:") == 3
-    assert "alive" in result.stdout
-
-
-@pytest.mark.parametrize("text,message", [
+SYNTAX_ERRORS = [
     ('root ::= ("a"', "line 1, column 14: expecting ')'"),
     ('root ::= "a"\nx := b', "line 2, column 3: expecting ::="),
     ("root ::= *", "expecting preceding item"),
@@ -333,11 +306,17 @@ print("alive")
     ('x ::= "a"', "no rule named 'root'"),
     ("# only a comment", "no rules"),
     ('root ::= "a"{2001}', "exceeds 2000"),
-])
-def test_gbnf_syntax_error(core, vocab, text, message):
+]
+
+
+@pytest.mark.parametrize("text,message", SYNTAX_ERRORS)
+def test_gbnf_syntax_error(llama_verdicts, text, message):
+    """The pre-check's message; in a subprocess (see llama_verdicts): pyllama raises
+    GrammarError with it, and llama.cpp's own parser refuses the text as well."""
     assert message in G.gbnf_syntax_error(text)
-    with pytest.raises(GrammarError):
-        core.validate_grammar(vocab, text)
+    v = llama_verdicts[text]
+    assert v["checked"].startswith("GrammarError:") and message in v["checked"], v
+    assert v["raw"] == "rejected", v
 
 
 def test_gbnf_syntax_error_none_for_valid(core, vocab):
@@ -345,6 +324,231 @@ def test_gbnf_syntax_error_none_for_valid(core, vocab):
         root = "x" if text.startswith("x") else "root"
         assert G.gbnf_syntax_error(text, root=root) is None
         core.validate_grammar(vocab, text, root)
+
+
+# --------------------------------------------------------------------------- pre-check vs llama.cpp
+#
+# llama.cpp's own parser sees grammars here only in a subprocess (with a timeout): a wrong
+# pre-check would crash or hang it.  One subprocess checks every grammar below:
+#
+#   checked  core.validate_grammar as users call it (pre-check, then llama.cpp), for all;
+#   raw      llama.cpp's parser alone (the pre-check switched off), only for grammars that
+#            precheck_gbnf calls safe -- the ones it rejects may crash or hang llama.cpp.
+
+
+def _fuzzed_grammars(n=300, seed=19):
+    """Deterministic mutations of small grammars: characters GBNF gives meaning to
+    inserted, deleted, duplicated and swapped."""
+    import random
+
+    rng = random.Random(seed)
+    seeds = ['root ::= "a"', 'root ::= [a-z]+ ("," [a-z]+)*', 'root ::= x{2,3} y?\nx ::= "x" | "yz"\ny ::= [^\\n]',
+             'root ::= ("a" | b)* "c"\nb ::= [0-9]{1,4}', 'root ::= <[5]> !<[6]> "t"', "root ::= (\"(\" root \")\")?",
+             'root ::= "\\u00e9" [\\x00-\\x7f] "\\\\"', "root ::= item (ws item)*\nitem ::= [a-z]\nws ::= [ \\t]+",
+             *(t for t, _ in SYNTAX_ERRORS)]
+    alphabet = list('()[]{}|*+?"\\-^.,:=#<>!0123456789 \nabrootx') + ["::=", "root ::= ", "{2001}", "{0,}", "\\x"]
+    fragments = [' "q"', " [0-9]", "?", "*", ' | "z"', " (x)", "{1,3}", " ws", "\nws ::= [ ]*", '\nx ::= "w"']
+    valid = seeds[:8]
+    out = []
+    while len(out) < n:
+        text = rng.choice(valid if rng.random() < 0.7 else seeds)
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randint(0, len(text))
+            op = rng.randrange(4)
+            if op == 0:
+                text = text[:i] + rng.choice(alphabet if rng.random() < 0.6 else fragments) + text[i:]
+            elif op == 1 and text:
+                text = text[:i] + text[i + 1:]
+            elif op == 2:
+                j = rng.randint(i, min(len(text), i + 12))
+                text = text[:j] + text[i:j] + text[j:]
+            elif len(text) > 1:
+                j = rng.randrange(len(text))
+                chars = list(text)
+                chars[min(i, len(text) - 1)], chars[j] = chars[j], chars[min(i, len(text) - 1)]
+                text = "".join(chars)
+        if text not in out:
+            out.append(text)
+    return out
+
+
+FUZZED = _fuzzed_grammars()
+
+
+def _shipped_and_generated():
+    texts = [G.load_grammar(grammar_path=G.grammar_path(name)) for name in ("json", "list")]
+    for schema in [{}, {"type": "object", "properties": {"a": {"type": "integer", "minimum": -15, "maximum": 123}},
+                        "required": ["a"]},
+                   {"type": "array", "items": {"enum": ["x", 1, None]}, "minItems": 1, "maxItems": 3},
+                   {"type": "string", "pattern": "^[a-f0-9]{4,8}(-x)?$"},
+                   {"type": "string", "format": "date-time"}]:
+        texts.append(G.json_schema_to_gbnf(schema))
+    return texts
+
+
+TOKEN_TEXT_NOT_IN_VOCAB = 'root ::= "a" | <tok>'   # a token text the vocabulary lacks
+
+AGREEMENT_CORPUS = list(dict.fromkeys(
+    [p.values[0] for p in PRECHECK_ACCEPTS]
+    + [t for t, _ in SYNTAX_ERRORS]
+    + [_deep(256), _chain(1990), _ambiguous(10), "root ::= undefined", "root ::= [a-z]{0,2000}",
+       'root ::= "a" | <[999999]>', 'x ::= "a"', "root ::= [\\uD7FF-\\uE000]", TOKEN_TEXT_NOT_IN_VOCAB]
+    + _shipped_and_generated()
+    + FUZZED))
+
+# Crash-prone: what pyllama refuses before llama.cpp's parser sees it (checked only).
+UNSAFE_CORPUS = [p.values[0] for p in PRECHECK_REJECTS] + [
+    "root ::= " + "(" * 100000 + '"a"' + ")" * 100000,
+    "root ::= r0\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(150000)) + 'r150000 ::= "a"',
+]
+
+_VERDICT_CHILD = r'''
+import json, os, sys
+import pyllama._core as core
+import pyllama._gbnf_check as check
+from pyllama.errors import GrammarError
+
+cases = json.load(open(CASES, encoding="utf-8"))
+vocab = core.Model(VOCAB, vocab_only=True).vocab
+real_check = check.check_before_llama
+
+
+def verdict(text, raw):
+    check.check_before_llama = (lambda *a, **k: None) if raw else real_check
+    try:
+        core.validate_grammar(vocab, text)
+    except GrammarError as e:
+        return "rejected" if raw else "GrammarError: " + str(e)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        check.check_before_llama = real_check
+    return "ok"
+
+
+for i, case in enumerate(cases):
+    for mode in (("checked", "raw") if case["safe"] else ("checked",)):
+        # where a crash happened, and llama.cpp's stderr (its parse errors) per case
+        os.write(1, f"START {i} {mode}\n".encode())
+        os.write(2, f"\n@@ {i} {mode}\n".encode())
+        out = verdict(case["text"], mode == "raw")
+        os.write(1, (json.dumps({"i": i, mode: out}) + "\n").encode())
+os.write(1, b"ALL DONE\n")
+'''
+
+
+def _run_verdicts(run_python, vocab_dir, tmp_path, texts, safe, timeout):
+    cases_file = tmp_path / "cases.json"
+    cases_file.write_text(json.dumps([{"text": t, "safe": s} for t, s in zip(texts, safe)]), encoding="utf-8")
+    code = (f"VOCAB = {str(vocab_dir / VOCAB_NAME)!r}\nCASES = {str(cases_file)!r}\n" + _VERDICT_CHILD)
+    result = run_python(code, timeout=timeout)
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or not lines or lines[-1] != "ALL DONE":
+        started = [ln for ln in lines if ln.startswith("START ")]
+        last = started[-1].split() if started else None
+        culprit = texts[int(last[1])] if last else None
+        pytest.fail(f"the grammar subprocess died (exit {result.returncode}) in case {last}:\n"
+                    f"{culprit!r:.2000}\n--- stderr ---\n{result.stderr[-3000:]}", pytrace=False)
+    verdicts = [{} for _ in texts]
+    for ln in lines:
+        if ln.startswith("{"):
+            d = json.loads(ln)
+            verdicts[d.pop("i")].update(d)
+    llama_stderr = {}
+    for chunk in result.stderr.split("\n@@ ")[1:]:
+        head, _, body = chunk.partition("\n")
+        i, mode = head.split()
+        llama_stderr[(int(i), mode)] = body.strip()
+    for i, v in enumerate(verdicts):
+        v["llama_stderr"] = llama_stderr.get((i, "raw"), "")
+    return verdicts
+
+
+@pytest.fixture(scope="module")
+def llama_verdicts(run_python, vocab_dir, vocab, tmp_path_factory):
+    """{text: {"safe", "checked", "raw", "llama_stderr"}} for AGREEMENT_CORPUS, from one subprocess."""
+    texts = AGREEMENT_CORPUS
+    safe = []
+    for text in texts:
+        try:
+            G.precheck_gbnf(text, n_vocab=vocab.n_tokens)
+            safe.append(True)
+        except GrammarError:
+            safe.append(False)
+    verdicts = _run_verdicts(run_python, vocab_dir, tmp_path_factory.mktemp("grammars"), texts, safe, timeout=240)
+    return {t: dict(v, safe=s) for t, s, v in zip(texts, safe, verdicts)}
+
+
+def _precheck_verdict(text, vocab):
+    from pyllama._gbnf_check import check_before_llama
+
+    try:
+        check_before_llama(text, n_vocab=vocab.n_tokens,
+                           token_count=lambda t: len(vocab.tokenize(t, False, True)))
+    except GrammarError as e:
+        return str(e)
+    return None
+
+
+def test_precheck_agrees_with_llama_cpp(llama_verdicts, vocab):
+    """For every grammar that is safe to give llama.cpp (precheck_gbnf passes): the full
+    pre-check accepts it exactly when llama.cpp's own parser does, and pyllama's
+    validate_grammar gives the same answer; its GrammarError is the pre-check's message."""
+    disagree = []
+    n_safe = n_raw_ok = 0
+    for text, v in llama_verdicts.items():
+        if not v["safe"]:
+            assert v["checked"].startswith("GrammarError:"), (text, v)   # refused before llama.cpp
+            continue
+        n_safe += 1
+        pre = _precheck_verdict(text, vocab)
+        llama_ok = v["raw"] == "ok"
+        n_raw_ok += llama_ok
+        assert v["raw"] in ("ok", "rejected"), (text, v)
+        if (pre is None) != llama_ok:
+            disagree.append((text, pre, v["raw"], v["llama_stderr"][:300]))
+            continue
+        if pre is None:
+            assert v["checked"] == "ok", (text, v)
+        else:
+            assert v["checked"] == f"GrammarError: {pre}", (text, v)
+    assert not disagree, "pre-check and llama.cpp disagree:\n" + "\n".join(map(repr, disagree))
+    # the corpus exercises both answers, and most of it reaches llama.cpp's parser
+    assert n_raw_ok >= 40 and n_safe - n_raw_ok >= 200, (n_safe, n_raw_ok)
+    assert n_safe >= 0.8 * len(llama_verdicts)
+
+
+def test_precheck_accepts_what_llama_cpp_parses(llama_verdicts):
+    for text in [p.values[0] for p in PRECHECK_ACCEPTS]:
+        v = llama_verdicts[text]
+        assert v["safe"] and v["raw"] in ("ok", "rejected"), (text[:80], v)
+
+
+def test_fuzzed_grammars_reach_both_parsers(llama_verdicts):
+    """The fuzzed corpus is not all rejected up front: its accepted and refused grammars both
+    went through llama.cpp's parser (a generator that only makes garbage tests nothing)."""
+    raw = [llama_verdicts[t].get("raw") for t in FUZZED]
+    assert raw.count("ok") >= 20 and raw.count("rejected") >= 200, Counter(raw)
+
+
+def test_precheck_knows_token_texts(llama_verdicts):
+    """A <token> reference the vocabulary lacks: llama.cpp refuses it ("invalid token", on
+    stderr only); the pre-check tokenizes it as llama.cpp does and names it."""
+    v = llama_verdicts[TOKEN_TEXT_NOT_IN_VOCAB]
+    assert v["raw"] == "rejected" and "invalid token '<tok>'" in v["llama_stderr"], v
+    assert "invalid token '<tok>'" in v["checked"], v
+    assert "llama.cpp refused it" not in v["checked"]
+
+
+def test_precheck_prevents_crash(run_python, vocab_dir, tmp_path):
+    """Grammars that crash or hang llama.cpp's parser (C stack overflow on deep nesting, an
+    endless loop on a reversed repetition, ...): pyllama refuses each with GrammarError
+    before llama.cpp sees it, and the process lives on."""
+    verdicts = _run_verdicts(run_python, vocab_dir, tmp_path, UNSAFE_CORPUS, [False] * len(UNSAFE_CORPUS),
+                             timeout=120)
+    for text, v in zip(UNSAFE_CORPUS, verdicts):
+        assert v["checked"].startswith(("GrammarError: ", "ValueError: grammar ")), (text[:80], v)
+        assert "llama.cpp refused it" not in v["checked"], (text[:80], v)   # the pre-check's answer
 
 
 # --------------------------------------------------------------------------- json_schema_to_gbnf: text

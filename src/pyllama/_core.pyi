@@ -344,7 +344,8 @@ class SamplerChain:
                 seq_breakers: Sequence[str] = ("\n", ":", '"', "*"), *, n_ctx: int = 0) -> SamplerChain: ...
     @property
     def stage_params(self) -> list[tuple[str, dict[str, Any]]]:
-        """(name, parameters handed to llama.cpp) per stage; penalty windows resolved."""
+        """(name, parameters handed to llama.cpp) per stage: penalty windows resolved, seeds as
+        the 32-bit value llama.cpp got (0xFFFFFFFF: random), logit biases as {token: bias}."""
     def add_logit_bias(self, bias: dict[int, float]) -> SamplerChain: ...
     def add_grammar(self, grammar: str, root: str = "root") -> SamplerChain:
         """GBNF grammar; GrammarError (with llama.cpp's parser message) if it does not parse."""

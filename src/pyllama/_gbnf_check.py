@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from threading import Lock
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from pyllama.errors import GrammarError
 
@@ -146,20 +146,28 @@ def precheck_gbnf(text: str, *, n_vocab: Optional[int] = None) -> None:
     _remember_pass(key, text)
 
 
-def check_before_llama(text: str, root: str = "root", *, n_vocab: Optional[int] = None) -> None:
+def check_before_llama(text: str, root: str = "root", *, n_vocab: Optional[int] = None,
+                       token_count: Optional[Callable[[str], int]] = None) -> None:
     """What ``pyllama._core`` runs before llama.cpp's parser sees `text`: :func:`precheck_gbnf`,
     and llama.cpp's syntax errors raised here as ``GrammarError("invalid grammar: line L,
     column C: reason")``.  llama.cpp prints those to stderr, which we would otherwise have to
-    capture by redirecting file descriptor 2 -- for every thread of the process."""
+    capture by redirecting file descriptor 2 -- for every thread of the process.
+
+    `token_count(text)`: how many tokens the model's vocabulary makes of `text` (special
+    tokens parsed), for ``<token>`` references, which llama.cpp accepts only when they are
+    exactly one token.  A grammar with such references is checked every time (the answer
+    depends on the vocabulary, not only on the text)."""
     if not isinstance(text, str):
         raise TypeError(f"grammar must be GBNF text (str), not {type(text).__name__}")
     key = (text, n_vocab, root)
     if _passed_before(key):
         return
-    error = _precheck(text, n_vocab, root=root)
+    scan = _GbnfScan(text, n_vocab, token_count)
+    error = _precheck(text, n_vocab, root=root, scan=scan)
     if error is not None:
         raise GrammarError(f"invalid grammar: {error}")
-    _remember_pass(key, text)
+    if not scan.token_texts:
+        _remember_pass(key, text)
 
 
 def _passed_before(key: tuple) -> bool:
@@ -178,7 +186,8 @@ def _remember_pass(key: tuple, text: str) -> None:
                 _PASSED.popitem(last=False)
 
 
-def _precheck(text: str, n_vocab: Optional[int], root: Optional[str] = None) -> Optional[str]:
+def _precheck(text: str, n_vocab: Optional[int], root: Optional[str] = None,
+              scan: Optional["_GbnfScan"] = None) -> Optional[str]:
     """GrammarError for what llama.cpp cannot survive; otherwise llama.cpp's syntax error for
     `text` ("line L, column C: reason"), or None when it parses (and has `root`, if given)."""
     if "\0" in text:
@@ -189,7 +198,8 @@ def _precheck(text: str, n_vocab: Optional[int], root: Optional[str] = None) -> 
         raise GrammarError(f"the grammar is not valid text: {e.reason} at index {e.start}") from None
     if not text.strip():
         raise GrammarError("the grammar is empty: llama.cpp would run unconstrained")
-    scan = _GbnfScan(text, n_vocab)
+    if scan is None:
+        scan = _GbnfScan(text, n_vocab)
     try:
         scan.parse()
     except _SyntaxStop as e:
@@ -204,9 +214,12 @@ class _GbnfScan:
     """Mirror of llama_grammar_parser: same symbol ids, same rewrite of repetitions, but a
     rule is stored as alternatives of symbols ('T', n_elements) / ('R', rule_id)."""
 
-    def __init__(self, text: str, n_vocab: Optional[int]) -> None:
+    def __init__(self, text: str, n_vocab: Optional[int],
+                 token_count: Optional[Callable[[str], int]] = None) -> None:
         self.s = text + "\0"
         self.n_vocab = n_vocab
+        self.token_count = token_count
+        self.token_texts = 0           # <token> references seen (checked with token_count)
         self.symbols: Dict[str, int] = {}
         self.rules: Dict[int, List[List[Tuple[str, int]]]] = {}
         self.depth = 0
@@ -463,6 +476,14 @@ class _GbnfScan:
         end = s.find(">", pos)
         if end < 0 or "\0" in s[pos:end]:
             raise _SyntaxStop("expecting '>'", start)
+        self.token_texts += 1
+        if self.token_count is not None:
+            # llama.cpp tokenizes "<...>" itself (special tokens parsed) and refuses anything
+            # but exactly one token -- with its message on stderr only.
+            token_text = s[start:end + 1]
+            if self.token_count(token_text) != 1:
+                raise _SyntaxStop(f"invalid token '{token_text}' (a <...> reference must be exactly one "
+                                  "token of this model's vocabulary)", start)
         return end + 1
 
     def repeat(self, alt: List[Tuple[str, int]], last_sym_start: int, n_prev_rules: int, rule_name: str,

@@ -18,7 +18,8 @@ cdef llama_sampler * _make_grammar_sampler(Vocab vocab, grammar, root, trigger_p
     # the way llama.cpp's parser would, since that parser prints them to stderr (capturing them
     # would mean redirecting file descriptor 2 for every thread of the process).
     from pyllama._gbnf_check import check_before_llama
-    check_before_llama(g.decode("utf-8"), r.decode("utf-8"), n_vocab=vocab.n_tokens)
+    check_before_llama(g.decode("utf-8"), r.decode("utf-8"), n_vocab=vocab.n_tokens,
+                       token_count=lambda text: len(vocab.tokenize(text, False, True)))
     cdef char regex_err[256]
     cdef llama_sampler * smpl
     cdef list pats = [_utf8(p, "trigger pattern") for p in (trigger_patterns or ())]
@@ -171,51 +172,55 @@ cdef class SamplerChain:
 
     def add_dist(self, seed=0xFFFFFFFF) -> SamplerChain:
         self._get()
-        return self._add(llama_sampler_init_dist(_seed(seed)), "dist")
+        cdef uint32_t sd = _seed(seed)
+        return self._add(llama_sampler_init_dist(sd), "dist", {"seed": sd})
 
     def add_top_k(self, int k) -> SamplerChain:
         self._get()
         if k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {k}")
-        return self._add(llama_sampler_init_top_k(k), "top-k")
+        return self._add(llama_sampler_init_top_k(k), "top-k", {"k": k})
 
     def add_top_p(self, float p, size_t min_keep=1) -> SamplerChain:
         self._get()
         _check_prob("top_p", p, allow_zero=False)
-        return self._add(llama_sampler_init_top_p(p, min_keep), "top-p")
+        return self._add(llama_sampler_init_top_p(p, min_keep), "top-p", {"p": p, "min_keep": min_keep})
 
     def add_min_p(self, float p, size_t min_keep=1) -> SamplerChain:
         self._get()
         _check_prob("min_p", p, allow_zero=True)
-        return self._add(llama_sampler_init_min_p(p, min_keep), "min-p")
+        return self._add(llama_sampler_init_min_p(p, min_keep), "min-p", {"p": p, "min_keep": min_keep})
 
     def add_typical(self, float p, size_t min_keep=1) -> SamplerChain:
         self._get()
         _check_prob("typical_p", p, allow_zero=False)
-        return self._add(llama_sampler_init_typical(p, min_keep), "typical")
+        return self._add(llama_sampler_init_typical(p, min_keep), "typical", {"p": p, "min_keep": min_keep})
 
     def add_temp(self, float t) -> SamplerChain:
         self._get()
         _check_finite("temperature", t, minimum=0.0)
-        return self._add(llama_sampler_init_temp(t), "temp")
+        return self._add(llama_sampler_init_temp(t), "temp", {"t": t})
 
     def add_temp_ext(self, float t, float delta, float exponent) -> SamplerChain:
         self._get()
         _check_finite("temperature", t, minimum=0.0)
         _check_finite("dynatemp delta", delta, minimum=0.0)
         _check_finite("dynatemp exponent", exponent)
-        return self._add(llama_sampler_init_temp_ext(t, delta, exponent), "temp-ext")
+        return self._add(llama_sampler_init_temp_ext(t, delta, exponent), "temp-ext",
+                         {"t": t, "delta": delta, "exponent": exponent})
 
     def add_xtc(self, float p, float t, size_t min_keep=1, seed=0xFFFFFFFF) -> SamplerChain:
         self._get()
         _check_prob("xtc probability", p, allow_zero=True)
         _check_prob("xtc threshold", t, allow_zero=True)
-        return self._add(llama_sampler_init_xtc(p, t, min_keep, _seed(seed)), "xtc")
+        cdef uint32_t sd = _seed(seed)
+        return self._add(llama_sampler_init_xtc(p, t, min_keep, sd), "xtc",
+                         {"p": p, "t": t, "min_keep": min_keep, "seed": sd})
 
     def add_top_n_sigma(self, float n) -> SamplerChain:
         self._get()
         _check_finite("top_n_sigma", n)
-        return self._add(llama_sampler_init_top_n_sigma(n), "top-n-sigma")
+        return self._add(llama_sampler_init_top_n_sigma(n), "top-n-sigma", {"n": n})
 
     def add_mirostat(self, seed, float tau, float eta, int m=100) -> SamplerChain:
         self._get()
@@ -223,13 +228,16 @@ cdef class SamplerChain:
         _check_finite("mirostat_eta", eta, minimum=0.0)
         if m < 1:
             raise ValueError(f"mirostat m must be >= 1, got {m}")
-        return self._add(llama_sampler_init_mirostat(self.vocab.n_tokens, _seed(seed), tau, eta, m), "mirostat")
+        cdef uint32_t sd = _seed(seed)
+        return self._add(llama_sampler_init_mirostat(self.vocab.n_tokens, sd, tau, eta, m), "mirostat",
+                         {"seed": sd, "tau": tau, "eta": eta, "m": m})
 
     def add_mirostat_v2(self, seed, float tau, float eta) -> SamplerChain:
         self._get()
         _check_finite("mirostat_tau", tau, minimum=0.0)
         _check_finite("mirostat_eta", eta, minimum=0.0)
-        return self._add(llama_sampler_init_mirostat_v2(_seed(seed), tau, eta), "mirostat-v2")
+        cdef uint32_t sd = _seed(seed)
+        return self._add(llama_sampler_init_mirostat_v2(sd, tau, eta), "mirostat-v2", {"seed": sd, "tau": tau, "eta": eta})
 
     def add_penalties(self, int last_n=64, float repeat=1.0, float frequency=0.0,
                       float presence=0.0, *, int n_ctx=0) -> SamplerChain:
@@ -289,7 +297,7 @@ cdef class SamplerChain:
                 self._set_bias(arr, len(items))   # for the engine's greedy fast path
         finally:
             free(arr)
-        return self._add(s, "logit-bias")
+        return self._add(s, "logit-bias", {"bias": {int(t): float(b) for t, b in items.items()}})
 
     def add_grammar(self, grammar, root="root") -> SamplerChain:
         """Constrain output with a GBNF grammar (GrammarError if it does not parse)."""
@@ -298,7 +306,7 @@ cdef class SamplerChain:
         self._hold_model()
         self._grammar_stages.append(len(self._names))
         self.has_grammar = True
-        return self._add(s, "grammar")
+        return self._add(s, "grammar", {"root": root})
 
     def add_grammar_lazy(self, grammar, root="root", trigger_patterns=(), trigger_tokens=()) -> SamplerChain:
         """A grammar that applies only after a trigger pattern (regex) or token appears."""
@@ -308,7 +316,8 @@ cdef class SamplerChain:
         self._hold_model()
         self._grammar_stages.append(len(self._names))
         self.has_grammar = True
-        return self._add(s, "grammar-lazy")
+        return self._add(s, "grammar-lazy", {"root": root, "trigger_patterns": list(trigger_patterns),
+                                             "trigger_tokens": list(trigger_tokens)})
 
     cdef int32_t _window(self, str what, int last_n, int n_ctx) except -2:
         """A penalty window as llama.cpp's samplers take it.  They treat any negative value as 0
@@ -329,7 +338,9 @@ cdef class SamplerChain:
 
     @property
     def stage_params(self) -> list:
-        """(name, parameters) of each stage, as handed to llama.cpp (penalty windows resolved)."""
+        """(name, parameters) of each stage, as handed to llama.cpp: penalty windows resolved,
+        seeds as the 32-bit value llama.cpp got (0xFFFFFFFF: a random seed), logit biases as
+        {token: bias}.  Tests and debugging read what a call really built from this."""
         return [(n, dict(p)) for n, p in zip(self._names, self._params)]
 
     cdef int _check_selects(self) except -1:
