@@ -17,6 +17,7 @@ import json
 import numpy as np
 import pytest
 
+from llm_fixtures import module_llm
 from pyllama import LLM, Completion
 from pyllama.errors import ContextLengthError
 
@@ -40,25 +41,9 @@ PROMPTS = [
 # with the unified KV memory (the default) or on Gemma 3 the logits differ by up to a few % of
 # their scale, and the strongest true property is asserted instead: a batched greedy text is
 # the alone text, or departs from it at a token where the two candidates were nearly tied.
-@pytest.fixture(scope="module")
-def smol(smollm2_path):
-    llm = LLM(smollm2_path, n_ctx=2048, n_threads=THREADS, temperature=0, kv_unified=False)
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(scope="module")
-def smol_default(smollm2_path):
-    llm = LLM(smollm2_path, n_ctx=2048, n_threads=THREADS, temperature=0)
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(scope="module")
-def gemma(gemma_path):
-    llm = LLM(gemma_path, n_ctx=1024, n_threads=THREADS, temperature=0)
-    yield llm
-    llm.close()
+smol = module_llm("smollm2_path", n_ctx=2048, n_threads=THREADS, temperature=0, kv_unified=False)
+smol_default = module_llm("smollm2_path", n_ctx=2048, n_threads=THREADS, temperature=0)
+gemma = module_llm("gemma_path", n_ctx=1024, n_threads=THREADS, temperature=0)
 
 
 def _alone(llm: LLM, prompt, **kw) -> Completion:

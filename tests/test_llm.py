@@ -26,6 +26,7 @@ from pyllama import LLM, _core
 from pyllama.errors import ContextLengthError
 
 from hf_reference import hf_render
+from llm_fixtures import either_llm, module_llm
 
 pytestmark = pytest.mark.model
 
@@ -35,23 +36,9 @@ THREADS = 2
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_path):
-    llm = LLM(smollm2_path, n_ctx=1024, n_threads=THREADS, temperature=0)
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(scope="module")
-def gemma(gemma_path):
-    llm = LLM(gemma_path, n_ctx=1024, n_threads=THREADS, temperature=0)
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(params=["smol", "gemma"])
-def any_llm(request):
-    return request.getfixturevalue(request.param)
+smol = module_llm("smollm2_path", n_ctx=1024, n_threads=THREADS, temperature=0)
+gemma = module_llm("gemma_path", n_ctx=1024, n_threads=THREADS, temperature=0)
+any_llm = either_llm("smol", "gemma")
 
 
 def _grammar_path(name: str) -> str:

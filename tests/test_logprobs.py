@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 
+from llm_fixtures import either_llm, module_llm
 from pyllama import LLM, Batch, Context
 
 pytestmark = pytest.mark.model
@@ -21,23 +22,9 @@ THREADS = 2
 PROMPT = "The three primary colors are"
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_path):
-    llm = LLM(smollm2_path, n_ctx=512, n_threads=THREADS, temperature=0)
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(scope="module")
-def gemma(gemma_path):
-    llm = LLM(gemma_path, n_ctx=512, n_threads=THREADS, temperature=0)
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(params=["smol", "gemma"])
-def any_llm(request):
-    return request.getfixturevalue(request.param)
+smol = module_llm("smollm2_path", n_ctx=512, n_threads=THREADS, temperature=0)
+gemma = module_llm("gemma_path", n_ctx=512, n_threads=THREADS, temperature=0)
+any_llm = either_llm("smol", "gemma")
 
 
 def _log_softmax(row: np.ndarray) -> np.ndarray:

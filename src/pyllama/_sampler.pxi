@@ -472,15 +472,17 @@ cdef uint32_t _seed(object seed) except? 0xFFFFFFFF:
     return <uint32_t>seed
 
 
-cdef int _check_finite(str name, double value, double minimum=-INFINITY) except -1:
+# The rules for sampling values, in one place: the sampler stages check what reaches
+# llama.cpp with them, and pyllama.sampling.SamplingParams validates with the same two.
+cpdef int _check_finite(str name, double value, double minimum=-INFINITY) except -1:
     if not isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
     return 0
 
 
-cdef int _check_prob(str name, double value, bint allow_zero) except -1:
+cpdef int _check_prob(str name, double value, bint allow_zero) except -1:
     if not isfinite(value) or value < 0.0 or value > 1.0 or (value == 0.0 and not allow_zero):
         rng = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must be in {rng}, got {value}")

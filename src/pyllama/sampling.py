@@ -159,19 +159,20 @@ def build_chain(
     return chain.add_temp(params.temperature).add_dist(seed)
 
 
-def _finite(name: str, value: Any, minimum: float = -math.inf) -> None:
+def _number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
+
+
+# The range rules themselves live in _core, next to the sampler stages that rely on them.
+def _finite(name: str, value: Any, minimum: float = -math.inf) -> None:
+    _number(name, value)
+    _core._check_finite(name, value, minimum)
 
 
 def _prob(name: str, value: Any, allow_zero: bool) -> None:
-    _finite(name, value)
-    if value < 0 or value > 1 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be in {'[0, 1]' if allow_zero else '(0, 1]'}, got {value}")
+    _number(name, value)
+    _core._check_prob(name, value, allow_zero)
 
 
 def _unknown_message(unknown: set, valid: frozenset, what: str) -> str:
