@@ -7,9 +7,7 @@ same vendored tree and linked against the very static libraries of our build.
 
 from __future__ import annotations
 
-import glob
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import native_tools
 import pyllama
 from pyllama import LLM, Batch, Context, Engine, GenerationRequest, Model, SamplerChain
 from pyllama.errors import (
@@ -504,34 +503,10 @@ def test_engine_rejects_bad_requests(tiny):
 # real models: fidelity with llama.cpp's own tools
 # ---------------------------------------------------------------------------
 
-def _static_libs():
-    """The static llama.cpp libraries of the build that produced the installed module."""
-    explicit = os.environ.get("PYLLAMA_BUILD_DIR")
-    dirs = [Path(explicit)] if explicit else sorted(
-        (Path(p).parent.parent.parent for p in glob.glob(str(ROOT / "build" / "*" / "llama.cpp" / "src" / "libllama.a"))),
-        key=lambda d: (d / "llama.cpp" / "src" / "libllama.a").stat().st_mtime, reverse=True)
-    sanitize = pyllama.build_info()["options"].get("PYLLAMA_SANITIZE", "")
-    for d in dirs:
-        config = d / "_build_config.py"
-        if not explicit and config.exists() and f'"PYLLAMA_SANITIZE": "{sanitize}"' not in config.read_text():
-            continue  # a build with another sanitizer setting than the installed module
-        lib = d / "llama.cpp"
-        libs = [lib / "src" / "libllama.a", lib / "ggml" / "src" / "libggml.a"]
-        libs += sorted((lib / "ggml" / "src").glob("ggml-*/libggml-*.a"))
-        libs += [lib / "ggml" / "src" / "libggml-cpu.a", lib / "ggml" / "src" / "libggml-base.a"]
-        if all(p.exists() for p in libs):
-            return libs
-    return None
-
-
 @pytest.fixture(scope="session")
 def llama_simple(tmp_path_factory):
     """llama.cpp's examples/simple, compiled against our build's static libraries."""
-    libs = _static_libs()
-    if libs is None:
-        if os.environ.get("CI"):
-            pytest.fail("no static llama.cpp libraries found under build/*/ (the source build's build dir)")
-        pytest.skip("needs a source build with a persistent build dir (pip install -Cbuild-dir=build/...)")
+    libs = native_tools.require_static_libs()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "vendor_llama_cpp.py"), "--with", "tools"], check=True,
                    capture_output=True)
     src = ROOT / "vendor" / "llama.cpp" / "examples" / "simple" / "simple.cpp"
@@ -540,10 +515,7 @@ def llama_simple(tmp_path_factory):
     # Upstream's file compiled as it is; a forced include logs the id of every token it prints.
     log_ids = ROOT / "tests" / "native" / "log_token_ids.h"
     cmd = ["g++", "-O2", "-std=c++17", "-include", str(log_ids), str(src), "-I", str(inc / "include"),
-           "-I", str(inc / "ggml" / "include"), "-o", str(exe), *map(str, libs), "-fopenmp", "-lpthread", "-ldl"]
-    sanitize = pyllama.build_info()["options"].get("PYLLAMA_SANITIZE")
-    if sanitize:  # the static libraries are instrumented: the program needs the same runtime
-        cmd.append(f"-fsanitize={sanitize}")
+           "-I", str(inc / "ggml" / "include"), "-o", str(exe), *map(str, libs), *native_tools.link_flags()]
     subprocess.run(cmd, check=True, capture_output=True)
     return exe
 
