@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Ray Data throughput (issue 16): rows per second for the same prompts through
+
+* ``single``   -- one process, ``LLM.generate`` over all rows, ``--cpus`` threads;
+* ``ray-1x``    -- Ray Data, ``map_batches(LLMPredictor)`` with 1 actor of ``--cpus`` CPUs
+  (``n_threads=--cpus``): the cost of Ray itself, target >= 0.9x single;
+* ``ray-Nx1``   -- Ray Data with ``--cpus`` actors of 1 CPU each (``n_threads=1``): how the
+  work spreads over actors; on one machine it cannot beat the cores it has, and the per-node
+  figure is what a cluster multiplies by its node count.
+
+    python benchmarks/ray_bench.py -m smollm2 --rows 200 --max-tokens 32 --reps 3
+
+Every mode is timed end to end -- model load included (the single process loads its LLM,
+each Ray run starts its actors, which load theirs) -- because that is what a batch job pays;
+the single process's generate-only rate is printed next to it.  Every row generates exactly
+--max-tokens tokens (greedy, ``ignore_eos``), so all modes do the same work.  All modes use the
+same context: ``--n-parallel`` sequences of ``--ctx-per-seq`` cells each.  The batch size per
+Ray mode defaults to rows / actors (each actor gets one ``generate`` call, as the single
+process does); ``--batch-size`` sets it (a multiple of --n-parallel keeps every slot busy).
+
+The single process runs before Ray starts.  Ray runs locally (``ray.init(num_cpus=--cpus)``,
+its own temp dir, no dashboard, no usage stats) and is shut down at the end, also on errors.
+Medians over --reps (min-max), the machine and the ratios are printed; ``--json PATH`` writes
+them too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+HERE = Path(__file__).resolve().parent
+
+
+def prompts(n: int) -> List[str]:
+    topics = ["the sea", "a city at night", "bread", "mountains", "a library", "rain", "trains", "gardens"]
+    return [f"Write a short paragraph about {topics[i % len(topics)]} (note {i}):" for i in range(n)]
+
+
+def machine() -> Dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    info: Dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable,
+                            "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def llm_args(args: argparse.Namespace, threads: int) -> Dict[str, Any]:
+    return {"n_ctx": args.n_parallel * args.ctx_per_seq, "n_parallel": args.n_parallel, "kv_unified": False,
+            "n_threads": threads, "temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": True}
+
+
+def run_single(model: str, rows: List[str], args: argparse.Namespace) -> Dict[str, float]:
+    from pyllama import LLM
+
+    t0 = time.perf_counter()
+    with LLM(model, **llm_args(args, args.cpus)) as llm:
+        t1 = time.perf_counter()
+        comps = llm.generate(rows)
+        t2 = time.perf_counter()
+    check(len(comps), sum(len(c.tokens) for c in comps), rows, args)
+    return {"wall_s": t2 - t0, "generate_s": t2 - t1}
+
+
+def run_ray(model: str, rows: List[str], args: argparse.Namespace, actors: int, cpus_per_actor: int) -> Dict[str, float]:
+    import ray.data
+
+    from pyllama.integrations.ray import LLMPredictor
+
+    batch = args.batch_size or math.ceil(len(rows) / actors)
+    ds = ray.data.from_items([{"prompt": p} for p in rows])
+    t0 = time.perf_counter()
+    out = ds.map_batches(LLMPredictor, fn_constructor_kwargs={"model_path": model, **llm_args(args, cpus_per_actor)},
+                         concurrency=actors, num_cpus=cpus_per_actor, batch_size=batch).take_all()
+    t1 = time.perf_counter()
+    errors = [r["error"] for r in out if r["error"] is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} rows failed, e.g. {errors[0]}")
+    check(len(out), sum(r["completion_tokens"] for r in out), rows, args)
+    return {"wall_s": t1 - t0, "batch_size": batch}
+
+
+def check(n_rows: int, n_tokens: int, rows: List[str], args: argparse.Namespace) -> None:
+    if n_rows != len(rows) or n_tokens != len(rows) * args.max_tokens:
+        raise RuntimeError(f"got {n_rows} rows and {n_tokens} tokens, expected {len(rows)} and "
+                           f"{len(rows) * args.max_tokens}")
+
+
+def start_ray(cpus: int) -> str:
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+    from ray.data import DataContext
+
+    temp_dir = tempfile.mkdtemp(prefix="pyllama-raybench-", dir="/tmp")   # short: socket paths
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+             configure_logging=False)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    return temp_dir
+
+
+def summary(values: List[float]) -> Dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def measure(name: str, reps: int, fn: Callable[[], Dict[str, float]], n_rows: int, results: Dict[str, Any]) -> None:
+    runs = []
+    for rep in range(reps):
+        r = fn()
+        runs.append(r)
+        print(f"  {name} rep {rep + 1}/{reps}: {n_rows / r['wall_s']:.2f} rows/s ({r['wall_s']:.1f} s)", flush=True)
+    entry: Dict[str, Any] = {"rows_per_s": summary([n_rows / r["wall_s"] for r in runs]), "runs": runs}
+    if "generate_s" in runs[0]:
+        entry["generate_rows_per_s"] = summary([n_rows / r["generate_s"] for r in runs])
+    results[name] = entry
+
+
+def main(argv: List[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default="smollm2", help="a known model name or a .gguf path (default smollm2)")
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs for each mode (Ray's num_cpus; threads of the single "
+                                                        "process and of the 1-actor mode; actors of the N-actor mode)")
+    ap.add_argument("--n-parallel", type=int, default=16, help="sequences per context (each process)")
+    ap.add_argument("--ctx-per-seq", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=0, help="Ray Data batch size (default rows / actors)")
+    ap.add_argument("--modes", nargs="+", default=["single", "ray-1x", "ray-Nx1"],
+                    choices=["single", "ray-1x", "ray-Nx1"])
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    from pyllama.models import resolve_model
+
+    model = str(resolve_model(args.model, progress=True))
+    rows = prompts(args.rows)
+    info = {"machine": machine(), "model": model, "rows": args.rows, "max_tokens": args.max_tokens,
+            "reps": args.reps, "cpus": args.cpus, "n_parallel": args.n_parallel, "ctx_per_seq": args.ctx_per_seq}
+    print(json.dumps(info, indent=1), flush=True)
+    results: Dict[str, Any] = {}
+
+    if "single" in args.modes:
+        measure("single", args.reps, lambda: run_single(model, rows, args), len(rows), results)
+    if any(m.startswith("ray") for m in args.modes):
+        import ray
+
+        temp_dir = start_ray(args.cpus)
+        try:
+            if "ray-1x" in args.modes:
+                measure("ray-1x", args.reps, lambda: run_ray(model, rows, args, 1, args.cpus), len(rows), results)
+            if "ray-Nx1" in args.modes:
+                measure("ray-Nx1", args.reps, lambda: run_ray(model, rows, args, args.cpus, 1), len(rows), results)
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+    print(f"\nrows/s, median over {args.reps} reps (min-max), {args.rows} rows x {args.max_tokens} tokens, "
+          f"{args.cpus} CPUs:")
+    labels = {"single": "one process, LLM.generate", "ray-1x": f"Ray Data, 1 actor x {args.cpus} CPUs",
+              "ray-Nx1": f"Ray Data, {args.cpus} actors x 1 CPU"}
+    for name, entry in results.items():
+        s = entry["rows_per_s"]
+        line = f"  {labels[name]:<32} {s['median']:8.2f}  ({s['min']:.2f}-{s['max']:.2f})"
+        if "generate_rows_per_s" in entry:
+            line += f"   generate only: {entry['generate_rows_per_s']['median']:.2f}"
+        print(line)
+    if "single" in results:
+        base = results["single"]["rows_per_s"]["median"]
+        ratios = {name: results[name]["rows_per_s"]["median"] / base for name in results if name != "single"}
+        for name, ratio in ratios.items():
+            target = "  (target >= 0.90)" if name == "ray-1x" else ""
+            print(f"  ratio {name} / single: {ratio:.3f}{target}")
+        info["ratios_vs_single"] = ratios
+    info["results"] = results
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(info, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
