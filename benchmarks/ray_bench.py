@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -39,34 +38,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
+from machine import machine_info
+
 HERE = Path(__file__).resolve().parent
 
 
 def prompts(n: int) -> List[str]:
     topics = ["the sea", "a city at night", "bread", "mountains", "a library", "rain", "trains", "gardens"]
     return [f"Write a short paragraph about {topics[i % len(topics)]} (note {i}):" for i in range(n)]
-
-
-def machine() -> Dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info: Dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable,
-                            "platform": platform.platform(), "python": platform.python_version()}
-    try:
-        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    return info
 
 
 def llm_args(args: argparse.Namespace, threads: int) -> Dict[str, Any]:
@@ -160,7 +139,7 @@ def main(argv: List[str] | None = None) -> int:
 
     model = str(resolve_model(args.model, progress=True))
     rows = prompts(args.rows)
-    info = {"machine": machine(), "model": model, "rows": args.rows, "max_tokens": args.max_tokens,
+    info = {"machine": machine_info(), "model": model, "rows": args.rows, "max_tokens": args.max_tokens,
             "reps": args.reps, "cpus": args.cpus, "n_parallel": args.n_parallel, "ctx_per_seq": args.ctx_per_seq}
     print(json.dumps(info, indent=1), flush=True)
     results: Dict[str, Any] = {}

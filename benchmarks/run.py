@@ -33,7 +33,6 @@ import datetime as _dt
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import report
+from machine import machine_info
 from workloads import LCP_PY, NATIVE_BIN, WORKLOADS, Cell, Config, Workloads, run_proc, tail
 
 HERE = Path(__file__).resolve().parent
@@ -88,36 +88,6 @@ def run_suite(cells: list[Cell], reps: int) -> None:
 
 
 # --------------------------------------------------------------------------- setup, machine, versions
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    load = None
-    try:
-        load = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": affinity, "mem_gib": mem,
-            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "loadavg_at_start": load}
 
 
 def versions(have: dict[str, bool]) -> dict:

@@ -23,26 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+from machine import describe  # noqa: E402
 
 
 def measure(model: str, n: int, rounds: int, threads: int) -> dict:
@@ -98,7 +85,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    print(f"machine: {_machine()}; {args.tokens} greedy tokens, {args.rounds} rounds, {args.threads} threads")
+    print(f"machine: {describe()}; {args.tokens} greedy tokens, {args.rounds} rounds, {args.threads} threads")
     print("| model | LLM.complete (scheduler) t/s | Engine.run (no scheduler) t/s | ratio | scheduler cost ms/token |")
     print("|---|---|---|---|---|")
     results = []
@@ -110,7 +97,7 @@ def main() -> int:
               f" | {r['ratio']:.3f}x | {r['overhead_ms_per_token']:.3f} ({r['overhead_ms_range'][0]:.3f}–"
               f"{r['overhead_ms_range'][1]:.3f}) |", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"machine": _machine(), "results": results}, indent=1))
+        args.json.write_text(json.dumps({"machine": describe(), "results": results}, indent=1))
     return 0
 
 
