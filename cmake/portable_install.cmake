@@ -1,4 +1,4 @@
-# Portable builds (PYLLAMA_PORTABLE=ON): install llama, ggml, ggml-base and every
+# Portable builds (PYLLAMA_PORTABLE=ON): install llama, ggml, ggml-base, mtmd and every
 # runtime-loaded backend library next to _core, once each.  No SOVERSION and
 # NAMELINK_SKIP keep a single real file per library instead of three copies.
 if(APPLE)
@@ -7,7 +7,7 @@ else()
   set(_pyllama_origin "$ORIGIN")
 endif()
 
-foreach(_t llama ggml ggml-base)
+foreach(_t llama ggml ggml-base mtmd)
   if(TARGET ${_t})
     # Unset, not empty: an empty VERSION names the file "libllama.so.".
     set_property(TARGET ${_t} PROPERTY VERSION)

@@ -43,7 +43,9 @@ MARKER = ".pyllama-vendor.json"
 
 # Paths inside the upstream tree, per part.  Directories are taken whole.
 PARTS: dict[str, tuple[str, ...]] = {
-    "build": ("CMakeLists.txt", "LICENSE", "AUTHORS", "licenses", "cmake", "ggml", "src", "include", "vendor"),
+    # tools/mtmd: the multimodal library, built into _core by default (PYLLAMA_MTMD).
+    "build": ("CMakeLists.txt", "LICENSE", "AUTHORS", "licenses", "cmake", "ggml", "src", "include", "vendor",
+              "tools/mtmd"),
     "vocab": ("models/ggml-vocab-",),
     # scripts/ui-assets.cmake: llama-server's CMake (benchmarks); the JSON-schema test cases: tests.
     "tools": ("common", "tools", "examples", "pocs", "scripts/ui-assets.cmake",

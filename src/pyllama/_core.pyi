@@ -20,6 +20,7 @@ from pyllama.errors import GrammarError as GrammarError
 from pyllama.errors import InvalidSequenceError as InvalidSequenceError
 from pyllama.errors import InvalidTokenError as InvalidTokenError
 from pyllama.errors import KVCacheFullError as KVCacheFullError
+from pyllama.errors import MediaError as MediaError
 from pyllama.errors import ModelLoadError as ModelLoadError
 
 __llama_cpp_commit__: str
@@ -375,7 +376,7 @@ class GenerationRequest:
 
     def __init__(
         self,
-        prompt_tokens: Sequence[int],
+        prompt_tokens: Sequence[int] | MediaPrompt,
         sampler: SamplerChain,
         *,
         grammar: SamplerChain | None = None,
@@ -389,6 +390,7 @@ class GenerationRequest:
         prompt_logprobs: bool = False,
         cache_prompt: bool = True,
     ) -> None: ...
+    media: MediaPrompt | None
     tag: Any
     # Sharing (settable from any thread between steps):
     paused: bool
@@ -503,6 +505,8 @@ class Engine:
     def n_busy_slots_total(self) -> int: ...
     @property
     def n_steps(self) -> int: ...
+    @property
+    def n_preemptions(self) -> int: ...
     def step(self) -> list[tuple[GenerationRequest, str, str | None]]:
         """One decode step: returns (request, new_text, finish_reason) events."""
     def run(self, requests: Iterable[GenerationRequest] = (),
@@ -510,3 +514,98 @@ class Engine:
         """Submit requests and step until they (and their followers) are finished; with
         none, until nothing is runnable (no Python per token unless
         a callback is given)."""
+
+
+# ---- images and audio: llama.cpp's mtmd (tools/mtmd) --------------------------------
+
+DEFAULT_MAX_PIXELS: int
+
+def mtmd_available() -> bool:
+    """Whether this build has llama.cpp's mtmd library (-DPYLLAMA_MTMD=OFF leaves it out)."""
+
+def media_marker() -> str:
+    """The text that stands for one medium in a prompt given to Multimodal.tokenize."""
+
+class Bitmap:
+    """Decoded media for mtmd: an image (RGB pixels) or an audio clip (PCM float samples),
+    with ``id`` (SHA-256 of the data; the encode cache's key)."""
+
+    id: str
+    @staticmethod
+    def from_rgb(pixels: Any, width: int, height: int, *, max_pixels: int | None = ...) -> Bitmap: ...
+    @staticmethod
+    def from_audio(samples: Any) -> Bitmap: ...
+    @property
+    def is_audio(self) -> bool: ...
+    @property
+    def kind(self) -> str:
+        """"image" or "audio"."""
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def n_bytes(self) -> int: ...
+
+class Multimodal:
+    """A projector ("mmproj" GGUF) loaded for a text Model; keeps the Model alive.  Encoded
+    media are cached by id (`cache_size` most recent); encoding is serialised."""
+
+    model: Model
+    path: str
+    n_embd: int
+    max_pixels: int | None
+    cache_size: int
+    cache_hits: int
+    cache_misses: int
+    def __init__(
+        self,
+        model: Model,
+        path: str | os.PathLike[str],
+        *,
+        use_gpu: bool = True,
+        n_threads: int | None = None,
+        image_min_tokens: int | None = None,
+        image_max_tokens: int | None = None,
+        cache_size: int = 32,
+        max_pixels: int | None = ...,
+    ) -> None: ...
+    def close(self) -> None: ...
+    @property
+    def support_vision(self) -> bool: ...
+    @property
+    def support_audio(self) -> bool: ...
+    @property
+    def audio_sample_rate(self) -> int: ...
+    @property
+    def marker(self) -> str: ...
+    def load(self, data: bytes | bytearray | memoryview) -> Bitmap:
+        """Decode PNG/JPEG/BMP/GIF (or WAV/MP3/FLAC for audio projectors) after a header check."""
+    def load_file(self, path: str | os.PathLike[str]) -> Bitmap: ...
+    def tokenize(self, text: str, bitmaps: Sequence[Bitmap] = (), *, add_special: bool = True,
+                 parse_special: bool = True) -> MediaPrompt:
+        """Tokenize `text`, each marker standing for the next bitmap."""
+    def tokenize_parts(self, parts: Sequence[str | tuple[str, bool] | Bitmap], *,
+                       add_special: bool = True) -> MediaPrompt: ...
+    def cache_info(self) -> dict[str, int]: ...
+    def clear_cache(self) -> None: ...
+    def encode(self, prompt: MediaPrompt, index: int) -> np.ndarray:
+        """Embeddings of media chunk `index`: float32, (n_tokens, n_embd)."""
+    def eval(self, context: Context, prompt: MediaPrompt, *, seq_id: int = 0, n_past: int = 0,
+             logits_last: bool = True) -> int:
+        """Evaluate the prompt into a sequence of `context`; returns the new n_past."""
+
+class MediaPrompt:
+    """A prompt tokenized into text and media chunks; ``tokens`` flattens it (media
+    positions hold negative keys derived from the media's ids)."""
+
+    multimodal: Multimodal
+    tokens: list[int]
+    spans: list[tuple[int, int, int]]
+    def __len__(self) -> int: ...
+    @property
+    def n_media(self) -> int: ...
+    @property
+    def n_media_tokens(self) -> int: ...
+    def chunks_info(self) -> list[dict[str, Any]]: ...
+    def text_tokens(self) -> list[int]: ...

@@ -8,6 +8,7 @@ Layout (all included into this one extension module):
   _model.pxi     Model, Vocab
   _context.pxi   Context, Batch, array views
   _sampler.pxi   SamplerChain
+  _mtmd.pxi      Multimodal, Bitmap, MediaPrompt (images/audio through llama.cpp's mtmd)
   _engine.pxi    GenerationRequest, Engine (the generation loop, one or many sequences)
 
 Every C pointer has one owner (a cdef class).  Inputs are validated here,
@@ -24,6 +25,7 @@ from libc.string cimport memcpy, memset, strlen
 from libc.math cimport isfinite
 
 from pyllama._llama cimport *
+from pyllama._mtmd cimport *
 
 import logging as _logging
 import os as _os
@@ -45,6 +47,7 @@ include "_support.pxi"
 include "_model.pxi"
 include "_context.pxi"
 include "_sampler.pxi"
+include "_mtmd.pxi"
 include "_engine.pxi"
 
 

@@ -78,6 +78,8 @@ cdef class GenerationRequest:
 
     # inputs
     cdef readonly list prompt_tokens
+    cdef readonly MediaPrompt media      # images/audio in the prompt, or None
+    cdef list media_spans                # (start, n_tokens, chunk index) of each medium
     cdef readonly SamplerChain sampler
     cdef readonly SamplerChain grammar   # a chain holding only grammar stage(s), or None
     cdef llama_token_data * candidates   # n_vocab scratch entries for grammar re-sampling
@@ -138,12 +140,26 @@ cdef class GenerationRequest:
                  tag=None, logprobs=None, bint prompt_logprobs=False, bint cache_prompt=True):
         if self._initialized:
             raise RuntimeError("GenerationRequest is already initialised")
-        self.prompt_tokens = [int(t) for t in prompt_tokens]
-        if not self.prompt_tokens:
-            raise ValueError("the prompt is empty: it needs at least one token")
         if sampler.ptr == NULL:
             raise ValueError("the sampler chain is not initialised")
-        sampler.vocab.check_tokens(self.prompt_tokens)
+        if isinstance(prompt_tokens, MediaPrompt):
+            # Media positions hold negative keys (see _mtmd.pxi); the text is checked as usual.
+            self.media = prompt_tokens
+            self.media_spans = list(self.media.spans)
+            self.prompt_tokens = list(self.media.tokens)
+            if self.media.multimodal.model is not sampler.vocab.model:
+                raise ValueError("the MediaPrompt was tokenized for another model than the sampler's")
+            if prompt_logprobs:
+                raise MediaError("prompt log-probabilities (echo) are not available for prompts with "
+                                 "images or audio")
+            sampler.vocab.check_tokens(self.media.text_tokens())
+        else:
+            self.media = None
+            self.media_spans = []
+            self.prompt_tokens = [int(t) for t in prompt_tokens]
+            sampler.vocab.check_tokens(self.prompt_tokens)
+        if not self.prompt_tokens:
+            raise ValueError("the prompt is empty: it needs at least one token")
         sampler._check_selects()
         if max_tokens < -1:
             raise ValueError(f"max_tokens must be >= -1 (-1 = until end of generation), got {max_tokens}")
@@ -204,6 +220,30 @@ cdef class GenerationRequest:
         if not self._initialized:
             raise ValueError("this GenerationRequest was not initialised (GenerationRequest.__init__ was not run)")
         return 0
+
+    # Media spans, in positions of our sequence (prompt positions; a preempted request's
+    # kv_tokens share them, since media only occur in the prompt).
+    cdef int _media_at(self, Py_ssize_t pos):
+        """Index in media_spans of the medium starting at `pos`, or -1."""
+        cdef int i
+        for i in range(len(self.media_spans)):
+            if self.media_spans[i][0] == pos:
+                return i
+        return -1
+
+    cdef Py_ssize_t _next_media(self, Py_ssize_t pos):
+        """Where the first medium at or after `pos` starts (a huge number when none does)."""
+        for span in self.media_spans:
+            if span[0] >= pos:
+                return span[0]
+        return 1 << 40
+
+    cdef Py_ssize_t _snap(self, Py_ssize_t k):
+        """A reusable prefix length never ends inside a medium: move it back to its start."""
+        for span in self.media_spans:
+            if span[0] < k < span[0] + span[1]:
+                return span[0]
+        return k
 
     def add_follower(self, GenerationRequest other not None) -> None:
         """Let `other` (same prompt) share this request's prompt evaluation: when the prompt
@@ -372,6 +412,7 @@ cdef class Engine:
     cdef readonly long long n_decode_total
     cdef readonly long long n_busy_slots_total
     cdef readonly long long n_steps
+    cdef readonly long long n_preemptions   # requests that gave their slot up (KV memory full)
 
     def __cinit__(self):
         self._initialized = False
@@ -475,6 +516,8 @@ cdef class Engine:
             raise ValueError("this request has already been submitted")
         if request.leader is not None:
             raise ValueError("submit the leader of a request group, not a follower")
+        if request.media is not None:
+            _check_media_fits(self.context, request.media)
         if len(request.prompt_tokens) >= self.n_ctx_seq:
             raise ContextLengthError(
                 f"the prompt has {len(request.prompt_tokens)} tokens but the context holds {self.n_ctx_seq} "
@@ -551,7 +594,7 @@ cdef class Engine:
         cdef llama_memory_t mem = llama_get_memory(self.context.ptr)
         if r.preempted:
             # Resume: what our sequence held, minus what survived in this slot.
-            k = self._common_prefix(cached, r.kv_tokens, len(r.kv_tokens))
+            k = r._snap(self._common_prefix(cached, r.kv_tokens, len(r.kv_tokens)))
             if k < len(cached):
                 llama_memory_seq_rm(mem, s, k, -1)
                 del cached[k:]
@@ -562,7 +605,7 @@ cdef class Engine:
         else:
             k = 0
             if r.cache_prompt and self.cache_prompt:
-                k = self._common_prefix(cached, r.prompt_tokens, len(r.prompt_tokens) - 1)   # evaluate >= 1
+                k = r._snap(self._common_prefix(cached, r.prompt_tokens, len(r.prompt_tokens) - 1))   # evaluate >= 1
             if k < len(cached):
                 llama_memory_seq_rm(mem, s, k, -1)
                 del cached[k:]
@@ -629,6 +672,7 @@ cdef class Engine:
             self.slot_used[s] = self.n_steps
             r.slot = -1
             self.parked.append(r)
+            self.n_preemptions += 1
             return True
         return False
 
@@ -648,8 +692,8 @@ cdef class Engine:
             return 0
         cdef Py_ssize_t n = min(len(p) for p in prompts) - 1, k = 0
         first = prompts[0]
-        while k < n and all(p[k] == first[k] for p in prompts):
-            k += 1
+        while k < n and first[k] >= 0 and all(p[k] == first[k] for p in prompts):
+            k += 1   # (media positions hold negative keys: a shared prefix stops before them)
         if k < 4:
             return 0
         prefix = first[:k]
@@ -802,6 +846,17 @@ cdef class Engine:
         # 1. Free slots take waiting requests.
         self._take_waiting(events, callback)
 
+        # 1b. Images and audio: a request whose next position starts a medium has it evaluated
+        #     now, on its own, into its sequence (a medium is decoded whole, from embeddings).
+        for s in range(self.n_slots):
+            x = self.slots[s]
+            if x is None:
+                continue
+            r = x
+            if r.media is None or r.paused or (r.leader is not None and not r.forked) or (r.has_next and not r.refill):
+                continue
+            self._feed_media(r, s, events, callback)
+
         # 2. One batch: the next token of every generating sequence first, then as much
         #    prompt (or re-evaluation after preemption) as fits.
         batch.clear()
@@ -829,11 +884,17 @@ cdef class Engine:
                 break
             if r.refill:
                 take = min(room, len(r.refill))
+                if r.media is not None:
+                    take = min(take, r._next_media(r.n_past) - r.n_past)
                 for i in range(take):
                     batch._add(r.refill[i], r.n_past + i, s, False)
                 r.n_fed = take
                 continue
             take = min(room, len(r.prompt_tokens) - r.n_prompt_done)
+            if r.media is not None:
+                take = min(take, r._next_media(r.n_past) - r.n_past)
+            if take <= 0:
+                continue
             if r.prompt_logprobs:
                 take = min(take, _PROMPT_LOGPROBS_CHUNK)
             first = batch.batch.n_tokens
@@ -918,6 +979,48 @@ cdef class Engine:
                 self._fail(r, GrammarError(f"sampling failed: {e}"))
                 self._emit(r, "", events, callback)
         return 0
+
+    cdef int _feed_media(self, GenerationRequest r, int s, list events, object callback) except -1:
+        """Evaluate every medium that starts at r's next position (consecutive ones too).  A
+        medium that does not fit ends r with ContextLengthError once idle caches and paused
+        requests have made what room they can; a projector failure ends r with MediaError."""
+        cdef int i, n, idx
+        cdef double t0
+        while True:
+            i = r._media_at(r.n_past)
+            if i < 0:
+                return 0
+            start, n, idx = r.media_spans[i]
+            t0 = pyllama_now_ms()
+            while True:
+                try:
+                    _eval_media(self.context, r.media.multimodal, r.media, idx, r.n_past, s)
+                    break
+                except KVCacheFullError:
+                    if self._evict_idle_caches() > 0 or self._preempt_one():
+                        if r.slot < 0:     # (never r itself: r is not paused)
+                            return 0
+                        continue
+                    self._fail(r, ContextLengthError(
+                        f"no room in the KV memory for an image of {n} tokens while other sequences hold the "
+                        f"rest of n_ctx={self.context.n_ctx}: retry later, lower n_parallel or use a larger n_ctx"))
+                    llama_memory_seq_rm(llama_get_memory(self.context.ptr), s, -1, -1)
+                    self.slot_tokens[s] = []
+                    self._emit(r, "", events, callback)
+                    return 0
+                except MediaError as e:
+                    self._fail(r, e)
+                    self._emit(r, "", events, callback)
+                    return 0
+            keys = r.prompt_tokens[start:start + n]
+            self.slot_tokens[s].extend(keys)
+            if r.refill:
+                del r.refill[:n]
+                r.t_gen += pyllama_now_ms() - t0
+            else:
+                r.n_prompt_done += n
+                r.t_prompt += pyllama_now_ms() - t0
+            r.n_past += n
 
     cdef void _fork(self, GenerationRequest r):
         cdef llama_memory_t mem = llama_get_memory(self.context.ptr)

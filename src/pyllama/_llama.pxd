@@ -308,6 +308,7 @@ cdef extern from "llama.h" nogil:
     int32_t llama_model_n_ctx_train(const llama_model * model) except +
     int32_t llama_model_n_embd(const llama_model * model) except +
     int32_t llama_model_n_embd_out(const llama_model * model) except +
+    int32_t llama_model_n_embd_inp(const llama_model * model) except +
     uint32_t llama_model_n_cls_out(const llama_model * model) except +
     int32_t llama_model_n_layer(const llama_model * model) except +
     int32_t llama_model_n_head(const llama_model * model) except +

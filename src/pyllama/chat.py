@@ -933,11 +933,51 @@ class ChatFormatter:
         which is also what ``allow_special_in_messages=True`` returns in every
         case (the behaviour of llama-server and transformers).
         """
-        kwargs = dict(add_generation_prompt=add_generation_prompt, tools=tools,
-                      continue_final_message=continue_final_message, **extra)
+        text, protected, add_special, info = self._render_protected(
+            messages, vocab, add_generation_prompt=add_generation_prompt, tools=tools,
+            continue_final_message=continue_final_message, allow_special_in_messages=allow_special_in_messages,
+            **extra)
+        if not protected:
+            return vocab.tokenize(text, add_special=add_special, parse_special=True)
+        return _partition_tokens(text, protected, info, vocab, add_special)
+
+    def render_parts(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        vocab: Any,
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        allow_special_in_messages: bool = False,
+        **extra: Any,
+    ) -> tuple[list[tuple[str, bool]], bool]:
+        """:meth:`render_tokens` for tokenizers that take text (llama.cpp's mtmd): the
+        rendering as ``(text, parse_special)`` parts, and add_special.  Tokenizing each part
+        with its flag gives render_tokens' tokens (control tokens as their own parts)."""
+        text, protected, add_special, info = self._render_protected(
+            messages, vocab, add_generation_prompt=add_generation_prompt, tools=tools,
+            continue_final_message=continue_final_message, allow_special_in_messages=allow_special_in_messages,
+            **extra)
+        if not protected:
+            return [(text, True)], add_special
+        parts: list[tuple[str, bool]] = []
+        for frag in _partition_frags(text, protected, info):
+            if isinstance(frag, int):
+                parts.append((vocab.token_text(frag), True))
+            elif frag[1] > frag[0]:
+                parts.append((text[frag[0]:frag[1]], False))
+        return parts, add_special
+
+    def _render_protected(self, messages: Sequence[Mapping[str, Any]], vocab: Any, *, tools: Any,
+                          allow_special_in_messages: bool, **kwargs: Any) -> tuple[str, list, bool, Any]:
+        """(text, protected spans, add_special, vocab specials): the rendering, and the spans
+        of it that come from the data and spell control tokens (empty: tokenize it whole
+        with parse_special=True)."""
+        kwargs = dict(tools=tools, **kwargs)
         prompt, add_special = self.render_for_tokenize(messages, **kwargs)
         if allow_special_in_messages:
-            return vocab.tokenize(prompt, add_special=add_special, parse_special=True)
+            return prompt, [], add_special, None
 
         info = self._vocab_specials(vocab)
         found: dict[str, list[str]] = {}  # tainted string -> control texts in it
@@ -950,7 +990,7 @@ class ChatFormatter:
             if gated:
                 found[text] = gated
         if not found:
-            return vocab.tokenize(prompt, add_special=add_special, parse_special=True)
+            return prompt, [], add_special, info
 
         # Render again with each control-token text inside the data replaced by a
         # placeholder, so that the template's own markup and the data's look-alikes
@@ -998,7 +1038,7 @@ class ChatFormatter:
             logger.debug("chat: the template renders control-token look-alikes in messages differently; "
                          "tokenizing its rendering with placeholders (texts kept as plain text)")
             add_special = self.add_special_for(restored)
-        return _partition_tokens(restored, protected, info, vocab, add_special)
+        return restored, protected, add_special, info
 
     def _vocab_specials(self, vocab: Any) -> _VocabSpecials:
         cached = self._specials
@@ -1173,6 +1213,20 @@ def _partition_tokens(text: str, protected: list[tuple[int, int]], info: _VocabS
     with the tokens' lstrip/rstrip), then each plain-text fragment tokenized on its own
     with parse_special=False, exactly as llama.cpp tokenizes the fragments between
     special tokens."""
+    tokens: list[int] = list(info.prefix) if add_special else []
+    for frag in _partition_frags(text, protected, info):
+        if isinstance(frag, int):
+            tokens.append(frag)
+        else:
+            tokens.extend(vocab.tokenize(text[frag[0]:frag[1]], add_special=False, parse_special=False))
+    if add_special:
+        tokens.extend(info.suffix)
+    return tokens
+
+
+def _partition_frags(text: str, protected: list[tuple[int, int]], info: _VocabSpecials) -> list[Any]:
+    """_partition_tokens' pre-pass: `text` as control token ids (ints) and (start, end)
+    fragments of plain text, in order."""
     starts = [s for s, _ in protected]
     ends = [e for _, e in protected]
 
@@ -1215,15 +1269,7 @@ def _partition_tokens(text: str, protected: list[tuple[int, int]], info: _VocabS
             if cur < end:
                 new.append((cur, end))
         frags = new
-    tokens: list[int] = list(info.prefix) if add_special else []
-    for frag in frags:
-        if isinstance(frag, int):
-            tokens.append(frag)
-        else:
-            tokens.extend(vocab.tokenize(text[frag[0]:frag[1]], add_special=False, parse_special=False))
-    if add_special:
-        tokens.extend(info.suffix)
-    return tokens
+    return frags
 
 
 def _check_builtin_name(name: str, label: str) -> None:

@@ -62,6 +62,12 @@ class DecodeAborted(DecodeError):
     """A decode was aborted on request (Context.abort from another thread)."""
 
 
+class MediaError(PyllamaError, ValueError):
+    """An image or audio input cannot be used: unreadable or unsupported data, an image too
+    large to decode, media given to a model loaded without a projector (``mmproj``), or a
+    projector that does not fit the model."""
+
+
 class ClosedError(PyllamaError, ValueError):
     """The LLM is closed (or was closed while the call was running)."""
 
@@ -78,5 +84,6 @@ __all__ = [
     "DecodeError",
     "KVCacheFullError",
     "DecodeAborted",
+    "MediaError",
     "ClosedError",
 ]

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from pyllama import _core
-from pyllama.errors import ContextLengthError
+from pyllama.errors import ContextLengthError, MediaError
 from pyllama.log import enable_logging
+from pyllama.multimodal import has_media
 from pyllama.sampling import FIELD_NAMES as SAMPLING_FIELDS
 from pyllama.sampling import SamplingParams, _unknown_message, build_chain
 from pyllama.scheduler import ClosedError, Scheduler
@@ -224,6 +225,8 @@ class LLM:
         lora_path: Union[str, os.PathLike, None] = None,
         lora_scale: float = 1.0,
         rpc_servers: Union[str, Sequence[str], None] = None,
+        mmproj_path: Union[str, os.PathLike, None] = None,
+        clip_model_path: Union[str, os.PathLike, None] = None,
         embedding: bool = False,
         chat_template: Optional[str] = None,
         cache_prompt: bool = True,
@@ -312,6 +315,26 @@ class LLM:
                 raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}")
             self._lora = _core.LoraAdapter(self._model, os.fspath(lora_path))
             self._lora_scale = float(lora_scale)
+        # The multimodal projector (images/audio in chat messages); clip_model_path is
+        # llama-cpp-python's name for it.
+        self.multimodal: Optional[_core.Multimodal] = None
+        mmproj = mmproj_path if mmproj_path is not None else clip_model_path
+        if mmproj_path is not None and clip_model_path is not None and os.fspath(mmproj_path) != os.fspath(clip_model_path):
+            self._model.close()
+            self._closed = True
+            raise ValueError("give the projector once: mmproj_path or clip_model_path, not two different files")
+        if mmproj is not None:
+            if vocab_only:
+                self._model.close()
+                self._closed = True
+                raise ValueError("mmproj_path needs the model's weights; it cannot be used with vocab_only=True")
+            try:
+                self.multimodal = _core.Multimodal(self._model, os.fspath(mmproj), use_gpu=n_gpu_layers != 0,
+                                                   n_threads=n_threads)
+            except BaseException:
+                self._model.close()
+                self._closed = True
+                raise
         if not vocab_only:
             self._make_context(n_parallel)
         self.load_ms = (time.perf_counter() - t0) * 1000.0
@@ -365,6 +388,8 @@ class LLM:
                     c.close()
             self._engine = None
             self._ctx = self._embed_ctx = None
+            if self.multimodal is not None:
+                self.multimodal.close()
             self._model.close()
         _live_llms.discard(self)
 
@@ -486,8 +511,14 @@ class LLM:
         return load_grammar(grammar=params.grammar, grammar_path=params.grammar_path, json_schema=params.json_schema)
 
     def _prompt_tokens(self, prompt: Union[str, Sequence[int]], add_special: bool = True,
-                       parse_special: bool = False) -> list:
-        if isinstance(prompt, (str, bytes)):
+                       parse_special: bool = False) -> Any:
+        if isinstance(prompt, _core.MediaPrompt):
+            if self.multimodal is None or prompt.multimodal is not self.multimodal:
+                raise MediaError("this MediaPrompt was made by another LLM's projector")
+            tokens = prompt
+        elif _is_chat(prompt):
+            tokens = self.chat_prompt(prompt)
+        elif isinstance(prompt, (str, bytes)):
             tokens = self.vocab.tokenize(prompt, add_special=add_special, parse_special=parse_special)
         else:
             tokens = [int(t) for t in prompt]
@@ -687,6 +718,8 @@ class LLM:
     def _echo_text(self, prompt: Any, req: "_core.GenerationRequest") -> str:
         if isinstance(prompt, str):
             return prompt
+        if req.media is not None:   # the text around the images
+            return self.vocab.detokenize(req.media.text_tokens(), remove_special=True)
         return self.vocab.detokenize(req.prompt_tokens, remove_special=True)
 
     @_check_kwargs
@@ -823,6 +856,9 @@ class LLM:
         """The prompt tokens of a conversation.  Message contents are data: text in them
         that spells a control token (``<|im_start|>``) stays text, unless
         `allow_special_in_messages=True`; only the template's own markup is special."""
+        if has_media(messages):
+            raise MediaError("these messages hold images or audio: use chat_prompt(messages) (or chat()), "
+                             "which tokenizes them with the projector")
         fmt = self._chat_formatter()
         if hasattr(fmt, "render_tokens"):
             return fmt.render_tokens(list(messages), self.vocab, add_generation_prompt=add_generation_prompt,
@@ -830,6 +866,33 @@ class LLM:
         prompt, add_special = fmt.render_for_tokenize(list(messages), add_generation_prompt=add_generation_prompt,
                                                       tools=tools, **kwargs)
         return self.vocab.tokenize(prompt, add_special=add_special, parse_special=True)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], *, tools: Optional[list] = None,
+                    allow_special_in_messages: bool = False, add_generation_prompt: bool = True,
+                    allow_files: bool = True, **kwargs: Any) -> Any:
+        """The prompt of a conversation, ready for complete()/stream()/generate(): its tokens
+        (as chat_tokens gives them) or, when a message has image or audio parts, a
+        :class:`~pyllama._core.MediaPrompt` tokenized with the projector (``mmproj_path``).
+
+        Media parts: ``{"type": "image_url", "image_url": {"url": ...}}`` with a ``data:``
+        URL, a ``file://`` URL or a local path (`allow_files=False` accepts only data URLs);
+        ``{"type": "image", "image": bytes | path | Bitmap}``; ``{"type": "input_audio",
+        "input_audio": {"data": <base64>, "format": "wav" | "mp3"}}`` for audio projectors.
+        Remote http(s) URLs are refused: pyllama makes no network requests.
+        """
+        self._check_open()
+        if not has_media(messages):
+            return self.chat_tokens(messages, tools=tools, allow_special_in_messages=allow_special_in_messages,
+                                    add_generation_prompt=add_generation_prompt, **kwargs)
+        if self.multimodal is None:
+            raise MediaError("the messages hold images or audio but this model was loaded without a projector: "
+                             "LLM(model, mmproj_path='mmproj.gguf')")
+        from pyllama.chat import normalize_messages
+        from pyllama.multimodal import chat_media_prompt
+
+        return chat_media_prompt(self._chat_formatter(), self.vocab, self.multimodal, normalize_messages(messages),
+                                 allow_files=allow_files, add_generation_prompt=add_generation_prompt,
+                                 allow_special_in_messages=allow_special_in_messages, tools=tools, **kwargs)
 
     @_check_kwargs
     def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False,
@@ -857,7 +920,7 @@ class LLM:
                                              stream=stream, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
                                              callback=callback, allow_special_in_messages=allow_special_in_messages,
                                              **overrides)
-        tokens = self.chat_tokens(messages, tools=tools or None, allow_special_in_messages=allow_special_in_messages)
+        tokens = self.chat_prompt(messages, tools=tools or None, allow_special_in_messages=allow_special_in_messages)
         if stream:
             return self.stream(tokens, n=n, logprobs=logprobs, top_logprobs=top_logprobs, **overrides)
         return self.complete(tokens, n=n, logprobs=logprobs, top_logprobs=top_logprobs, callback=callback,
@@ -867,7 +930,7 @@ class LLM:
                       allow_special_in_messages: bool = False, **kwargs: Any) -> "_Prepared":
         if response_format is not None:
             kwargs.update(_response_format_overrides(response_format))
-        tokens = self.chat_tokens(messages, allow_special_in_messages=allow_special_in_messages)
+        tokens = self.chat_prompt(messages, allow_special_in_messages=allow_special_in_messages)
         return self._prepare_complete(tokens, **kwargs)
 
     # ---- async ----------------------------------------------------------------------
@@ -977,6 +1040,8 @@ class LLM:
         items = [texts] if single else list(texts)
         if not items:
             return np.zeros((0, self._model.n_embd), dtype=np.float32)
+        if any(isinstance(t, _core.MediaPrompt) or _is_chat(t) for t in items):
+            raise TypeError("embed() takes texts (or token lists), not chats or prompts with images")
         with self._lock:
             toks = [self._prompt_tokens(t) for t in items]
             n_batch = self._ctx_params["n_batch"]
@@ -1011,6 +1076,11 @@ class LLM:
                 norms = np.linalg.norm(out, axis=1, keepdims=True)
                 out = out / np.where(norms == 0, 1.0, norms)
             return out[0] if single else out
+
+
+def _is_chat(prompt: Any) -> bool:
+    """A list of message dicts (generate() takes chats among its prompts)."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], Mapping))
 
 
 def _check_n_parallel(n_parallel: Any, n_batch: int) -> None:
