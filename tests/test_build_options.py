@@ -260,6 +260,7 @@ def configures(tmp_path_factory) -> dict[str, Configure]:
         "amx_on": (["-DPYLLAMA_AMX=ON"], {}),
         "amx_off": (["-DPYLLAMA_AMX=off"], {}),
         "amx_bogus": (["-DPYLLAMA_AMX=maybe"], {}),
+        "mtmd_off": (["-DPYLLAMA_MTMD=OFF"], {}),
     }
     results: dict[str, Configure] = {}
     # Slow ones first so that the two workers finish together.
@@ -308,6 +309,18 @@ def test_default_build_config(configures):
     assert info["portable"] is False
     assert info["unknown_options"] == []
     assert info["legacy_options_mapped"] == []
+
+
+def test_mtmd_is_built_in_by_default_and_can_be_left_out(configures):
+    on, off = configures["default"], configures["mtmd_off"]
+    assert on.ok and off.ok, off.tail()
+    assert on.value("LLAMA_BUILD_MTMD") == "ON" and on.value("MTMD_VIDEO") == "OFF"
+    assert off.value("LLAMA_BUILD_MTMD") == "OFF"
+    assert on.build_config()["mtmd"] is True and off.build_config()["mtmd"] is False
+    ninja_on = (on.build_dir / "build.ninja").read_text()
+    ninja_off = (off.build_dir / "build.ninja").read_text()
+    assert "libmtmd.a" in ninja_on and "-DPYLLAMA_HAS_MTMD=1" in ninja_on
+    assert "libmtmd.a" not in ninja_off and "-DPYLLAMA_HAS_MTMD=0" in ninja_off
 
 
 # ---------------------------------------------------------------------------
@@ -520,3 +533,36 @@ def test_amx_auto_follows_the_compiler(configures):
         assert all("-mno-amx-int8" in flags for flags in _ggml_cpu_compile_lines(cfg))
     else:
         assert info["amx"] == "AUTO" and info["amx_disabled_reason"] == "", info
+
+
+def test_core_compiles_without_mtmd(configures):
+    """-DPYLLAMA_MTMD=OFF: _core.cpp (the same Cython output) compiles against the stand-ins in
+    src/cxx/pyllama_mtmd.h, without tools/mtmd on the include path.  Syntax and types only
+    (-fsyntax-only): about a minute instead of a full build of llama.cpp."""
+    import shlex
+
+    off = configures["mtmd_off"]
+    assert off.ok, off.tail()
+    cython = subprocess.run([NINJA, "-C", str(off.build_dir), "_core.cpp"], capture_output=True, text=True,
+                            timeout=300)
+    assert cython.returncode == 0, cython.stdout[-3000:] + cython.stderr[-3000:]
+    listing = subprocess.run([NINJA, "-C", str(off.build_dir), "-t", "commands", "_core"], capture_output=True,
+                             text=True, timeout=60).stdout
+    (line,) = [ln for ln in listing.splitlines() if "-c " in ln and ln.rstrip().endswith("_core.cpp")]
+    argv = shlex.split(line)
+    if os.path.basename(argv[0]) == "ccache":
+        argv = argv[1:]
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("-o", "-MT", "-MF"):
+            skip = True
+            continue
+        if a in ("-c", "-MD"):
+            continue
+        out.append(a)
+    assert "-DPYLLAMA_HAS_MTMD=0" in out and not any("tools/mtmd" in a for a in out), line
+    proc = subprocess.run([*out, "-fsyntax-only"], cwd=off.build_dir, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -198,14 +198,15 @@ def test_one_text_at_a_time_is_close_to_a_batch(llm, llama_embedding):
     llama-embedding's single batch.  llama.cpp itself is not batch-invariant (different
     matmul and attention shapes): llama-embedding alone on "¿Dónde está la biblioteca?"
     differs from the same text inside this batch by 0.43% (L2, gemma; 1e-7 on SmolLM2), and
-    pyllama alone equals llama-embedding alone to the printed digit.  The bound (2%) keeps a
-    margin over that and still catches any mix-up of sequences (distinct texts differ by
-    tens of percent)."""
+    pyllama alone equals llama-embedding alone to the printed digit.  How far depends on the
+    CPU's kernels: 0.43% at most on a Sapphire Rapids Xeon, 3.7% on an AMD EPYC.  The bound
+    (6%) keeps a margin over both and still catches any mix-up of sequences (distinct texts
+    differ by tens of percent, checked below)."""
     texts = TEXTS["batch"]
     ours = np.stack([llm.embed(t, normalize=False) for t in texts])
     ref = native_embed(llama_embedding, llm.model_path, texts, *MEAN_RAW)
     rel = np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
-    assert rel.max() < 0.02, rel
+    assert rel.max() < 0.06, rel
     others = np.linalg.norm(ref[:, None] - ref[None], axis=2) / np.linalg.norm(ref, axis=1)[:, None]
     assert (others + np.eye(len(texts))).min() > 0.1  # the bound separates different texts
 

@@ -157,7 +157,11 @@ def test_max_tokens_zero_generates_nothing(smol):
 
 
 def test_n_greedy_all_equal_the_single_answer(any_llm):
+    # Both from an empty cache: a prompt-cache hit evaluates the prompt in another batch shape,
+    # and on Gemma float rounding then moves a greedy token now and then (docs/batching.md).
+    any_llm.reset()
     single = any_llm.complete(PROMPT, max_tokens=12)
+    any_llm.reset()
     many = any_llm.complete(PROMPT, max_tokens=12, n=3)
     assert isinstance(many, list) and len(many) == 3
     assert [c.index for c in many] == [0, 1, 2]
@@ -188,8 +192,13 @@ def test_n_evaluates_the_prompt_once(smol):
 
 def test_n_in_chat_and_stream(smol):
     msgs = [{"role": "user", "content": "Say hi."}]
+    # Both calls from an empty cache, so both take the same path: after a prompt-cache hit the
+    # copies' KV cells lie elsewhere and float rounding can move a near-tie greedy token in one
+    # copy (" there," vs " there!" here on an AMD EPYC; docs/batching.md).
+    smol.reset()
     answers = smol.chat(msgs, max_tokens=6, n=2)
     assert len(answers) == 2 and answers[0].text == answers[1].text
+    smol.reset()
     chunks = list(smol.chat(msgs, max_tokens=6, n=2, stream=True))
     texts = ["".join(ch.text for ch in chunks if ch.index == i) for i in range(2)]
     assert texts == [answers[0].text, answers[1].text]

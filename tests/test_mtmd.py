@@ -235,6 +235,34 @@ def test_preempted_image_request_resumes_with_the_same_output(pair):
         assert len(other.tokens) == 180
 
 
+def test_tools_with_an_image_call_the_tool_and_see_the_image(pair):
+    """chat(tools=...) goes through pyllama.tools, which must keep the image: a forced tool call
+    parses, and its prompt holds the image's tokens."""
+    import json
+
+    from tiny_mmproj import EXPECTED_IMAGE_TOKENS
+
+    text, proj = pair
+    tool = {"type": "function", "function": {"name": "describe", "parameters": {
+        "type": "object", "properties": {"colour": {"enum": ["red", "blue"]}},
+        "required": ["colour"], "additionalProperties": False}}}
+    # The tool's schema in the prompt takes ~220 tokens of this byte-level vocabulary: one slot.
+    with LLM(str(text), mmproj_path=str(proj), n_ctx=1024, n_threads=1, chat_template="chatml",
+             temperature=0.0) as llm:
+        text_only = llm.chat([{"role": "user", "content": "What colour?"}], tools=[tool],
+                             tool_choice="describe", max_tokens=200)
+        comp = llm.chat(image_chat(str(JPEG), "What colour?"), tools=[tool], tool_choice="describe",
+                        max_tokens=200)
+        assert comp.finish_reason == "tool_calls", (comp.text, comp.prompt_tokens, len(comp.tokens))
+        (call,) = comp.tool_calls
+        assert call["function"]["name"] == "describe"
+        assert set(json.loads(call["function"]["arguments"])) == {"colour"}
+        assert comp.prompt_tokens >= text_only.prompt_tokens + EXPECTED_IMAGE_TOKENS
+        # Files stay refused through the tools path when the caller says so (the server does).
+        with pytest.raises(MediaError):
+            llm.chat(image_chat(str(JPEG)), tools=[tool], tool_choice="describe", allow_files=False)
+
+
 def test_media_prompt_works_with_complete_and_threads(llm):
     mm = llm.multimodal
     prompt = mm.tokenize(f"<|im_start|>user\n{mm.marker}\nWhat?<|im_end|>\n<|im_start|>assistant\n",
@@ -367,3 +395,74 @@ def test_crash_prone_media_in_a_subprocess(pair, run_python, tmp_path):
     assert res.stdout.strip().endswith("done")
     for name in ("bomb png", "bomb gif", "bomb bmp"):
         assert any(ln.startswith(f"ok {name} |") and "max_pixels" in ln for ln in lines), res.stdout
+
+
+# ---- the command line and the server ---------------------------------------------------------
+
+
+def test_cli_run_with_image(pair, llm):
+    from test_cli import _one_error_line, cli
+
+    text, proj = pair
+    args = ("run", "-m", text, "--mmproj", proj, "--chat-template", "chatml", "-t", "1", "--temp", "0", "-n", "8")
+    res = cli(*args, "--image", JPEG, "What is in this image?")
+    assert res.returncode == 0, res.stderr
+    want = llm.chat(image_chat(str(JPEG)), max_tokens=8).text
+    assert res.stdout.rstrip("\n") == want
+    # Errors: one line each, usage exit status, no traceback.
+    res = cli("run", "-m", text, "--image", JPEG, "x")
+    assert res.returncode == 2 and "--mmproj" in _one_error_line(res)
+    res = cli(*args, "--image", str(JPEG) + ".missing", "x")
+    assert res.returncode == 2 and "no such file" in _one_error_line(res)
+    bad = Path(proj).with_name("not-an-image.png")
+    bad.write_bytes(b"plain text, not a picture\n" * 4)
+    res = cli(*args, "--image", bad, "x")
+    assert res.returncode == 2 and "not an image" in _one_error_line(res)
+
+
+def test_server_with_mmproj_answers_the_openai_client(pair, llm):
+    openai = pytest.importorskip("openai")
+    from test_server_openai import ServerProcess
+
+    text, proj = pair
+    url = data_url(JPEG.read_bytes(), "image/jpeg")
+    server = ServerProcess("-m", str(text), "--mmproj", str(proj), "-np", "2", "-c", "1024", "-t", "1",
+                           "--chat-template", "chatml")
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": "What is in this image?"}]}]
+        want = llm.chat(image_chat(url), max_tokens=8)
+        got = client.chat.completions.create(model="x", messages=messages, max_tokens=8, temperature=0)
+        assert got.choices[0].message.content == want.text
+        assert got.usage.prompt_tokens == want.prompt_tokens
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="x", messages=messages, max_tokens=8, temperature=0, stream=True) if c.choices]
+        assert "".join(pieces) == want.text
+        # A client may not make the server read its files, nor fetch URLs.
+        for ref in (str(JPEG), JPEG.as_uri(), "https://example.com/a.png", "data:image/png;base64,AAAA"):
+            bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ref}},
+                                                {"type": "text", "text": "x"}]}]
+            with pytest.raises(openai.BadRequestError):
+                client.chat.completions.create(model="x", messages=bad, max_tokens=2)
+        assert client.chat.completions.create(model="x", messages=messages, max_tokens=2).choices
+    finally:
+        assert server.stop() == 0
+
+
+def test_server_without_mmproj_refuses_images_with_a_400(pair):
+    openai = pytest.importorskip("openai")
+    from test_server_openai import ServerProcess
+
+    server = ServerProcess("-m", str(pair[0]), "-np", "1", "-c", "512", "-t", "1", "--chat-template", "chatml")
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(JPEG.read_bytes(), "image/jpeg")}},
+            {"type": "text", "text": "x"}]}]
+        with pytest.raises(openai.BadRequestError, match="--mmproj"):
+            client.chat.completions.create(model="x", messages=messages, max_tokens=2)
+    finally:
+        assert server.stop() == 0

@@ -114,9 +114,13 @@ def test_sdist_contents(sdist: Path):
     assert any(n.startswith("vendor/llama.cpp/ggml/src/ggml-cpu/") for n in names)
     assert any(n.startswith("vendor/llama.cpp/ggml/src/ggml-cuda/") for n in names)  # GPU builds from the sdist
     assert "pyproject.toml" in names and "src/pyllama/_core.pyx" in names
+    # mtmd (tools/mtmd) is built by default, so it travels; its sample media and the other tools do not.
+    assert "vendor/llama.cpp/tools/mtmd/CMakeLists.txt" in names and "vendor/llama.cpp/tools/mtmd/mtmd.h" in names
+    assert "vendor/llama.cpp/vendor/stb/stb_image.h" in names       # mtmd decodes images with it
+    assert not [n for n in names if n.startswith("vendor/llama.cpp/tools/mtmd/test-")]
     for banned in ("vendor/llama.cpp/models/", "vendor/llama.cpp/tools/", "vendor/llama.cpp/common/",
                    "vendor/llama.cpp/examples/", "vendor/llama.cpp/pocs/", "build/", "dist/", "wheelhouse/"):
-        hits = [n for n in names if n.startswith(banned)]
+        hits = [n for n in names if n.startswith(banned) and not n.startswith("vendor/llama.cpp/tools/mtmd/")]
         assert not hits, f"{banned} must not be in the sdist: {hits[:5]}"
     assert not [n for n in names if n.endswith((".gguf", ".so", ".o", ".a", ".whl"))]
     size_mib = sdist.stat().st_size / 2**20

@@ -7,11 +7,14 @@
 
 from pyllama._core import (
     Batch,
+    Bitmap,
     Context,
     Engine,
     GenerationRequest,
     LoraAdapter,
+    MediaPrompt,
     Model,
+    Multimodal,
     SamplerChain,
     UnsupportedTensorTypeError,
     Vocab,
@@ -54,12 +57,14 @@ def build_info() -> dict:
         # ggml's AMX kernels: "OFF" when the build turned them off, with the reason
         "amx": getattr(bc, "amx", "AUTO"),
         "amx_disabled_reason": getattr(bc, "amx_disabled_reason", ""),
+        # llama.cpp's mtmd library (images/audio in prompts), -DPYLLAMA_MTMD=OFF leaves it out
+        "mtmd": getattr(bc, "mtmd", False),
     }
 
 
 __all__ = [
     "LLM", "Completion", "Timings", "Chunk", "TokenLogprob", "TopLogprob", "Stream", "AsyncStream", "SamplingParams", "Model", "Vocab", "Context", "Batch", "SamplerChain",
-    "Engine", "GenerationRequest", "UnsupportedTensorTypeError", "LoraAdapter", "backends", "system_info", "build_info", "enable_logging",
+    "Engine", "GenerationRequest", "Multimodal", "Bitmap", "MediaPrompt", "UnsupportedTensorTypeError", "LoraAdapter", "backends", "system_info", "build_info", "enable_logging",
     "disable_logging", "set_llama_log_level", "grammar_path",
     "json_schema_to_gbnf", "__version__", "__llama_cpp_commit__", *_errors_all,
 ]

@@ -99,6 +99,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, model_flag: bool = True, 
     g.add_argument("--chat-template", metavar="NAME",
                    help="use this chat template instead of the model's own (a name inside the GGUF, "
                         "a llama.cpp built-in such as 'chatml', or a Jinja template)")
+    g.add_argument("--mmproj", dest="mmproj_path", metavar="FILE",
+                   help="the model's multimodal projector (mmproj GGUF): images (and audio) in prompts")
     g.add_argument("--no-mmap", dest="use_mmap", action="store_false", default=None,
                    help="read the weights into memory instead of mapping the file")
     g.add_argument("--mlock", dest="use_mlock", action="store_true", default=None,
@@ -138,7 +140,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 _SAMPLING_DESTS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
                    "last_n_tokens_size", "seed", "stop", "ignore_eos", "grammar")
-_LOAD_DESTS = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "chat_template", "use_mmap", "use_mlock")
+_LOAD_DESTS = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "chat_template", "use_mmap", "use_mlock",
+               "mmproj_path")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -286,6 +289,9 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
     p.add_argument("--raw", action="store_true", help="complete the prompt as plain text (no chat template)")
     p.add_argument("--system", metavar="TEXT", help="a system message (chat mode only)")
+    p.add_argument("--image", "--audio", dest="media", action="append", default=None, metavar="FILE",
+                   help="an image (PNG, JPEG, GIF, BMP) or, for audio projectors, a WAV/MP3/FLAC clip to put "
+                        "before the prompt (needs --mmproj; repeat for several)")
     add_model_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_run)
@@ -301,14 +307,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("the prompt is empty")
     if args.raw and args.system is not None:
         raise UsageError("--system needs chat mode; drop --raw")
+    media = args.media or []
+    if media and not args.mmproj_path:
+        raise UsageError("--image/--audio need the model's projector: --mmproj FILE")
+    if media and args.raw:
+        raise UsageError("--image/--audio need chat mode; drop --raw")
+    for f in media:
+        if not os.path.isfile(f):
+            raise UsageError(f"no such file: {f}")
     overrides = sampling_overrides(args)
     path = resolve_model_arg(args.model)
     with _open_llm(args, path) as llm:
+        if media and not _has_chat_template(llm):
+            raise UsageError("--image needs a model with a chat template (or --chat-template NAME)")
         if not args.raw and _has_chat_template(llm):
             messages = []
             if args.system is not None:
                 messages.append({"role": "system", "content": args.system})
-            messages.append({"role": "user", "content": prompt})
+            content = prompt
+            if media:
+                content = [{"type": "image", "image": os.path.abspath(f)} for f in media]
+                content.append({"type": "text", "text": prompt})
+            messages.append({"role": "user", "content": content})
             pieces = llm.chat(messages, stream=True, **overrides)
         else:
             if args.system is not None:
@@ -798,7 +818,7 @@ def serve_llm_kwargs(args: argparse.Namespace, path: str) -> dict:
     (kv_unified=False gives each slot its own n_ctx/np cells, as llama-server does)."""
     kw: dict = {"n_parallel": args.n_parallel, "kv_unified": False, "embedding": True,
                 "verbose": bool(args.verbose)}
-    for name in ("n_batch", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock"):
+    for name in ("n_batch", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock", "mmproj_path"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     n_ctx = args.n_ctx
@@ -842,7 +862,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         llm = LLM(path, **llm_kwargs)
         _say(f"model loaded: {os.path.basename(path)}, {args.n_parallel} slots of "
-             f"{llm_kwargs['n_ctx'] // args.n_parallel} tokens")
+             f"{llm_kwargs['n_ctx'] // args.n_parallel} tokens"
+             + (f", projector {os.path.basename(args.mmproj_path)}" if args.mmproj_path else ""))
         return llm
 
     settings: dict = {"api_keys": keys, "cors_origins": args.cors_origin or (), "max_queue": args.max_queue,

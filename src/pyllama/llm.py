@@ -899,7 +899,7 @@ class LLM:
              response_format: Optional[Mapping[str, Any]] = None, tools: Optional[list] = None,
              tool_choice: Any = None, n: int = 1, logprobs: Union[bool, int, None] = None,
              top_logprobs: Optional[int] = None, callback: Optional[Callable[[str], Any]] = None,
-             allow_special_in_messages: bool = False, **overrides: Any) -> Any:
+             allow_special_in_messages: bool = False, allow_files: bool = True, **overrides: Any) -> Any:
         """Answer a conversation using the model's own chat template.
 
         response_format={"type": "json_object"} constrains the answer to JSON;
@@ -919,18 +919,21 @@ class LLM:
             return tools_mod.chat_with_tools(self, messages, tools=tools, tool_choice=tool_choice or "auto",
                                              stream=stream, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
                                              callback=callback, allow_special_in_messages=allow_special_in_messages,
-                                             **overrides)
-        tokens = self.chat_prompt(messages, tools=tools or None, allow_special_in_messages=allow_special_in_messages)
+                                             allow_files=allow_files, **overrides)
+        tokens = self.chat_prompt(messages, tools=tools or None, allow_special_in_messages=allow_special_in_messages,
+                                  allow_files=allow_files)
         if stream:
             return self.stream(tokens, n=n, logprobs=logprobs, top_logprobs=top_logprobs, **overrides)
         return self.complete(tokens, n=n, logprobs=logprobs, top_logprobs=top_logprobs, callback=callback,
                              **overrides)
 
     def _prepare_chat(self, messages: Sequence[Mapping[str, Any]], *, response_format: Optional[Mapping[str, Any]] = None,
-                      allow_special_in_messages: bool = False, **kwargs: Any) -> "_Prepared":
+                      allow_special_in_messages: bool = False, allow_files: bool = True,
+                      **kwargs: Any) -> "_Prepared":
         if response_format is not None:
             kwargs.update(_response_format_overrides(response_format))
-        tokens = self.chat_prompt(messages, allow_special_in_messages=allow_special_in_messages)
+        tokens = self.chat_prompt(messages, allow_special_in_messages=allow_special_in_messages,
+                                  allow_files=allow_files)
         return self._prepare_complete(tokens, **kwargs)
 
     # ---- async ----------------------------------------------------------------------

@@ -643,9 +643,13 @@ def _add_special(llm: Any, prompt: str) -> bool:
 
 
 def _prompt_for(llm: Any, msgs: List[Dict[str, Any]], shown: Optional[List[Dict[str, Any]]],
-                allow_special: bool) -> Tuple[Any, Dict[str, Any]]:
+                allow_special: bool, allow_files: bool = True) -> Tuple[Any, Dict[str, Any]]:
     """(prompt, how to tokenize it) for llm.complete: the template's tokens, with message
-    contents kept as data (text spelling a control token stays text) where the LLM can do that."""
+    contents kept as data (text spelling a control token stays text) where the LLM can do that;
+    a MediaPrompt when messages hold images (LLM.chat_prompt)."""
+    if hasattr(llm, "chat_prompt"):
+        return llm.chat_prompt(msgs, tools=shown, allow_special_in_messages=allow_special,
+                               allow_files=allow_files), {}
     if hasattr(llm, "chat_tokens"):
         return llm.chat_tokens(msgs, tools=shown, allow_special_in_messages=allow_special), {}
     prompt = llm.render_chat(msgs, tools=shown) if shown is not None else llm.render_chat(msgs)
@@ -801,6 +805,7 @@ def chat_with_tools(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: A
     choice = normalize_tool_choice(tool_choice, tools)
     kwargs = dict(kwargs)
     allow_special = bool(kwargs.pop("allow_special_in_messages", False))
+    allow_files = bool(kwargs.pop("allow_files", True))
     if stream and kwargs.get("n", 1) not in (None, 1):
         raise ValueError("stream=True with tools and n > 1 is not supported; use stream=False")
     fmt = detect_tool_format(llm)
@@ -816,6 +821,8 @@ def chat_with_tools(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: A
             kwargs["response_format"] = response_format
         if allow_special:
             kwargs["allow_special_in_messages"] = True
+        if not allow_files:
+            kwargs["allow_files"] = False
         return llm.chat(msgs, stream=stream, **kwargs)
     forced = _forced_tools(tools, choice)
     if forced is not None:
@@ -827,7 +834,7 @@ def chat_with_tools(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: A
             kwargs.pop(k, None)
         kwargs["grammar"] = tool_call_grammar(forced, fmt.style)
     msgs, shown = prepare_messages(llm, messages, tools, choice, fmt)
-    prompt, how = _prompt_for(llm, msgs, shown, allow_special)
+    prompt, how = _prompt_for(llm, msgs, shown, allow_special, allow_files)
     result = llm.complete(prompt, **how, **kwargs)
     if isinstance(result, list):
         return [_finish(c, tools) for c in result]

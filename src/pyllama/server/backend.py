@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, List, Optional
 
-from pyllama.server.errors import UNAVAILABLE, APIError, from_library_error
+from pyllama.server.errors import UNAVAILABLE, APIError, bad_request, from_library_error
 
 logger = logging.getLogger("pyllama.server")
 
@@ -143,13 +143,26 @@ class Backend:
     async def complete(self, prompt: Any, **kwargs: Any) -> Any:
         return await self._call("complete", prompt, param="prompt", **kwargs)
 
+    def _check_media(self, messages: list, kwargs: dict) -> None:
+        """Image/audio parts need a projector; a client's parts may only carry data: URLs
+        (never a path on this machine)."""
+        from pyllama.multimodal import has_media
+
+        if has_media(messages):
+            if getattr(self.llm, "multimodal", None) is None:
+                raise bad_request("image/audio content needs a model with a multimodal projector: start the "
+                                  "server with --mmproj FILE", param="messages")
+            kwargs["allow_files"] = False
+
     async def chat(self, messages: list, **kwargs: Any) -> Any:
+        self._check_media(messages, kwargs)
         return await self._call("chat", messages, param="messages", **kwargs)
 
     async def stream_complete(self, prompt: Any, **kwargs: Any) -> Stream:
         return await self._open_stream("stream", prompt, param="prompt", **kwargs)
 
     async def stream_chat(self, messages: list, **kwargs: Any) -> Stream:
+        self._check_media(messages, kwargs)
         return await self._open_stream("chat", messages, param="messages", **kwargs)
 
     async def embed(self, texts: Any) -> Any:

@@ -112,7 +112,19 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Union[TextPart, ImagePart]
+class InputAudio(_Strict):
+    data: str
+    format: str
+
+
+class AudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+# Image and audio parts need a model loaded with a projector (pyllama serve --mmproj); the
+# backend says so when it has none.
+ContentPart = Union[TextPart, ImagePart, AudioPart]
 
 
 class FunctionCall(_Open):
@@ -232,12 +244,6 @@ class ChatCompletionRequest(SamplingFields):
                                   param="tool_choice")
         elif self.tool_choice == "required" and not self.tools:
             raise bad_request("tool_choice 'required' needs tools", param="tool_choice")
-        for i, m in enumerate(self.messages):
-            if isinstance(m.content, list):
-                for j, part in enumerate(m.content):
-                    if isinstance(part, ImagePart):
-                        raise bad_request("image content is not supported by this server (text models only)",
-                                          param=f"messages.{i}.content.{j}")
 
 
 # --------------------------------------------------------------------------- completions
