@@ -87,6 +87,7 @@ def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture) -> No
     (["frobnicate"], "frobnicate"),
     (["run"], "PROMPT"),
     (["run", "hi", "--grammar", "x", "--json-schema", "{}"], "not allowed"),
+    (["run", "hi", "--mirostat", "3"], "--mirostat"),
 ])
 def test_usage_errors_in_process(capsys: pytest.CaptureFixture, argv: list, needle: str) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -95,6 +96,37 @@ def test_usage_errors_in_process(capsys: pytest.CaptureFixture, argv: list, need
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pyllama: error: ") and needle in lines[0], err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "hi", "--xtc-probability", "2"], "xtc_probability"),
+    (["run", "hi", "--dry-base", "0.5"], "dry_base"),
+    (["run", "hi", "--dry-sequence-breaker", ""], "dry_sequence_breakers"),
+    (["run", "hi", "--dynatemp-range", "-1"], "dynatemp_range"),
+])
+def test_bad_sampler_values_are_usage_errors(capsys: pytest.CaptureFixture, argv: list, needle: str) -> None:
+    """Checked before any model is loaded: exit status 2 and one error line."""
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyllama: error: ") and needle in lines[0], lines
+
+
+def test_sampler_flags_use_llama_cpp_names() -> None:
+    """llama-cli's sampler flags map onto SamplingParams (only the ones given)."""
+    from pyllama.cli import build_parser, sampling_overrides
+
+    args = build_parser().parse_args([
+        "run", "hi", "--top-n-sigma", "1.5", "--xtc-probability", "0.5", "--xtc-threshold", "0.2",
+        "--dynatemp-range", "0.3", "--dynatemp-exp", "1.5", "--dry-multiplier", "0.8", "--dry-base", "2",
+        "--dry-allowed-length", "3", "--dry-penalty-last-n", "-1", "--dry-sequence-breaker", "##",
+        "--dry-sequence-breaker", "\\n", "--typical", "0.9", "--presence-penalty", "0.5", "--frequency-penalty", "0.25",
+        "--mirostat", "2", "--mirostat-lr", "0.2", "--mirostat-ent", "3"])
+    got = sampling_overrides(args)
+    assert got == dict(max_tokens=-1, top_n_sigma=1.5, xtc_probability=0.5, xtc_threshold=0.2, dynatemp_range=0.3,
+                       dynatemp_exponent=1.5, dry_multiplier=0.8, dry_base=2.0, dry_allowed_length=3,
+                       dry_penalty_last_n=-1, dry_sequence_breakers=["##", "\n"], typical_p=0.9,
+                       presence_penalty=0.5, frequency_penalty=0.25, mirostat_mode=2, mirostat_eta=0.2,
+                       mirostat_tau=3.0)
 
 
 def test_unknown_flag_subprocess() -> None:

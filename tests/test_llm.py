@@ -606,6 +606,16 @@ BAD_SAMPLING = [
     ("repeat_penalty", 0.0),
     ("mirostat_mode", 3),
     ("seed", -7),
+    ("top_n_sigma", math.nan),
+    ("xtc_probability", 1.5),
+    ("xtc_threshold", -0.1),
+    ("dynatemp_range", -1.0),
+    ("dynatemp_exponent", math.inf),
+    ("dry_multiplier", -0.5),
+    ("dry_base", 0.5),
+    ("dry_allowed_length", -1),
+    ("dry_penalty_last_n", -2),
+    ("dry_sequence_breakers", ["\n", ""]),
 ]
 
 
@@ -698,6 +708,9 @@ EVERY_PARAM = [
     ("temperature", 0.7), ("top_k", 5), ("top_p", 0.5), ("min_p", 0.1), ("typical_p", 0.9),
     ("repeat_penalty", 1.3), ("last_n_tokens_size", 16), ("frequency_penalty", 0.5), ("presence_penalty", 0.5),
     ("mirostat_mode", 2), ("mirostat_tau", 3.0), ("mirostat_eta", 0.2), ("seed", 42), ("max_tokens", 3),
+    ("top_n_sigma", 1.5), ("xtc_probability", 0.5), ("xtc_threshold", 0.2), ("dynatemp_range", 0.3),
+    ("dynatemp_exponent", 1.5), ("dry_multiplier", 0.8), ("dry_base", 2.0), ("dry_allowed_length", 3),
+    ("dry_penalty_last_n", -1), ("dry_sequence_breakers", ("\n", "##")),
     ("stop", ["\n"]), ("stop_tokens", [2]), ("logit_bias", {2: -math.inf}), ("grammar", 'root ::= "yes" | "no"'),
     ("grammar_path", "json"), ("json_schema", {"type": "boolean"}), ("ignore_eos", True),
 ]

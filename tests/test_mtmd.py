@@ -216,6 +216,17 @@ def test_n_greater_than_one_shares_the_image(llm):
     assert [c.text for c in many] == [one.text] * 3
 
 
+def test_penalties_see_an_image_prompt_text_only(llm):
+    """Penalties and DRY are shown the prompt's text tokens; the image's positions (negative
+    keys) are skipped, not passed to llama.cpp as token ids."""
+    prompt = llm.chat_prompt(image_chat(str(JPEG)))
+    assert any(k < 0 for k in prompt.tokens)
+    plain = llm.chat(image_chat(str(JPEG)), max_tokens=8)
+    penalised = llm.chat(image_chat(str(JPEG)), max_tokens=8, repeat_penalty=1.5, last_n_tokens_size=-1,
+                         dry_multiplier=0.8)
+    assert len(penalised.tokens) == 8 and len(plain.tokens) == 8
+
+
 def test_preempted_image_request_resumes_with_the_same_output(pair):
     text, proj = pair
     # Two slots, a context (256 cells) that fits one long sequence: a paused request...

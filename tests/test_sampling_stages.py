@@ -159,6 +159,30 @@ CASES = [
     pytest.param({"logit_bias": {7: 2.0}, "repeat_penalty": 1.25, "typical_p": 0.5},
                  ["logit-bias", "penalties", "top-k", "typical", "top-p", "min-p", "temp", "dist"],
                  {"penalties": dict(PEN, repeat=1.25)}, id="full-order"),
+    # llama.cpp's newer samplers, in llama.cpp's order: penalties, DRY, top-n-sigma, top-k,
+    # typical, top-p, min-p, XTC, temperature (dynamic: temp-ext)
+    pytest.param({"top_n_sigma": 1.5}, ["top-n-sigma", *DEFAULT_CHAIN], {"top-n-sigma": {"n": 1.5}},
+                 id="top_n_sigma"),
+    pytest.param({"top_n_sigma": 0.0}, DEFAULT_CHAIN, {}, id="top_n_sigma-0-off"),
+    pytest.param({"xtc_probability": 0.5, "xtc_threshold": 0.25}, ["top-k", "top-p", "min-p", "xtc", "temp", "dist"],
+                 {}, id="xtc"),
+    pytest.param({"xtc_probability": 0.0}, DEFAULT_CHAIN, {}, id="xtc-0-off"),
+    pytest.param({"xtc_probability": 0.5, "xtc_threshold": 0.75}, DEFAULT_CHAIN, {}, id="xtc-threshold-over-half-off"),
+    pytest.param({"dynatemp_range": 0.5, "dynatemp_exponent": 2.0}, ["top-k", "top-p", "min-p", "temp-ext", "dist"],
+                 {}, id="dynatemp"),
+    pytest.param({"dry_multiplier": 0.5}, ["dry", *DEFAULT_CHAIN], {}, id="dry"),
+    pytest.param({"dry_multiplier": 0.5, "dry_base": 2.0, "dry_allowed_length": 3, "dry_penalty_last_n": -1,
+                  "dry_sequence_breakers": ["\n", "zz"]}, ["dry", *DEFAULT_CHAIN],
+                 {"dry": {"multiplier": 0.5, "base": 2.0, "allowed_length": 3, "last_n": "n_ctx",
+                          "seq_breakers": ["\n", "zz"]}}, id="dry-all-settings"),
+    pytest.param({"dry_multiplier": 0.5, "dry_penalty_last_n": 0}, DEFAULT_CHAIN, {}, id="dry-last_n-0-off"),
+    pytest.param({"dry_multiplier": 0.0, "dry_base": 3.0}, DEFAULT_CHAIN, {}, id="dry-multiplier-0-off"),
+    pytest.param({"temperature": 0, "dry_multiplier": 0.5, "top_n_sigma": 1.0, "xtc_probability": 1.0,
+                  "dynatemp_range": 0.5}, ["dry", "greedy"], {}, id="greedy-keeps-dry-only"),
+    pytest.param({"logit_bias": {7: 2.0}, "repeat_penalty": 1.25, "dry_multiplier": 0.5, "top_n_sigma": 2.0,
+                  "typical_p": 0.5, "xtc_probability": 0.5, "xtc_threshold": 0.25, "dynatemp_range": 0.5},
+                 ["logit-bias", "penalties", "dry", "top-n-sigma", "top-k", "typical", "top-p", "min-p", "xtc",
+                  "temp-ext", "dist"], {"penalties": dict(PEN, repeat=1.25)}, id="full-order-new-samplers"),
 ]
 
 
@@ -187,6 +211,18 @@ def _implied_params(name, sp, eog):
     if name == "mirostat-v2":
         return {"seed": seed, "tau": pytest.approx(sp.mirostat_tau, rel=1e-6),
                 "eta": pytest.approx(sp.mirostat_eta, rel=1e-6)}
+    if name == "top-n-sigma":
+        return {"n": pytest.approx(sp.top_n_sigma, rel=1e-6)}
+    if name == "xtc":
+        return {"p": pytest.approx(sp.xtc_probability, rel=1e-6), "t": pytest.approx(sp.xtc_threshold, rel=1e-6),
+                "min_keep": 1, "seed": seed}
+    if name == "temp-ext":
+        return {"t": pytest.approx(sp.temperature, rel=1e-6), "delta": pytest.approx(sp.dynatemp_range, rel=1e-6),
+                "exponent": pytest.approx(sp.dynatemp_exponent, rel=1e-6)}
+    if name == "dry":
+        return {"multiplier": pytest.approx(sp.dry_multiplier, rel=1e-6), "base": pytest.approx(sp.dry_base, rel=1e-6),
+                "allowed_length": sp.dry_allowed_length, "last_n": sp.dry_penalty_last_n,
+                "seq_breakers": list(sp.dry_sequence_breakers)}
     if name == "logit-bias":
         bias = {int(t): float(b) for t, b in (sp.logit_bias or {}).items()}
         if sp.ignore_eos:
@@ -502,17 +538,176 @@ def test_mirostat_ignores_truncation_settings(llm):
     assert got == {0, 1, 2, 3}
 
 
+# --------------------------------------------------------------------------- top-n-sigma, XTC, dynamic temperature, DRY
+
+
+def _all_logits(llm, probs):
+    """Every logit the chain sees for draws(llm, probs): 0, plus the bias on T[:len(probs)]."""
+    logits = [0.0] * llm.vocab.n_tokens
+    for i, p in enumerate(probs):
+        logits[T[i]] = BASE + math.log(p)
+    return logits
+
+
+def _top_n_sigma_kept(logits, n, k):
+    """llama.cpp's top-n-sigma: keep logits >= max - n * std (population std over every
+    finite logit), as indices into T[:k]."""
+    mean = sum(logits) / len(logits)
+    std = math.sqrt(sum((x - mean) ** 2 for x in logits) / len(logits))
+    top = max(logits)
+    return {i for i in range(k) if logits[T[i]] >= top - n * std}
+
+
+@pytest.mark.parametrize("n", [0.5, 1.0, 2.0, 4.0])
+def test_top_n_sigma_value(llm, n):
+    # FOUR sits 0, 0.29, 0.69 and 1.39 below the top logit; the std over 32000 logits
+    # (nearly all 0) is ~0.43, so each n keeps another number of them.
+    expect = _top_n_sigma_kept(_all_logits(llm, FOUR), n, len(FOUR))
+    assert set(draws(llm, FOUR, top_n_sigma=n)) == expect
+    assert len({len(_top_n_sigma_kept(_all_logits(llm, FOUR), m, 4)) for m in (0.5, 1.0, 2.0, 4.0)}) == 4
+
+
+@pytest.mark.parametrize("threshold,expect", [(0.25, {1, 2, 3}), (0.15, {2, 3}), (0.35, {0, 1, 2, 3}),
+                                              (0.05, {3})])
+def test_xtc_threshold_value(llm, threshold, expect):
+    # XTC at probability 1 removes every token at or above the threshold except the least
+    # likely of them (none when fewer than two qualify): FOUR is 0.4, 0.3, 0.2, 0.1.
+    assert set(draws(llm, FOUR, xtc_probability=1.0, xtc_threshold=threshold)) == expect
+
+
+def test_xtc_probability_value(llm):
+    # At probability p a draw is made without the top choice about p of the time.
+    firsts = Counter(d[0] for d in first_draws(llm, FOUR, seeds=range(200), xtc_probability=0.5,
+                                               xtc_threshold=0.25))
+    without_xtc = Counter(d[0] for d in first_draws(llm, FOUR, seeds=range(200)))
+    assert firsts[0] < without_xtc[0] * 0.75 and firsts[0] > 0, (firsts, without_xtc)
+    assert set(draws(llm, FOUR, xtc_probability=0.0, xtc_threshold=0.25)) == {0, 1, 2, 3}
+
+
+def _best_temperature(llm, probs, **kwargs):
+    counts = Counter(draws(llm, probs, n=400, seed=99, **kwargs))
+
+    def loglik(t):
+        w = [p ** (1 / t) for p in probs]
+        return sum(c * math.log(w[i] / sum(w)) for i, c in counts.items())
+
+    return max([0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0], key=loglik)
+
+
+def test_dynamic_temperature_value(llm):
+    """llama.cpp's temp-ext: the temperature is max(0, t - r) + 2r * (H / H_max) ** exponent,
+    H the entropy of the candidates and H_max = ln(n_vocab)."""
+    peaked = [0.7, 0.2, 0.08, 0.02]
+    # exponent 0: always the top of the range
+    assert _best_temperature(llm, peaked, temperature=1.0, dynatemp_range=1.0, dynatemp_exponent=0.0) == 2.0
+    # exponent 1, t = r: the temperature is 2r * H / H_max; pick r so that it is 0.5
+    h = -sum(p * math.log(p) for p in peaked)
+    r = 0.25 / (h / math.log(llm.vocab.n_tokens))
+    assert r > 2.0   # without the entropy scaling, t = r would be fitted as 4 (or 2)
+    assert _best_temperature(llm, peaked, temperature=r, dynatemp_range=r, dynatemp_exponent=1.0) == 0.5
+
+
+def _dry_reference(history, candidates, multiplier, base, allowed_length, last_n):
+    """DRY penalties as llama.cpp computes them (no sequence breakers in `history`): a
+    candidate that would extend a repeat of n >= allowed_length tokens loses
+    multiplier * base ** (n - allowed_length)."""
+    window = history[-last_n:] if last_n > 0 else list(history)
+    if len(window) <= allowed_length:
+        return {}
+    longest = {}
+    for end in range(len(window) - 1):            # an earlier occurrence ending at `end`
+        n = 0
+        while n <= end and window[end - n] == window[len(window) - 1 - n]:
+            n += 1
+        follower = window[end + 1]
+        if n >= allowed_length and follower in candidates:
+            longest[follower] = max(longest.get(follower, 0), n)
+    return {t: multiplier * base ** (n - allowed_length) for t, n in longest.items()}
+
+
+def _dry_greedy_reference(prompt, logits, steps, **dry):
+    """Greedy tokens under DRY over prompt + answer (what llama-server's slots see)."""
+    history, out = list(prompt), []
+    for _ in range(steps):
+        pen = _dry_reference(history, set(logits), **dry)
+        best = max(logits, key=lambda t: (logits[t] - pen.get(t, 0.0), -t))
+        out.append(best)
+        history.append(best)
+    return out
+
+
+@pytest.mark.parametrize("dry", [
+    dict(multiplier=0.5, base=1.75, allowed_length=2, last_n=64),
+    dict(multiplier=0.03, base=2.0, allowed_length=1, last_n=64),   # no penalty difference is 0.1 or 0.2: no ties
+    dict(multiplier=0.5, base=1.75, allowed_length=3, last_n=6),
+], ids=["defaults", "weak-base-2", "allowed-3-window-6"])
+def test_dry_value(llm, dry):
+    logits = {T[i]: BASE - 0.1 * i for i in range(3)}          # 40.0, 39.9, 39.8
+    prompt = llm.tokenize(PROMPT)
+    want = _dry_greedy_reference(prompt, logits, 24, **dry)
+    got = llm.complete(prompt, logit_bias=logits, temperature=0, max_tokens=24, dry_multiplier=dry["multiplier"],
+                       dry_base=dry["base"], dry_allowed_length=dry["allowed_length"],
+                       dry_penalty_last_n=dry["last_n"]).tokens
+    assert got == want
+    assert len(set(got)) > 1                                     # it did change something
+    plain = llm.complete(PROMPT, logit_bias=logits, temperature=0, max_tokens=24).tokens
+    assert plain == [T[0]] * 24
+
+
+def test_dry_sequence_breakers_stop_a_repeat(llm):
+    """A breaker token in the history ends every repeat that would run across it."""
+    logits = {T[i]: BASE - 0.1 * i for i in range(3)}
+    dry = dict(temperature=0, max_tokens=16, logit_bias=logits, dry_multiplier=0.5)
+    breaker = llm.vocab.token_text(T[0])
+    broken = llm.complete(PROMPT, dry_sequence_breakers=[breaker], **dry).tokens
+    assert broken == [T[0]] * 16      # every T0 is a breaker: no repeat ever gets long enough
+    assert llm.complete(PROMPT, **dry).tokens != broken
+
+
+# --------------------------------------------------------------------------- the prompt counts
+
+
+def test_penalties_see_the_prompt(llm):
+    """Penalties (and DRY) count the prompt's tokens as llama.cpp's tools, llama-server and
+    llama-cpp-python do: T0 in the prompt is already a repetition."""
+    logits = {T[0]: BASE, T[1]: BASE - 0.1}
+    prompt = llm.tokenize(PROMPT) + [T[0]]
+    greedy = dict(logit_bias=logits, temperature=0, max_tokens=1)
+    assert llm.complete(prompt, **greedy).tokens == [T[0]]
+    assert llm.complete(prompt, repeat_penalty=2.0, **greedy).tokens == [T[1]]
+    assert llm.complete(prompt, presence_penalty=0.5, **greedy).tokens == [T[1]]
+    # ...within the window only: with last_n 1 the prompt's last token is all it sees
+    far = llm.tokenize(PROMPT) + [T[0], T[2]]
+    assert llm.complete(far, repeat_penalty=2.0, last_n_tokens_size=1, **greedy).tokens == [T[0]]
+    assert llm.complete(far, repeat_penalty=2.0, last_n_tokens_size=2, **greedy).tokens == [T[1]]
+    # DRY: the prompt "T0 T0 T0" makes a fourth T0 a repeat of length 2
+    rep = llm.tokenize(PROMPT) + [T[0]] * 3
+    assert llm.complete(rep, dry_multiplier=0.5, **greedy).tokens == [T[1]]
+    assert llm.complete(rep, dry_multiplier=0.5, dry_penalty_last_n=2, **greedy).tokens == [T[0]]
+
+
+def test_accept_context_low_level(llm):
+    from pyllama import SamplerChain
+
+    chain = SamplerChain(llm.vocab).add_penalties(4, 2.0).add_greedy()
+    chain.accept_context([T[0], -5, T[1]])                 # negative keys (images) are skipped
+    with pytest.raises(Exception, match="token"):
+        chain.accept_context([llm.vocab.n_tokens])
+    g = SamplerChain(llm.vocab).add_grammar('root ::= "a"')
+    with pytest.raises(ValueError, match="grammar"):
+        g.accept_context([T[0]])
+
+
 # --------------------------------------------------------------------------- settings that do not exist
 
 
 @pytest.mark.parametrize("name,value", [
-    ("xtc_probability", 0.5), ("xtc_threshold", 0.1), ("dry_multiplier", 0.8), ("dry_base", 1.75),
-    ("dry_allowed_length", 2), ("dry_penalty_last_n", -1), ("top_n_sigma", 1.0), ("dynatemp_range", 0.5),
-    ("dynatemp_exponent", 1.0), ("penalty_last_n", 64), ("mirostat", 2), ("tfs_z", 0.9), ("min_keep", 2),
+    ("penalty_last_n", 64), ("mirostat", 2), ("tfs_z", 0.9), ("min_keep", 2), ("dry_penalty_lastn", 8),
+    ("xtc_prob", 0.5),
 ])
 def test_unsupported_settings_are_refused_not_ignored(llm, flat_model, name, value):
-    """The samplers SamplerChain has (add_xtc, add_dry, add_top_n_sigma, add_temp_ext) but
-    SamplingParams does not: a setting for them must raise, never be dropped silently."""
+    """Settings SamplingParams does not have (llama.cpp's other spellings, removed samplers):
+    they must raise, never be dropped silently."""
     with pytest.raises(TypeError, match="unexpected keyword|unknown"):
         SamplingParams(**{name: value})
     with pytest.raises(TypeError, match="unknown"):

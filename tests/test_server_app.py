@@ -332,6 +332,11 @@ BAD_INPUTS = [
                              '{"type": "function", "function": {"name": "nope"}}, "tools": [{"type": "function", '
                              '"function": {"name": "get_weather", "parameters": {"type": "object"}}}]}',
      "tool_choice", None),
+    ("/v1/completions", '{"prompt": "x", "xtc_probability": 1.5}', "xtc_probability", None),
+    ("/v1/completions", '{"prompt": "x", "dry_multiplier": -1}', "dry_multiplier", None),
+    ("/v1/completions", '{"prompt": "x", "dry_sequence_breakers": []}', "dry_sequence_breakers", None),
+    ("/v1/completions", '{"prompt": "x", "dry_multiplier": 0.5, "dry_sequence_breakers": [""]}', None, None),
+    ("/v1/completions", '{"prompt": "x", "dynatemp_range": -0.5}', "dynatemp_range", None),
     ("/v1/completions", '{"prompt": [5, 99999999]}', "prompt", "invalid_token"),
     ("/v1/completions", '{"prompt": [-1]}', "prompt", "invalid_token"),
     ("/v1/completions", '{"prompt": []}', "prompt", None),
@@ -358,6 +363,38 @@ def test_prompt_longer_than_a_slot_names_both_numbers(app, tiny_llm):
     assert str(n_prompt) in err["message"], err
     assert "256" in err["message"], err            # 512 KV cells over 2 slots
     _still_answers(app)
+
+
+def test_llama_server_sampler_fields_reach_the_chain(app, tiny_llm):
+    """top_n_sigma, XTC, dynamic temperature and DRY under llama-server's field names become
+    the matching SamplingParams (dry_base < 1 means the default, as in llama-server)."""
+    from pyllama import LLM
+
+    built = []
+    original = LLM._request
+
+    def spy(self, *args, **kwargs):
+        req = original(self, *args, **kwargs)
+        built.append(req.sampler)
+        return req
+
+    tiny_llm._request = spy.__get__(tiny_llm)
+    try:
+        body = {"prompt": "Hello", "max_tokens": 2, "temperature": 0.7, "top_n_sigma": 1.5, "xtc_probability": 0.5,
+                "xtc_threshold": 0.25, "dynatemp_range": 0.5, "dynatemp_exponent": 2.0, "dry_multiplier": 0.75,
+                "dry_base": 0.5, "dry_allowed_length": 3, "dry_penalty_last_n": 32, "dry_sequence_breakers": ["##"]}
+        r = _post(app, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+    finally:
+        del tiny_llm._request
+    (chain,) = built
+    assert chain.names == ["dry", "top-n-sigma", "top-k", "top-p", "min-p", "xtc", "temp-ext", "dist"]
+    params = dict(chain.stage_params)
+    assert params["dry"] == {"multiplier": 0.75, "base": 1.75, "allowed_length": 3, "last_n": 32,
+                             "seq_breakers": ["##"]}
+    assert params["top-n-sigma"] == {"n": 1.5}
+    assert params["xtc"]["p"] == 0.5 and params["xtc"]["t"] == 0.25
+    assert params["temp-ext"]["delta"] == 0.5 and params["temp-ext"]["exponent"] == 2.0
 
 
 def test_auth_cors_404_405_413(app):

@@ -355,6 +355,9 @@ class SamplerChain:
     def sample(self, ctx: Context, idx: int = -1) -> int:
         """Sample (and accept) a token from output `idx` of ctx's last decode."""
     def accept(self, token: int) -> None: ...
+    def accept_context(self, tokens: Iterable[int]) -> None:
+        """Show the stages the prompt (penalties and DRY count its repetitions); negative
+        keys are skipped; chains with a grammar stage refuse."""
     def reset(self) -> None: ...
     def clone(self) -> SamplerChain: ...
     @property

@@ -416,6 +416,32 @@ cdef class SamplerChain:
             self._grammar_error(e)
             raise
 
+    def accept_context(self, tokens) -> None:
+        """Show the stages text that came before the answer (the prompt): penalties and DRY
+        then count repetitions of it too, as llama.cpp's own tools and llama-server do.
+        Negative keys (a MediaPrompt's image positions) are skipped.  Chains with a grammar
+        stage refuse: a grammar constrains the answer only."""
+        cdef llama_sampler * chain = self._get()
+        if self._grammar_stages:
+            raise ValueError("accept_context() needs a chain without a grammar stage")
+        cdef list keep = [t for t in tokens if t >= 0]
+        for t in keep:
+            self.vocab._check_token(t)
+        cdef Py_ssize_t i, n = len(keep)
+        if n == 0:
+            return
+        cdef llama_token * buf = <llama_token *>malloc(n * sizeof(llama_token))
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                buf[i] = keep[i]
+            with nogil:
+                for i in range(n):
+                    llama_sampler_accept(chain, buf[i])
+        finally:
+            free(buf)
+
     def reset(self) -> None:
         llama_sampler_reset(self._get())
         self._grammar_failed = None

@@ -126,6 +126,38 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help="penalise repeated tokens (1.0 = off; default 1.0)")
     g.add_argument("--repeat-last-n", dest="last_n_tokens_size", type=_int(-1), metavar="N",
                    help="how many recent tokens the repeat penalty looks at (default 64, -1 = context)")
+    g.add_argument("--presence-penalty", dest="presence_penalty", type=_finite_float, metavar="X",
+                   help="penalise tokens already present (0 = off; default 0)")
+    g.add_argument("--frequency-penalty", dest="frequency_penalty", type=_finite_float, metavar="X",
+                   help="penalise tokens by how often they occurred (0 = off; default 0)")
+    g.add_argument("--typical", dest="typical_p", type=_finite_float, metavar="P",
+                   help="locally typical sampling (1.0 = off; default 1.0)")
+    g.add_argument("--top-n-sigma", dest="top_n_sigma", type=_finite_float, metavar="N",
+                   help="keep tokens within N standard deviations of the top logit (<= 0 = off; default off)")
+    g.add_argument("--xtc-probability", dest="xtc_probability", type=_finite_float, metavar="P",
+                   help="XTC: chance of removing the top choices (0 = off; default 0)")
+    g.add_argument("--xtc-threshold", dest="xtc_threshold", type=_finite_float, metavar="P",
+                   help="XTC: probability above which tokens count as top choices (default 0.1)")
+    g.add_argument("--dynatemp-range", dest="dynatemp_range", type=_finite_float, metavar="X",
+                   help="dynamic temperature within temperature +- X, by entropy (0 = off; default 0)")
+    g.add_argument("--dynatemp-exp", dest="dynatemp_exponent", type=_finite_float, metavar="X",
+                   help="dynamic temperature exponent (default 1.0)")
+    g.add_argument("--dry-multiplier", dest="dry_multiplier", type=_finite_float, metavar="X",
+                   help="DRY repetition penalty strength (0 = off; default 0)")
+    g.add_argument("--dry-base", dest="dry_base", type=_finite_float, metavar="X",
+                   help="DRY penalty base, >= 1 (default 1.75)")
+    g.add_argument("--dry-allowed-length", dest="dry_allowed_length", type=_int(0), metavar="N",
+                   help="DRY: repetitions up to N tokens go unpenalised (default 2)")
+    g.add_argument("--dry-penalty-last-n", dest="dry_penalty_last_n", type=_int(-1), metavar="N",
+                   help="DRY: how many recent tokens to scan (0 = off, -1 = context; default 64)")
+    g.add_argument("--dry-sequence-breaker", dest="dry_sequence_breakers", action="append", metavar="TEXT",
+                   help="DRY: a sequence breaker (repeatable; replaces the defaults \\n : \" *)")
+    g.add_argument("--mirostat", dest="mirostat_mode", type=_int(0), choices=(0, 1, 2), metavar="N",
+                   help="Mirostat sampling: 1, 2 (Mirostat 2.0), 0 = off (default)")
+    g.add_argument("--mirostat-lr", dest="mirostat_eta", type=_finite_float, metavar="ETA",
+                   help="Mirostat learning rate (default 0.1)")
+    g.add_argument("--mirostat-ent", dest="mirostat_tau", type=_finite_float, metavar="TAU",
+                   help="Mirostat target entropy (default 5.0)")
     g.add_argument("--seed", type=_int(-1), metavar="N", help="random seed (-1 = random; default random)")
     g.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop when this text is generated (not printed); repeatable")
@@ -139,7 +171,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _SAMPLING_DESTS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-                   "last_n_tokens_size", "seed", "stop", "ignore_eos", "grammar")
+                   "last_n_tokens_size", "presence_penalty", "frequency_penalty", "typical_p", "top_n_sigma",
+                   "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent", "dry_multiplier",
+                   "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers",
+                   "mirostat_mode", "mirostat_eta", "mirostat_tau", "seed", "stop", "ignore_eos", "grammar")
 _LOAD_DESTS = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "chat_template", "use_mmap", "use_mlock",
                "mmproj_path")
 
@@ -184,6 +219,22 @@ def _load_json_schema(value: str) -> Any:
     return schema
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+
+
+def _unescape(text: str) -> str:
+    """\\n, \\t, \\r, \\\\ and quotes typed on a command line, as llama.cpp's tools read them."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def sampling_overrides(args: argparse.Namespace) -> dict:
     """The generation settings the user gave (only those), validated.
 
@@ -196,6 +247,8 @@ def sampling_overrides(args: argparse.Namespace) -> dict:
             out[name] = value
     if out.get("seed") == -1:
         out["seed"] = None
+    if "dry_sequence_breakers" in out:   # as llama-cli: '\n' on the command line is a newline
+        out["dry_sequence_breakers"] = [_unescape(b) for b in out["dry_sequence_breakers"]]
     if "max_tokens" not in out and hasattr(args, "max_tokens"):
         out["max_tokens"] = -1
     grammar_file = getattr(args, "grammar_file", None)

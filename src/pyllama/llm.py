@@ -31,7 +31,7 @@ from pyllama.errors import ContextLengthError, MediaError
 from pyllama.log import enable_logging
 from pyllama.multimodal import has_media
 from pyllama.sampling import FIELD_NAMES as SAMPLING_FIELDS
-from pyllama.sampling import SamplingParams, _unknown_message, build_chain
+from pyllama.sampling import SamplingParams, _unknown_message, build_chain, context_window
 from pyllama.scheduler import ClosedError, Scheduler
 
 logger = logging.getLogger("pyllama")
@@ -540,6 +540,12 @@ class LLM:
             params = params.replace(seed=(params.seed + seed_offset) & 0xFFFFFFFF)
         chain = build_chain(params, self.vocab, self._eog_tokens() if params.ignore_eos else (),
                             n_ctx=self.context.n_ctx_seq)
+        window = context_window(params, self.context.n_ctx_seq)
+        if window:
+            # The repetition stages see the prompt too (llama.cpp's tools, llama-server and
+            # llama-cpp-python all do): a repeat penalty also keeps the answer from echoing it.
+            keys = getattr(tokens, "tokens", tokens)        # a MediaPrompt's keys; images are skipped
+            chain.accept_context(keys[-window:])
         gbnf = self._resolve_grammar(params)
         grammar = _core.SamplerChain(self.vocab).add_grammar(gbnf) if gbnf is not None else None
         max_tokens = -1 if params.max_tokens is None else params.max_tokens

@@ -34,6 +34,26 @@ class SamplingParams:
     mirostat_mode: int = 0
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
+    #: llama.cpp's newer samplers, under llama-server's names; the defaults leave them off.
+    #: top_n_sigma keeps tokens within n standard deviations of the top logit (<= 0: off).
+    top_n_sigma: float = -1.0
+    #: XTC ("exclude top choices"): with probability xtc_probability, drop every token above
+    #: xtc_threshold except the least likely of them (0: off; a threshold > 0.5 also turns it off).
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    #: Dynamic temperature: the temperature moves within temperature +- dynatemp_range with
+    #: the entropy of the candidates (0: off); dynatemp_exponent shapes that mapping.
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    #: DRY ("don't repeat yourself"): penalise tokens that would extend a repeated sequence
+    #: longer than dry_allowed_length by dry_multiplier * dry_base ** (excess length), looking
+    #: at the last dry_penalty_last_n tokens (-1: the whole context); repetitions do not run
+    #: across a sequence breaker.  dry_multiplier 0 turns it off.
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64
+    dry_sequence_breakers: Sequence[str] = ("\n", ":", '"', "*")
     seed: Optional[int] = None
     max_tokens: Optional[int] = DEFAULT_MAX_TOKENS
     stop: Union[str, Sequence[str], None] = None
@@ -70,6 +90,21 @@ class SamplingParams:
             raise ValueError(f"mirostat_mode must be 0 (off), 1 or 2, got {self.mirostat_mode!r}")
         _finite("mirostat_tau", self.mirostat_tau, minimum=0.0)
         _finite("mirostat_eta", self.mirostat_eta, minimum=0.0)
+        _finite("top_n_sigma", self.top_n_sigma)
+        _prob("xtc_probability", self.xtc_probability, allow_zero=True)
+        _prob("xtc_threshold", self.xtc_threshold, allow_zero=True)
+        _finite("dynatemp_range", self.dynatemp_range, minimum=0.0)
+        _finite("dynatemp_exponent", self.dynatemp_exponent, minimum=0.0)
+        _finite("dry_multiplier", self.dry_multiplier, minimum=0.0)
+        _finite("dry_base", self.dry_base, minimum=1.0)
+        _int_at_least("dry_allowed_length", self.dry_allowed_length, 0)
+        _int_at_least("dry_penalty_last_n", self.dry_penalty_last_n, -1)
+        if isinstance(self.dry_sequence_breakers, str):
+            self.dry_sequence_breakers = (self.dry_sequence_breakers,)
+        self.dry_sequence_breakers = tuple(self.dry_sequence_breakers)
+        for b in self.dry_sequence_breakers:
+            if not isinstance(b, str) or not b:
+                raise ValueError(f"dry_sequence_breakers must be non-empty strings, got {b!r}")
         if self.seed is not None:
             if not isinstance(self.seed, int) or isinstance(self.seed, bool):
                 raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
@@ -141,13 +176,22 @@ def build_chain(
     if params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
         chain.add_penalties(params.last_n_tokens_size, params.repeat_penalty, params.frequency_penalty,
                             params.presence_penalty, n_ctx=n_ctx)
+    if params.dry_multiplier > 0.0 and params.dry_penalty_last_n != 0:
+        chain.add_dry(params.dry_multiplier, params.dry_base, params.dry_allowed_length, params.dry_penalty_last_n,
+                      params.dry_sequence_breakers, n_ctx=n_ctx)
     seed = -1 if params.seed is None else params.seed
+    # Greedy keeps the penalties (they change which token is the most likely) and skips the
+    # samplers that only reshape or cut the distribution (top-k ... XTC, temperature).
     if params.greedy:
         return chain.add_greedy()
     if params.mirostat_mode == 1:
         return chain.add_temp(params.temperature).add_mirostat(seed, params.mirostat_tau, params.mirostat_eta)
     if params.mirostat_mode == 2:
         return chain.add_temp(params.temperature).add_mirostat_v2(seed, params.mirostat_tau, params.mirostat_eta)
+    # llama.cpp's default order (common_params_sampling::samplers): penalties, DRY, top-n-sigma,
+    # top-k, typical, top-p, min-p, XTC, temperature.
+    if params.top_n_sigma > 0.0:
+        chain.add_top_n_sigma(params.top_n_sigma)
     if params.top_k > 0:
         chain.add_top_k(params.top_k)
     if params.typical_p < 1.0:
@@ -156,7 +200,31 @@ def build_chain(
         chain.add_top_p(params.top_p)
     if params.min_p > 0.0:
         chain.add_min_p(params.min_p)
-    return chain.add_temp(params.temperature).add_dist(seed)
+    if params.xtc_probability > 0.0 and params.xtc_threshold <= 0.5:
+        chain.add_xtc(params.xtc_probability, params.xtc_threshold, seed=seed)
+    if params.dynatemp_range > 0.0:
+        chain.add_temp_ext(params.temperature, params.dynatemp_range, params.dynatemp_exponent)
+    else:
+        chain.add_temp(params.temperature)
+    return chain.add_dist(seed)
+
+
+def context_window(params: SamplingParams, n_ctx: int) -> int:
+    """How many of the latest prompt tokens the chain's repetition stages (penalties, DRY)
+    should be shown before generating (0: the chain has none; -1 windows mean n_ctx)."""
+    windows = []
+    if params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+        windows.append(params.last_n_tokens_size)
+    if params.dry_multiplier > 0.0:
+        windows.append(params.dry_penalty_last_n)
+    return max((n_ctx if w == -1 else w for w in windows), default=0)
+
+
+def _int_at_least(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _number(name: str, value: Any) -> None:

@@ -44,10 +44,14 @@ def sampling_kwargs(req: S.SamplingFields, settings: ServerSettings, n_vocab: in
     kw["max_tokens"] = settings.default_max_tokens if max_tokens is None else max_tokens
     for name in ("temperature", "top_p", "top_k", "min_p", "typical_p", "presence_penalty", "frequency_penalty",
                  "repeat_penalty", "mirostat_tau", "mirostat_eta", "ignore_eos", "grammar", "json_schema",
-                 "cache_prompt"):
+                 "cache_prompt", "top_n_sigma", "xtc_probability", "xtc_threshold", "dynatemp_range",
+                 "dynatemp_exponent", "dry_multiplier", "dry_allowed_length", "dry_penalty_last_n",
+                 "dry_sequence_breakers"):
         value = getattr(req, name)
         if value is not None:
             kw[name] = value
+    if req.dry_base is not None and req.dry_base >= 1.0:
+        kw["dry_base"] = req.dry_base
     if req.repeat_last_n is not None:
         kw["last_n_tokens_size"] = req.repeat_last_n
     if req.mirostat is not None:

@@ -57,6 +57,17 @@ class SamplingFields(_Strict):
     mirostat: Optional[Literal[0, 1, 2]] = None
     mirostat_tau: Optional[float] = Field(default=None, ge=0.0)
     mirostat_eta: Optional[float] = Field(default=None, ge=0.0)
+    # llama-server's newer samplers (pyllama.SamplingParams documents them)
+    top_n_sigma: Optional[float] = None
+    xtc_probability: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    xtc_threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    dynatemp_range: Optional[float] = Field(default=None, ge=0.0)
+    dynatemp_exponent: Optional[float] = Field(default=None, ge=0.0)
+    dry_multiplier: Optional[float] = Field(default=None, ge=0.0)
+    dry_base: Optional[float] = None        # < 1 means the default (1.75), as in llama-server
+    dry_allowed_length: Optional[int] = Field(default=None, ge=0)
+    dry_penalty_last_n: Optional[int] = Field(default=None, ge=-1)
+    dry_sequence_breakers: Optional[List[str]] = Field(default=None, min_length=1)
     logit_bias: Optional[Dict[str, float]] = None
     grammar: Optional[str] = None
     json_schema: Optional[Dict[str, Any]] = None                   # llama-server's extension
