@@ -691,7 +691,9 @@ def test_accept_context_low_level(llm):
 
     chain = SamplerChain(llm.vocab).add_penalties(4, 2.0).add_greedy()
     chain.accept_context([T[0], -5, T[1]])                 # negative keys (images) are skipped
-    with pytest.raises(Exception, match="token"):
+    from pyllama.errors import InvalidTokenError
+
+    with pytest.raises(InvalidTokenError):
         chain.accept_context([llm.vocab.n_tokens])
     g = SamplerChain(llm.vocab).add_grammar('root ::= "a"')
     with pytest.raises(ValueError, match="grammar"):

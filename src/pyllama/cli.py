@@ -109,6 +109,26 @@ def add_model_arguments(p: argparse.ArgumentParser, *, model_flag: bool = True, 
     return g
 
 
+# llama-cli's names for the float-valued samplers (flag, SamplingParams field, metavar, help).
+_FLOAT_SAMPLER_FLAGS = (
+    ("--presence-penalty", "presence_penalty", "X", "penalise tokens already present (0 = off; default 0)"),
+    ("--frequency-penalty", "frequency_penalty", "X",
+     "penalise tokens by how often they occurred (0 = off; default 0)"),
+    ("--typical", "typical_p", "P", "locally typical sampling (1.0 = off; default 1.0)"),
+    ("--top-n-sigma", "top_n_sigma", "N",
+     "keep tokens within N standard deviations of the top logit (<= 0 = off; default off)"),
+    ("--xtc-probability", "xtc_probability", "P", "XTC: chance of removing the top choices (0 = off; default 0)"),
+    ("--xtc-threshold", "xtc_threshold", "P", "XTC: probability above which tokens count as top choices (default 0.1)"),
+    ("--dynatemp-range", "dynatemp_range", "X",
+     "dynamic temperature within temperature +- X, by entropy (0 = off; default 0)"),
+    ("--dynatemp-exp", "dynatemp_exponent", "X", "dynamic temperature exponent (default 1.0)"),
+    ("--dry-multiplier", "dry_multiplier", "X", "DRY repetition penalty strength (0 = off; default 0)"),
+    ("--dry-base", "dry_base", "X", "DRY penalty base, >= 1 (default 1.75)"),
+    ("--mirostat-lr", "mirostat_eta", "ETA", "Mirostat learning rate (default 0.1)"),
+    ("--mirostat-ent", "mirostat_tau", "TAU", "Mirostat target entropy (default 5.0)"),
+)
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """Generation options (mapped onto SamplingParams / LLM call overrides)."""
     g = p.add_argument_group("generation")
@@ -126,26 +146,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help="penalise repeated tokens (1.0 = off; default 1.0)")
     g.add_argument("--repeat-last-n", dest="last_n_tokens_size", type=_int(-1), metavar="N",
                    help="how many recent tokens the repeat penalty looks at (default 64, -1 = context)")
-    g.add_argument("--presence-penalty", dest="presence_penalty", type=_finite_float, metavar="X",
-                   help="penalise tokens already present (0 = off; default 0)")
-    g.add_argument("--frequency-penalty", dest="frequency_penalty", type=_finite_float, metavar="X",
-                   help="penalise tokens by how often they occurred (0 = off; default 0)")
-    g.add_argument("--typical", dest="typical_p", type=_finite_float, metavar="P",
-                   help="locally typical sampling (1.0 = off; default 1.0)")
-    g.add_argument("--top-n-sigma", dest="top_n_sigma", type=_finite_float, metavar="N",
-                   help="keep tokens within N standard deviations of the top logit (<= 0 = off; default off)")
-    g.add_argument("--xtc-probability", dest="xtc_probability", type=_finite_float, metavar="P",
-                   help="XTC: chance of removing the top choices (0 = off; default 0)")
-    g.add_argument("--xtc-threshold", dest="xtc_threshold", type=_finite_float, metavar="P",
-                   help="XTC: probability above which tokens count as top choices (default 0.1)")
-    g.add_argument("--dynatemp-range", dest="dynatemp_range", type=_finite_float, metavar="X",
-                   help="dynamic temperature within temperature +- X, by entropy (0 = off; default 0)")
-    g.add_argument("--dynatemp-exp", dest="dynatemp_exponent", type=_finite_float, metavar="X",
-                   help="dynamic temperature exponent (default 1.0)")
-    g.add_argument("--dry-multiplier", dest="dry_multiplier", type=_finite_float, metavar="X",
-                   help="DRY repetition penalty strength (0 = off; default 0)")
-    g.add_argument("--dry-base", dest="dry_base", type=_finite_float, metavar="X",
-                   help="DRY penalty base, >= 1 (default 1.75)")
+    for flag, dest, metavar, text in _FLOAT_SAMPLER_FLAGS:
+        g.add_argument(flag, dest=dest, type=_finite_float, metavar=metavar, help=text)
     g.add_argument("--dry-allowed-length", dest="dry_allowed_length", type=_int(0), metavar="N",
                    help="DRY: repetitions up to N tokens go unpenalised (default 2)")
     g.add_argument("--dry-penalty-last-n", dest="dry_penalty_last_n", type=_int(-1), metavar="N",
@@ -154,10 +156,6 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help="DRY: a sequence breaker (repeatable; replaces the defaults \\n : \" *)")
     g.add_argument("--mirostat", dest="mirostat_mode", type=_int(0), choices=(0, 1, 2), metavar="N",
                    help="Mirostat sampling: 1, 2 (Mirostat 2.0), 0 = off (default)")
-    g.add_argument("--mirostat-lr", dest="mirostat_eta", type=_finite_float, metavar="ETA",
-                   help="Mirostat learning rate (default 0.1)")
-    g.add_argument("--mirostat-ent", dest="mirostat_tau", type=_finite_float, metavar="TAU",
-                   help="Mirostat target entropy (default 5.0)")
     g.add_argument("--seed", type=_int(-1), metavar="N", help="random seed (-1 = random; default random)")
     g.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop when this text is generated (not printed); repeatable")
@@ -171,10 +169,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _SAMPLING_DESTS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-                   "last_n_tokens_size", "presence_penalty", "frequency_penalty", "typical_p", "top_n_sigma",
-                   "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent", "dry_multiplier",
-                   "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers",
-                   "mirostat_mode", "mirostat_eta", "mirostat_tau", "seed", "stop", "ignore_eos", "grammar")
+                   "last_n_tokens_size", *(dest for _, dest, _, _ in _FLOAT_SAMPLER_FLAGS), "dry_allowed_length",
+                   "dry_penalty_last_n", "dry_sequence_breakers", "mirostat_mode", "seed", "stop", "ignore_eos",
+                   "grammar")
 _LOAD_DESTS = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "chat_template", "use_mmap", "use_mlock",
                "mmproj_path")
 

@@ -31,7 +31,7 @@ from pyllama.errors import ContextLengthError, MediaError
 from pyllama.log import enable_logging
 from pyllama.multimodal import has_media
 from pyllama.sampling import FIELD_NAMES as SAMPLING_FIELDS
-from pyllama.sampling import SamplingParams, _unknown_message, build_chain, context_window
+from pyllama.sampling import SamplingParams, _unknown_message, build_chain
 from pyllama.scheduler import ClosedError, Scheduler
 
 logger = logging.getLogger("pyllama")
@@ -540,7 +540,8 @@ class LLM:
             params = params.replace(seed=(params.seed + seed_offset) & 0xFFFFFFFF)
         chain = build_chain(params, self.vocab, self._eog_tokens() if params.ignore_eos else (),
                             n_ctx=self.context.n_ctx_seq)
-        window = context_window(params, self.context.n_ctx_seq)
+        # The windows of the stages that count repetitions, as the chain resolved them (-1: n_ctx).
+        window = max((p["last_n"] for name, p in chain.stage_params if name in ("penalties", "dry")), default=0)
         if window:
             # The repetition stages see the prompt too (llama.cpp's tools, llama-server and
             # llama-cpp-python all do): a repeat penalty also keeps the answer from echoing it.

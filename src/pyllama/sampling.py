@@ -209,17 +209,6 @@ def build_chain(
     return chain.add_dist(seed)
 
 
-def context_window(params: SamplingParams, n_ctx: int) -> int:
-    """How many of the latest prompt tokens the chain's repetition stages (penalties, DRY)
-    should be shown before generating (0: the chain has none; -1 windows mean n_ctx)."""
-    windows = []
-    if params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
-        windows.append(params.last_n_tokens_size)
-    if params.dry_multiplier > 0.0:
-        windows.append(params.dry_penalty_last_n)
-    return max((n_ctx if w == -1 else w for w in windows), default=0)
-
-
 def _int_at_least(name: str, value: Any, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
