@@ -35,7 +35,7 @@ python -m pip install -q --disable-pip-version-check \
   "scikit-build-core>=0.10" "cython>=3.0" "cmake>=3.21" ninja numpy jinja2 \
   build pytest "gguf>=0.10" jsonschema "pydantic>=2" hypothesis "langchain-core>=1.0,<2" \
   fastapi uvicorn prometheus-client httpx openai langchain-openai \
-  transformers "ray[data,serve]>=2.47"
+  transformers "ray[data,serve]>=2.47" "huggingface_hub>=0.23"
 
 # 3. The pinned llama.cpp (instant when already there) and the extension, built
 #    incrementally in build/test so the test suite can also link llama.cpp's own tools

@@ -344,6 +344,20 @@ BAD_INPUTS = [
     ("/v1/completions", '{"prompt": "x", "seed": 1e30}', "seed", None),
     ("/v1/embeddings", '{"input": [""]}', "input", None),
     ("/detokenize", '{"tokens": [99999999]}', "tokens", "invalid_token"),
+    # issue 29: numbers past their C limits, odd logit_bias keys, NaN, tool_choice without tools,
+    # a stop list over its cap
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 1000000000000}', "max_tokens", "invalid_value"),
+    ("/v1/completions", '{"prompt": "x", "top_k": 2147483648}', "top_k", "invalid_value"),
+    ("/v1/completions", '{"prompt": "x", "dry_penalty_last_n": 2147483648}', "dry_penalty_last_n", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": '
+                             '2147483648}', "max_completion_tokens", None),
+    ("/v1/completions", '{"prompt": "x", "logit_bias": {"1_0": 1}}', "logit_bias", None),
+    ("/v1/completions", '{"prompt": "x", "temperature": NaN}', None, "invalid_json"),
+    ("/v1/completions", '{"prompt": "x", "temperature": 1e999}', "temperature", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}',
+     "tool_choice", None),
+    ("/v1/completions", '{"prompt": "x", "stop": [' + ", ".join(f'"s{i}"' for i in range(65)) + "]}", "stop", None),
+    ("/tokenize", '{"content": "\\ud800"}', "content", None),
 ]
 
 

@@ -461,84 +461,101 @@ cdef class Context:
         if self.ptr != NULL:
             raise RuntimeError("Context is already initialised")
         cdef llama_model * m = model._get()
-        if n_ctx < 0:
-            raise ValueError(f"n_ctx must be >= 0 (0 = the model's training context), got {n_ctx}")
-        if n_batch < 1:
-            raise ValueError(f"n_batch must be >= 1, got {n_batch}")
-        if n_ubatch < 1:
-            raise ValueError(f"n_ubatch must be >= 1, got {n_ubatch}")
-        cdef size_t max_seq = llama_max_parallel_sequences()
-        if n_seq_max < 1 or <size_t>n_seq_max > max_seq:
-            raise ValueError(f"n_seq_max must be in 1..{max_seq}, got {n_seq_max}")
-        threads = _default_threads() if n_threads is None else int(n_threads)
-        threads_batch = threads if n_threads_batch is None else int(n_threads_batch)
-        if threads < 1 or threads_batch < 1 or threads > 1024 or threads_batch > 1024:
-            raise ValueError(f"n_threads/n_threads_batch must be in 1..1024, got {threads}/{threads_batch}")
-        if type_k not in _KV_TYPES or type_v not in _KV_TYPES:
-            raise ValueError(f"type_k/type_v must be one of {sorted(_KV_TYPES)}, got {type_k!r}/{type_v!r}")
-        if pooling not in _POOLING:
-            raise ValueError(f"pooling must be one of {[k for k in _POOLING if k]}, got {pooling!r}")
-        if not (isfinite(rope_freq_base) and isfinite(rope_freq_scale)) or rope_freq_base < 0 or rope_freq_scale < 0:
-            raise ValueError(f"rope_freq_base/rope_freq_scale must be finite numbers >= 0 (0 = the model's own "
-                             f"value), got {rope_freq_base}/{rope_freq_scale}")
-        if n_ctx > 0 and n_ctx < 8:
-            raise ValueError(f"n_ctx must be 0 or at least 8, got {n_ctx}")
-        if (model.vocab.n_tokens == 0 or llama_model_n_layer(m) <= 0
-                or not llama_model_has_decoder(m) and not llama_model_has_encoder(m)):
-            raise ValueError("this model has no weights to run (loaded with vocab_only=True?)")
-        _check_kv_fits(m, n_ctx, type_k, type_v)
-        causal = _is_causal(model)
-        # llama.cpp reserves one output row per sequence at creation, and GGML_ASSERTs that this fits
-        # in n_outputs_max = its n_batch, which is min(n_ctx, n_batch) for causal models.
-        eff_batch = min(n_batch, n_ctx if n_ctx > 0 else llama_model_n_ctx_train(m)) if causal else n_batch
-        if n_seq_max > eff_batch:
-            raise ValueError(f"n_seq_max={n_seq_max} is more than the batch can hold (n_batch={n_batch}"
-                             + (f", n_ctx={n_ctx or llama_model_n_ctx_train(m)}" if causal else "")
-                             + f"): llama.cpp needs room for one output per sequence in a batch; "
-                             f"use n_batch >= {n_seq_max}")
-        if embeddings and n_seq_max > 1:
-            _check_mean_pooling_split(model, n_ctx, n_batch, n_ubatch, n_seq_max, pooling)
-
-        cdef llama_context_params p = llama_context_default_params()
-        p.n_ctx = n_ctx
-        p.n_batch = n_batch
-        p.n_ubatch = min(n_ubatch, n_batch)
-        p.n_seq_max = n_seq_max
-        p.n_threads = threads
-        p.n_threads_batch = threads_batch
-        p.type_k = _KV_TYPES[type_k]
-        p.type_v = _KV_TYPES[type_v]
-        if flash_attn is None or flash_attn == "auto":
-            p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_AUTO
-        elif flash_attn is True or flash_attn == "on" or flash_attn == "enabled":
-            p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED
-        elif flash_attn is False or flash_attn == "off" or flash_attn == "disabled":
-            p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED
-        else:
-            raise ValueError(f"flash_attn must be True, False or 'auto', got {flash_attn!r}")
-        p.embeddings = embeddings
-        p.pooling_type = _POOLING[pooling]
-        p.rope_freq_base = rope_freq_base
-        p.rope_freq_scale = rope_freq_scale
-        p.offload_kqv = offload_kqv
-        p.kv_unified = kv_unified
-        p.swa_full = swa_full
-        p.no_perf = no_perf
-        p.abort_callback = pyllama_abort_cb
-        p.abort_callback_data = <void *>&self.abort_state
-        pyllama_clear_last_error()
-        with nogil:
-            self.ptr = llama_init_from_model(m, p)
-        _check(self.ptr != NULL, ValueError, "llama.cpp could not create the context: ",
-               "invalid parameters or not enough memory")
+        cdef size_t max_seq
+        cdef llama_context_params p
+        # We are a user of the weights from here on (Model.close() from another thread then
+        # marks the model close-pending instead of freeing the weights under us): the checks
+        # below can let other threads run (file reads), and llama_init_from_model runs without
+        # the GIL.  On any error we stop being one.
         self.model = model
         model._add_user()
         self._holds_model = True
-        self.vocab = llama_model_get_vocab(m)
-        self.n_vocab = llama_vocab_n_tokens(self.vocab)
-        self._last_n_outputs = 0
-        self.kv_unified = kv_unified
-        self._causal = causal
+        try:
+            if n_ctx < 0:
+                raise ValueError(f"n_ctx must be >= 0 (0 = the model's training context), got {n_ctx}")
+            if n_batch < 1:
+                raise ValueError(f"n_batch must be >= 1, got {n_batch}")
+            if n_ubatch < 1:
+                raise ValueError(f"n_ubatch must be >= 1, got {n_ubatch}")
+            max_seq = llama_max_parallel_sequences()
+            if n_seq_max < 1 or <size_t>n_seq_max > max_seq:
+                raise ValueError(f"n_seq_max must be in 1..{max_seq}, got {n_seq_max}")
+            threads = _default_threads() if n_threads is None else int(n_threads)
+            threads_batch = threads if n_threads_batch is None else int(n_threads_batch)
+            if threads < 1 or threads_batch < 1 or threads > 1024 or threads_batch > 1024:
+                raise ValueError(f"n_threads/n_threads_batch must be in 1..1024, got {threads}/{threads_batch}")
+            if type_k not in _KV_TYPES or type_v not in _KV_TYPES:
+                raise ValueError(f"type_k/type_v must be one of {sorted(_KV_TYPES)}, got {type_k!r}/{type_v!r}")
+            if pooling not in _POOLING:
+                raise ValueError(f"pooling must be one of {[k for k in _POOLING if k]}, got {pooling!r}")
+            if not (isfinite(rope_freq_base) and isfinite(rope_freq_scale)) or rope_freq_base < 0 or rope_freq_scale < 0:
+                raise ValueError(f"rope_freq_base/rope_freq_scale must be finite numbers >= 0 (0 = the model's own "
+                                 f"value), got {rope_freq_base}/{rope_freq_scale}")
+            if n_ctx > 0 and n_ctx < 8:
+                raise ValueError(f"n_ctx must be 0 or at least 8, got {n_ctx}")
+            if (model.vocab.n_tokens == 0 or llama_model_n_layer(m) <= 0
+                    or not llama_model_has_decoder(m) and not llama_model_has_encoder(m)):
+                raise ValueError("this model has no weights to run (loaded with vocab_only=True?)")
+            _check_kv_fits(m, n_ctx, type_k, type_v)
+            causal = _is_causal(model)
+            # llama.cpp reserves one output row per sequence at creation, and GGML_ASSERTs that this fits
+            # in n_outputs_max = its n_batch, which is min(n_ctx, n_batch) for causal models.
+            eff_batch = min(n_batch, n_ctx if n_ctx > 0 else llama_model_n_ctx_train(m)) if causal else n_batch
+            if n_seq_max > eff_batch:
+                raise ValueError(f"n_seq_max={n_seq_max} is more than the batch can hold (n_batch={n_batch}"
+                                 + (f", n_ctx={n_ctx or llama_model_n_ctx_train(m)}" if causal else "")
+                                 + f"): llama.cpp needs room for one output per sequence in a batch; "
+                                 f"use n_batch >= {n_seq_max}")
+            if embeddings and n_seq_max > 1:
+                _check_mean_pooling_split(model, n_ctx, n_batch, n_ubatch, n_seq_max, pooling)
+
+            p = llama_context_default_params()
+            p.n_ctx = n_ctx
+            p.n_batch = n_batch
+            p.n_ubatch = min(n_ubatch, n_batch)
+            p.n_seq_max = n_seq_max
+            p.n_threads = threads
+            p.n_threads_batch = threads_batch
+            p.type_k = _KV_TYPES[type_k]
+            p.type_v = _KV_TYPES[type_v]
+            if flash_attn is None or flash_attn == "auto":
+                p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_AUTO
+            elif flash_attn is True or flash_attn == "on" or flash_attn == "enabled":
+                p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED
+            elif flash_attn is False or flash_attn == "off" or flash_attn == "disabled":
+                p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED
+            else:
+                raise ValueError(f"flash_attn must be True, False or 'auto', got {flash_attn!r}")
+            p.embeddings = embeddings
+            p.pooling_type = _POOLING[pooling]
+            p.rope_freq_base = rope_freq_base
+            p.rope_freq_scale = rope_freq_scale
+            p.offload_kqv = offload_kqv
+            p.kv_unified = kv_unified
+            p.swa_full = swa_full
+            p.no_perf = no_perf
+            p.abort_callback = pyllama_abort_cb
+            p.abort_callback_data = <void *>&self.abort_state
+            pyllama_clear_last_error()
+            with nogil:
+                self.ptr = llama_init_from_model(m, p)
+            if model._close_pending:
+                # close() came while we were being created: it refuses new work, so do we
+                # (the except below frees the context, then the weights).
+                raise ValueError("the model was closed while this context was being created")
+            _check(self.ptr != NULL, ValueError, "llama.cpp could not create the context: ",
+                   "invalid parameters or not enough memory")
+            self.vocab = llama_model_get_vocab(m)
+            self.n_vocab = llama_vocab_n_tokens(self.vocab)
+            self._last_n_outputs = 0
+            self.kv_unified = kv_unified
+            self._causal = causal
+        except BaseException:
+            if self.ptr != NULL:
+                llama_free(self.ptr)
+                self.ptr = NULL
+            self._drop_model()
+            raise
 
     def __dealloc__(self):
         if self.ptr != NULL:
@@ -802,8 +819,26 @@ cdef class Context:
 
     # ---- KV memory ----------------------------------------------------------
 
-    cdef inline llama_memory_t _mem(self) except NULL:
+    cdef inline llama_memory_t _mem(self) except? NULL:
+        """The KV memory, or NULL for a context that has none (an encoder such as BERT: each
+        batch is evaluated on its own).  llama.cpp's llama_memory_* functions treat NULL as an
+        empty memory; callers must not dereference it themselves.  (Not `except NULL`: a NULL
+        memory is no error, and Cython would then propagate an error that was never set.)"""
         return llama_get_memory(self._get())
+
+    @property
+    def has_memory(self) -> bool:
+        """Does this context keep a KV memory between batches?  False for encoder models
+        (BERT-family embedders, rerankers): every batch is evaluated on its own, the kv_*
+        methods see an empty memory (kv_clear/kv_seq_rm/kv_seq_keep do nothing, kv_seq_pos_*
+        give -1) and kv_seq_cp/kv_seq_add raise ValueError."""
+        return llama_get_memory(self._get()) != NULL
+
+    cdef int _need_memory(self, str what) except -1:
+        if llama_get_memory(self._get()) == NULL:
+            raise ValueError(f"{what}: this context has no KV memory (an encoder model such as BERT "
+                             "evaluates each batch on its own)")
+        return 0
 
     cdef inline int _check_seq(self, int seq_id, bint allow_all=False) except -1:
         if allow_all and seq_id == -1:
@@ -837,6 +872,7 @@ cdef class Context:
         with self._lock:
             self._check_seq(src)
             self._check_seq(dst)
+            self._need_memory("kv_seq_cp")
             if not self.kv_unified and src != dst:
                 size = llama_n_ctx_seq(self.ptr)
                 if (p0 > 0 and p0 + 1 < size) or (p1 > 0 and p1 + 1 < size):
@@ -853,6 +889,7 @@ cdef class Context:
     def kv_seq_add(self, int seq_id, int p0, int p1, int delta) -> None:
         with self._lock:
             self._check_seq(seq_id, True)
+            self._need_memory("kv_seq_add")
             if not llama_memory_can_shift(self._mem()):
                 raise ValueError("this model's KV memory cannot shift positions")
             llama_memory_seq_add(self._mem(), seq_id, p0, p1, delta)

@@ -254,6 +254,11 @@ class Context:
     def n_ctx_seq(self) -> int:
         """KV cells one sequence can use (n_ctx, or n_ctx / n_seq_max with kv_unified=False)."""
     @property
+    def has_memory(self) -> bool:
+        """False for encoder models (BERT-family embedders, rerankers): no KV memory, each
+        batch is evaluated on its own; kv_clear/kv_seq_rm/kv_seq_keep do nothing, kv_seq_pos_*
+        give -1, kv_seq_cp/kv_seq_add raise ValueError."""
+    @property
     def lock(self) -> Any:
         """The lock that serialises use of this context across threads."""
     def set_lora_adapters(self, adapters: Sequence[tuple[LoraAdapter, float]]) -> None:
@@ -369,12 +374,24 @@ class SamplerChain:
     def perf_reset(self) -> None: ...
 
 
+# Python hooks of a GenerationRequest (llama-cpp-python's LogitsProcessor / StoppingCriteria).
+_LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+_StoppingCriterion = Callable[[np.ndarray, np.ndarray], bool]
+
 class GenerationRequest:
     """One prompt to run through an Engine, with its own sampler and stop conditions.
 
     `logprobs=K` (True = 0, up to 20) records each generated token's log-probability under the
     raw distribution and the K most likely alternatives; `prompt_logprobs=True` does the same
     for every prompt token after the first (the prompt is then not taken from a cache).
+
+    `logits_processors`: `processor(input_ids, scores) -> scores`, called once per sampled token
+    before the sampler chain and the grammar (input_ids: read-only int32 array of the tokens so
+    far; scores: writable float32 view of this position's logits, valid during the call only).
+    `stopping_criteria`: `criterion(input_ids, scores) -> bool`, called after each token the
+    request keeps (that token last in input_ids); True ends it with finish_reason "stop" (the
+    token stays in `tokens`, its text is dropped, as in llama-cpp-python).  An exception in a
+    hook ends this request only (finish_reason "error").
     """
 
     def __init__(
@@ -392,6 +409,8 @@ class GenerationRequest:
         logprobs: bool | int | None = None,
         prompt_logprobs: bool = False,
         cache_prompt: bool = True,
+        logits_processors: Iterable[_LogitsProcessor] | None = None,
+        stopping_criteria: Iterable[_StoppingCriterion] | None = None,
     ) -> None: ...
     media: MediaPrompt | None
     tag: Any
@@ -421,10 +440,18 @@ class GenerationRequest:
     @property
     def n_logprobs(self) -> int: ...
     @property
-    def prompt_logprobs(self) -> bool: ...
+    def prompt_logprobs(self) -> bool:
+        """Is the prompt scored?  A follower answers for its leader (they share the prompt)."""
     @property
     def cache_prompt(self) -> bool: ...
+    @property
+    def logits_processors(self) -> tuple[_LogitsProcessor, ...]: ...
+    @property
+    def stopping_criteria(self) -> tuple[_StoppingCriterion, ...]: ...
     # Results, filled in as the request runs:
+    @property
+    def stopped_by_criterion(self) -> bool:
+        """A stopping criterion ended the request (finish_reason "stop")."""
     @property
     def text(self) -> str: ...
     @property
@@ -441,7 +468,8 @@ class GenerationRequest:
     def logprobs(self) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]:
         """(token, logprob, ((id, logprob), ...top K)) per generated token."""
     @property
-    def prompt_logprobs_list(self) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]: ...
+    def prompt_logprobs_list(self) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]:
+        """(token, logprob, top) per prompt token after the first; a follower's are its leader's."""
     @property
     def finish_reason(self) -> str | None:
         """None while running; then "eog", "stop" (stop string or stop token), "length",
@@ -494,6 +522,10 @@ class Engine:
     def slot_info(self) -> list[dict[str, Any]]: ...
     def share_prefix(self, prompts: Sequence[Sequence[int]]) -> int: ...
     def reset(self) -> None: ...
+    def preempt_paused(self) -> int:
+        """Free the slot of every paused request that can give it up; how many slots still hold one."""
+    def adopt(self, old: Engine) -> None:
+        """Take over the unfinished (queued, preempted) requests of an engine being replaced."""
     @property
     def busy(self) -> bool: ...
     @property
@@ -510,8 +542,12 @@ class Engine:
     def n_steps(self) -> int: ...
     @property
     def n_preemptions(self) -> int: ...
-    def step(self) -> list[tuple[GenerationRequest, str, str | None]]:
-        """One decode step: returns (request, new_text, finish_reason) events."""
+    def step(
+        self, events: list[tuple[GenerationRequest, str, str | None]] | None = None
+    ) -> list[tuple[GenerationRequest, str, str | None]]:
+        """One decode step: (request, new_text, finish_reason) events, appended to `events`
+        (or a new list), which is returned.  Events produced before an exception are already
+        in the given list."""
     def run(self, requests: Iterable[GenerationRequest] = (),
             callback: Callable[[GenerationRequest, str], Any] | None = None) -> None:
         """Submit requests and step until they (and their followers) are finished; with
@@ -522,6 +558,8 @@ class Engine:
 # ---- images and audio: llama.cpp's mtmd (tools/mtmd) --------------------------------
 
 DEFAULT_MAX_PIXELS: int
+DEFAULT_MAX_IMAGE_BYTES: int
+DEFAULT_CACHE_BYTES: int
 
 def mtmd_available() -> bool:
     """Whether this build has llama.cpp's mtmd library (-DPYLLAMA_MTMD=OFF leaves it out)."""
@@ -552,13 +590,17 @@ class Bitmap:
 
 class Multimodal:
     """A projector ("mmproj" GGUF) loaded for a text Model; keeps the Model alive.  Encoded
-    media are cached by id (`cache_size` most recent); encoding is serialised."""
+    media are cached by id (at most `cache_size` entries and `cache_bytes` bytes, least
+    recently used out first); encoding is serialised.  Images over `max_pixels` or whose
+    decode needs more than `max_image_bytes` (from the header) are refused before decoding."""
 
     model: Model
     path: str
     n_embd: int
     max_pixels: int | None
+    max_image_bytes: int | None
     cache_size: int
+    cache_bytes: int
     cache_hits: int
     cache_misses: int
     def __init__(
@@ -572,6 +614,8 @@ class Multimodal:
         image_max_tokens: int | None = None,
         cache_size: int = 32,
         max_pixels: int | None = ...,
+        cache_bytes: int = ...,
+        max_image_bytes: int | None = ...,
     ) -> None: ...
     def close(self) -> None: ...
     @property

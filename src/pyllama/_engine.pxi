@@ -13,6 +13,9 @@
 # it resumes, it re-evaluates only what another request overwrote.
 
 from collections import deque as _deque
+from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.ref cimport Py_REFCNT
 from cpython.unicode cimport PyUnicode_GET_LENGTH
 from libc.math cimport expf, log
 
@@ -54,6 +57,83 @@ cdef int _logprob_stats(const float * logits, int32_t n_vocab, int k, float * ma
     return cnt
 
 
+# ---- Python hooks (logits processors, stopping criteria) ---------------------------
+# Only requests that carry hooks pay for them: the engine tests one flag per sampled token,
+# everything else (NumPy arrays, Python calls) happens on the hooked path alone.
+
+cdef object _numpy_module = None
+
+
+cdef object _np():
+    global _numpy_module
+    if _numpy_module is None:
+        import numpy
+        _numpy_module = numpy
+    return _numpy_module
+
+
+cdef object _float_row(float * row, int32_t n_vocab, bint writable):
+    """A NumPy float32 array over a logits row, without a copy.  It is only valid while the
+    hooks run (the next decode overwrites the row, and may move the buffer)."""
+    return _np().frombuffer(PyMemoryView_FromMemory(<char *>row, n_vocab * sizeof(float),
+                                                    PyBUF_WRITE if writable else PyBUF_READ),
+                            dtype=_np().float32)
+
+
+cdef tuple _check_hooks(object hooks, str what):
+    """None or an iterable of callables -> a tuple of them (TypeError otherwise)."""
+    if hooks is None:
+        return ()
+    if callable(hooks) and not hasattr(hooks, "__iter__"):
+        raise TypeError(f"{what} must be a list of callables, got a single {type(hooks).__name__}: "
+                        "wrap it in a list")
+    try:
+        out = tuple(hooks)
+    except TypeError:
+        raise TypeError(f"{what} must be a list of callables, got {type(hooks).__name__}") from None
+    for h in out:
+        if not callable(h):
+            raise TypeError(f"{what} must be callables, got {type(h).__name__}")
+    return out
+
+
+cdef object _forget_row(object error, bint row_view):
+    """A hook raised while `scores` viewed the engine's logits buffer: clear the locals of the
+    traceback's finished frames, so that no debugger or traceback printer reads the view after
+    the buffer is reused."""
+    if row_view and error.__traceback__ is not None:
+        import traceback
+        traceback.clear_frames(error.__traceback__)
+    return error
+
+
+cdef int _check_not_kept(object scores, Py_ssize_t n_refs, str what) except -1:
+    """`scores` viewed the engine's logits buffer: a hook that kept a reference to it would
+    read freed memory later (the buffer is reused and may move).  Refuse that, at once."""
+    if Py_REFCNT(scores) > n_refs:
+        raise _HookFailure(BufferError(
+            f"a {what} kept a reference to `scores`, a view of the engine's logits buffer that is only "
+            f"valid during the call: keep scores.copy() instead"))
+    return 0
+
+
+class _HookFailure(Exception):
+    """A logits processor or stopping criterion raised (or broke the rules): carries the
+    exception the request ends with.  Not a RuntimeError: the step must not mistake it for
+    a sampler failure."""
+
+    def __init__(self, error):
+        super().__init__(error)
+        self.error = error
+
+
+cdef object _retryable(object exc):
+    """Mark an error that a later retry of the same request may not meet (KV cells held by
+    other sequences)."""
+    exc.retryable = True
+    return exc
+
+
 cdef tuple _logprob_entry(const float * logits, int32_t n_vocab, llama_token tok, int k):
     """(token, logprob, ((id, logprob), ...top k)) from a raw logits row."""
     cdef float m
@@ -74,6 +154,30 @@ cdef class GenerationRequest:
     K most likely alternatives under the model's raw distribution (before the sampler
     chain); `prompt_logprobs=True` does the same for every prompt token after the first.
     `n_followers` more requests (see `followers`) share this one's prompt evaluation.
+
+    Python hooks (llama-cpp-python's / transformers' callables), run by the engine in the
+    stepping thread, for this request only (it still batches with the others):
+
+    - `logits_processors`: each is called as `processor(input_ids, scores)` once per sampled
+      token, between the decode and the sampling, in order, before the sampler chain and the
+      grammar.  `input_ids` is a read-only NumPy intc array of the tokens so far (prompt, then
+      generated; an image or audio position holds a negative placeholder); `scores` is a
+      writable NumPy float32 array of the n_vocab logits for this position, the engine's own
+      buffer (no copy), valid only during the call: keep `scores.copy()`, never `scores`
+      itself (a kept reference ends the request with BufferError).  Return `scores` (edited
+      in place) or a new array of the same shape (copied in).  `logprobs` still report the
+      model's raw distribution, as llama-cpp-python's do.
+    - `stopping_criteria`: each is called as `criterion(input_ids, scores)` after each token
+      the request keeps (not the end-of-generation token, nor a `stop_tokens` one), with that
+      token last in `input_ids` and the scores it was sampled from (after the processors;
+      not to be edited, nor kept, as for processors).  All of them run; any True ends the
+      request with finish_reason "stop": the token stays in `tokens`, but, as in
+      llama-cpp-python, its text is not part of the output (nor its logprobs entry); text
+      held back before it is released.  `stopped_by_criterion` says so.
+
+    An exception in a hook (or a processor's result of the wrong shape) ends this request
+    with that exception (finish_reason "error", `error` set); the other requests go on.
+    Hooks must not run generation on the same engine (the stepping thread is theirs).
     """
 
     # inputs
@@ -91,8 +195,11 @@ cdef class GenerationRequest:
     cdef public object tag
     cdef int max_stop_len
     cdef readonly int n_logprobs         # -1: off; else top alternatives per token
-    cdef readonly bint prompt_logprobs
+    cdef bint _wants_prompt_lp            # this request scores its prompt (see prompt_logprobs)
     cdef readonly bint cache_prompt      # may reuse a slot's cached prefix
+    cdef readonly tuple logits_processors    # Python hooks (see __init__); () when none
+    cdef readonly tuple stopping_criteria
+    cdef bint has_hooks                  # either of the two: the engine takes _sample_hooked
     cdef bint _initialized
     # sharing (settable from any thread; the engine reads them between steps)
     cdef public bint paused
@@ -121,7 +228,20 @@ cdef class GenerationRequest:
     cdef str held                # text held back: it might start a stop string
     cdef list parts
     cdef list _logprobs
+    cdef Py_ssize_t n_lp_released   # _logprobs[:n_lp_released] go with released text
+    cdef list lp_spans           # [start, end] character span (end -1: not yet known) of the text
+                                 # of each entry not released yet, in positions of the pushed text
+    cdef bint lp_keep_last       # the last entry is a stop token's: it stays when the text is cut
+    cdef Py_ssize_t chars_pushed     # characters of decoded text given to _push_text (and _flush)
+    cdef Py_ssize_t chars_released   # characters of it released (the rest: held, or cut)
     cdef list _prompt_logprobs
+    # hooks' state (hooked requests only)
+    cdef object _ids             # NumPy intc buffer: prompt + generated tokens (read-only to users)
+    cdef int * _ids_ptr          # its data, for appending
+    cdef Py_ssize_t _n_ids       # how many of it are filled (0: not built yet)
+    cdef object _scores_copy     # NumPy float32 row, when the context's row must stay untouched
+    cdef bint _row_shared        # this step, our logits row is also a request group partner's
+    cdef readonly bint stopped_by_criterion   # a stopping criterion ended the request
     cdef readonly object finish_reason
     cdef public object error     # the exception that ended this request (finish_reason "error")
     # timings (ms)
@@ -137,7 +257,8 @@ cdef class GenerationRequest:
 
     def __init__(self, prompt_tokens, SamplerChain sampler not None, *, SamplerChain grammar=None,
                  int max_tokens=-1, stop=(), stop_tokens=(), bint ignore_eos=False, bint render_special=False,
-                 tag=None, logprobs=None, bint prompt_logprobs=False, bint cache_prompt=True):
+                 tag=None, logprobs=None, bint prompt_logprobs=False, bint cache_prompt=True,
+                 logits_processors=None, stopping_criteria=None):
         if self._initialized:
             raise RuntimeError("GenerationRequest is already initialised")
         if sampler.ptr == NULL:
@@ -192,6 +313,9 @@ cdef class GenerationRequest:
                 raise ValueError(f"logprobs (top alternatives per token) must be in 0..{_MAX_TOP_LOGPROBS}, "
                                  f"got {logprobs!r}")
             self.n_logprobs = logprobs
+        self.logits_processors = _check_hooks(logits_processors, "logits_processors")
+        self.stopping_criteria = _check_hooks(stopping_criteria, "stopping_criteria")
+        self.has_hooks = bool(self.logits_processors or self.stopping_criteria)
         self.sampler = sampler
         self.grammar = grammar
         self.max_tokens = max_tokens
@@ -202,7 +326,7 @@ cdef class GenerationRequest:
         self.ignore_eos = ignore_eos
         self.render_special = render_special
         self.tag = tag
-        self.prompt_logprobs = prompt_logprobs
+        self._wants_prompt_lp = prompt_logprobs
         self.cache_prompt = cache_prompt and not prompt_logprobs   # cached tokens have no logits
         self.slot = -1
         self.batch_idx = -1
@@ -211,6 +335,10 @@ cdef class GenerationRequest:
         self.held = ""
         self.parts = []
         self._logprobs = []
+        self.n_lp_released = 0
+        self.lp_spans = []
+        self.lp_keep_last = False
+        self.chars_pushed = self.chars_released = 0
         self._prompt_logprobs = []
         self._followers = []
         self.finish_reason = None
@@ -220,6 +348,68 @@ cdef class GenerationRequest:
         if not self._initialized:
             raise ValueError("this GenerationRequest was not initialised (GenerationRequest.__init__ was not run)")
         return 0
+
+    # ---- hooks ------------------------------------------------------------------
+
+    cdef object _input_ids(self):
+        """The tokens so far as the hooks see them: a read-only view of a NumPy intc buffer
+        that is built once and appended to (never rebuilt from the token lists)."""
+        cdef Py_ssize_t n
+        if self._n_ids == 0:
+            np = _np()
+            n = len(self.prompt_tokens)
+            ids = np.empty(n + 256, dtype=np.intc)
+            ids[:n] = self.prompt_tokens
+            self._set_ids(ids, n)
+        return self._ids[:self._n_ids]
+
+    cdef int _set_ids(self, object ids, Py_ssize_t n) except -1:
+        ids.flags.writeable = False   # for the hooks; _append_id writes through the pointer
+        self._ids = ids
+        self._ids_ptr = <int *><size_t>ids.ctypes.data
+        self._n_ids = n
+        return 0
+
+    cdef int _append_id(self, llama_token tok) except -1:
+        if self._n_ids == 0:
+            self._input_ids()
+        if self._n_ids == len(self._ids):
+            # Grow into a new buffer: views the hooks kept of the old one stay valid.
+            np = _np()
+            bigger = np.empty(2 * self._n_ids, dtype=np.intc)
+            bigger[:self._n_ids] = self._ids[:self._n_ids]
+            self._set_ids(bigger, self._n_ids)
+        self._ids_ptr[self._n_ids] = tok
+        self._n_ids += 1
+        return 0
+
+    cdef int _run_processors(self, object scores) except -1:
+        """Each logits processor in turn edits `scores` (in place, or by returning new scores,
+        copied in)."""
+        ids = self._input_ids()
+        for proc in self.logits_processors:
+            result = proc(ids, scores)
+            if result is scores:
+                continue
+            if result is None:
+                raise TypeError(f"the logits processor {proc!r} returned None: it must return the scores "
+                                f"(edited in place, or a new array of the same shape)")
+            new = _np().asarray(result)
+            if new.shape != scores.shape:
+                raise ValueError(f"the logits processor {proc!r} returned an array of shape {new.shape}; "
+                                 f"the scores have shape {scores.shape} (one per vocabulary token)")
+            scores[...] = new
+        return 0
+
+    cdef bint _run_criteria(self, object scores) except -1:
+        """Does a stopping criterion end the request now?  (All of them run, as
+        llama-cpp-python's StoppingCriteriaList does.)"""
+        ids = self._input_ids()
+        cdef bint stop = False
+        for crit in self.stopping_criteria:
+            if crit(ids, scores):
+                stop = True
+        return stop
 
     # Media spans, in positions of our sequence (prompt positions; a preempted request's
     # kv_tokens share them, since media only occur in the prompt).
@@ -259,7 +449,7 @@ cdef class GenerationRequest:
             raise ValueError("a follower must have the same prompt tokens as its leader")
         if other.sampler.vocab is not self.sampler.vocab:
             raise ValueError("the follower's sampler was built for another model")
-        if other.prompt_logprobs:
+        if other._wants_prompt_lp:
             raise ValueError("prompt logprobs are computed once, by the leader")
         other.leader = self
         self._followers.append(other)
@@ -274,6 +464,9 @@ cdef class GenerationRequest:
 
     @property
     def tokens(self) -> list:
+        """Every generated token, as llama-server's `tokens` reports them: the tokens of a stop
+        string that was cut from the text (and a stop token) included.  The end-of-generation
+        token is not.  `logprobs` differs: see there."""
         return list(self.out_tokens)
 
     @property
@@ -290,19 +483,32 @@ cdef class GenerationRequest:
 
     @property
     def logprobs(self) -> list:
-        """One (token, logprob, ((id, logprob), ...)) tuple per generated token."""
-        return list(self._logprobs)
+        """One (token, logprob, ((id, logprob), ...)) tuple per generated token whose text is
+        released.  An entry goes with its token's text: while that text is held back (it may
+        start a stop string) so is the entry; when the text is cut as part of a stop string,
+        the entry is dropped (a token with any released text keeps its entry; a stop token
+        keeps its own).  So once finished, these are the output's tokens as in llama-server's
+        non-streamed answer, and `tokens` can be longer by the stop string's tokens."""
+        return self._logprobs[:self.n_lp_released]
 
     def logprobs_since(self, Py_ssize_t start) -> list:
-        return self._logprobs[start:]
+        """The released entries from entry `start` on (a cursor, as parts_since)."""
+        return self._logprobs[start:self.n_lp_released]
 
     def tokens_since(self, Py_ssize_t start) -> list:
         return self.out_tokens[start:]
 
     @property
+    def prompt_logprobs(self) -> bool:
+        """Are the prompt's log-probabilities scored (prompt_logprobs=True)?  A follower shares
+        its leader's prompt, and so its leader's answer."""
+        return self._wants_prompt_lp if self.leader is None else self.leader._wants_prompt_lp
+
+    @property
     def prompt_logprobs_list(self) -> list:
-        """One (token, logprob, top) tuple per prompt token after the first."""
-        return list(self._prompt_logprobs)
+        """One (token, logprob, top) tuple per prompt token after the first (a follower's are
+        its leader's: the prompt is evaluated once, for the whole group)."""
+        return list(self._prompt_logprobs if self.leader is None else self.leader._prompt_logprobs)
 
     @property
     def n_prompt(self) -> int:
@@ -348,6 +554,13 @@ cdef class GenerationRequest:
 
     cdef str _push_text(self, str new_text):
         """Add decoded text; return what can be shown now (stop strings never leak)."""
+        cdef str out
+        self.chars_pushed += PyUnicode_GET_LENGTH(new_text)
+        out = self._cut_text(new_text)
+        self.chars_released += PyUnicode_GET_LENGTH(out)
+        return out
+
+    cdef str _cut_text(self, str new_text):
         cdef str buf = self.held + new_text if self.held else new_text
         cdef Py_ssize_t cut, k, best
         if self.max_stop_len == 0:
@@ -378,11 +591,46 @@ cdef class GenerationRequest:
     cdef str _flush(self):
         """At the end: release held text and any unfinished bytes (as U+FFFD)."""
         cdef str tail = self.held
+        cdef str rest
         self.held = ""
         if self.pending_bytes:
-            tail += self.pending_bytes.decode("utf-8", "replace")
+            rest = self.pending_bytes.decode("utf-8", "replace")
+            self.chars_pushed += PyUnicode_GET_LENGTH(rest)
+            tail += rest
             self.pending_bytes = b""
-        return tail if self.finish_reason != "stop" else ""
+        if self.finish_reason == "stop":
+            return ""
+        self.chars_released += PyUnicode_GET_LENGTH(tail)
+        return tail
+
+    cdef void _settle_logprobs(self):
+        """Release the logprob entries whose text is released.  Once finished: also those with
+        some released text (and a stop token's), and drop the rest (wholly inside a cut stop
+        string, or held and never released)."""
+        cdef Py_ssize_t i = 0, n = len(self.lp_spans), start, end
+        cdef list kept
+        if n == 0:
+            return
+        if not self.pending_bytes:
+            for span in self.lp_spans:       # the text of every entry so far is pushed now
+                if span[1] < 0:
+                    span[1] = self.chars_pushed
+        if self.finish_reason is None:
+            while i < n and 0 <= self.lp_spans[i][1] <= self.chars_released:
+                i += 1
+            self.n_lp_released += i
+            del self.lp_spans[:i]
+            return
+        kept = []
+        for i in range(n):
+            start, end = self.lp_spans[i]
+            if (0 <= end <= self.chars_released or start < self.chars_released
+                    or (i == n - 1 and self.lp_keep_last)):
+                kept.append(self._logprobs[self.n_lp_released + i])
+        del self._logprobs[self.n_lp_released:]
+        self._logprobs.extend(kept)
+        self.n_lp_released = len(self._logprobs)
+        del self.lp_spans[:]
 
 
 cdef class Engine:
@@ -507,6 +755,26 @@ cdef class Engine:
             self.slot_tokens[s] = []
         self.context.kv_clear()
 
+    def preempt_paused(self) -> int:
+        """Free the slot of every paused request that can give it up (as under KV pressure: it
+        resumes by re-evaluating what its sequence held).  Returns how many slots still hold one."""
+        self._check_init()
+        while self._preempt_one():
+            pass
+        return sum(1 for x in self.slots if x is not None)
+
+    def adopt(self, Engine old not None) -> None:
+        """Take over the unfinished requests of `old`, an engine whose context is being replaced
+        (LLM re-creating its context with more sequences).  None may hold a slot there
+        (preempt_paused first); preempted ones resume here by re-evaluating their tokens."""
+        self._check_init()
+        if any(x is not None for x in old.slots):
+            raise ValueError("the old engine still runs requests in its slots")
+        self.parked.extend(old.parked)
+        self.queue.extend(old.queue)
+        old.parked = []
+        old.queue = _deque()
+
     def submit(self, GenerationRequest request not None) -> None:
         self._check_init()
         request._check_init()
@@ -516,6 +784,11 @@ cdef class Engine:
             raise ValueError("this request has already been submitted")
         if request.leader is not None:
             raise ValueError("submit the leader of a request group, not a follower")
+        if not self.context.has_memory:
+            # The engine keeps each sequence in the KV memory between steps; an encoder
+            # (BERT-style embedder) has none and predicts no next token.
+            raise ValueError("this model is an encoder (embeddings only: use LLM.embed / Context.decode); "
+                             "it cannot generate text")
         if request.media is not None:
             _check_media_fits(self.context, request.media)
         if len(request.prompt_tokens) >= self.n_ctx_seq:
@@ -530,7 +803,7 @@ cdef class Engine:
         for f in request._followers:
             (<GenerationRequest>f).submitted = True
             (<GenerationRequest>f).t_submit = request.t_submit
-        if request.max_tokens == 0 and not request.prompt_logprobs:
+        if request.max_tokens == 0 and not request._wants_prompt_lp:
             # Nothing to generate and nothing to score: done without evaluating anything.
             self._finish_group_unstarted(request, "length")
             return
@@ -740,11 +1013,18 @@ cdef class Engine:
 
     # ---- one step ---------------------------------------------------------------
 
-    def step(self) -> list:
+    def step(self, events=None) -> list:
         """One decode step.  Returns (request, new_text, finish_reason) events, one per
-        request that produced text or finished (a request group's followers included)."""
+        request that produced text or finished (a request group's followers included).
+
+        `events`: a list to append the events to (returned); without one a new list is made.
+        If the step raises, the events it produced before the exception are already in the
+        given list: a caller that passes its own list can still deliver them."""
         self._check_init()
-        events = []
+        if events is None:
+            events = []
+        elif not isinstance(events, list):
+            raise TypeError(f"events must be a list, got {type(events).__name__}")
         with self.context._lock:
             self._step(events, None)
         return events
@@ -838,6 +1118,7 @@ cdef class Engine:
         cdef double t0, t1, dt
         cdef int n_busy = 0
         cdef bint want_logits
+        interrupt = None     # a KeyboardInterrupt (or the like) raised by a hook this step
 
         if PyErr_CheckSignals() != 0:
             return -1
@@ -895,11 +1176,11 @@ cdef class Engine:
                 take = min(take, r._next_media(r.n_past) - r.n_past)
             if take <= 0:
                 continue
-            if r.prompt_logprobs:
+            if r._wants_prompt_lp:
                 take = min(take, _PROMPT_LOGPROBS_CHUNK)
             first = batch.batch.n_tokens
             for i in range(take):
-                want_logits = r.prompt_logprobs or r.n_prompt_done + i == len(r.prompt_tokens) - 1
+                want_logits = r._wants_prompt_lp or r.n_prompt_done + i == len(r.prompt_tokens) - 1
                 batch._add(r.prompt_tokens[r.n_prompt_done + i], r.n_past + i, s, want_logits)
             r.prompt_idx0 = first
             r.n_fed = take
@@ -942,7 +1223,7 @@ cdef class Engine:
             elif r.n_fed > 0:
                 take = r.n_fed
                 r.n_fed = 0
-                if r.prompt_logprobs:
+                if r._wants_prompt_lp:
                     self._score_prompt(r, take)
                 self.slot_tokens[s].extend(r.prompt_tokens[r.n_prompt_done:r.n_prompt_done + take])
                 r.n_prompt_done += take
@@ -970,6 +1251,14 @@ cdef class Engine:
                 continue
             try:
                 self._sample_one(r, events, callback)
+            except _HookFailure as e:
+                # A logits processor or stopping criterion raised: its request ends with that
+                # exception, the others are sampled as usual.  (Ctrl-C in a hook propagates
+                # once they are: a step left halfway would strand them.)
+                self._fail(r, e.error)
+                self._emit(r, "", events, callback)
+                if interrupt is None and not isinstance(e.error, Exception):
+                    interrupt = e.error
             except GrammarError as e:
                 self._fail(r, e)
                 self._emit(r, "", events, callback)
@@ -978,12 +1267,15 @@ cdef class Engine:
                 # trigger was rejected): this request ends, the others go on.
                 self._fail(r, GrammarError(f"sampling failed: {e}"))
                 self._emit(r, "", events, callback)
+        if interrupt is not None:
+            raise interrupt
         return 0
 
     cdef int _feed_media(self, GenerationRequest r, int s, list events, object callback) except -1:
         """Evaluate every medium that starts at r's next position (consecutive ones too).  A
         medium that does not fit ends r with ContextLengthError once idle caches and paused
-        requests have made what room they can; a projector failure ends r with MediaError."""
+        requests have made what room they can; a projector failure (MediaError) or a closed
+        projector ends r with that error."""
         cdef int i, n, idx
         cdef double t0
         while True:
@@ -1001,14 +1293,16 @@ cdef class Engine:
                         if r.slot < 0:     # (never r itself: r is not paused)
                             return 0
                         continue
-                    self._fail(r, ContextLengthError(
+                    self._fail(r, _retryable(ContextLengthError(
                         f"no room in the KV memory for an image of {n} tokens while other sequences hold the "
-                        f"rest of n_ctx={self.context.n_ctx}: retry later, lower n_parallel or use a larger n_ctx"))
+                        f"rest of n_ctx={self.context.n_ctx}: retry later, lower n_parallel or use a larger n_ctx")))
                     llama_memory_seq_rm(llama_get_memory(self.context.ptr), s, -1, -1)
                     self.slot_tokens[s] = []
                     self._emit(r, "", events, callback)
                     return 0
-                except MediaError as e:
+                except ValueError as e:
+                    # MediaError (the projector failed), a projector closed under us, a medium
+                    # that does not fit: this request's failure, not the step's.
                     self._fail(r, e)
                     self._emit(r, "", events, callback)
                     return 0
@@ -1038,6 +1332,7 @@ cdef class Engine:
             f.t_prompt = r.t_prompt
             f.batch_idx = r.batch_idx
             f.forked = True
+            f._row_shared = r._row_shared = True   # they sample from the same row this step
 
     cdef bint _decode_or_shed(self, Batch batch, list events, object callback) except -1:
         """Decode the batch.  When the KV memory is full: drop idle prompt caches, then
@@ -1061,6 +1356,8 @@ cdef class Engine:
                 for x in self.slots:
                     if x is not None and not (<GenerationRequest>x).paused:
                         r = x
+                        if r.leader is not None and not r.forked:
+                            continue   # waits for its leader's prompt: holds no KV cells yet
                         if victim is None or r.n_past > victim.n_past:
                             victim = r
                 if victim is None:
@@ -1070,13 +1367,15 @@ cdef class Engine:
                     victim.refill = None
                     self._release(victim, "length")
                 else:
-                    self._fail(victim, ContextLengthError(
+                    self._fail(victim, _retryable(ContextLengthError(
                         f"no room in the KV memory for a prompt of {victim.n_prompt} tokens while other "
                         f"sequences hold the rest of n_ctx={self.context.n_ctx}: retry later, lower n_parallel "
-                        f"or use a larger n_ctx"))
+                        f"or use a larger n_ctx")))
                 llama_memory_seq_rm(llama_get_memory(self.context.ptr), slot, -1, -1)
                 self.slot_tokens[slot] = []
-                self._emit(victim, victim._flush() if victim.finish_reason == "length" else "", events, callback)
+                text = victim._flush() if victim.finish_reason == "length" else ""
+                victim._settle_logprobs()
+                self._emit(victim, text, events, callback)
                 return False
             except DecodeAborted:
                 raise   # the stepper's business (close(), Ctrl-C): the requests are intact
@@ -1094,6 +1393,22 @@ cdef class Engine:
             events.append((r, text, r.finish_reason))
         if callback is not None:
             callback(r, text)
+        if r.finish_reason is not None and r._followers and r.leader is None:
+            self._end_unforked_followers(r, events, callback)
+
+    cdef void _end_unforked_followers(self, GenerationRequest r, list events, object callback):
+        """A request group's leader ended before its prompt was shared (KV-full victim, media
+        failure, DecodeError, ...): the followers waiting for that prompt never get it, so
+        they end the same way (same error), their slots are freed and each gets its event."""
+        cdef GenerationRequest f
+        for x in r._followers:
+            f = x
+            if f.forked or f.finish_reason is not None:
+                continue
+            if r.finish_reason == "error":
+                f.error = r.error
+            self._release(f, r.finish_reason)
+            self._emit(f, "", events, callback)
 
     cdef int _score_prompt(self, GenerationRequest r, int take) except -1:
         """Log-probabilities of the prompt tokens predicted by this step's prompt outputs."""
@@ -1121,7 +1436,9 @@ cdef class Engine:
         cdef str text = ""
         cdef bytes data
         cdef float * row
-        if r.grammar is None and r.sampler._plain_greedy:
+        if r.has_hooks:
+            tok = self._sample_hooked(r)
+        elif r.grammar is None and r.sampler._plain_greedy:
             tok = self._sample_greedy(r)
         elif r.grammar is None:
             with nogil:
@@ -1134,6 +1451,7 @@ cdef class Engine:
             if row == NULL:
                 raise DecodeError("no logits for a sequence that should have them")
             r._logprobs.append(_logprob_entry(row, self.context.n_vocab, tok, r.n_logprobs))
+            r.lp_spans.append([r.chars_pushed, -1])
         t1 = pyllama_now_ms()
         r.t_sample += t1 - t0
         r.batch_idx = -1
@@ -1144,8 +1462,20 @@ cdef class Engine:
             r.finish_reason = "eog"
             if r.n_logprobs >= 0:
                 r._logprobs.pop()   # the end-of-generation token is not part of the output
+                r.lp_spans.pop()
         elif tok in r.stop_tokens:
             r.out_tokens.append(tok)
+            r.finish_reason = "stop"
+            r.lp_keep_last = r.n_logprobs >= 0
+        elif r.stopped_by_criterion:
+            # A stopping criterion (run in _sample_hooked) ended the request on this token: it
+            # stays in `tokens`, but its text and logprobs entry are dropped, as llama-cpp-python
+            # drops its stopping token; the text held back before it is released.
+            r.out_tokens.append(tok)
+            if r.n_logprobs >= 0:
+                r._logprobs.pop()
+                r.lp_spans.pop()
+            text = r._flush()
             r.finish_reason = "stop"
         else:
             r.out_tokens.append(tok)
@@ -1175,9 +1505,67 @@ cdef class Engine:
         if r.finish_reason is not None:
             text += r._flush()
             self._release(r, r.finish_reason)
+        if r.n_logprobs >= 0:
+            r._settle_logprobs()
         if text or r.finish_reason is not None or r.n_logprobs >= 0:
             self._emit(r, text, events, callback)
         return 0
+
+    cdef llama_token _sample_hooked(self, GenerationRequest r) except -1:
+        """Sampling for a request with Python hooks: its logits processors edit its logits row,
+        the usual sampling picks from that row, then, for a token the request keeps, its
+        stopping criteria run (setting r.stopped_by_criterion).  A hook's exception, or its
+        misuse, comes out as _HookFailure: the step ends this request only."""
+        cdef int32_t n_vocab = self.context.n_vocab
+        cdef float * row = llama_get_logits_ith(self.context.ptr, r.batch_idx)
+        cdef float * logits = row
+        cdef llama_token tok
+        cdef Py_ssize_t n_refs
+        if row == NULL:
+            raise DecodeError("no logits for a sequence that should have them")
+        if r.logits_processors:
+            if r._row_shared or r.n_logprobs >= 0:
+                # The context's row must stay as the model made it: the logprobs report the raw
+                # distribution, and at a request group's first token its other requests sample
+                # from this same row.  So the processors edit a copy.
+                if r._scores_copy is None:
+                    r._scores_copy = _np().empty(n_vocab, dtype=_np().float32)
+                scores = r._scores_copy
+                logits = <float *><size_t>scores.ctypes.data
+                memcpy(logits, row, n_vocab * sizeof(float))
+            else:
+                scores = _float_row(row, n_vocab, True)
+            n_refs = Py_REFCNT(scores)
+            try:
+                r._run_processors(scores)
+            except BaseException as e:
+                raise _HookFailure(_forget_row(e, logits == row))
+            if logits == row:
+                _check_not_kept(scores, n_refs, "logits processor")
+        r._row_shared = False
+        try:
+            tok = self._sample_from(r, logits)
+        except DecodeError as e:
+            if not r.logits_processors:
+                raise
+            raise _HookFailure(ValueError(f"no token could be sampled from the scores the logits processors "
+                                          f"left ({e}): are they all -inf or NaN?"))
+        if (llama_vocab_is_eog(self.context.vocab, tok) and not r.ignore_eos) or tok in r.stop_tokens:
+            return tok     # the request ends on this token anyway
+        r._append_id(tok)
+        if r.stopping_criteria:
+            if logits == row:
+                scores = _float_row(row, n_vocab, False)
+            else:
+                scores = r._scores_copy
+            n_refs = Py_REFCNT(scores)
+            try:
+                r.stopped_by_criterion = r._run_criteria(scores)
+            except BaseException as e:
+                raise _HookFailure(_forget_row(e, logits == row))
+            if logits == row:
+                _check_not_kept(scores, n_refs, "stopping criterion")
+        return tok
 
     cdef llama_token _sample_greedy(self, GenerationRequest r) except -1:
         """Greedy (with optional logit bias) straight from the logits: the same token as
@@ -1193,15 +1581,20 @@ cdef class Engine:
         return tok
 
     cdef llama_token _sample_with_grammar(self, GenerationRequest r) except -1:
-        """Sample as llama.cpp's common sampler does: run the chain without the grammar,
-        keep the token if the grammar allows it (the usual case, and cheap), otherwise
-        apply the grammar to all candidates and sample again."""
-        cdef int32_t n_vocab = self.context.n_vocab, i
         cdef float * logits = llama_get_logits_ith(self.context.ptr, r.batch_idx)
-        cdef llama_token_data_array cur
-        cdef llama_token tok
         if logits == NULL:
             raise DecodeError("no logits for a sequence that should have them")
+        return self._sample_from(r, logits)
+
+    cdef llama_token _sample_from(self, GenerationRequest r, float * logits) except -1:
+        """Sample r's next token from a logits row (the context's, or the one a request's
+        logits processors edited) as llama.cpp's common sampler does: run the chain without
+        the grammar, keep the token if the grammar allows it (the usual case, and cheap),
+        otherwise apply the grammar to all candidates and sample again.  Without a grammar
+        this is what llama_sampler_sample does, on our row."""
+        cdef int32_t n_vocab = self.context.n_vocab, i
+        cdef llama_token_data_array cur
+        cdef llama_token tok
         if r.candidates == NULL:
             r.candidates = <llama_token_data *>malloc(n_vocab * sizeof(llama_token_data))
             if r.candidates == NULL:
@@ -1225,6 +1618,9 @@ cdef class Engine:
             if cur.selected < 0 or cur.selected >= <int64_t>cur.size:
                 raise DecodeError("the sampler chain selected no token")
             tok = cur.data[cur.selected].id
+        if r.grammar is None:
+            llama_sampler_accept(r.sampler.ptr, tok)
+            return tok
         if not r.grammar._grammar_allows(tok):
             with nogil:
                 for i in range(n_vocab):
@@ -1265,7 +1661,8 @@ cdef class Engine:
         requests on this engine advance in the same steps.  With no requests, step until
         nothing is left to run.
 
-        Without a callback no Python code runs per token; with one it is called as
+        Without a callback no Python code runs per token (except the hooks of requests that
+        have logits processors or stopping criteria); with one it is called as
         callback(request, new_text) whenever a request produces text or finishes.
         If the run is interrupted (Ctrl-C, an exception in the callback) the given
         requests are cancelled and the engine stays usable.
@@ -1295,8 +1692,16 @@ cdef class Engine:
                 raise
 
     cdef void _cancel_all(self):
-        for r in list(self.queue) + list(self.parked):
-            (<GenerationRequest>r).finish_reason = "cancelled"
+        cdef GenerationRequest r
+        for x in list(self.queue) + list(self.parked):
+            r = x
+            if r.finish_reason is None:
+                r.finish_reason = "cancelled"
+            # The followers of a leader that never ran hold no slot and are in no list: only
+            # their leader knows them.
+            for f in r._followers:
+                if not (<GenerationRequest>f).forked and (<GenerationRequest>f).finish_reason is None:
+                    (<GenerationRequest>f).finish_reason = "cancelled"
         self.queue.clear()
         del self.parked[:]
         for s in range(self.n_slots):

@@ -22,6 +22,37 @@ if PYLLAMA_HAS_MTMD:
 # Decoded images above this many pixels are refused before decoding (Pillow's default limit
 # against decompression bombs: a 100000 x 100000 header would ask for 30 GB).
 DEFAULT_MAX_PIXELS = 89_478_485
+# ... and above this much decoder memory (the inflated pixel data stb_image works on plus the
+# RGB bitmap it returns), estimated from the header: a 255 KB PNG of 89M black pixels is
+# within max_pixels but inflates to 256 MiB, and 16-bit RGBA would take 8 bytes a pixel.
+DEFAULT_MAX_IMAGE_BYTES = 256 << 20
+# The encode cache holds at most this many bytes of embeddings (one large image of a
+# high-resolution projector alone can be hundreds of MB).
+DEFAULT_CACHE_BYTES = 256 << 20
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}   # by colour type: grey, RGB, palette, grey+alpha, RGBA
+
+
+cdef tuple _image_decode_bytes(const unsigned char[::1] data, object info):
+    """(bytes, description): what decoding the image needs, from its header only: the pixel
+    data the decoder inflates or decodes into, plus the 8-bit RGB bitmap mtmd keeps."""
+    cdef long long w = info.width, h = info.height, px = w * h
+    cdef int depth = 8, channels = 3, color
+    if info.format == "png" and data.shape[0] >= 26:
+        depth = data[24]
+        color = data[25]
+        channels = _PNG_CHANNELS.get(color, 4)
+        if depth not in (1, 2, 4, 8, 16) or color not in _PNG_CHANNELS:
+            raise MediaError(f"corrupt PNG: bit depth {depth}, colour type {color}")
+        # zlib inflates every row (plus its filter byte); stb_image then expands it to at
+        # least 8 bits per channel (16-bit stays 16 bits until converted).
+        raw = h * (1 + (w * channels * depth + 7) // 8)
+        expanded = px * max(channels, 3 if color == 3 else channels) * (2 if depth == 16 else 1)
+        return raw + expanded + px * 3, f"{depth}-bit, {channels} channel(s)"
+    if info.format == "gif":
+        return px * 9 + px * 3, "GIF: RGBA frame, background and history"   # stb's gif buffers
+    # JPEG (up to 4 components) and BMP (up to 32 bits a pixel) decode to at most 4 bytes a pixel.
+    return px * 4 + px * 3, "up to 4 bytes a pixel"
 
 
 def mtmd_available() -> bool:
@@ -158,31 +189,42 @@ cdef int _require_mtmd() except -1:
     return 0
 
 
+@cython.no_gc_clear   # __dealloc__ needs self.model (the weights must outlive mtmd_free)
 cdef class Multimodal:
     """A multimodal projector ("mmproj" GGUF file) loaded for a text :class:`Model`: it turns
     images (and, for audio projectors, sound) into embeddings the model reads in place of
     tokens.  Keeps its Model alive.
 
-    Encoded media are cached by their id (``cache_size`` most recent), so an image repeated
-    in one prompt or across requests is encoded once.  Thread-safe: encoding is serialised.
+    Encoded media are cached by their id (at most ``cache_size`` entries and ``cache_bytes``
+    bytes of embeddings, least recently used out first), so an image repeated in one prompt or
+    across requests is encoded once.  Thread-safe: encoding is serialised.
+
+    Images are refused before decoding (MediaError) when their header declares more than
+    ``max_pixels`` pixels or a decode that needs more than ``max_image_bytes`` bytes.
     """
     cdef mtmd_context * ptr
     cdef readonly Model model
     cdef readonly str path
     cdef readonly int n_embd
     cdef readonly object max_pixels
+    cdef readonly object max_image_bytes
     cdef readonly int cache_size
+    cdef readonly long long cache_bytes
+    cdef long long _cached_bytes
     cdef readonly long long cache_hits
     cdef readonly long long cache_misses
     cdef object _cache
     cdef object _lock
+    cdef bint _holds_model       # counted in model._n_users: Model.close() waits for us
 
     def __cinit__(self):
         self.ptr = NULL
+        self._holds_model = False
 
     def __init__(self, Model model not None, path, *, bint use_gpu=True, n_threads=None,
                  image_min_tokens=None, image_max_tokens=None, int cache_size=32,
-                 max_pixels=DEFAULT_MAX_PIXELS):
+                 max_pixels=DEFAULT_MAX_PIXELS, long long cache_bytes=DEFAULT_CACHE_BYTES,
+                 max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
         if self.ptr != NULL:
             raise RuntimeError("Multimodal is already initialised")
         _require_mtmd()
@@ -190,6 +232,11 @@ cdef class Multimodal:
         _precheck_model_file(path)
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        for name, v in (("max_pixels", max_pixels), ("max_image_bytes", max_image_bytes)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None (no limit), got {v!r}")
         cdef mtmd_context_params p = mtmd_context_params_default()
         p.use_gpu = use_gpu
         p.print_timings = False
@@ -210,21 +257,37 @@ cdef class Multimodal:
         cdef bytes cpath = _os.fsencode(path)
         cdef const char * cpath_c = cpath
         cdef llama_model * m = model._get()
+        # The projector keeps pointers into the model (its vocabulary, for tokenizing): we are
+        # a user of the weights, from before mtmd_init_from_file runs without the GIL until
+        # close(), so Model.close() from another thread cannot free them under us.
+        self.model = model
+        model._add_user()
+        self._holds_model = True
         pyllama_clear_last_error()
         with nogil:
             self.ptr = mtmd_init_from_file(cpath_c, m, p)
+        if self.ptr == NULL or model._close_pending:
+            if self.ptr != NULL:
+                mtmd_free(self.ptr)
+                self.ptr = NULL
+            self._drop_model()
+            if model._close_pending:
+                raise ValueError("the model was closed while this projector was being loaded")
         _check(self.ptr != NULL, ModelLoadError, "not a projector mtmd can load for this model: ",
                "see the 'pyllama' logger", path)
-        self.model = model
         self.path = path
         self.n_embd = llama_model_n_embd_inp(m)
         self.max_pixels = max_pixels
+        self.max_image_bytes = max_image_bytes
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self._cached_bytes = 0
         self._cache = _OrderedDict()
         self._lock = _threading.RLock()
         if mtmd_decode_use_mrope(self.ptr):
             mtmd_free(self.ptr)
             self.ptr = NULL
+            self._drop_model()
             raise MediaError(f"{path}: this model places image tokens with M-RoPE (Qwen2-VL and relatives), "
                              "which pyllama's batched engine does not support yet")
 
@@ -232,6 +295,13 @@ cdef class Multimodal:
         if self.ptr != NULL:
             mtmd_free(self.ptr)
             self.ptr = NULL
+        self._drop_model()
+
+    cdef void _drop_model(self):
+        if self._holds_model:
+            self._holds_model = False
+            if self.model is not None:
+                self.model._release_user()   # frees the weights if Model.close() is waiting
 
     cdef mtmd_context * _get(self) except NULL:
         if self.ptr == NULL:
@@ -247,6 +317,8 @@ cdef class Multimodal:
                 mtmd_free(self.ptr)
                 self.ptr = NULL
             self._cache.clear()
+            self._cached_bytes = 0
+            self._drop_model()
 
     @property
     def support_vision(self) -> bool:
@@ -271,7 +343,9 @@ cdef class Multimodal:
     def load(self, data) -> Bitmap:
         """Decode an image (PNG, JPEG, BMP, GIF) or, with an audio projector, an audio clip
         (WAV, MP3, FLAC) from its file bytes.  The header is checked first: unknown formats,
-        truncated files and images over ``max_pixels`` raise MediaError without decoding."""
+        truncated files, images over ``max_pixels`` and images whose decode would need more
+        than ``max_image_bytes`` (estimated from the header: bit depth, channels, size) raise
+        MediaError without decoding."""
         from pyllama.multimodal import sniff_media
 
         cdef mtmd_context * ctx = self._get()
@@ -289,6 +363,11 @@ cdef class Multimodal:
             if self.max_pixels is not None and info.width * info.height > self.max_pixels:
                 raise MediaError(f"the {info.format} image is {info.width}x{info.height} = "
                                  f"{info.width * info.height} pixels, more than max_pixels={self.max_pixels}")
+            need, how = _image_decode_bytes(view, info)
+            if self.max_image_bytes is not None and need > self.max_image_bytes:
+                raise MediaError(f"the {info.format} image ({info.width}x{info.height}, {how}; {view.shape[0]} "
+                                 f"bytes of file) needs about {need} bytes ({need / 2**20:.0f} MiB) to decode, more "
+                                 f"than max_image_bytes={self.max_image_bytes}")
         elif not mtmd_support_audio(ctx):
             raise MediaError(f"this projector ({_os.path.basename(self.path)}) takes images, not audio "
                              f"(got {info.format})")
@@ -395,13 +474,14 @@ cdef class Multimodal:
     # ---- encoding and evaluation ------------------------------------------------------
 
     def cache_info(self) -> dict:
-        """The encode cache: hits, misses, entries, capacity."""
+        """The encode cache: hits, misses, entries (size), bytes held, and both limits."""
         return {"hits": self.cache_hits, "misses": self.cache_misses, "size": len(self._cache),
-                "capacity": self.cache_size}
+                "capacity": self.cache_size, "bytes": self._cached_bytes, "capacity_bytes": self.cache_bytes}
 
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._cached_bytes = 0
 
     cdef bytes _embeddings(self, MediaPrompt prompt, int index):
         """The projector's output for media chunk `index` (float32, n_tokens x n_embd), from
@@ -427,10 +507,11 @@ cdef class Multimodal:
                 raise MediaError("the projector produced no embeddings")
             data = PyBytes_FromStringAndSize(<char *>out, n_tokens * self.n_embd * sizeof(float))
             self.cache_misses += 1
-            if self.cache_size > 0:
+            if self.cache_size > 0 and len(data) <= self.cache_bytes:
                 self._cache[key] = data
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                self._cached_bytes += len(data)
+                while len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes:
+                    self._cached_bytes -= len(self._cache.popitem(last=False)[1])
             return data
 
     def encode(self, MediaPrompt prompt not None, int index):

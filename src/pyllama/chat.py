@@ -845,12 +845,16 @@ class ChatFormatter:
         variables.  To tokenize the result, see :meth:`render_for_tokenize`.
         """
         msgs = normalize_messages(messages)
+        _check_nesting(msgs, "messages")
         if tools is not None:
             if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence) or not all(
                 isinstance(t, Mapping) for t in tools
             ):
                 raise TypeError("tools must be a list of dicts (JSON schemas) or None")
             tools = [dict(t) for t in tools]
+            _check_nesting(tools, "tools")
+        for name, value in extra.items():
+            _check_nesting(value, name)
         if continue_final_message:
             if add_generation_prompt:
                 raise ValueError("continue_final_message and add_generation_prompt cannot both be true; "
@@ -1168,25 +1172,44 @@ def _find_sub(seq: list[int], sub: list[int]) -> int:
     return -1
 
 
-def _strings_in(obj: Any, out: list[str], depth: int = 0) -> None:
-    """Every str inside messages / tools (dict values, list items), recursively."""
-    if isinstance(obj, str):
-        out.append(obj)
-    elif depth > 64:
-        return
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            _strings_in(v, out, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _strings_in(v, out, depth + 1)
+# How deeply messages, tools and other template variables may nest (objects and lists inside
+# each other): a tool's parameters may nest pyllama's JSON limit deep, plus the few levels of
+# the tool list around them.  Deeper data is a ValueError before rendering, so that neither
+# the template (tojson) nor the walks below (which neutralise control-token text at any
+# depth) can run into Python's recursion limit.
+def _max_nesting() -> int:
+    from pyllama.grammar._text import MAX_JSON_NESTING
+
+    return MAX_JSON_NESTING + 8
+
+
+def _check_nesting(value: Any, what: str) -> None:
+    from pyllama.grammar._text import json_nesting
+
+    limit = _max_nesting()
+    if json_nesting(value, limit) > limit:
+        raise ValueError(f"{what} nests objects/lists more than {limit} levels deep (pyllama's limit)")
+
+
+def _strings_in(obj: Any, out: list[str]) -> None:
+    """Every str inside messages / tools (dict values, list items), at any depth."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, Mapping):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
 
 
 def _map_strings(obj: Any, fn: Any, depth: int = 0) -> Any:
+    # Recursive, but the data was checked by _check_nesting (render) before it gets here.
     if isinstance(obj, str):
         return fn(obj)
-    if depth > 64:
-        return obj
+    if depth > _max_nesting() + 2:
+        raise ValueError("messages nest too deeply")
     if isinstance(obj, Mapping):
         return {k: _map_strings(v, fn, depth + 1) for k, v in obj.items()}
     if isinstance(obj, list):

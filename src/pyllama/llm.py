@@ -341,6 +341,63 @@ class LLM:
         self._first_call = True
         _live_llms.add(self)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str,
+        filename: Optional[str] = None,
+        additional_files: Optional[Sequence[str]] = None,
+        local_dir: Union[str, os.PathLike, None] = None,
+        local_dir_use_symlinks: Union[bool, str] = "auto",
+        cache_dir: Union[str, os.PathLike, None] = None,
+        *,
+        revision: Optional[str] = None,
+        token: Union[str, bool, None] = None,
+        mmproj: bool = False,
+        progress: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> "LLM":
+        """Download a GGUF model from the Hugging Face Hub (into its cache) and load it.
+
+        llama-cpp-python's signature: ``LLM.from_pretrained("user/repo", "*Q4_K_M.gguf",
+        n_ctx=2048)``. ``filename`` is a name or a glob that must match one file (all the
+        parts of a split model count as one); None picks the file as ``pyllama run -hf``
+        does (Q4_K_M, else Q8_0, else the first GGUF; a ``"user/repo:Q8_0"`` tag picks the
+        quantisation). ``additional_files`` are downloaded too (names or globs).
+        ``local_dir`` downloads there instead of the cache; ``local_dir_use_symlinks`` is
+        accepted for compatibility and ignored (recent huggingface_hub ignores it too).
+        ``cache_dir``, ``revision`` and ``token`` are huggingface_hub's (the token defaults to
+        $HF_TOKEN). ``mmproj=True`` also loads the repository's projector (``*mmproj*.gguf``)
+        unless ``mmproj_path`` is given. The other keyword arguments go to ``LLM(...)``.
+
+        Needs ``pip install 'pyllama[hf]'`` (ImportError otherwise). Raises the errors of
+        :func:`pyllama.models.pull_from_hub` (HubRepoNotFoundError, HubFileNotFoundError,
+        HubOfflineError, ...) before anything is loaded.
+        """
+        from . import models
+
+        del local_dir_use_symlinks  # accepted for llama-cpp-python code; nothing to do
+        hub_args: dict = {"revision": revision, "cache_dir": cache_dir, "local_dir": local_dir, "token": token,
+                          "progress": progress}
+        if filename is None:
+            pulled = models.pull_from_hub(repo_id, mmproj=mmproj and kwargs.get("mmproj_path") is None,
+                                          **hub_args)
+            path = pulled.path
+            if pulled.mmproj_path is not None:
+                kwargs["mmproj_path"] = pulled.mmproj_path
+            if additional_files:
+                models.fetch_from_hub(pulled.repo_id, pulled.filename, additional_files=list(additional_files),
+                                      **hub_args)
+        else:
+            path = models.fetch_from_hub(repo_id, filename, additional_files=list(additional_files or ()),
+                                         **hub_args)
+            if mmproj and kwargs.get("mmproj_path") is None:
+                files = models.list_hub_files(repo_id, revision=revision, cache_dir=cache_dir, token=token)
+                projector = models.select_hf_mmproj(files, models.select_hf_glob(files, filename))
+                if projector is not None:
+                    kwargs["mmproj_path"] = models.download_hub_files(repo_id, [projector], **hub_args)[0]
+        return cls(path, **kwargs)
+
     # ---- lifecycle -----------------------------------------------------------
 
     def _make_context(self, n_seq: int) -> None:
@@ -373,16 +430,8 @@ class LLM:
                     # context under it would crash; keep it alive until the process ends.
                     _keep_forever(self)
                     return
-                pending = sched.engine.requests()
-                sched.engine.reset()
-                for r in pending:
-                    if r.error is None:
-                        r.error = ClosedError("this LLM was closed while the call was running")
-                    if r.listener is not None:
-                        try:
-                            r.listener(r)
-                        except Exception:   # noqa: BLE001 - a closed event loop, say
-                            pass
+                # Every accepted request ends now, with ClosedError, and its listener is told.
+                sched.end_all(ClosedError("this LLM was closed while the call was running"))
             for c in (self._ctx, self._embed_ctx):
                 if c is not None:
                     c.close()
@@ -418,11 +467,9 @@ class LLM:
         if self._sched is None:
             return
         with self._sched.exclusive():
-            pending = self._engine.requests()
-            self._engine.reset()
-        for r in pending:
-            if r.listener is not None:
-                r.listener(r)
+            # Every running call ends ("cancelled") and its listener is told, before any
+            # other step can run.
+            self._sched.end_all()
         self._sched.wake()
 
     # ---- information ---------------------------------------------------------
@@ -533,7 +580,8 @@ class LLM:
 
     def _request(self, prompt: Any, params: SamplingParams, tag: Any = None, *, add_special: bool = True,
                  parse_special: bool = False, tokens: Optional[list] = None, logprobs: Any = None,
-                 echo: bool = False, seed_offset: int = 0) -> "_core.GenerationRequest":
+                 echo: bool = False, seed_offset: int = 0,
+                 hooks: Optional[Mapping[str, Any]] = None) -> "_core.GenerationRequest":
         if tokens is None:
             tokens = self._prompt_tokens(prompt, add_special, parse_special)
         if seed_offset and params.seed is not None and params.seed >= 0:
@@ -554,10 +602,11 @@ class LLM:
                                        stop=params.stop or (), stop_tokens=params.stop_tokens,
                                        ignore_eos=params.ignore_eos, tag=tag, logprobs=logprobs,
                                        prompt_logprobs=echo and logprobs is not None,
-                                       cache_prompt=params.cache_prompt)
+                                       cache_prompt=params.cache_prompt, **(hooks or {}))
 
     def _group(self, prompt: Any, params: SamplingParams, *, n: int, logprobs: Any, echo: bool, tag: Any = None,
-               add_special: bool = True, parse_special: bool = False) -> list:
+               add_special: bool = True, parse_special: bool = False,
+               hooks: Optional[Mapping[str, Any]] = None) -> list:
         """The requests of one prompt: a leader and n - 1 followers that share its prompt
         evaluation (llama_memory_seq_cp) and differ by seed."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -565,32 +614,46 @@ class LLM:
         if n > _core.max_parallel_sequences():
             raise ValueError(f"n={n} exceeds llama.cpp's limit of {_core.max_parallel_sequences()} sequences")
         tokens = self._prompt_tokens(prompt, add_special, parse_special)
-        leader = self._request(prompt, params, tag, tokens=tokens, logprobs=logprobs, echo=echo)
+        leader = self._request(prompt, params, tag, tokens=tokens, logprobs=logprobs, echo=echo, hooks=hooks)
         group = [leader]
         for i in range(1, n):
-            f = self._request(prompt, params, tag, tokens=tokens, logprobs=logprobs, seed_offset=i)
+            f = self._request(prompt, params, tag, tokens=tokens, logprobs=logprobs, seed_offset=i, hooks=hooks)
             leader.add_follower(f)
             group.append(f)
         return group
 
     def _ensure_slots(self, n: int) -> None:
-        """At least n sequences: re-create the context when it has fewer and nothing runs."""
+        """At least n sequences: re-create the context when it has fewer.  Requests of other
+        calls that are generating are waited for (this thread steps with them); paused ones (an
+        unread stream) give their slot up and move to the new context when the engine can hand
+        them over (Engine.preempt_paused/adopt), where they resume, re-evaluated."""
         if n <= self.context.n_seq_max:
             return
-        with self._lock, self._sched.exclusive():
-            if n <= self.context.n_seq_max:
-                return
-            if self._engine.busy:
-                if n > self.context.n_seq_max:
+        if n > self._ctx_params["n_batch"]:
+            raise ValueError(f"{n} sequences at once exceed n_batch={self._ctx_params['n_batch']}")
+
+        def generating() -> bool:
+            return any(not r.paused for r in self._engine.requests())
+
+        while True:
+            with self._lock, self._sched.exclusive():
+                if n <= self.context.n_seq_max:
+                    return
+                engine = self._engine
+                if not generating() and engine.preempt_paused() == 0:
+                    # Nothing holds a slot (an unread stream gave its slot up): re-create the
+                    # context; queued and preempted requests move over and resume there.
+                    self._stats.decodes_before += engine.n_decode_total
+                    self._stats.busy_before += engine.n_busy_slots_total
+                    self._make_context(n)
+                    self._engine.adopt(engine)
+                    return
+                if not generating():
                     raise ValueError(f"{n} sequences at once need n_parallel >= {n}, and this LLM (n_parallel="
-                                     f"{self.context.n_seq_max}) is busy with other calls; load it with "
-                                     f"LLM(..., n_parallel={n})")
-                return
-            if n > self._ctx_params["n_batch"]:
-                raise ValueError(f"{n} sequences at once exceed n_batch={self._ctx_params['n_batch']}")
-            self._stats.decodes_before += self._engine.n_decode_total
-            self._stats.busy_before += self._engine.n_busy_slots_total
-            self._make_context(n)
+                                     f"{self.context.n_seq_max}) holds paused calls (an unread stream); load it "
+                                     f"with LLM(..., n_parallel={n})")
+            # Other calls are generating: step with them until only paused ones are left.
+            self._sched.drive(lambda: not generating())
 
     def _logprobs_arg(self, logprobs: Any, top_logprobs: Any) -> Any:
         """None (off) or the number of top alternatives (0..20) to record per token."""
@@ -663,10 +726,11 @@ class LLM:
 
         def deliver() -> None:
             for i, r in enumerate(watched):
-                if r.n_parts > cursors[i]:
-                    for piece in r.parts_since(cursors[i]):
-                        callback(r, piece)
-                    cursors[i] = r.n_parts
+                # One read of the pieces (another thread may be stepping): each piece once.
+                pieces = r.parts_since(cursors[i])
+                cursors[i] += len(pieces)
+                for piece in pieces:
+                    callback(r, piece)
 
         if sched.in_step():
             raise RuntimeError("an LLM listener cannot start another generation on the same LLM")
@@ -685,12 +749,15 @@ class LLM:
     def _prepare_complete(self, prompt: Union[str, Sequence[int]], *, add_special: bool = True,
                           parse_special: bool = False, n: int = 1, logprobs: Union[bool, int, None] = None,
                           top_logprobs: Optional[int] = None, echo: bool = False,
+                          logits_processors: Optional[Sequence[Callable[..., Any]]] = None,
+                          stopping_criteria: Optional[Sequence[Callable[..., Any]]] = None,
                           **overrides: Any) -> "_Prepared":
         self._check_open()
         params = self._params(overrides)
         lp = self._logprobs_arg(logprobs, top_logprobs)
+        hooks = {"logits_processors": logits_processors, "stopping_criteria": stopping_criteria}
         group = self._group(prompt, params, n=n, logprobs=lp, echo=echo, add_special=add_special,
-                            parse_special=parse_special)
+                            parse_special=parse_special, hooks=hooks)
         self._ensure_slots(n)
         echo_text = self._echo_text(prompt, group[0]) if echo else None
         t0 = time.perf_counter()
@@ -706,6 +773,8 @@ class LLM:
     def complete(self, prompt: Union[str, Sequence[int]], *, callback: Optional[Callable[[str], Any]] = None,
                  add_special: bool = True, parse_special: bool = False, n: int = 1,
                  logprobs: Union[bool, int, None] = None, top_logprobs: Optional[int] = None, echo: bool = False,
+                 logits_processors: Optional[Sequence[Callable[..., Any]]] = None,
+                 stopping_criteria: Optional[Sequence[Callable[..., Any]]] = None,
                  **overrides: Any) -> Any:
         """Generate a completion of `prompt` (text or token ids).
 
@@ -715,9 +784,20 @@ class LLM:
         `logprobs=True` (with `top_logprobs=K`, 0..20) fills Completion.logprobs; with
         `echo=True` as well, Completion.prompt_logprobs scores the prompt's tokens
         (`max_tokens=0`: score only) and the text starts with the prompt.
+
+        Python hooks, run inside continuous batching (the request still shares every decode):
+        `logits_processors` are called as ``processor(input_ids, scores)`` before sampling each
+        token — `input_ids` the prompt and the tokens so far (NumPy intc), `scores` this
+        request's logits row (NumPy float32, edit it in place or return new scores);
+        `stopping_criteria` as ``criterion(input_ids, scores)`` after each token, True ends the
+        request (finish_reason "stop"; the stopping token's text is dropped).  Logprobs stay the
+        model's own.  A hook that raises ends this call with its exception, nothing else.
+        With n > 1 every choice calls the same hooks on its own row.
         """
         prep = self._prepare_complete(prompt, add_special=add_special, parse_special=parse_special, n=n,
-                                      logprobs=logprobs, top_logprobs=top_logprobs, echo=echo, **overrides)
+                                      logprobs=logprobs, top_logprobs=top_logprobs, echo=echo,
+                                      logits_processors=logits_processors, stopping_criteria=stopping_criteria,
+                                      **overrides)
         cb = None if callback is None else (lambda r, text: callback(text))
         self._run(prep.leaders, cb)
         return prep.finish()
@@ -740,17 +820,21 @@ class LLM:
     @_check_kwargs
     def stream(self, prompt: Union[str, Sequence[int]], *, add_special: bool = True, parse_special: bool = False,
                chunks: bool = False, n: int = 1, logprobs: Union[bool, int, None] = None,
-               top_logprobs: Optional[int] = None, **overrides: Any) -> "Stream":
+               top_logprobs: Optional[int] = None, logits_processors: Optional[Sequence[Callable[..., Any]]] = None,
+               stopping_criteria: Optional[Sequence[Callable[..., Any]]] = None, **overrides: Any) -> "Stream":
         """Yield the completion piece by piece (whole characters; a stop string never leaks).
 
         The stream advances only while it is iterated: left open, it holds no other call
         up.  With `chunks=True` (implied by n > 1) it yields :class:`Chunk` objects that
         carry the choice index, token ids and log-probabilities.  Once exhausted, the
         iterator exposes the final Completion as `.completion` (all of them as
-        `.completions`); `.close()` stops it early.
+        `.completions`); `.close()` stops it early.  `logits_processors` and
+        `stopping_criteria` work as in complete().
         """
         prep = self._prepare_complete(prompt, add_special=add_special, parse_special=parse_special, n=n,
-                                      logprobs=logprobs, top_logprobs=top_logprobs, **overrides)
+                                      logprobs=logprobs, top_logprobs=top_logprobs,
+                                      logits_processors=logits_processors, stopping_criteria=stopping_criteria,
+                                      **overrides)
         return Stream(self, prep, mode="chunks" if chunks or n > 1 else "text")
 
     # ---- batched generation ---------------------------------------------------------
@@ -906,7 +990,9 @@ class LLM:
              response_format: Optional[Mapping[str, Any]] = None, tools: Optional[list] = None,
              tool_choice: Any = None, n: int = 1, logprobs: Union[bool, int, None] = None,
              top_logprobs: Optional[int] = None, callback: Optional[Callable[[str], Any]] = None,
-             allow_special_in_messages: bool = False, allow_files: bool = True, **overrides: Any) -> Any:
+             allow_special_in_messages: bool = False, allow_files: bool = True,
+             logits_processors: Optional[Sequence[Callable[..., Any]]] = None,
+             stopping_criteria: Optional[Sequence[Callable[..., Any]]] = None, **overrides: Any) -> Any:
         """Answer a conversation using the model's own chat template.
 
         response_format={"type": "json_object"} constrains the answer to JSON;
@@ -914,11 +1000,12 @@ class LLM:
         to a schema.  stream=True returns an iterator of text pieces.  `tools` (OpenAI
         function tools) with `tool_choice` ("auto", "required", "none" or a named
         function) may answer with Completion.tool_calls (see pyllama.tools).  `n`,
-        `logprobs`, `top_logprobs` and `callback` work as in complete().
+        `logprobs`, `top_logprobs`, `callback`, `logits_processors` and `stopping_criteria`
+        work as in complete().
         """
         self._check_open()
+        overrides = dict(overrides, logits_processors=logits_processors, stopping_criteria=stopping_criteria)
         if response_format is not None:
-            overrides = dict(overrides)
             overrides.update(_response_format_overrides(response_format))
         if tools and tool_choice != "none":
             from pyllama import tools as tools_mod
@@ -943,6 +1030,19 @@ class LLM:
                                   allow_files=allow_files)
         return self._prepare_complete(tokens, **kwargs)
 
+    def _prepare_tool_chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> "_Prepared":
+        """The requests of a chat with tools (pyllama.tools' plan), finishing with its parser."""
+        from pyllama import tools as tools_mod
+
+        kwargs.pop("stream", None)   # the result comes whole: the caller streams it, if at all
+        plan = tools_mod.plan_tool_chat(self, messages, **kwargs)
+        if plan.tools is None:
+            return self._prepare_chat(plan.messages, **plan.options)
+        prep = self._prepare_complete(plan.prompt, **plan.options)
+        complete = prep.finish
+        prep.finish = lambda report=True: plan.finish(complete(report=report))
+        return prep
+
     # ---- async ----------------------------------------------------------------------
 
     async def _arun(self, prep: "_Prepared") -> Any:
@@ -954,20 +1054,24 @@ class LLM:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         watched = prep.requests
-        finished: set = set()
+        remaining = set(watched)
 
         def resolve() -> None:
             if not fut.done():
                 fut.set_result(None)
 
-        def listener(r: Any) -> None:   # runs in the stepping thread
-            if r.done and id(r) not in finished:
-                finished.add(id(r))
-                if len(finished) == len(watched):
-                    try:
-                        loop.call_soon_threadsafe(resolve)
-                    except RuntimeError:   # the event loop is gone: nobody waits any more
-                        self._sched.cancel(watched)
+        def listener(r: Any) -> None:   # runs in the thread that holds the stepper role
+            if not r.done or not remaining:
+                return
+            remaining.discard(r)
+            for f in r.followers:        # a group that ended together may report only its leader
+                if f.done:
+                    remaining.discard(f)
+            if not remaining:
+                try:
+                    loop.call_soon_threadsafe(resolve)
+                except RuntimeError:   # the event loop is gone: nobody waits any more
+                    pass
 
         for r in watched:
             r.listener = listener
@@ -978,11 +1082,9 @@ class LLM:
             if not all(r.done for r in watched):
                 await fut
         except BaseException:
-            sched.cancel(watched)
+            sched.cancel(watched)   # a submit that failed, or the task was cancelled
             raise
-        finally:
-            sched.driven_done(len(watched))
-        return prep.finish()
+        return await _finish_off_loop(prep)
 
     async def acomplete(self, prompt: Union[str, Sequence[int]], **kwargs: Any) -> Any:
         """complete() for asyncio: the event loop keeps running while the model works, and
@@ -1003,8 +1105,14 @@ class LLM:
         if kwargs.get("stream"):
             raise ValueError("achat(stream=True): use astream_chat(messages, ...) for an async stream")
         kwargs.pop("stream", None)
+        if kwargs.get("callback") is not None:
+            raise TypeError("achat() takes no callback: use astream_chat()")
+        kwargs.pop("callback", None)
         if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
-            return await asyncio.to_thread(functools.partial(self.chat, messages, **kwargs))   # tool calls come whole
+            # Tool calls are a plan (prompt, grammar, parser) run like any other request: batched,
+            # cancelled with the task, and no executor thread held while it generates.
+            prep = await asyncio.to_thread(functools.partial(self._prepare_tool_chat, messages, **kwargs))
+            return await self._arun(prep)
         kwargs.pop("tools", None)
         kwargs.pop("tool_choice", None)
         prep = await asyncio.to_thread(functools.partial(self._prepare_chat, messages, **kwargs))
@@ -1040,7 +1148,16 @@ class LLM:
 
     def embed(self, texts: Union[str, Sequence[str]], normalize: bool = True) -> Any:
         """Embeddings of one text (1-D array) or many (2-D array, one row per text).
-        Needs LLM(..., embedding=True)."""
+        Needs LLM(..., embedding=True).
+
+        Pooling: as the GGUF says when it names one (BERT-family encoders: CLS or mean, as
+        llama.cpp's llama-embedding and llama-server pool them), else mean pooling (decoder
+        LMs, which name none).  A reranker (rank pooling) gives its classifier's scores, one
+        row of ``n_cls_out`` floats per text (raw unless ``normalize``).
+
+        Texts are packed into batches of at most min(n_batch, n_ctx) tokens (several
+        rounds when they do not fit together); a single text longer than that raises
+        ContextLengthError (a ValueError) naming the limit."""
         import numpy as np
 
         self._check_open()
@@ -1055,33 +1172,58 @@ class LLM:
         with self._lock:
             toks = [self._prompt_tokens(t) for t in items]
             n_batch = self._ctx_params["n_batch"]
+            # One round's tokens must fit the batch and the KV memory together (the context
+            # below is unified: every sequence may use any of its n_ctx cells).
+            budget = min(self._ctx_params["n_ctx"], n_batch)
             for t in toks:
-                if len(t) > n_batch:
-                    raise ContextLengthError(f"a text of {len(t)} tokens exceeds n_batch={n_batch} for embeddings")
-            n_seq = _embed_slots(min(len(items), 64), min(self._ctx_params["n_ctx"], n_batch))
+                if len(t) > budget:
+                    raise ContextLengthError(
+                        f"a text of {len(t)} tokens exceeds the embedding limit of {budget} tokens "
+                        f"(the smaller of n_batch={n_batch} and n_ctx={self._ctx_params['n_ctx']})")
+            # The GGUF's own pooling ({arch}.pooling_type: 1 mean, 2 cls, 3 last, 4 rank) when it
+            # names one other than none, else mean (decoder LMs name none).
+            pooling = {"1": "mean", "2": "cls", "3": "last", "4": "rank"}.get(
+                str(self._model.meta(f"{self._model.architecture}.pooling_type")), "mean")
+            if pooling == "mean":
+                # llama.cpp needs its worst-case micro-batch to split evenly over the sequences
+                # (see _embed_slots); with non-causal attention (encoders) that micro-batch is
+                # n_batch or n_ctx padded to 256, so take a divisor of all of them.
+                split = budget
+                if self._model.meta(f"{self._model.architecture}.attention.causal") == "false":
+                    split = math.gcd(budget, n_batch, 256)
+                n_seq = _embed_slots(min(len(items), 64), split)
+            else:
+                n_seq = min(len(items), 64, budget)
             if self._embed_ctx is None or self._embed_ctx.n_seq_max < n_seq:
                 if self._embed_ctx is not None:
                     self._embed_ctx.close()
+                    self._embed_ctx = None
                 params = dict(self._ctx_params)
                 params["n_ubatch"] = params["n_batch"]
-                self._embed_ctx = _core.Context(self._model, embeddings=True, pooling="mean", n_seq_max=n_seq,
+                # kv_unified: with per-sequence KV buffers (kv_unified=False) each sequence would
+                # get only n_ctx / n_seq_max cells and one long text of a round would not fit.
+                params["kv_unified"] = True
+                self._embed_ctx = _core.Context(self._model, embeddings=True, pooling=pooling, n_seq_max=n_seq,
                                                 **params)
             ctx = self._embed_ctx
-            out = np.empty((len(items), self._model.n_embd), dtype=np.float32)
+            out = None
             i = 0
             while i < len(toks):
-                batch = _core.Batch(n_batch, ctx.n_seq_max)
+                batch = _core.Batch(budget, ctx.n_seq_max)
                 seqs = []
                 n_tokens = 0
-                while i < len(toks) and len(seqs) < ctx.n_seq_max and n_tokens + len(toks[i]) <= n_batch:
+                while i < len(toks) and len(seqs) < ctx.n_seq_max and n_tokens + len(toks[i]) <= budget:
                     n_tokens += len(toks[i])
                     seqs.append(i)
                     i += 1
                 batch.add_sequences([toks[j] for j in seqs], logits_all=True)   # sequence s = seqs[s]
-                ctx.kv_clear()
+                ctx.kv_clear()   # (a no-op for an encoder: it keeps no KV memory)
                 ctx.decode(batch)
                 for s, idx in enumerate(seqs):
-                    out[idx] = ctx.embeddings_seq(s)
+                    row = ctx.embeddings_seq(s)
+                    if out is None:   # n_embd floats, or n_cls_out scores for a reranker
+                        out = np.empty((len(items), len(row)), dtype=np.float32)
+                    out[idx] = row
             if normalize:
                 norms = np.linalg.norm(out, axis=1, keepdims=True)
                 out = out / np.where(norms == 0, 1.0, norms)
@@ -1146,18 +1288,20 @@ class _Cursor:
 
     def take(self, llm: LLM, r: Any, index: int, mode: str) -> Optional[Any]:
         """The next item for a consumer in `mode` ("text", "events", "chunks"), or None."""
-        text = ""
-        if r.n_parts > self.parts:
-            text = "".join(r.parts_since(self.parts))
-            self.parts = r.n_parts
-        finish = r.finish_reason if r.done and not self.finished else None
+        # `done` first: once it is seen, every piece is already there.  Each count is read
+        # once (another thread may be stepping), so no piece is skipped or taken twice.
+        done = r.done
+        pieces = r.parts_since(self.parts)
+        self.parts += len(pieces)
+        text = "".join(pieces)
+        finish = r.finish_reason if done and not self.finished else None
         if finish is not None:
             self.finished = True
         if mode == "text":
             return text or None
         if mode == "events":
             return (index, text) if text else None
-        token_ids = r.tokens_since(self.tokens) if r.n_tokens > self.tokens else []
+        token_ids = r.tokens_since(self.tokens)
         self.tokens += len(token_ids)
         logprobs = None
         if r.n_logprobs >= 0:
@@ -1270,7 +1414,15 @@ _END = object()
 class AsyncStream:
     """Async iterator over a running generation (LLM.astream / astream_chat).  The driver
     thread steps the engine; each step's new text reaches this iterator through the event
-    loop, so the loop never waits on llama.cpp."""
+    loop, so the loop never waits on llama.cpp.
+
+    Backpressure: once `max_queued` pieces wait unread, the stream's requests are paused
+    (they leave the batch and may lend their slot out, as a synchronous Stream between
+    next() calls); reading resumes them.  Leaving the loop early (``break``), dropping the
+    stream, or cancelling the task that reads it cancels the requests."""
+
+    #: Unread pieces after which the requests pause (reading them down to a quarter resumes).
+    max_queued = 64
 
     def __init__(self, llm: LLM, prepare: Callable[[], _Prepared], mode: str) -> None:
         self._llm = llm
@@ -1278,6 +1430,7 @@ class AsyncStream:
         self._mode = mode
         self._prep: Optional[_Prepared] = None
         self._queue: Any = None
+        self._flow: Optional[_Flow] = None
         self._done = False
         self._submitted = False
         self.completion: Optional[Completion] = None
@@ -1297,19 +1450,33 @@ class AsyncStream:
         index = {id(r): i for i, r in enumerate(reqs)}
         llm = self._llm
         mode = self._mode
-        n_done = [0]
         counted = [False] * len(reqs)
+        n_done = [0]
+        # What the listener needs lives here, not on self: the stream can then be collected
+        # (and cancelled by __del__) as soon as its reader drops it.
+        self._flow = flow = _Flow(llm._sched, reqs, self.max_queued)
 
-        def listener(r: Any) -> None:   # runs in the stepping thread, between steps
-            i = index[id(r)]
+        def pump(i: int, items: list) -> None:
+            r = reqs[i]
             item = cursors[i].take(llm, r, i, mode)
-            items = [item] if item is not None else []
+            if item is not None:
+                items.append(item)
             if r.done and not counted[i]:
                 counted[i] = True
                 n_done[0] += 1
                 if n_done[0] == len(reqs):
                     items.append(_END)
+
+        def listener(r: Any) -> None:   # runs in the thread that holds the stepper role
+            items: list = []
+            pump(index[id(r)], items)
+            if r.done:
+                for f in r.followers:    # a group that ended together may report only its leader
+                    i = index.get(id(f))
+                    if i is not None and f.done and not counted[i]:
+                        pump(i, items)
             if items:
+                flow.queued(len(items))   # may pause the requests: before the reader can see them
                 try:
                     loop.call_soon_threadsafe(_put_all, queue, items)
                 except RuntimeError:   # the event loop is closed: nobody reads any more
@@ -1334,16 +1501,15 @@ class AsyncStream:
         except BaseException:
             self._cancel()
             raise
+        self._flow.read(1)
         if item is _END:
-            self._finish()
+            await self._finish()
             raise StopAsyncIteration
         return item
 
-    def _finish(self) -> None:
+    async def _finish(self) -> None:
         self._done = True
-        prep = self._prep
-        self._llm._sched.driven_done(len(prep.requests))
-        comps = prep.finish()
+        comps = await _finish_off_loop(self._prep)
         self.completions = comps if isinstance(comps, list) else [comps]
         self.completion = self.completions[0]
 
@@ -1351,21 +1517,67 @@ class AsyncStream:
         if not self._done:
             self._done = True
             if self._prep is not None and self._submitted:
-                sched = self._llm._sched
-                sched.cancel(self._prep.requests)
-                sched.driven_done(len(self._prep.requests))
+                self._llm._sched.cancel(self._prep.requests)
 
     async def aclose(self) -> None:
         """Stop generating (cancels the unfinished requests)."""
         self._cancel()
 
     def __del__(self) -> None:
-        if not self._done and self._prep is not None and self._submitted:
+        if not getattr(self, "_done", True) and self._prep is not None and self._submitted:
             try:
                 self._llm._sched.cancel_soon(self._prep.requests)
-                self._llm._sched.driven_done(len(self._prep.requests))
             except Exception:   # noqa: BLE001 - interpreter teardown
                 pass
+
+
+class _Flow:
+    """Backpressure of one AsyncStream: pieces put by the stepping thread, pieces read by
+    the event loop; the requests pause while `limit` wait unread.  Each counter has one
+    writer; the pause decision and its undoing share a small lock, so a paused request is
+    always resumed once its reader has caught up."""
+
+    __slots__ = ("sched", "reqs", "limit", "n_put", "n_read", "paused", "lock")
+
+    def __init__(self, sched: Scheduler, reqs: list, limit: int) -> None:
+        self.sched = sched
+        self.reqs = reqs
+        self.limit = max(1, int(limit))
+        self.n_put = 0
+        self.n_read = 0
+        self.paused = False
+        self.lock = threading.Lock()
+
+    def queued(self, n: int) -> None:
+        """`n` items are about to be queued (the stepping thread, between steps)."""
+        # Both counters are read under the lock on both sides: a pause decided on a stale
+        # n_read after the reader had caught up would never be undone (the reader then waits
+        # for pieces that a paused request never makes).
+        with self.lock:
+            self.n_put += n
+            if not self.paused and self.n_put - self.n_read >= self.limit:
+                self.paused = True
+                for r in self.reqs:
+                    if not r.done:
+                        r.paused = True
+
+    def read(self, n: int) -> None:
+        """The reader took `n` items (the event loop)."""
+        with self.lock:
+            self.n_read += n
+            if self.paused and self.n_put - self.n_read <= self.limit // 4:
+                self.paused = False
+                self.sched.set_paused(self.reqs, False)
+
+
+async def _finish_off_loop(prep: _Prepared) -> Any:
+    """The call's result; built in a worker thread when it has log-probabilities (thousands of
+    objects for a long answer), so the event loop never stalls on it."""
+    if any(r.n_logprobs >= 0 or r.prompt_logprobs for r in prep.requests):
+        import asyncio
+
+        return await asyncio.to_thread(prep.finish)
+    return prep.finish()
 
 
 def _put_all(queue: Any, items: list) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import secrets
 import struct
 from dataclasses import dataclass
@@ -145,30 +146,36 @@ def media_bytes(ref: Any, *, allow_files: bool = True, what: str = "image") -> b
     pyllama makes no network requests; fetch the file yourself and pass its bytes."""
     if isinstance(ref, (bytes, bytearray, memoryview)):
         return bytes(ref)
-    if isinstance(ref, os.PathLike):
+    path_like = isinstance(ref, os.PathLike)
+    if path_like:
         ref = os.fspath(ref)
     if not isinstance(ref, str):
         raise TypeError(f"an {what} must be given as bytes, a data: URL, a file path or a file:// URL, "
                         f"not {type(ref).__name__}")
-    if ref.startswith("data:"):
+    # URL schemes are case-insensitive (RFC 3986): DATA:, Data: and data: are one scheme.
+    scheme = None if path_like else _url_scheme(ref)
+    if scheme == "data":
         header, sep, payload = ref.partition(",")
         if not sep:
             raise MediaError(f"malformed data URL for the {what}: no ',' after the media type")
-        if not header.endswith(";base64"):
+        if not header.lower().endswith(";base64"):
             raise MediaError(f"the {what}'s data URL must be base64-encoded (data:<type>;base64,...)")
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as e:
             raise MediaError(f"the {what}'s data URL is not valid base64: {e}") from None
-    lowered = ref[:8].lower()
-    if lowered.startswith("http://") or lowered.startswith("https://"):
+    if scheme in ("http", "https"):
         raise MediaError(f"remote {what} URLs are not fetched ({ref[:60]}...): pyllama makes no network "
                          "requests; download the file and pass its bytes, a data: URL or a local path")
+    if scheme is not None and scheme != "file":
+        # Anything URL-like is a URL, never a file name: "ftp://...", "s3:..." and the like.
+        raise MediaError(f"unsupported URL scheme {scheme!r} for the {what} ({ref[:60]}): pass bytes, a "
+                         "data: URL, a file:// URL or a local path (a file name with a colon: './name:x')")
     if not allow_files:
         raise MediaError(f"the {what} must be a data: URL (base64); file paths and file:// URLs are not "
                          "accepted here")
     path = ref
-    if lowered.startswith("file://"):
+    if scheme == "file":
         from urllib.parse import unquote, urlparse
 
         parsed = urlparse(ref)
@@ -182,6 +189,19 @@ def media_bytes(ref: Any, *, allow_files: bool = True, what: str = "image") -> b
         raise FileNotFoundError(2, f"{what} file not found", path) from None
     except IsADirectoryError:
         raise MediaError(f"{path} is a directory, not an {what} file") from None
+
+
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
+
+
+def _url_scheme(ref: str) -> Optional[str]:
+    """The lower-cased URL scheme `ref` starts with (RFC 3986: a letter, then letters, digits,
+    '+', '-', '.', then ':'), or None for a plain path.  A single letter is a Windows drive
+    ("C:\\images\\cat.png"), not a scheme."""
+    m = _SCHEME_RE.match(ref)
+    if m is None or len(m.group(1)) == 1:
+        return None
+    return m.group(1).lower()
 
 
 def _part_media(part: Mapping[str, Any], where: str) -> Tuple[str, Any]:

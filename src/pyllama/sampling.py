@@ -9,18 +9,43 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from pyllama import _core
+from pyllama.errors import InvalidTokenError
 
 DEFAULT_MAX_TOKENS = 256
+
+# Limits checked before a setting reaches C (llama.cpp takes int32 counts and float32 values).
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+#: At most this many stop strings (and DRY sequence breakers), of at most MAX_STOP_CHARS
+#: characters together: every slot's every token is checked against them, so one request's
+#: huge list would slow every other request sharing the engine.  (The server's limits.)
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 8192
+#: A logit bias is a finite number of at most this magnitude, or -inf (the token is banned).
+#: Larger values (or +inf) would overflow float32 logits once scaled and make the
+#: distribution NaN.
+MAX_LOGIT_BIAS = 1e9
 
 
 @dataclass
 class SamplingParams:
     """Generation settings.  Defaults are llama.cpp's own (temperature 0.8, top_k 40,
-    top_p 0.95, min_p 0.05, no repeat penalty).  ``temperature=0`` is greedy."""
+    top_p 0.95, min_p 0.05, no repeat penalty).  ``temperature=0`` is greedy.
+
+    Every setting is checked here, before it reaches C, with a ValueError (TypeError for a
+    wrong type) naming the value and the limit: integer counts fit a C int (at most
+    2**31 - 1), ``seed`` is 0 .. 2**32 - 1 or -1/None (random), float settings are finite
+    and within float32's range, ``logit_bias`` maps token ids (0 .. 2**31 - 1; the
+    vocabulary is checked when the sampler is built, InvalidTokenError) to finite biases of
+    at most :data:`MAX_LOGIT_BIAS` in magnitude or ``-inf`` (ban the token; ``+inf`` and NaN
+    are refused, as llama-server's JSON cannot express them), ``stop_tokens`` are token ids,
+    and ``stop`` (as ``dry_sequence_breakers``) holds at most :data:`MAX_STOP_STRINGS`
+    strings of :data:`MAX_STOP_CHARS` characters together."""
 
     temperature: float = 0.8
     top_k: int = 40
@@ -76,17 +101,20 @@ class SamplingParams:
         _finite("temperature", self.temperature, minimum=0.0)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        _int32("top_k", self.top_k)
         _prob("top_p", self.top_p, allow_zero=False)
         _prob("min_p", self.min_p, allow_zero=True)
         _prob("typical_p", self.typical_p, allow_zero=False)
         _finite("repeat_penalty", self.repeat_penalty, minimum=0.0)
         if self.repeat_penalty == 0:
             raise ValueError("repeat_penalty must be > 0 (1.0 disables it)")
-        if not isinstance(self.last_n_tokens_size, int) or self.last_n_tokens_size < -1:
+        if not isinstance(self.last_n_tokens_size, int) or isinstance(self.last_n_tokens_size, bool) or \
+                self.last_n_tokens_size < -1:
             raise ValueError(f"last_n_tokens_size must be an int >= -1, got {self.last_n_tokens_size!r}")
+        _int32("last_n_tokens_size", self.last_n_tokens_size)
         _finite("frequency_penalty", self.frequency_penalty)
         _finite("presence_penalty", self.presence_penalty)
-        if self.mirostat_mode not in (0, 1, 2):
+        if isinstance(self.mirostat_mode, bool) or self.mirostat_mode not in (0, 1, 2):
             raise ValueError(f"mirostat_mode must be 0 (off), 1 or 2, got {self.mirostat_mode!r}")
         _finite("mirostat_tau", self.mirostat_tau, minimum=0.0)
         _finite("mirostat_eta", self.mirostat_eta, minimum=0.0)
@@ -99,12 +127,12 @@ class SamplingParams:
         _finite("dry_base", self.dry_base, minimum=1.0)
         _int_at_least("dry_allowed_length", self.dry_allowed_length, 0)
         _int_at_least("dry_penalty_last_n", self.dry_penalty_last_n, -1)
+        _int32("dry_allowed_length", self.dry_allowed_length)
+        _int32("dry_penalty_last_n", self.dry_penalty_last_n)
         if isinstance(self.dry_sequence_breakers, str):
             self.dry_sequence_breakers = (self.dry_sequence_breakers,)
         self.dry_sequence_breakers = tuple(self.dry_sequence_breakers)
-        for b in self.dry_sequence_breakers:
-            if not isinstance(b, str) or not b:
-                raise ValueError(f"dry_sequence_breakers must be non-empty strings, got {b!r}")
+        _check_strings("dry_sequence_breakers", self.dry_sequence_breakers)
         if self.seed is not None:
             if not isinstance(self.seed, int) or isinstance(self.seed, bool):
                 raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
@@ -115,22 +143,38 @@ class SamplingParams:
                 raise TypeError(f"max_tokens must be an int or None, got {type(self.max_tokens).__name__}")
             if self.max_tokens < -1:
                 raise ValueError(f"max_tokens must be >= -1 (-1 or None = until the end), got {self.max_tokens}")
+            _int32("max_tokens", self.max_tokens)
         if not isinstance(self.cache_prompt, bool):
             raise TypeError(f"cache_prompt must be True or False, got {self.cache_prompt!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
+            if isinstance(self.stop, (bytes, bytearray, Mapping)):
+                raise TypeError(f"stop must be a string or a list of strings, not {type(self.stop).__name__}")
             self.stop = list(self.stop)
-            for s in self.stop:
-                if not isinstance(s, str) or not s:
-                    raise ValueError(f"stop must be non-empty strings, got {s!r}")
+            _check_strings("stop", self.stop)
+        if isinstance(self.stop_tokens, (str, bytes)):
+            raise TypeError("stop_tokens must be a list of token ids (ints), not a string")
+        for tok in self.stop_tokens or ():
+            if not isinstance(tok, numbers.Integral) or isinstance(tok, bool):
+                raise TypeError(f"stop_tokens must be token ids (int), got {tok!r}")
+            if not 0 <= tok <= INT32_MAX:
+                raise InvalidTokenError(f"stop_tokens holds {tok}, which is not a token id (0 .. {INT32_MAX})")
         if self.logit_bias is not None:
-            for tok, bias in dict(self.logit_bias).items():
+            if not isinstance(self.logit_bias, Mapping):
+                raise TypeError(f"logit_bias must be a dict {{token id: bias}}, not {type(self.logit_bias).__name__}")
+            for tok, bias in self.logit_bias.items():
                 if not isinstance(tok, int) or isinstance(tok, bool):
                     raise TypeError(f"logit_bias keys must be token ids (int), got {tok!r}")
+                if not 0 <= tok <= INT32_MAX:
+                    raise InvalidTokenError(f"logit_bias key {tok} is not a token id (0 .. {INT32_MAX}; the model's "
+                                     "vocabulary is checked when the sampler is built)")
+                if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+                    raise TypeError(f"logit_bias[{tok}] must be a number, got {bias!r}")
                 b = float(bias)
-                if math.isnan(b) or b == math.inf:
-                    raise ValueError(f"logit_bias[{tok}] must be finite or -inf, got {bias!r}")
+                if b != -math.inf and not (math.isfinite(b) and abs(b) <= MAX_LOGIT_BIAS):
+                    raise ValueError(f"logit_bias[{tok}] must be a finite number within +-{MAX_LOGIT_BIAS:g} "
+                                     f"or -inf (ban the token), got {bias!r}")
         given = [n for n in ("grammar", "grammar_path", "json_schema") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of grammar, grammar_path, json_schema (got {', '.join(given)})")
@@ -216,9 +260,32 @@ def _int_at_least(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def _int32(name: str, value: int) -> None:
+    """ValueError unless `value` fits the C int llama.cpp takes it as."""
+    if value > INT32_MAX:
+        raise ValueError(f"{name} is {value}, above the limit {INT32_MAX} (2**31 - 1)")
+
+
+def _check_strings(name: str, values: Sequence[Any]) -> None:
+    """Non-empty strings, at most MAX_STOP_STRINGS of them and MAX_STOP_CHARS characters together."""
+    if len(values) > MAX_STOP_STRINGS:
+        raise ValueError(f"{name} has {len(values)} strings; the limit is {MAX_STOP_STRINGS}")
+    total = 0
+    for v in values:
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"{name} must be non-empty strings, got {v!r:.80}")
+        total += len(v)
+    if total > MAX_STOP_CHARS:
+        raise ValueError(f"{name} has {total} characters together; the limit is {MAX_STOP_CHARS}")
+
+
 def _number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    # Every float setting is a C float (float32) in llama.cpp: larger values become inf there.
+    if isinstance(value, int) and abs(value) > FLOAT32_MAX or isinstance(value, float) and math.isfinite(value) \
+            and abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name} is {value!r}, beyond the float32 range llama.cpp uses (+-{FLOAT32_MAX:.4g})")
 
 
 # The range rules themselves live in _core, next to the sampler stages that rely on them.

@@ -8,6 +8,13 @@ is stepping, and each step advances every runnable request of every caller in on
 Async callers (and the server) have no thread of their own that could step, so a
 *driver* thread steps for them; it is started on first use and sleeps when idle.
 
+Exactly once: the scheduler keeps the requests it accepted (a submit that raises accepted
+nothing) and forgets each when it is done, so the driver steps exactly while a driven request
+is alive, with no count for callers to keep right.  Listeners run only in the thread that
+holds the stepper role, before it gives the role up (a step's events, cancellations collected
+between steps, reset and close alike), so each request hears of its pieces once and in order
+whichever thread steps; a listener that raises ends its own request with the exception.
+
 Nothing here runs per token except: one step call, and for requests with a listener
 (async streams, the server) one listener call.  Callbacks of synchronous callers run
 in the caller's own thread, never in whoever happens to be the stepper.
@@ -15,6 +22,7 @@ in the caller's own thread, never in whoever happens to be the stepper.
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Optional
@@ -22,9 +30,19 @@ from typing import Callable, Iterable, Iterator, Optional
 from pyllama import _core
 from pyllama.errors import ClosedError
 
+logger = logging.getLogger("pyllama")
+
 
 class Scheduler:
-    """Elects one stepper at a time for an Engine shared by threads and coroutines."""
+    """Elects one stepper at a time for an Engine shared by threads and coroutines.
+
+    The contract (docs: DESIGN.md "Exactly once"): every request accepted by :meth:`submit`
+    gets exactly one terminal outcome (its result, or an exception) within one step of its
+    cancellation, its group's failure, ``reset()`` or ``close()``; listeners run only in the
+    thread that holds the stepper role, before it gives the role up, so the pieces of a
+    request reach its listener once and in order whichever thread steps; a listener that
+    raises ends only its own request (with that exception).
+    """
 
     def __init__(self, engine: "_core.Engine") -> None:
         self.engine = engine
@@ -32,8 +50,15 @@ class Scheduler:
         self._cond = threading.Condition(threading.RLock())
         self._closed = False
         self._driver: Optional[threading.Thread] = None
-        self._n_driven = 0            # requests whose owners rely on the driver thread
-        self._cancel_pending = False  # a cancel arrived while a step was running
+        # Accepted requests (leaders and followers) not yet seen finished, and the subset whose
+        # owners cannot step (async callers, the server) so that the driver thread steps for
+        # them.  The scheduler adds them when the engine accepted them and drops them when they
+        # are done: no caller keeps a count.
+        self._live: set = set()
+        self._driven: set = set()
+        self._cancel_pending = False  # a cancel arrived while the role was held
+        self._cancel_soon = False     # cancel_soon() flagged requests without taking the lock
+        self._exclusive_waiters = 0   # threads waiting in exclusive(): steppers let them go first
         # The thread that holds the stepper role (steps, or works exclusively); None: free.
         self._stepper_ident: Optional[int] = None
         self._local = threading.local()     # .dispatching: this thread runs listeners now
@@ -42,41 +67,46 @@ class Scheduler:
 
     def submit(self, request: "_core.GenerationRequest", *, driven: bool = False) -> None:
         """Hand a request to the engine (it joins at the next step).  `driven`: its owner
-        cannot step (async, server), so the driver thread will."""
+        cannot step (async, server), so the driver thread will.  A submit that raises
+        accepted nothing."""
         with self._cond:
             if self._closed:
                 raise ClosedError("this LLM is closed")
             self.engine.submit(request)
-            if driven:
-                self._n_driven += 1 + len(request.followers)
+            group = [r for r in (request, *request.followers) if not r.done]
+            self._live.update(group)
+            if driven and group:
+                self._driven.update(group)
                 self._ensure_driver()
             self._cond.notify_all()
 
-    def driven_done(self, n: int = 1) -> None:
-        with self._cond:
-            self._n_driven = max(0, self._n_driven - n)
-
     def cancel(self, requests: Iterable["_core.GenerationRequest"]) -> None:
-        """Cancel from any thread.  Their slots are freed now when no step is running,
-        else by the running step (within one decode)."""
+        """Cancel from any thread.  Their slots are freed and their listeners told now when
+        no step is running, else by the running step's thread right after it (one decode)."""
         with self._cond:
             for r in requests:
                 if not r.done:
                     r.cancel_requested = True
-            events = []
-            if self._stepping:
-                self._cancel_pending = True      # the stepper frees them right after its step
-            elif not self._closed:
-                events = self.engine.collect_cancelled()
             self._cond.notify_all()
-        self._dispatch(events)
+            if self._stepping:
+                # The role holder (perhaps this very thread, inside a listener) collects them
+                # before it gives the role up.
+                self._cancel_pending = True
+                return
+            self._take_stepper()
+        try:
+            self._collect_and_dispatch()
+        finally:
+            self._release_role()
 
     def cancel_soon(self, requests: Iterable["_core.GenerationRequest"]) -> None:
         """Cancel without taking any lock (for __del__, which the garbage collector may run
-        inside this very scheduler's critical sections): the next step frees the slots."""
+        inside this very scheduler's critical sections): the next step, or the driver thread
+        within half a second, frees the slots."""
         for r in requests:
             if not r.done:
                 r.cancel_requested = True
+        self._cancel_soon = True
         if self._cond.acquire(blocking=False):
             try:
                 self._cond.notify_all()
@@ -98,7 +128,14 @@ class Scheduler:
     def closed(self) -> bool:
         return self._closed
 
-    # ---- stepping -----------------------------------------------------------------
+    @property
+    def n_live(self) -> int:
+        """Accepted requests not yet seen finished (for tests and metrics)."""
+        with self._cond:
+            self._forget_done(self._live)
+            return len(self._live)
+
+    # ---- the stepper role -----------------------------------------------------------
 
     @property
     def _stepping(self) -> bool:
@@ -108,27 +145,99 @@ class Scheduler:
         """Become the stepper (call with the condition held, after checking _stepping)."""
         self._stepper_ident = threading.get_ident()
 
-    def _release_stepper(self) -> None:
-        """Give the stepper role up and wake the waiters (call with the condition held)."""
-        self._stepper_ident = None
-        self._cond.notify_all()
+    def _release_role(self) -> None:
+        """Give the stepper role up: first collect (and dispatch) the cancellations that
+        arrived while it was held, then wake the waiters."""
+        try:
+            while True:
+                with self._cond:
+                    if not self._cancel_pending or self._closed:
+                        self._cancel_pending = False
+                        break
+                    self._cancel_pending = False
+                self._collect_and_dispatch()
+        finally:
+            with self._cond:
+                if self._stepper_ident != -1:   # -1: closed for good
+                    self._stepper_ident = None
+                self._cond.notify_all()
 
     def in_step(self) -> bool:
         """Is the calling thread the stepper right now (e.g. inside a listener)?"""
         return self._stepper_ident == threading.get_ident() or getattr(self._local, "dispatching", False)
 
+    def _collect_and_dispatch(self) -> None:
+        """Finish the requests flagged for cancellation and tell their listeners (role held)."""
+        self._cancel_soon = False
+        if not self._closed:
+            self._dispatch(self.engine.collect_cancelled())
+
     def _dispatch(self, events: list) -> None:
-        """Run the listeners of the requests in `events` (this thread, no lock held)."""
+        """Run the listeners of the requests in `events`, in order (called by the role holder,
+        no lock held), and forget the requests that are done.  A listener that raises ends its
+        own request with the exception; the others are still told."""
         if not events:
             return
+        failed = []
         self._local.dispatching = True
         try:
             for request, _text, _reason in events:
                 listener = request.listener
                 if listener is not None:
-                    listener(request)
+                    try:
+                        listener(request)
+                    except Exception as exc:   # noqa: BLE001 - it belongs to that request alone
+                        failed.append((request, exc))
         finally:
             self._local.dispatching = False
+        if failed:
+            self._fail_listeners(failed)
+        with self._cond:
+            for request, _text, _reason in events:
+                if request.done:
+                    self._forget(request)
+
+    def _fail_listeners(self, failed: list) -> None:
+        """End each request whose listener raised with that exception, and tell the listener
+        once more (its owner may learn the outcome only that way); a second failure is logged."""
+        for request, exc in failed:
+            if request.error is None:
+                request.error = exc
+            request.cancel_requested = True
+        events = [] if self._closed else self.engine.collect_cancelled()
+        told = {id(r) for r, _e in failed}
+        again = [(r, "", r.finish_reason) for r, _e in failed]
+        again += [e for e in events if id(e[0]) not in told]
+        self._local.dispatching = True
+        try:
+            for request, _text, _reason in again:
+                listener = request.listener
+                if listener is not None:
+                    try:
+                        listener(request)
+                    except Exception:   # noqa: BLE001
+                        logger.exception("a listener of %r failed again after its request ended", request)
+        finally:
+            self._local.dispatching = False
+        with self._cond:
+            for request, _text, _reason in again:
+                if request.done:
+                    self._forget(request)
+
+    def _forget(self, request: "_core.GenerationRequest") -> None:
+        self._live.discard(request)
+        self._driven.discard(request)
+        for f in request.followers:      # a group that ended together may report only its leader
+            if f.done:
+                self._live.discard(f)
+                self._driven.discard(f)
+
+    @staticmethod
+    def _forget_done(requests: set) -> None:
+        done = [r for r in requests if r.done]
+        requests.difference_update(done)
+
+    # ---- stepping -----------------------------------------------------------------
 
     def drive(self, until: Callable[[], bool], on_progress: Optional[Callable[[], None]] = None) -> None:
         """Step the engine (or wait while another caller steps it) until ``until()``.
@@ -147,7 +256,7 @@ class Scheduler:
                     return
                 if self._closed:
                     raise ClosedError("this LLM was closed while the call was running")
-                if self._stepping or not self.engine.runnable:
+                if self._stepping or self._exclusive_waiters or not self.engine.runnable:
                     # Someone else steps (we are woken after their step), or nothing can run
                     # yet (woken by a submit, an unpause or a cancel); the timeout is a backstop.
                     cond.wait(0.25)
@@ -156,22 +265,22 @@ class Scheduler:
             self._step_once()
 
     def _step_once(self) -> None:
+        """One step by the role holder; its events are dispatched before the role is given
+        up, so that no other thread's step can overtake them."""
         engine = self.engine
         events: list = []
         decoded_before = engine.n_decode_total
         try:
-            events = engine.step()
-        except _core.DecodeAborted as exc:
-            if self._closed:   # close() stopped the decode in progress
-                raise ClosedError("this LLM was closed while the call was running") from exc
-            raise
+            try:
+                engine.step(events)   # the events produced before an exception stay in the list
+            except _core.DecodeAborted as exc:
+                if self._closed:   # close() stopped the decode in progress
+                    raise ClosedError("this LLM was closed while the call was running") from exc
+                raise
+            finally:
+                self._dispatch(events)
         finally:
-            with self._cond:
-                if self._cancel_pending:
-                    self._cancel_pending = False
-                    events = list(events) + engine.collect_cancelled()
-                self._release_stepper()
-        self._dispatch(events)
+            self._release_role()
         if not events and engine.n_decode_total == decoded_before:
             # Nothing could run (every slot held by a request that cannot be preempted yet):
             # do not spin.
@@ -181,16 +290,49 @@ class Scheduler:
     @contextmanager
     def exclusive(self, timeout: Optional[float] = None) -> Iterator[None]:
         """Hold the stepper role (no step runs) for work that must not interleave with one:
-        re-creating the context, sharing a prefix, resetting, closing."""
+        re-creating the context, sharing a prefix, resetting.  Raises ClosedError once the
+        scheduler is closed."""
         with self._cond:
-            if not self._cond.wait_for(lambda: not self._stepping, timeout):
-                raise TimeoutError("the engine stayed busy")
+            # Steppers stand back while someone waits here: a driver that re-takes the role
+            # right after each step would otherwise starve reset() until every request ended.
+            self._exclusive_waiters += 1
+            try:
+                if not self._cond.wait_for(lambda: self._closed or not self._stepping, timeout):
+                    raise TimeoutError("the engine stayed busy")
+            finally:
+                self._exclusive_waiters -= 1
+            if self._closed:
+                raise ClosedError("this LLM is closed")
             self._take_stepper()
         try:
             yield
         finally:
-            with self._cond:
-                self._release_stepper()
+            self._release_role()
+
+    def end_all(self, error: Optional[BaseException] = None) -> list:
+        """End every accepted request now (``reset()``, ``close()``; call holding the role or
+        after :meth:`close`): the engine forgets them, each that has no error yet gets `error`
+        (None: it ends "cancelled"), and every listener is told.  Returns the requests."""
+        engine = self.engine
+        with self._cond:
+            pending = list(self._live)
+            self._live.clear()
+            self._driven.clear()
+            self._cancel_pending = False
+        seen = {id(r) for r in pending}
+        for r in engine.requests():
+            if id(r) not in seen:
+                pending.append(r)
+        engine.reset()
+        for r in pending:
+            if not r.done:      # one the engine no longer listed (a follower of a queued leader)
+                engine.cancel(r)
+        if error is not None:
+            for r in pending:
+                if r.error is None:
+                    r.error = error
+        self._dispatch([(r, "", r.finish_reason) for r in pending])
+        return pending
 
     # ---- the driver thread (async callers, the server) -------------------------------
 
@@ -199,29 +341,59 @@ class Scheduler:
             self._driver = threading.Thread(target=self._drive_forever, name="pyllama-scheduler", daemon=True)
             self._driver.start()
 
+    def _driver_work(self) -> Optional[str]:
+        """What the driver should do now ("step", "collect") or None (condition held)."""
+        if self._stepping or self._exclusive_waiters:
+            return None
+        if self._driven and self.engine.runnable:
+            return "step"
+        if self._cancel_soon:
+            return "collect"
+        if self._driven and not self.engine.runnable:
+            self._forget_done(self._driven)   # idle: drop any that ended without an event
+        return None
+
     def _drive_forever(self) -> None:
         cond = self._cond
         while True:
             with cond:
-                while not self._closed and (self._n_driven == 0 or self._stepping or not self.engine.runnable):
-                    cond.wait(0.5 if self._n_driven else None)
+                while True:
+                    if self._closed:
+                        return
+                    work = self._driver_work()
+                    if work is not None:
+                        break
+                    # With requests alive, poll now and then: a __del__ may have flagged a
+                    # cancellation without being able to take the lock to wake us.
+                    cond.wait(0.5 if (self._driven or self._live) else None)
+                self._take_stepper()
+                in_step = list(self._driven)   # the requests a failing step takes down
+            try:
+                if work == "step":
+                    self._step_once()
+                else:
+                    try:
+                        self._collect_and_dispatch()
+                    finally:
+                        self._release_role()
+            except BaseException as exc:   # noqa: BLE001 - the owners of the requests hear about it
                 if self._closed:
                     return
-                self._take_stepper()
-            try:
-                self._step_once()
-            except BaseException as exc:   # noqa: BLE001 - the owners of the requests hear about it
-                self._fail_driven(exc)
+                self._fail_driven(exc, in_step)
 
-    def _fail_driven(self, exc: BaseException) -> None:
-        """A step failed in the driver thread (an abort by close(), an error of the
-        context): end the requests that were running, so their owners raise."""
+    def _fail_driven(self, exc: BaseException, requests: list) -> None:
+        """A step failed in the driver thread (an error of the context): end the driven
+        `requests` that were in it (not those submitted since), so that their owners raise."""
+        err = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+        logger.error("a step of the engine failed in the driver thread: %r", exc)
         with self._cond:
-            for r in self.engine.requests():
-                if not r.done and r.listener is not None:
-                    r.error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
-                    r.cancel_requested = True
-            self._cond.notify_all()
+            requests = [r for r in requests if not r.done]
+            for r in requests:
+                if r.error is None:
+                    r.error = err
+            if not requests:
+                return
+        self.cancel(requests)
 
     def begin_close(self) -> None:
         """Refuse new work from now on (before the decode in progress is aborted, so that
@@ -232,11 +404,12 @@ class Scheduler:
 
     def close(self, timeout: float = 10.0) -> bool:
         """Stop the driver and refuse new work.  Returns False if a step did not finish
-        within `timeout` (the caller then must not free the context)."""
+        within `timeout` (the caller then must not free the context); else nobody steps
+        again and the caller ends the remaining requests with :meth:`end_all`."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            ok = self._cond.wait_for(lambda: not self._stepping, timeout)
+            ok = self._cond.wait_for(lambda: not self._stepping or self._stepper_ident == -1, timeout)
             if ok:
                 self._stepper_ident = -1   # nobody steps a closed scheduler again
         driver = self._driver

@@ -57,6 +57,8 @@ __all__ = [
     "make_tool_call",
     "new_call_id",
     "chat_with_tools",
+    "plan_tool_chat",
+    "ToolPlan",
 ]
 
 #: The system prompt that shows tools to a model whose chat template does not use ``tools``
@@ -144,6 +146,7 @@ def validate_tools(tools: Any) -> List[Dict[str, Any]]:
         if not isinstance(required, Sequence) or isinstance(required, str) or \
                 not all(isinstance(r, str) for r in required):
             raise TypeError(f"{where}: 'parameters.required' must be a list of property names")
+        _check_nesting(dict(params), f"{where}: 'parameters'")
         try:
             json.dumps(params)
         except (TypeError, ValueError) as exc:
@@ -153,6 +156,15 @@ def validate_tools(tools: Any) -> List[Dict[str, Any]]:
         new_fn["parameters"] = copy.deepcopy(dict(params))
         out.append({"type": "function", "function": new_fn})
     return out
+
+
+def _check_nesting(value: Any, what: str) -> None:
+    """ValueError when `value` nests deeper than pyllama's JSON limit (copying, dumping or
+    converting it would recurse past Python's limit)."""
+    from pyllama.grammar._text import MAX_JSON_NESTING, json_nesting
+
+    if json_nesting(value) > MAX_JSON_NESTING:
+        raise ValueError(f"{what} nests objects/arrays more than {MAX_JSON_NESTING} levels deep (pyllama's limit)")
 
 
 def _names(tools: Sequence[Mapping[str, Any]]) -> List[str]:
@@ -251,11 +263,21 @@ def _call_from(obj: Any, names: Sequence[str]) -> Optional[Tuple[str, Dict[str, 
     if isinstance(args, str):
         try:
             args = json.loads(args) if args.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if args is None:
         args = {}
-    return (name, args) if isinstance(args, dict) else None
+    if not isinstance(args, dict):
+        return None
+    from pyllama.grammar._text import MAX_JSON_NESTING, json_nesting
+
+    if json_nesting(args) > MAX_JSON_NESTING:
+        return None   # could not be written back as JSON (and no tool schema nests this deep)
+    try:
+        json.dumps(args, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return None   # a lone surrogate (a "\\ud800" escape): not text any client could receive
+    return name, args
 
 
 def _calls_from(value: Any, names: Sequence[str]) -> Optional[List[Tuple[str, Dict[str, Any]]]]:
@@ -274,22 +296,56 @@ _FENCE_RE = re.compile(r"^```[A-Za-z]*\s*(.*?)\s*```$", re.S)
 
 
 def _loads_lenient(text: str) -> Any:
-    """JSON from `text` (whitespace and a ``` fence allowed around it); raises ValueError."""
+    """JSON from `text` (whitespace and a ``` fence allowed around it); raises ValueError
+    (also for JSON nested too deeply for Python's parser)."""
     s = text.strip()
     m = _FENCE_RE.match(s)
     if m:
         s = m.group(1)
-    return json.loads(s)
+    try:
+        return json.loads(s)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _decode_at(text: str, pos: int) -> Tuple[Any, int]:
-    """The JSON value starting at text[pos] (after whitespace) and where it ends; ValueError."""
+    """The JSON value starting at text[pos] (after whitespace) and where it ends; ValueError
+    (also for JSON nested too deeply for Python's parser)."""
     while pos < len(text) and text[pos].isspace():
         pos += 1
-    return _DECODER.raw_decode(text, pos)
+    try:
+        return _DECODER.raw_decode(text, pos)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
-_HERMES_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
+_HERMES_OPEN = "<tool_call>"
+_HERMES_CLOSE = "</tool_call>"
+_FENCE_OPEN_RE = re.compile(r"\s*```[A-Za-z]*")
+_FENCE_CLOSE_RE = re.compile(r"\s*```")
+_SPACE_RE = re.compile(r"\s*")
+
+
+def _hermes_block(text: str, pos: int) -> Tuple[Any, int]:
+    """The JSON value of a ``<tool_call>`` block whose tag ends at `pos`, and where the block
+    ends (after ``</tool_call>``, or at the end of a text cut off after the JSON).  The JSON
+    is decoded from its start, so a ``</tool_call>`` inside an argument string is just text.
+    ValueError when the block holds anything but one JSON value (a ``` fence allowed)."""
+    fence = _FENCE_OPEN_RE.match(text, pos)
+    if fence:
+        pos = fence.end()
+    value, pos = _decode_at(text, pos)
+    if fence:
+        close = _FENCE_CLOSE_RE.match(text, pos)
+        if not close:
+            raise ValueError("unclosed ``` fence in a <tool_call> block")
+        pos = close.end()
+    pos = _SPACE_RE.match(text, pos).end()
+    if text.startswith(_HERMES_CLOSE, pos):
+        return value, pos + len(_HERMES_CLOSE)
+    if pos == len(text):
+        return value, pos
+    raise ValueError("text after the JSON of a <tool_call> block")
 _MISTRAL_RE = re.compile(r"\[TOOL_CALLS\]")
 _PYTHON_TAG_RE = re.compile(r"<\|python_tag\|>")
 _INLINE_RE = re.compile(r"\[\s*\{\s*\"name\"\s*:|\{\s*\"(?:name|type|function)\"\s*:")
@@ -306,6 +362,11 @@ def parse_tool_calls(text: str, tools: Sequence[Any]) -> ParsedToolCalls:
     calls that name one of `tools` (tool dicts or names) count, and their arguments must be a JSON
     object (or a string holding one).  Returns the text outside the calls (stripped; None when
     empty) and the calls, OpenAI-shaped with fresh ids.
+
+    Never raises on model output and never drops text: output with no call (JSON nested too
+    deeply for Python's parser included) comes back whole as content.  A ``<tool_call>``
+    block's JSON is decoded from its start, so ``</tool_call>`` inside an argument string
+    does not end the block.
     """
     names = [t if isinstance(t, str) else t["function"]["name"] for t in tools]
     spans: List[Tuple[int, int]] = []
@@ -318,11 +379,14 @@ def parse_tool_calls(text: str, tools: Sequence[Any]) -> ParsedToolCalls:
         found.extend((start, n, a) for n, a in calls)
         return True
 
-    for m in _HERMES_RE.finditer(text):
+    start = text.find(_HERMES_OPEN)
+    while start >= 0:
         try:
-            take(m.start(), m.end(), _calls_from(_loads_lenient(m.group(1)), names))
+            value, end = _hermes_block(text, start + len(_HERMES_OPEN))
+            take(start, end, _calls_from(value, names))
         except ValueError:
             pass
+        start = text.find(_HERMES_OPEN, start + 1)
     for regex in (_MISTRAL_RE, _PYTHON_TAG_RE):
         for m in regex.finditer(text):
             pos, calls = m.end(), []
@@ -485,7 +549,7 @@ def _arguments_dict(arguments: Any, where: str) -> Any:
     if isinstance(arguments, str):
         try:
             value = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):   # too deep to decode: keep it as text
             return arguments
         return value
     if isinstance(arguments, Mapping):
@@ -511,6 +575,7 @@ def _normalise_history(messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, 
         if not isinstance(msg, Mapping):
             raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', not {type(msg).__name__}")
         m = dict(msg)
+        _check_nesting(m, f"messages[{i}]")
         role = m.get("role")
         if role == "assistant" and m.get("tool_calls"):
             calls = m["tool_calls"]
@@ -671,25 +736,66 @@ def render_tool_prompt(llm: Any, messages: Sequence[Mapping[str, Any]], tools: S
 # ---------------------------------------------------------------------------------- grammars
 
 
+# Keywords whose values are JSON data, not schemas: a {"$ref": ...} inside them is data.
+_DATA_KEYWORDS = frozenset(("const", "enum", "default", "examples", "example"))
+
+
+def _rewrite_refs(schema: Any, home: str) -> bool:
+    """Point the local ``$ref`` s of `schema` (a tool's parameters, changed in place) at
+    `home`, the JSON pointer where the wrapper keeps a copy of it: ``#/$defs/Item`` becomes
+    ``<home>/$defs/Item``, ``#`` becomes `home`.  True when there was one.  Iterative: the
+    schema's depth was checked, but this must not recurse on it either."""
+    found = False
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        ref = node.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            node["$ref"] = home + ref[1:]
+            found = True
+        stack.extend(v for k, v in node.items() if k not in _DATA_KEYWORDS)
+    return found
+
+
 def _parameters_schema(fn: Mapping[str, Any], defs: Dict[str, Any]) -> Dict[str, Any]:
+    """The schema of one tool's arguments inside the call wrapper of :func:`tool_call_schema`.
+
+    Its ``$ref`` s are written for the tool's own schema (``#`` is the parameters object), so
+    they are rewritten to point at a copy of that schema kept under the wrapper's ``$defs``
+    (one entry per tool, named after it): refs resolve exactly as in the tool's schema, and
+    two tools' same-named ``$defs`` (or ``definitions``) stay apart."""
+    name = str(fn["name"])
     params = copy.deepcopy(dict(fn.get("parameters") or {"type": "object", "properties": {}}))
-    for key in ("$defs", "definitions"):
-        if key in params:
-            defs.update(params.pop(key))
-            if key == "definitions":
-                params = json.loads(json.dumps(params).replace('"#/definitions/', '"#/$defs/'))
     params.pop("title", None)
     params.setdefault("type", "object")
+    key = name if _NAME_RE.match(name) else f"tool-{len(defs)}"
+    while key in defs:
+        key += "-"
+    if _rewrite_refs(params, f"#/$defs/{key}"):
+        defs[key] = copy.deepcopy(params)   # what the refs resolve in
+        # The copy above carries the tool's $defs; the arguments themselves need not.
+        for defs_key in ("$defs", "definitions"):
+            params.pop(defs_key, None)
     return params
 
 
 def tool_call_schema(tools: Sequence[Mapping[str, Any]], *, arguments_key: str = "arguments") -> Dict[str, Any]:
     """JSON schema of one call of one of `tools`: ``{"name": <const>, <arguments_key>: <the
-    tool's parameters>}`` (``arguments_key`` is ``"parameters"`` for Llama 3.x)."""
+    tool's parameters>}`` (``arguments_key`` is ``"parameters"`` for Llama 3.x).
+
+    A tool's ``$ref`` s keep their meaning: each tool's parameters are kept whole under the
+    wrapper's ``$defs`` (named after the tool) and its refs point there, so ``#`` and
+    ``#/$defs/X`` resolve in the tool's own schema, never in the wrapper or another tool."""
     defs: Dict[str, Any] = {}
     options = []
     for tool in tools:
         fn = tool["function"] if "function" in tool else tool
+        _check_nesting(fn.get("parameters"), f"the parameters of tool {fn.get('name')!r}")
         options.append({"type": "object",
                         "properties": {"name": {"const": fn["name"]}, arguments_key: _parameters_schema(fn, defs)},
                         "required": ["name", arguments_key]})
@@ -784,23 +890,43 @@ class ToolStream:
         self._pending = []
 
 
-def chat_with_tools(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: Any, tool_choice: Any = "auto",
-                    stream: bool = False, **kwargs: Any) -> Any:
-    """Answer a conversation with tools available; returns a :class:`pyllama.llm.Completion`
-    (a list of them when ``n > 1``) with ``tool_calls`` (OpenAI-shaped list, or None),
-    ``content`` (the text outside tool calls, or None) and ``finish_reason == "tool_calls"``
-    when calls were made.
+class ToolPlan:
+    """Tool calling as a plan: the prompt to complete, the options to complete it with
+    (tokenization, sampling overrides with the grammar of a forced call, ``n``, logprobs,
+    ``max_tokens`` ...) and :meth:`finish`, the parser that turns the finished Completion(s)
+    into ``tool_calls``/``content``.  The LLM runs it as any other request (sync or async,
+    batched with every other caller, cancellable): see :func:`plan_tool_chat`.
 
-    ``tool_choice``: ``"auto"`` (default; the model decides, calls are parsed from its text),
-    ``"required"`` (a call of one of the tools, forced by a grammar), a tool's name or
-    ``{"type": "function", "function": {"name": ...}}`` (a call of that tool, forced), or
-    ``"none"`` (no tools shown; plain chat).  A forced call is exactly one call.
-    ``allow_special_in_messages`` is passed on to ``llm.chat_tokens`` (message text that spells
-    a control token stays text unless it is True).
-    ``stream=True``: the answer is generated whole, then the returned :class:`ToolStream`
-    yields its content once.  Other keyword arguments go to ``llm.complete`` (sampling,
-    ``max_tokens``, ``n``, ...); a grammar of your own only combines with ``"auto"``.
+    ``tools is None`` means ``tool_choice="none"``: a plain chat of :attr:`messages` (the
+    history prepared for the template) with :attr:`options`, nothing to parse.
     """
+
+    __slots__ = ("prompt", "options", "tools", "stream", "messages")
+
+    def __init__(self, prompt: Any, options: Dict[str, Any], tools: Optional[List[Dict[str, Any]]],
+                 stream: bool = False, messages: Optional[List[Dict[str, Any]]] = None) -> None:
+        self.prompt = prompt
+        self.options = options
+        self.tools = tools
+        self.stream = stream
+        self.messages = messages
+
+    def finish(self, result: Any) -> Any:
+        """The Completion (list of them when n > 1) with tool_calls, content and finish_reason
+        set; a :class:`ToolStream` over it when the plan was made with ``stream=True``."""
+        if self.tools is None:
+            return result
+        if isinstance(result, list):
+            return [_finish(c, self.tools) for c in result]
+        comp = _finish(result, self.tools)
+        return ToolStream(comp) if self.stream else comp
+
+
+def plan_tool_chat(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: Any, tool_choice: Any = "auto",
+                   stream: bool = False, **kwargs: Any) -> ToolPlan:
+    """Validate a conversation with tools and make the :class:`ToolPlan` that answers it
+    (arguments as :func:`chat_with_tools`).  Nothing is generated here; bad input raises
+    before any work."""
     tools = validate_tools(tools)
     choice = normalize_tool_choice(tool_choice, tools)
     kwargs = dict(kwargs)
@@ -823,7 +949,7 @@ def chat_with_tools(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: A
             kwargs["allow_special_in_messages"] = True
         if not allow_files:
             kwargs["allow_files"] = False
-        return llm.chat(msgs, stream=stream, **kwargs)
+        return ToolPlan(None, kwargs, None, stream, msgs)
     forced = _forced_tools(tools, choice)
     if forced is not None:
         given = [k for k in _GRAMMAR_KEYS if kwargs.get(k) is not None]
@@ -835,8 +961,27 @@ def chat_with_tools(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: A
         kwargs["grammar"] = tool_call_grammar(forced, fmt.style)
     msgs, shown = prepare_messages(llm, messages, tools, choice, fmt)
     prompt, how = _prompt_for(llm, msgs, shown, allow_special, allow_files)
-    result = llm.complete(prompt, **how, **kwargs)
-    if isinstance(result, list):
-        return [_finish(c, tools) for c in result]
-    comp = _finish(result, tools)
-    return ToolStream(comp) if stream else comp
+    return ToolPlan(prompt, {**how, **kwargs}, tools, stream)
+
+
+def chat_with_tools(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: Any, tool_choice: Any = "auto",
+                    stream: bool = False, **kwargs: Any) -> Any:
+    """Answer a conversation with tools available; returns a :class:`pyllama.llm.Completion`
+    (a list of them when ``n > 1``) with ``tool_calls`` (OpenAI-shaped list, or None),
+    ``content`` (the text outside tool calls, or None) and ``finish_reason == "tool_calls"``
+    when calls were made.
+
+    ``tool_choice``: ``"auto"`` (default; the model decides, calls are parsed from its text),
+    ``"required"`` (a call of one of the tools, forced by a grammar), a tool's name or
+    ``{"type": "function", "function": {"name": ...}}`` (a call of that tool, forced), or
+    ``"none"`` (no tools shown; plain chat).  A forced call is exactly one call.
+    ``allow_special_in_messages`` is passed on to ``llm.chat_tokens`` (message text that spells
+    a control token stays text unless it is True).
+    ``stream=True``: the answer is generated whole, then the returned :class:`ToolStream`
+    yields its content once.  Other keyword arguments go to ``llm.complete`` (sampling,
+    ``max_tokens``, ``n``, ...); a grammar of your own only combines with ``"auto"``.
+    """
+    plan = plan_tool_chat(llm, messages, tools=tools, tool_choice=tool_choice, stream=stream, **kwargs)
+    if plan.tools is None:   # tool_choice "none": a plain chat (streamed live when asked)
+        return llm.chat(plan.messages, stream=stream, **plan.options)
+    return plan.finish(llm.complete(plan.prompt, **plan.options))

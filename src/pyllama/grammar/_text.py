@@ -16,6 +16,33 @@ WHITESPACE_RULE = 'ws ::= | " " | "\\n" [ \\t]{0,20}'
 
 _HEX = frozenset("0123456789abcdefABCDEF")
 
+#: How deeply JSON values given to pyllama as schemas, tool definitions or tool-call
+#: arguments may nest (objects and arrays inside each other).  Deeper values would drive
+#: Python's recursion (json, copy, the converters) into RecursionError; they are refused with
+#: a ValueError instead.  A JSON schema nested as deeply as the converter allows
+#: (:data:`pyllama.grammar.json_schema.MAX_SCHEMA_DEPTH` levels of properties) stays within it.
+MAX_JSON_NESTING = 200
+
+
+def json_nesting(value: object, limit: int = MAX_JSON_NESTING) -> int:
+    """How deeply `value`'s dicts, lists and tuples nest (a scalar: 0), counted without
+    recursion; the walk stops as soon as the depth passes `limit` and returns limit + 1."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            children = v.values()
+        elif isinstance(v, (list, tuple)):
+            children = v
+        else:
+            continue
+        if depth > limit:
+            return limit + 1
+        deepest = max(deepest, depth)
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list, tuple)))
+    return deepest
+
 
 def _gbnf_literal(text: str) -> str:
     """A GBNF string literal matching exactly `text`."""

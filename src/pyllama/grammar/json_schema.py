@@ -19,11 +19,11 @@ from urllib.parse import unquote
 from pyllama._gbnf_check import MAX_REPETITION as _MAX_REPETITION
 from pyllama._gbnf_check import precheck_gbnf
 from pyllama.errors import GrammarError, JSONSchemaError
-from pyllama.grammar._text import (WHITESPACE_RULE, _JSON_UNSAFE, _gbnf_class, _gbnf_literal, _normalize,
-                                   _quantifier, _schema_error)
+from pyllama.grammar._text import (MAX_JSON_NESTING, WHITESPACE_RULE, _JSON_UNSAFE, _gbnf_class, _gbnf_literal,
+                                   _normalize, _quantifier, _schema_error, json_nesting)
 from pyllama.grammar.regex import regex_to_gbnf
 
-__all__ = ["json_schema_to_gbnf", "json_schema_cache_clear"]
+__all__ = ["json_schema_to_gbnf", "json_schema_cache_clear", "MAX_SCHEMA_DEPTH"]
 
 # Keywords with no effect on the generated text.
 _ANNOTATIONS = frozenset({
@@ -77,7 +77,13 @@ _PRIMITIVES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
 }
 
 _RULE_NAME_RE = re.compile(r"^[a-zA-Z0-9-]+$")
-_MAX_SCHEMA_DEPTH = 200
+#: How deeply a schema's subschemas may nest (properties, items, anyOf branches ..., each
+#: ``$ref`` and ``allOf`` expansion counting as a level).  The converter walks the schema
+#: recursively: the limit keeps that walk far from Python's recursion limit, so a deeper
+#: schema is a JSONSchemaError (a ValueError), not a RecursionError.  Real schemas nest a
+#: few levels; the document itself may nest at most MAX_JSON_NESTING objects/arrays.
+MAX_SCHEMA_DEPTH = 64
+_MAX_SCHEMA_DEPTH = MAX_SCHEMA_DEPTH
 
 
 def _json_pointer_escape(token: str) -> str:
@@ -110,7 +116,7 @@ class _SchemaConverter:
         self.doc = document
         self.root = root
         self.rules: Dict[str, Optional[str]] = {}
-        self.used = {root}
+        self.used = {root, "root"}   # "root" stays free for a wrapper grammar's start rule
         self.ref_rules: Dict[str, str] = {}
         self.prims: Dict[str, str] = {}
         self.depth = 0
@@ -206,7 +212,8 @@ class _SchemaConverter:
         self.depth += 1
         try:
             if self.depth > _MAX_SCHEMA_DEPTH:
-                raise _schema_error("allOf/$ref merging nested too deeply (a $ref cycle?)", path, "allOf")
+                raise _schema_error(f"allOf/$ref merging nested more than {MAX_SCHEMA_DEPTH} levels deep (a $ref "
+                                    "cycle?)", path, "allOf")
             return self._merge(schemas, path)
         finally:
             self.depth -= 1
@@ -290,7 +297,8 @@ class _SchemaConverter:
         self.depth += 1
         try:
             if self.depth > _MAX_SCHEMA_DEPTH:
-                raise _schema_error("schema nested too deeply (or a $ref cycle through allOf/siblings)", path)
+                raise _schema_error(f"schema nested too deeply: more than {MAX_SCHEMA_DEPTH} levels of subschemas "
+                                    "(pyllama's limit; or a $ref cycle through allOf/siblings)", path)
             return self._visit(schema, path, hint, inline)
         finally:
             self.depth -= 1
@@ -721,6 +729,9 @@ def json_schema_to_gbnf(schema: Any, *, root: str = "root") -> str:
     if not isinstance(root, str) or not _RULE_NAME_RE.match(root):
         raise ValueError(f"root must be a GBNF rule name (letters, digits, '-'), got {root!r}")
     schema = _schema_document(schema)
+    if json_nesting(schema) > MAX_JSON_NESTING:
+        raise JSONSchemaError(f"the JSON schema nests objects/arrays more than {MAX_JSON_NESTING} levels deep "
+                              "(pyllama's limit)")
     key = _cache_key(schema, root)
     if key is not None:
         with _CACHE_LOCK:
@@ -728,7 +739,13 @@ def json_schema_to_gbnf(schema: Any, *, root: str = "root") -> str:
             if grammar is not None:
                 _CACHE.move_to_end(key)
                 return grammar
-    grammar = _SchemaConverter(schema, root).grammar(schema)
+    try:
+        grammar = _SchemaConverter(schema, root).grammar(schema)
+    except RecursionError:
+        # A safety net only: the depth limits above keep the walk far from Python's limit
+        # unless the caller itself is already deep in the stack.
+        raise JSONSchemaError(f"the JSON schema is nested too deeply to convert (pyllama allows "
+                              f"{MAX_SCHEMA_DEPTH} levels of subschemas)") from None
     try:
         precheck_gbnf(grammar)
     except JSONSchemaError:
@@ -799,6 +816,9 @@ def _schema_document(schema: Any) -> Any:
             return json.loads(schema)
         except ValueError as e:
             raise JSONSchemaError(f"the JSON schema is not valid JSON: {e}") from None
+        except RecursionError:
+            raise JSONSchemaError(f"the JSON schema nests objects/arrays more than {MAX_JSON_NESTING} levels "
+                                  "deep (pyllama's limit)") from None
     if isinstance(schema, (dict, bool)):
         return schema
     if hasattr(schema, "model_json_schema"):  # a pydantic model instance

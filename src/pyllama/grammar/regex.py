@@ -16,7 +16,11 @@ from pyllama.grammar._text import (_HEX, _JSON_SHORT_ESCAPES, _JSON_UNSAFE, _Ran
                                    _gbnf_class, _gbnf_literal, _json_escaped, _normalize, _quantifier,
                                    _schema_error, _subtract)
 
-__all__ = ["regex_to_gbnf"]
+__all__ = ["regex_to_gbnf", "MAX_REGEX_NESTING"]
+
+#: How deeply groups may nest in a pattern.  Parsing and writing the grammar recurse once per
+#: group level; a deeper pattern is a JSONSchemaError (a ValueError), never a RecursionError.
+MAX_REGEX_NESTING = 64
 
 
 def regex_to_gbnf(pattern: str, path: str = "#") -> str:
@@ -43,9 +47,12 @@ class _Regex:
     [(node, min, max)], node = ("lit", cp) | ("set", ranges) | ("group", alternatives)."""
 
     def __init__(self, pattern: str, path: str) -> None:
+        if not isinstance(pattern, str):
+            raise _schema_error(f"pattern must be a string, got {type(pattern).__name__}", path, "pattern")
         self.p = pattern
         self.i = 0
         self.path = path
+        self.depth = 0   # groups open at self.i
 
     def error(self, what: str) -> None:
         raise _schema_error(f"pattern {self.p!r}: {what} (at offset {self.i}); pyllama supports literals, "
@@ -122,7 +129,11 @@ class _Regex:
                 self.i = end + 1
             elif p.startswith("?", self.i):
                 self.error("lookarounds, inline flags and other '(?' constructs are not supported")
+            if self.depth >= MAX_REGEX_NESTING:
+                self.error(f"groups nested more than {MAX_REGEX_NESTING} levels deep (pyllama's limit)")
+            self.depth += 1
             alts = self.alternatives(top=False)
+            self.depth -= 1
             if self.i >= len(p) or p[self.i] != ")":
                 self.error("missing ')'")
             self.i += 1

@@ -6,11 +6,12 @@ import asyncio
 import base64
 import contextlib
 import difflib
+import json
 import logging
 import os
 import threading
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,9 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pyllama.server import metrics as M
 from pyllama.server import protocol as P
 from pyllama.server import schemas as S
-from pyllama.server.backend import Backend, Stream
+from pyllama.server.backend import Backend, Stream, Ticket, _as_api_errors, cancel_all, gather_or_cancel
 from pyllama.server.errors import (AUTHENTICATION, NOT_FOUND, SERVER, UNAVAILABLE, APIError, bad_request,
-                                   pydantic_errors_to_api_error)
+                                   error_event, pydantic_errors_to_api_error)
 from pyllama.server.settings import ServerSettings
 
 logger = logging.getLogger("pyllama.server")
@@ -81,6 +82,12 @@ class _Gate:
             return
         path = scope.get("path", "")
         settings = self.state.settings
+        if _head_bytes(scope) > settings.max_header_bytes:
+            # (pyllama serve refuses them earlier, as the bytes arrive: see main.limited_http_protocol)
+            await error_response(APIError(431, f"the request line and headers are larger than the limit of "
+                                               f"{settings.max_header_bytes} bytes", code="headers_too_large")
+                                 )(scope, receive, send)
+            return
         if settings.api_keys and path not in PUBLIC_PATHS and scope.get("method") != "OPTIONS":
             if _api_key(scope) not in settings.api_keys:
                 await error_response(APIError(401, "Invalid API Key: send 'Authorization: Bearer <key>'",
@@ -117,6 +124,10 @@ class _Gate:
                 if not message.get("more_body", False):
                     break
             whole = b"".join(chunks)
+            bad_text = await _json_text_error(whole)
+            if bad_text is not None:
+                await error_response(bad_text)(scope, receive, send)
+                return
             replayed = False
 
             async def replay() -> dict:
@@ -129,6 +140,52 @@ class _Gate:
             await self.app(scope, replay, send)
             return
         await self.app(scope, receive, send)
+
+
+def _head_bytes(scope: dict) -> int:
+    """About the size of the request line plus headers as they came over the wire."""
+    size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 16
+    for key, value in scope.get("headers", ()):
+        size += len(key) + len(value) + 4
+    return size
+
+
+class _NotJSONConstant(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJSONConstant(name)
+
+
+#: Bodies larger than this are checked for NaN/Infinity in a worker thread (not on the loop).
+_PARSE_ON_LOOP_BYTES = 64 * 1024
+
+
+async def _json_text_error(body: bytes) -> Optional[APIError]:
+    """A 400 for a body that is not UTF-8 or that uses NaN/Infinity (which Python's json
+    accepts and JSON does not); None otherwise (FastAPI's parser reports other problems)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return bad_request(f"the request body is not valid UTF-8 (byte {exc.start}): JSON must be UTF-8",
+                           code="invalid_json")
+    if b"NaN" not in body and b"Infinity" not in body:      # the common case: no parse here
+        return None
+
+    def find() -> Optional[str]:
+        try:
+            json.loads(body, parse_constant=_refuse_constant)
+        except _NotJSONConstant as exc:
+            return str(exc)
+        except ValueError:
+            return None     # malformed JSON: FastAPI answers it (invalid_json)
+        return None
+
+    found = await asyncio.to_thread(find) if len(body) > _PARSE_ON_LOOP_BYTES else find()
+    if found is None:
+        return None
+    return bad_request(f"the request body is not valid JSON: {found} is not a JSON number", code="invalid_json")
 
 
 def _header(scope: dict, name: bytes) -> Optional[str]:
@@ -195,9 +252,14 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
+    def __init__(self, content: AsyncIterator[bytes], cleanup: Optional[Callable[[], Awaitable[None]]] = None
+                 ) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # Runs when the response ends, however it ends, even if the body iterator never
+        # started (a client gone before the first byte): gives back the admission places and
+        # closes the streams (an unstarted async generator's `finally` never runs).
+        self._cleanup = cleanup
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         async def stream() -> None:
@@ -224,6 +286,8 @@ class EventStream(StreamingResponse):
             if aclose is not None:
                 with contextlib.suppress(BaseException):
                     await aclose()
+            if self._cleanup is not None:
+                await self._cleanup()
 
 
 # --------------------------------------------------------------------------- the app
@@ -263,7 +327,8 @@ def create_app(llm: Any = None, *, loader: Optional[Callable[[], Any]] = None, *
             state.closing = True
             if state.owns_llm and state.llm is not None:
                 with contextlib.suppress(Exception):
-                    state.llm.close()
+                    # off the loop: closing waits for the engine's last step
+                    await asyncio.to_thread(state.llm.close)
 
     app = FastAPI(title="pyllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pyllama = state
@@ -363,17 +428,36 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return Response(M.render(state.registry), media_type=M.CONTENT_TYPE)
 
     @app.post("/tokenize")
-    async def tokenize(body: S.TokenizeRequest) -> JSONResponse:
+    async def tokenize(body: S.TokenizeRequest) -> Response:
         llm = state.llm
-        tokens = llm.tokenize(body.content, add_special=body.add_special, parse_special=body.parse_special)
-        if body.with_pieces:
-            return JSONResponse({"tokens": [{"id": t, "piece": llm.detokenize([t])} for t in tokens]})
-        return JSONResponse({"tokens": tokens})
+
+        def work() -> bytes:   # a 16 MiB text takes seconds: never on the event loop
+            tokens = llm.tokenize(body.content, add_special=body.add_special, parse_special=body.parse_special)
+            if body.with_pieces:
+                # each distinct token's JSON once (at most n_vocab of them), then joined
+                pieces: dict = {}
+                parts = []
+                for t in tokens:
+                    part = pieces.get(t)
+                    if part is None:
+                        part = pieces[t] = _json_bytes({"id": t, "piece": llm.detokenize([t])})
+                    parts.append(part)
+                return b'{"tokens":[' + b",".join(parts) + b"]}"
+            return _json_list_bytes("tokens", tokens)
+
+        with _as_api_errors("content"):      # text it cannot encode (lone surrogates): 400
+            return Response(await asyncio.to_thread(work), media_type="application/json")
 
     @app.post("/detokenize")
-    async def detokenize(body: S.DetokenizeRequest) -> JSONResponse:
-        P.check_token_ids([body.tokens], n_vocab(), param="tokens")
-        return JSONResponse({"content": state.llm.detokenize(body.tokens)})
+    async def detokenize(body: S.DetokenizeRequest) -> Response:
+        nv = n_vocab()
+
+        def work() -> bytes:
+            P.check_token_ids([body.tokens], nv, param="tokens")
+            return _json_bytes({"content": state.llm.detokenize(body.tokens)})
+
+        with _as_api_errors("tokens"):
+            return Response(await asyncio.to_thread(work), media_type="application/json")
 
     # ---- embeddings ---------------------------------------------------------------------
 
@@ -395,8 +479,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         for i, item in enumerate(items):
             if isinstance(item, str) and not item:
                 raise bad_request("input contains an empty string", param="input" if len(items) == 1 else f"input.{i}")
-        P.check_token_ids(items, n_vocab(), param="input")
-        n_tokens = sum(len(llm.tokenize(x)) if isinstance(x, str) else len(x) for x in items)
+        nv = n_vocab()
+
+        def count() -> int:    # tokenizing every input again: off the loop
+            P.check_token_ids(items, nv, param="input")
+            return sum(len(llm.tokenize(x)) if isinstance(x, str) else len(x) for x in items)
+
+        with _as_api_errors("input"):
+            n_tokens = await asyncio.to_thread(count)
         with backend.admit():
             vectors = await unless_disconnected(request, backend.embed(items))
         data = []
@@ -430,20 +520,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         kw = P.chat_kwargs(body, cfg, n_vocab())
         messages = P.chat_messages(body)
         rid, created, model = P.new_id("chatcmpl"), P.now(), state.model_id
-        if not body.stream:
-            with backend.admit():
+        if not body.stream or "tools" in kw:
+            # (tool calls are parsed from the whole answer: streamed, it is sent as chunks after)
+            with backend.admit(body.n):
                 result = await unless_disconnected(request, backend.chat(messages, **kw))
             comps = result if isinstance(result, list) else [result]
-            return JSONResponse(P.chat_response(comps, model, rid, created).model_dump())
-        if "tools" in kw:
-            # Tool calls are parsed from the whole answer: generate it, then send it as chunks.
-            result = await _open_stream(request, backend, backend.chat(messages, **kw))
-            comps = result if isinstance(result, list) else [result]
-            events = _chat_events_from_completions(comps, body, rid, created, model)
-        else:
-            stream = await _open_stream(request, backend, backend.stream_chat(messages, **kw))
-            events = _chat_events(stream, body, rid, created, model)
-        return EventStream(_released(events, backend))
+            if not body.stream:
+                return _json_response(await asyncio.to_thread(
+                    lambda: P.chat_response(comps, model, rid, created).model_dump()))
+            chunks = await asyncio.to_thread(
+                lambda: list(_chat_chunks_from_completions(comps, body, rid, created, model)))
+            return EventStream(_iterate(chunks))
+        ticket = backend.acquire(body.n)
+        tasks = await _open_streams(request, ticket, [backend.stream_chat(messages, **kw)])
+        return EventStream(_chat_events(tasks[0], body, rid, created, model), cleanup=_closer(ticket, tasks))
 
     # ---- completions -----------------------------------------------------------------------
 
@@ -459,29 +549,39 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             if body.logprobs > 0:
                 kw["top_logprobs"] = body.logprobs
         prompts = P.completion_prompts(body)
-        P.check_token_ids(prompts, nv)
         # llama-server tokenizes completion prompts with special tokens parsed
         kw["parse_special"] = True
-        prompt_texts = [p if isinstance(p, str) else llm.detokenize(p) for p in prompts] if body.echo else None
+
+        def check() -> Optional[list]:     # a list of a million ids: off the loop
+            P.check_token_ids(prompts, nv)
+            return [p if isinstance(p, str) else llm.detokenize(p) for p in prompts] if body.echo else None
+
+        prompt_texts = await asyncio.to_thread(check)
         rid, created, model = P.new_id("cmpl"), P.now(), state.model_id
+        places = len(prompts) * body.n       # one per engine request
         if not body.stream:
-            with backend.admit():   # echo: the library puts the prompt in front (and scores it)
+            with backend.admit(places):   # echo: the library puts the prompt in front (and scores it)
                 results = await unless_disconnected(
-                    request, asyncio.gather(*(backend.complete(p, echo=body.echo, **kw) for p in prompts)))
-            groups = [r if isinstance(r, list) else [r] for r in results]
-            choices = []
-            for pi, comps in enumerate(groups):
-                for j, c in enumerate(comps):
-                    choices.append(P.completion_choice(c, pi * body.n + j, prompt_texts[pi] if body.echo else "",
-                                                       body.echo, body.logprobs is not None))
-            # (the library's Completion.text already starts with the prompt when echo=True)
-            resp = S.CompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                        usage=P.usage(groups), timings=P.timings(groups[0][0]))
-            return JSONResponse(resp.model_dump())
-        streams = await _open_stream(
-            request, backend, asyncio.gather(*(backend.stream_complete(p, **kw) for p in prompts)))
-        events = _completion_events(streams, body, prompt_texts, rid, created, model)
-        return EventStream(_released(events, backend))
+                    request, gather_or_cancel([backend.complete(p, echo=body.echo, **kw) for p in prompts]))
+
+            def build() -> dict:
+                groups = [r if isinstance(r, list) else [r] for r in results]
+                choices = []
+                for pi, comps in enumerate(groups):
+                    for j, c in enumerate(comps):
+                        choices.append(P.completion_choice(c, pi * body.n + j,
+                                                           prompt_texts[pi] if body.echo else "",
+                                                           body.echo, body.logprobs is not None))
+                # (the library's Completion.text already starts with the prompt when echo=True)
+                resp = S.CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                            usage=P.usage(groups), timings=P.timings(groups[0][0]))
+                return resp.model_dump()
+
+            return _json_response(await asyncio.to_thread(build))
+        ticket = backend.acquire(places)
+        tasks = await _open_streams(request, ticket, [backend.stream_complete(p, **kw) for p in prompts])
+        events = _completion_events(tasks, body, prompt_texts, rid, created, model)
+        return EventStream(events, cleanup=_closer(ticket, tasks))
 
 
 def _check_n(n: int, backend: Backend) -> None:
@@ -506,35 +606,82 @@ def _slot_ctx(state: ServerState) -> Optional[int]:
     return n_ctx if unified else n_ctx // max(state.backend.n_slots if state.backend else 1, 1)
 
 
-async def _open_stream(request: Request, backend: Backend, aw: Awaitable[Any]) -> Any:
-    """Take a place in the queue and await `aw` (the streams to send). The place is held
-    until the event stream ends (see _released), or given back here if opening fails or the
-    client leaves (ClientGone: a 499)."""
-    backend.acquire()
+def _json_bytes(obj: Any) -> bytes:
+    """What JSONResponse would send (NaN never reaches here: requests refuse it)."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+#: Items json.dumps encodes in one call: the encoder holds the GIL for a whole call, and
+#: millions of items in one call would stall the event loop thread for seconds.
+_JSON_BATCH = 4096
+
+
+def _json_list_bytes(key: str, items: List[Any]) -> bytes:
+    """``{"key": [items...]}`` encoded in batches (in a worker thread), so that the event loop
+    gets the GIL between them."""
+    parts = []
+    for i in range(0, len(items), _JSON_BATCH):
+        parts.append(_json_bytes(items[i:i + _JSON_BATCH])[1:-1])
+    return b'{"' + key.encode() + b'":[' + b",".join(parts) + b"]}"
+
+
+def _json_response(obj: Any) -> Response:
+    return Response(_json_bytes(obj), media_type="application/json")
+
+
+async def _iterate(items: List[bytes]) -> AsyncIterator[bytes]:
+    for item in items:
+        yield item
+
+
+async def _open_streams(request: Request, ticket: Ticket, opens: List[Awaitable[Stream]]) -> List["asyncio.Task"]:
+    """Start every stream of a request (the prompts of a list) and return their tasks once
+    the first has produced its first piece: text is sent as soon as there is some, even when
+    the list is larger than the slots.  An input error or a refusal before that is the
+    request's status (400/503); the admission places are given back, and every started
+    stream is closed, if opening fails or the client leaves."""
+    tasks = [asyncio.ensure_future(aw) for aw in opens]
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        return await unless_disconnected(request, aw)
+        done, _ = await asyncio.wait([*tasks, watcher], return_when=asyncio.FIRST_COMPLETED)
+        if watcher in done:
+            raise ClientGone()
+        for t in tasks:
+            if t.done() and t.exception() is not None:
+                raise t.exception()
+        return tasks
     except BaseException:
-        backend.release()
+        ticket.release()
+        await cancel_all(tasks)
         raise
-
-
-async def _released(events: AsyncIterator[bytes], backend: Backend) -> AsyncIterator[bytes]:
-    try:
-        async for e in events:
-            yield e
     finally:
-        backend.release()
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(BaseException):
-                await aclose()
+        watcher.cancel()
+
+
+def _closer(ticket: Ticket, tasks: List["asyncio.Task"]) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        try:
+            await cancel_all(tasks)
+        finally:
+            ticket.release()
+    return close
+
+
+async def _error_events(exc: BaseException) -> AsyncIterator[bytes]:
+    """How a stream that fails after it started ends (as llama-server and vLLM end it): an
+    event with OpenAI's error object, then ``data: [DONE]``."""
+    err = error_event(exc)
+    if err.status >= 500 and err.status != 503:
+        logger.error("a stream failed after it started: %s: %s", type(exc).__name__, exc)
+    yield P.sse(err.body())
+    yield P.SSE_DONE
 
 
 def _include_usage(body: S.SamplingFields) -> bool:
     return bool(body.stream_options is not None and body.stream_options.include_usage)
 
 
-async def _chat_events(stream: Stream, body: S.ChatCompletionRequest, rid: str, created: int,
+async def _chat_events(task: "asyncio.Task", body: S.ChatCompletionRequest, rid: str, created: int,
                        model: str) -> AsyncIterator[bytes]:
     include_usage = _include_usage(body)
 
@@ -542,6 +689,7 @@ async def _chat_events(stream: Stream, body: S.ChatCompletionRequest, rid: str, 
         return P.sse(P.chat_chunk(rid, created, model, choices, usage, include_usage, timings))
 
     finished: dict = {}
+    stream: Stream = task.result()
     try:
         for i in range(body.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -562,12 +710,16 @@ async def _chat_events(stream: Stream, body: S.ChatCompletionRequest, rid: str, 
         if include_usage and comps:
             yield chunk([], usage=P.usage([comps]))
         yield P.SSE_DONE
+    except Exception as exc:  # noqa: BLE001  (sent to the client, which already has a 200)
+        async for e in _error_events(exc):
+            yield e
     finally:
         await stream.aclose()
 
 
-async def _chat_events_from_completions(comps: list, body: S.ChatCompletionRequest, rid: str, created: int,
-                                        model: str) -> AsyncIterator[bytes]:
+def _chat_chunks_from_completions(comps: list, body: S.ChatCompletionRequest, rid: str, created: int,
+                                  model: str) -> Iterator[bytes]:
+    """A whole answer (tool calls) as stream chunks; runs in a worker thread (logprobs)."""
     include_usage = _include_usage(body)
 
     def chunk(choices: list, usage: Any = None, timings: Any = None) -> bytes:
@@ -593,40 +745,49 @@ async def _chat_events_from_completions(comps: list, body: S.ChatCompletionReque
     yield P.SSE_DONE
 
 
-async def _merge(streams: List[Stream]) -> AsyncIterator[tuple]:
-    """(stream index, piece) from several streams as they come."""
-    if len(streams) == 1:
-        async for piece in streams[0]:
+#: Pieces the merge of a prompt list holds for a slow reader before its streams wait (and
+#: the library's backpressure pauses their requests) instead of queueing without bound.
+_MERGE_BUFFER = 64
+
+
+async def _merge(tasks: List["asyncio.Task"]) -> AsyncIterator[tuple]:
+    """(stream index, piece) from several opening streams as they come.  The first error
+    of any stream is raised (the caller closes the others)."""
+    if len(tasks) == 1:
+        async for piece in await tasks[0]:
             yield 0, piece
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=_MERGE_BUFFER)
 
-    async def pump(k: int, s: Stream) -> None:
+    async def pump(k: int, t: "asyncio.Task") -> None:
         try:
-            async for piece in s:
+            async for piece in await t:
                 await queue.put((k, piece, None))
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:  # noqa: BLE001
             await queue.put((k, None, exc))
             return
         await queue.put((k, None, None))
 
-    tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(streams)]
+    pumps = [asyncio.ensure_future(pump(k, t)) for k, t in enumerate(tasks)]
     try:
-        open_ = len(streams)
+        open_ = len(tasks)
         while open_:
             k, piece, exc = await queue.get()
             if piece is None:
-                if exc is not None and not isinstance(exc, asyncio.CancelledError):
+                if exc is not None:
                     raise exc
                 open_ -= 1
                 continue
             yield k, piece
     finally:
-        for t in tasks:
-            t.cancel()
+        for p in pumps:
+            p.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
-async def _completion_events(streams: List[Stream], body: S.CompletionRequest, prompt_texts: Optional[list],
+async def _completion_events(tasks: List["asyncio.Task"], body: S.CompletionRequest, prompt_texts: Optional[list],
                              rid: str, created: int, model: str) -> AsyncIterator[bytes]:
     include_usage = _include_usage(body)
     want_lp = body.logprobs is not None
@@ -641,7 +802,7 @@ async def _completion_events(streams: List[Stream], body: S.CompletionRequest, p
                 for j in range(body.n):
                     yield chunk([{"index": k * body.n + j, "text": text, "logprobs": None, "finish_reason": None}])
                     offsets[k * body.n + j] = len(text)
-        async for k, piece in _merge(streams):
+        async for k, piece in _merge(tasks):
             index = k * body.n + piece.index
             if not piece.text and not piece.logprobs:
                 continue
@@ -650,8 +811,8 @@ async def _completion_events(streams: List[Stream], body: S.CompletionRequest, p
                 lp = P.legacy_logprobs(piece.logprobs or [], offsets.get(index, 0))
             offsets[index] = offsets.get(index, 0) + len(piece.text)
             yield chunk([{"index": index, "text": piece.text, "logprobs": lp, "finish_reason": None}])
-        groups = [s.completions or [] for s in streams]
-        n_total = len(streams) * body.n
+        groups = [t.result().completions or [] for t in tasks]
+        n_total = len(tasks) * body.n
         for index in range(n_total):
             k, j = divmod(index, body.n)
             comps = groups[k]
@@ -662,7 +823,8 @@ async def _completion_events(streams: List[Stream], body: S.CompletionRequest, p
         if include_usage:
             yield chunk([], usage=P.usage(groups))
         yield P.SSE_DONE
+    except Exception as exc:  # noqa: BLE001  (sent to the client, which already has a 200)
+        async for e in _error_events(exc):
+            yield e
     finally:
-        for s in streams:
-            with contextlib.suppress(BaseException):
-                await s.aclose()
+        await cancel_all(tasks)     # a failed or abandoned list: its other prompts stop too

@@ -4,8 +4,9 @@ into `LLM`'s async API.
 The `LLM` owns the engine, the scheduling of sequences into its slots, the prompt cache,
 logprobs, `n`, tool calling and cancellation; this module only
 
-* counts the requests in flight and refuses (503 + Retry-After) those beyond
-  ``slots + max_queue``,
+* counts the engine requests in flight (a prompt list times `n` counts each) and refuses
+  (503 + Retry-After) those beyond ``slots + max_queue``; a :class:`Ticket` holds the places
+  of one HTTP request and gives them back exactly once,
 * awaits `LLM`'s coroutines / async iterators (one adapter, :meth:`Backend._call` and
   :meth:`Backend._open_stream`), and turns the library's input errors into 400s,
 * makes sure a request whose client went away is cancelled (closing the async iterator /
@@ -101,28 +102,33 @@ class Backend:
     def capacity(self) -> int:
         return self.n_slots + self.max_queue
 
-    def acquire(self) -> None:
-        """Take one place among slots + queue (give it back with :meth:`release`), or raise 503."""
-        if self.in_flight >= self.capacity:
+    def acquire(self, places: int = 1) -> "Ticket":
+        """Take `places` places among slots + queue (one per engine request: prompts x n), or
+        raise: 400 if they could never all be free at once, 503 (+ Retry-After) if not now.
+        The :class:`Ticket` gives them back (once, however often it is released)."""
+        if places > self.capacity:
+            raise bad_request(f"this request needs {places} engine requests (prompts x n) at once but the server "
+                              f"admits at most {self.capacity} ({self.n_slots} slots + a queue of "
+                              f"{self.max_queue}; start it with a larger --max-queue)", param="prompt",
+                              code="too_many_prompts")
+        if self.in_flight + places > self.capacity:
             self.rejected_total += 1
             raise APIError(503, f"the server is busy: {self.in_flight} requests are in flight "
                                 f"({self.n_slots} slots, queue of {self.max_queue}); retry later",
                            type=UNAVAILABLE, code="queue_full",
                            headers={"Retry-After": str(self.retry_after_s)})
-        self.in_flight += 1
+        self.in_flight += places
         self.requests_total += 1
-
-    def release(self) -> None:
-        self.in_flight -= 1
+        return Ticket(self, places)
 
     @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold one place among slots + queue for the duration of a request, or raise 503."""
-        self.acquire()
+    def admit(self, places: int = 1) -> Iterator["Ticket"]:
+        """Hold `places` places among slots + queue for the duration of a request, or raise."""
+        ticket = self.acquire(places)
         try:
-            yield
+            yield ticket
         finally:
-            self.release()
+            ticket.release()
 
     # ---- the adapter ------------------------------------------------------------------
 
@@ -182,6 +188,52 @@ class Backend:
         out.setdefault("requests_processing", min(self.in_flight, self.n_slots))
         out.setdefault("requests_deferred", max(0, self.in_flight - self.n_slots))
         return out
+
+
+class Ticket:
+    """The admission places of one HTTP request; :meth:`release` gives them back once."""
+
+    def __init__(self, backend: Backend, places: int) -> None:
+        self._backend = backend
+        self._places = places
+
+    def release(self) -> None:
+        if self._places:
+            self._backend.in_flight -= self._places
+            self._places = 0
+
+
+async def gather_or_cancel(aws: list) -> list:
+    """asyncio.gather that, when one awaitable fails (or this task is cancelled), cancels the
+    others and waits for them to end before raising: a failed prompt of a list must not
+    leave its siblings generating for nobody."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        failed = any(t.done() and not t.cancelled() and t.exception() is not None for t in tasks)
+        if failed or not all(t.done() for t in tasks):
+            await cancel_all(tasks)
+    for t in tasks:     # the first error in list order (not a sibling we cancelled because of it)
+        if not t.cancelled() and t.exception() is not None:
+            raise t.exception()
+    if any(t.cancelled() for t in tasks):
+        raise asyncio.CancelledError()
+    return [t.result() for t in tasks]
+
+
+async def cancel_all(tasks: list) -> None:
+    """Cancel `tasks` and wait (bounded by their own cancellation) until each has ended; the
+    streams that opened in the meantime are closed (which cancels them in the LLM)."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is None:
+            res = t.result()
+            if isinstance(res, Stream):
+                with contextlib.suppress(BaseException):
+                    await res.aclose()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from pyllama.errors import ContextLengthError, GrammarError, InvalidTokenError, JSONSchemaError
+from pyllama.errors import (ClosedError, ContextLengthError, GrammarError, InvalidTokenError, JSONSchemaError,
+                            KVCacheFullError)
 
 INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
@@ -48,11 +49,34 @@ def bad_request(message: str, param: Optional[str] = None, code: Optional[str] =
 
 _CTX_NUMBERS = re.compile(r"(\d+) tokens.*?\b(?:is|of|has) (\d+)", re.S)
 
+#: Seconds a client is told to wait when the KV memory is short or the server is stopping.
+RETRY_AFTER_S = 1
+
+
+def unavailable(message: str, code: str, retry_after_s: int = RETRY_AFTER_S) -> APIError:
+    """A 503 that a retry may cure (OpenAI's SDK retries 503s that carry Retry-After)."""
+    return APIError(503, message, type=UNAVAILABLE, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+def _for_lack_of_room(exc: BaseException) -> bool:
+    """The engine's ContextLengthError for a prompt that fits a slot but found no free KV
+    cells because other sequences hold them (it clears as they finish), as opposed to a
+    prompt longer than a slot (which never fits)."""
+    return bool(getattr(exc, "retryable", False))
+
+
+#: "repeat_penalty must be ..." -> param "repeat_penalty": the library names the argument first.
+_LEADING_NAME = re.compile(r"^([a-z_][a-z0-9_]*)\b")
+
 
 def from_library_error(exc: BaseException, param: Optional[str] = None) -> Optional[APIError]:
-    """The API error for an exception the library raised while building a request
-    (bad value, grammar, schema, token id, prompt too long), or None if it is not the
-    caller's fault."""
+    """The API error for an exception the library raised while building or running a request
+    (bad value, grammar, schema, token id, prompt too long: 400; the LLM closed or the KV
+    memory short for now: 503 + Retry-After), or None if it is not the caller's fault."""
+    if isinstance(exc, ClosedError):
+        return unavailable("the server is shutting down; retry on another instance", "shutting_down")
+    if isinstance(exc, KVCacheFullError) or (isinstance(exc, ContextLengthError) and _for_lack_of_room(exc)):
+        return unavailable(f"no room in the KV memory right now, retry later: {exc}", "kv_cache_full")
     if isinstance(exc, ContextLengthError):
         extra: dict = {}
         m = _CTX_NUMBERS.search(str(exc))
@@ -66,8 +90,29 @@ def from_library_error(exc: BaseException, param: Optional[str] = None) -> Optio
     if isinstance(exc, GrammarError):
         return bad_request(str(exc), param="grammar", code="invalid_grammar")
     if isinstance(exc, ValueError):   # the library's validation; a TypeError would be our bug: 500
+        m = _LEADING_NAME.match(str(exc))
+        if m and m.group(1) in _request_fields():
+            param = m.group(1)
         return bad_request(str(exc), param=param)
     return None
+
+
+def _request_fields() -> frozenset:
+    from pyllama.server import schemas as S
+
+    names = frozenset(S.ChatCompletionRequest.model_fields) | frozenset(S.CompletionRequest.model_fields)
+    return names - {"model", "user"}      # "model ..." is about the loaded model, not the field
+
+
+def error_event(exc: BaseException) -> APIError:
+    """The error object sent as the last SSE event (before ``data: [DONE]``) of a stream
+    that failed after it started."""
+    if isinstance(exc, APIError):
+        return exc
+    api = from_library_error(exc)
+    if api is not None:
+        return api
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type=SERVER)
 
 
 def pydantic_errors_to_api_error(errors: Any) -> APIError:

@@ -10,6 +10,7 @@ rest are cancelled (their generations stop at the next step), the LLM is closed,
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -33,9 +34,11 @@ def serve(loader: Callable[[], Any], *, host: str = "127.0.0.1", port: int = 808
     import uvicorn
 
     app = create_app(loader=loader, **settings)
+    max_header_bytes = app.state.pyllama.settings.max_header_bytes
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "info",
                             timeout_graceful_shutdown=max(1, int(round(shutdown_timeout_s))),
-                            timeout_keep_alive=5, lifespan="on")
+                            timeout_keep_alive=5, lifespan="on", http=limited_http_protocol(max_header_bytes),
+                            h11_max_incomplete_event_size=max_header_bytes + 4)
     server = _Server(config)
     server.on_listening = on_listening
     try:
@@ -46,6 +49,69 @@ def serve(loader: Callable[[], Any], *, host: str = "127.0.0.1", port: int = 808
     if not server.started:
         raise OSError(f"could not serve on {host}:{port} (is the port already in use?)")
     return 0
+
+
+_TOO_LARGE_BODY = json.dumps({"error": {"message": "the request line and headers are larger than the limit",
+                                       "type": "invalid_request_error", "param": None,
+                                       "code": "headers_too_large"}}).encode()
+_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+              b"connection: close\r\ncontent-length: " + str(len(_TOO_LARGE_BODY)).encode() + b"\r\n\r\n"
+              + _TOO_LARGE_BODY)
+
+
+def limited_http_protocol(max_header_bytes: int, implementation: str = "auto") -> type:
+    """uvicorn's HTTP protocol (`implementation` "httptools" or "h11"; "auto": httptools when
+    installed, as uvicorn picks) that answers 431 and closes the connection once a request's
+    line and headers pass `max_header_bytes`, counted as the bytes arrive: httptools has no
+    limit of its own and would buffer any size of headers."""
+    Base: Any
+    if implementation == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+    else:
+        try:
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+        except ImportError:
+            if implementation == "httptools":
+                raise
+            from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class LimitedHTTP(Base):  # type: ignore[misc, valid-type]
+        _in_head = True       # reading a request line + headers (vs. a body)
+        _head_bytes = 0
+        _tail = b""           # the last bytes seen, for a \r\n\r\n split over two reads
+
+        def data_received(self, data: bytes) -> None:
+            if not self._in_head and self._h11_request_done():
+                self._next_request()
+            if self._in_head:
+                end = (self._tail + data).find(b"\r\n\r\n")
+                counted = len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+                self._head_bytes += counted
+                if self._head_bytes > max_header_bytes:
+                    self.transport.write(_TOO_LARGE)
+                    self.transport.close()
+                    return
+                if end >= 0:
+                    self._in_head = False
+                    self._tail = b""
+                else:
+                    self._tail = (self._tail + data)[-3:]
+            super().data_received(data)
+
+        def _next_request(self) -> None:
+            self._in_head, self._head_bytes, self._tail = True, 0, b""
+
+        def _h11_request_done(self) -> bool:
+            # h11 (keep-alive): the next request's bytes come once this one was answered
+            cycle = getattr(self, "cycle", None)
+            return not hasattr(Base, "on_message_complete") and cycle is not None and cycle.response_complete
+
+        if hasattr(Base, "on_message_complete"):      # httptools: the request's body was read
+            def on_message_complete(self) -> None:
+                super().on_message_complete()
+                self._next_request()
+
+    return LimitedHTTP
 
 
 class _Server:

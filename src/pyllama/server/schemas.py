@@ -13,17 +13,30 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pyllama.server.errors import bad_request
 
+#: The largest value of a C ``int32_t``: every integer field that reaches llama.cpp as an
+#: int is bounded by it (a larger one would be an OverflowError in C, a 500).
+INT32_MAX = 2**31 - 1
+#: Bound of the float fields that have no natural maximum (penalties, mirostat, DRY ...):
+#: far beyond any useful value, and finite in C's float.
+FLOAT_MAX = 1e6
+#: A stop list (and DRY's sequence breakers) is checked against the text after every token
+#: of its request: at most this many strings ...
+MAX_STOP_STRINGS = 64
+#: ... of at most this many characters together.
+MAX_STOP_CHARS = 8192
+
 # --------------------------------------------------------------------------- shared pieces
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # allow_inf_nan=False: 1e400 (inf after JSON parsing) is refused like NaN and Infinity
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class _Open(BaseModel):
     """Sub-objects whose extra keys are kept (passed through to templates / tools)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 Stop = Union[str, List[str], None]
@@ -38,11 +51,11 @@ class SamplingFields(_Strict):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(default=None, ge=-1)
-    n_predict: Optional[int] = Field(default=None, ge=-1)          # llama-server's name
+    max_tokens: Optional[int] = Field(default=None, ge=-1, le=INT32_MAX)
+    n_predict: Optional[int] = Field(default=None, ge=-1, le=INT32_MAX)          # llama-server's name
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(default=None, ge=0)
+    top_k: Optional[int] = Field(default=None, ge=0, le=INT32_MAX)
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     typical_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=128)
@@ -52,21 +65,22 @@ class SamplingFields(_Strict):
     seed: Optional[int] = Field(default=None, ge=-1, le=0xFFFFFFFF)
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
-    repeat_penalty: Optional[float] = Field(default=None, gt=0.0)
-    repeat_last_n: Optional[int] = Field(default=None, ge=-1)
+    repeat_penalty: Optional[float] = Field(default=None, gt=0.0, le=FLOAT_MAX)
+    repeat_last_n: Optional[int] = Field(default=None, ge=-1, le=INT32_MAX)
     mirostat: Optional[Literal[0, 1, 2]] = None
-    mirostat_tau: Optional[float] = Field(default=None, ge=0.0)
-    mirostat_eta: Optional[float] = Field(default=None, ge=0.0)
+    mirostat_tau: Optional[float] = Field(default=None, ge=0.0, le=FLOAT_MAX)
+    mirostat_eta: Optional[float] = Field(default=None, ge=0.0, le=FLOAT_MAX)
     # llama-server's newer samplers (pyllama.SamplingParams documents them)
-    top_n_sigma: Optional[float] = None
+    top_n_sigma: Optional[float] = Field(default=None, ge=-FLOAT_MAX, le=FLOAT_MAX)   # <= 0: off
     xtc_probability: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     xtc_threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    dynatemp_range: Optional[float] = Field(default=None, ge=0.0)
-    dynatemp_exponent: Optional[float] = Field(default=None, ge=0.0)
-    dry_multiplier: Optional[float] = Field(default=None, ge=0.0)
-    dry_base: Optional[float] = None        # < 1 means the default (1.75), as in llama-server
-    dry_allowed_length: Optional[int] = Field(default=None, ge=0)
-    dry_penalty_last_n: Optional[int] = Field(default=None, ge=-1)
+    dynatemp_range: Optional[float] = Field(default=None, ge=0.0, le=FLOAT_MAX)
+    dynatemp_exponent: Optional[float] = Field(default=None, ge=0.0, le=FLOAT_MAX)
+    dry_multiplier: Optional[float] = Field(default=None, ge=0.0, le=FLOAT_MAX)
+    # < 1 means the default (1.75), as in llama-server
+    dry_base: Optional[float] = Field(default=None, ge=-FLOAT_MAX, le=FLOAT_MAX)
+    dry_allowed_length: Optional[int] = Field(default=None, ge=0, le=INT32_MAX)
+    dry_penalty_last_n: Optional[int] = Field(default=None, ge=-1, le=INT32_MAX)
     dry_sequence_breakers: Optional[List[str]] = Field(default=None, min_length=1)
     logit_bias: Optional[Dict[str, float]] = None
     grammar: Optional[str] = None
@@ -88,6 +102,13 @@ class SamplingFields(_Strict):
         for s in items:
             if not s:
                 raise ValueError("stop strings must not be empty")
+        _check_string_list(items, "stop strings")
+        return v
+
+    @field_validator("dry_sequence_breakers")
+    @classmethod
+    def _breakers(cls, v: Optional[List[str]]) -> Optional[List[str]]:
+        _check_string_list(v or [], "dry_sequence_breakers")
         return v
 
     @field_validator("logit_bias")
@@ -96,13 +117,20 @@ class SamplingFields(_Strict):
         if v is None:
             return v
         for key, bias in v.items():
-            try:
-                int(key)
-            except ValueError:
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+            # int() alone would also take " 5", "+5", "1_0" and non-ASCII digits
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"logit_bias keys must be token ids (decimal integers), got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
         return v
+
+
+def _check_string_list(items: List[str], what: str) -> None:
+    if len(items) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} {what} are allowed, got {len(items)}")
+    total = sum(len(s) for s in items)
+    if total > MAX_STOP_CHARS:
+        raise ValueError(f"{what} may have at most {MAX_STOP_CHARS} characters together, got {total}")
 
 
 # --------------------------------------------------------------------------- chat
@@ -231,7 +259,7 @@ class ResponseFormat(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: List[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=-1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=-1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     response_format: Optional[ResponseFormat] = None
@@ -253,8 +281,9 @@ class ChatCompletionRequest(SamplingFields):
                 raise bad_request(f"tool_choice names the function {self.tool_choice.function.name!r}, "
                                   f"which is not in tools ({', '.join(names) or 'none given'})",
                                   param="tool_choice")
-        elif self.tool_choice == "required" and not self.tools:
-            raise bad_request("tool_choice 'required' needs tools", param="tool_choice")
+        elif self.tool_choice is not None and not self.tools:
+            # as OpenAI answers: a tool_choice without tools is a mistake, not a no-op
+            raise bad_request("tool_choice is only allowed when tools are given", param="tool_choice")
 
 
 # --------------------------------------------------------------------------- completions
@@ -268,7 +297,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     suffix: Optional[str] = None
-    best_of: Optional[int] = Field(default=None, ge=1)
+    best_of: Optional[int] = Field(default=None, ge=1, le=128)
 
     @field_validator("prompt")
     @classmethod
@@ -294,7 +323,7 @@ class EmbeddingRequest(_Strict):
     input: Union[str, List[str], List[int], List[List[int]]]
     model: Optional[str] = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Optional[int] = Field(default=None, ge=1)
+    dimensions: Optional[int] = Field(default=None, ge=1, le=INT32_MAX)
     user: Optional[str] = None
 
     @field_validator("input")

@@ -9,6 +9,8 @@ from typing import Any, Optional, Sequence
 #: Body size limit for one request (JSON), llama-server has none; a runaway client should
 #: get a 413, not make the server buffer gigabytes.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Request line plus headers: beyond this, 431 (h11's own default is 16 KiB; httptools has none).
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 
 
 @dataclass
@@ -25,6 +27,8 @@ class ServerSettings:
     max_queue: int = 64
     #: Request bodies over this many bytes get 413.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Request line + headers over this many bytes get 431 (and the connection is closed).
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     #: max_tokens when a request gives none (-1 = until the end of generation or a full slot).
     default_max_tokens: int = -1
     #: Seconds a client is told to wait (Retry-After) when the queue is full.
@@ -43,7 +47,7 @@ class ServerSettings:
         if isinstance(self.cors_origins, str):
             self.cors_origins = (self.cors_origins,)
         self.cors_origins = tuple(self.cors_origins)
-        for name in ("max_queue", "max_body_bytes", "retry_after_s"):
+        for name in ("max_queue", "max_body_bytes", "max_header_bytes", "retry_after_s"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")

@@ -137,7 +137,7 @@ class LLMPredictor:
                              f"both empty")
         overrides: dict = {}
         if _present(schema):
-            schema = _plain(schema)
+            schema = _plain_schema(schema)
             if isinstance(schema, str):
                 schema = json.loads(schema)        # json.JSONDecodeError is a ValueError
             from pyllama.grammar import json_schema_to_gbnf
@@ -243,10 +243,14 @@ def _object_array(values: Sequence[Any]) -> np.ndarray:
 
 
 def _present(value: Any) -> bool:
-    """False for a missing cell: None, NaN (pandas' missing value)."""
+    """False for a missing cell: None, NaN (NumPy's and pandas' float missing value),
+    pandas' NA and NaT."""
     if value is None:
         return False
-    if isinstance(value, float) and value != value:
+    if isinstance(value, (float, np.floating)) and value != value:
+        return False
+    # pandas.NA / pandas.NaT, recognised without importing pandas.
+    if type(value).__name__ in ("NAType", "NaTType") and type(value).__module__.startswith("pandas"):
         return False
     return True
 
@@ -264,6 +268,55 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+# Schema keywords whose values are JSON data: a None there is JSON null ({"const": null}).
+_SCHEMA_DATA_KEYWORDS = frozenset(("const", "enum", "default", "examples", "example"))
+# ... and those whose value itself may be null (enum and examples are lists).
+_SCHEMA_NULL_KEYWORDS = frozenset(("const", "default", "example"))
+
+
+def _plain_data(value: Any) -> Any:
+    """Plain Python data, every None kept (it is JSON null)."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist() if value.dtype != object else list(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain_data(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain_data(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _plain_schema(value: Any) -> Any:
+    """A JSON schema cell as plain Python data.  As :func:`_plain`, None fields of dicts are
+    dropped (Arrow adds them for keys other rows' schemas have; no schema keyword is null),
+    except under the keywords that hold JSON data (``const``, ``enum``, ``default`` ...),
+    where None is JSON null and is kept: ``{"const": null}`` survives.  (A column of dicts
+    cannot tell ``{"const": null}`` from a row without ``const`` when another row has one:
+    give such schemas as JSON strings.)"""
+    if isinstance(value, np.ndarray):
+        value = value.tolist() if value.dtype != object else list(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain_schema(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): (_plain_data(v) if k in _SCHEMA_DATA_KEYWORDS else
+                         _plain_schema_map(v) if k in _SCHEMA_MAP_KEYWORDS else _plain_schema(v))
+                for k, v in value.items() if v is not None or k in _SCHEMA_NULL_KEYWORDS}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# Keywords whose values map names (not keywords) to schemas.
+_SCHEMA_MAP_KEYWORDS = frozenset(("properties", "$defs", "definitions", "patternProperties", "dependentSchemas"))
+
+
+def _plain_schema_map(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain_schema(v) for k, v in value.items() if v is not None}
+    return _plain_schema(value)
 
 
 def _describe(exc: BaseException) -> str:
