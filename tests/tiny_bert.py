@@ -25,7 +25,7 @@ import numpy as np
 
 import gguf
 from gguf import GGUFValueType, GGUFWriter
-from tiny_model import VOCAB_DIR, _write_atomic, read_tokenizer_kv
+from tiny_model import VOCAB_DIR, _write_atomic, finish_gguf, read_tokenizer_kv
 
 BERT_VOCAB = VOCAB_DIR / "ggml-vocab-bert-bge.gguf"
 
@@ -114,12 +114,7 @@ def make_tiny_bert(
             if vtype == GGUFValueType.ARRAY and len(value) == 0:
                 continue  # the writer refuses empty arrays; llama.cpp treats them as absent
             w.add_key_value(key, value, vtype, sub)
-        for tname, arr in tensors:
-            w.add_tensor(tname, arr)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        finish_gguf(w, tensors)
 
     return _write_atomic(Path(path), write)
 

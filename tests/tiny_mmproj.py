@@ -75,7 +75,7 @@ import numpy as np
 import gguf
 from gguf import GGUFWriter
 
-from tiny_model import _write_atomic, make_tiny_llama
+from tiny_model import _write_atomic, finish_gguf, make_tiny_llama
 
 __all__ = [
     "CLIP_IMAGE_MEAN",
@@ -251,12 +251,7 @@ def make_tiny_mmproj(
         w.add_float32("clip.vision.attention.layer_norm_epsilon", eps)
         w.add_array("clip.vision.image_mean", [float(x) for x in image_mean])  # float32 array
         w.add_array("clip.vision.image_std", [float(x) for x in image_std])
-        for tname, arr in tensors:
-            w.add_tensor(tname, arr)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        finish_gguf(w, tensors)
 
     return _write_atomic(Path(path), write)
 

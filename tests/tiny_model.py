@@ -143,6 +143,16 @@ def _write_atomic(path: Path, writer_fn) -> Path:
     return path
 
 
+def finish_gguf(w: "gguf.GGUFWriter", tensors) -> None:
+    """Add the (name, array) tensors and write header, metadata and tensors; close the writer."""
+    for tname, arr in tensors:
+        w.add_tensor(tname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def make_tiny_llama(
     path: str | os.PathLike[str],
     *,
@@ -259,12 +269,7 @@ def make_tiny_llama(
                 w.add_string(key, value)
             else:
                 raise TypeError(f"extra_kv[{key!r}]: unsupported type {type(value).__name__}")
-        for tname, arr in tensors:
-            w.add_tensor(tname, arr)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        finish_gguf(w, tensors)
 
     return _write_atomic(Path(path), write)
 
