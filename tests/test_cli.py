@@ -418,3 +418,20 @@ def test_sigint_stops_generation_cleanly(smollm2_path: Path) -> None:
     assert elapsed < 5, elapsed  # ~2 s asked; some slack for a loaded machine
     assert "Traceback" not in err_text and "KeyboardInterrupt" not in err_text
     assert err_text.endswith("\n")
+
+
+def test_run_with_speculation_flags(smollm2_path: Path) -> None:
+    """llama-server's speculation flags: the answer is plain decoding's, the timings report the
+    drafts; a draft model is refused with one clear line."""
+    prompt = "Repeat exactly: one two three four five six seven eight nine ten, one two three four five"
+    plain = cli("run", "-m", smollm2_path, prompt, "-n", "40", "--temp", "0", *FAST)
+    spec = cli("run", "-m", smollm2_path, prompt, "-n", "40", "--temp", "0", "--spec-type", "ngram-simple",
+               "--spec-draft-n-max", "8", "--spec-ngram-simple-size-n", "2", "--verbose", *FAST)
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert "draft acceptance rate" in spec.stderr
+    bad = cli("run", "-m", smollm2_path, "hi", "-n", "2", "-md", "draft.gguf", *FAST)
+    assert bad.returncode != 0
+    assert "draft models are not supported yet" in _one_error_line(bad)
+    zero = cli("run", "-m", smollm2_path, "hi", "--spec-type", "ngram-simple", "--spec-draft-n-max", "0", *FAST)
+    assert zero.returncode == 2 and "--spec-draft-n-max" in zero.stderr

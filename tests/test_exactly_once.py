@@ -444,3 +444,43 @@ def test_tool_chat_async_matches_sync(llm):
     assert got.content == sync.content
     assert [c["function"] for c in got.tool_calls or ()] == [c["function"] for c in sync.tool_calls or ()]
     assert got.finish_reason == sync.finish_reason
+
+
+def test_a_stored_listener_failure_does_not_keep_the_stepping_callers_stream_alive(llm):
+    """A listener's exception is kept on its request for the owner to raise: it must not keep
+    the frames of the thread that was stepping (found by the soak: a sync stream that was
+    stepping when another request's listener raised, then dropped by its owner, was never
+    collected, so its requests were never cancelled and held their slots)."""
+    import gc
+    import weakref
+
+    stream = llm.stream("a stream that will be dropped", max_tokens=50, temperature=0.0)
+    assert next(stream)                       # started: its requests hold a slot
+    stream_reqs = list(stream._reqs)
+
+    calls = []
+
+    def bad_listener(r):
+        calls.append(r)
+        if len(calls) == 1:     # told once more after it failed: that call succeeds
+            raise KeyError("listener failed")
+
+    prep = llm._prepare_complete("the other request", max_tokens=4, temperature=0.0)
+    for r in prep.requests:
+        r.listener = bad_listener
+    for lead in prep.leaders:
+        llm._sched.submit(lead)
+    # The stream's own thread steps (and dispatches the failing listener) in next().
+    while not all(r.done for r in prep.requests):
+        next(stream)
+    assert isinstance(prep.requests[0].error, KeyError)
+    assert prep.requests[0].error.__traceback__ is None          # kept as text, in a note
+    assert any("bad_listener" in n for n in getattr(prep.requests[0].error, "__notes__", ["bad_listener"]))
+
+    ref = weakref.ref(stream)
+    del stream
+    gc.collect()
+    assert ref() is None
+    llm.complete("next", max_tokens=2, temperature=0.0)   # its step collects the cancellation
+    assert all(r.done for r in stream_reqs)
+    assert _idle(llm)

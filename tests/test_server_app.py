@@ -531,3 +531,20 @@ def test_client_disconnect_cancels_the_request(stream):
         assert llm.cancelled == 1
         assert backend.in_flight == 0
     run(main())
+
+
+def test_timings_report_speculation_as_llama_server_does(tiny_model_path):
+    """`timings.draft_n` / `draft_n_accepted` (llama-server's names) with LLM(spec_type=...)."""
+    from pyllama import LLM
+
+    with LLM(tiny_model_path, n_ctx=1024, n_parallel=1, spec_type="ngram-simple", spec_ngram_size_n=1,
+             n_threads=1) as llm:
+        app = create_app(llm)
+        head = "Once upon a time"       # a prompt that repeats its start: the n-gram lookup drafts
+        prompt = head + llm.complete(head, max_tokens=40, temperature=0).text + head
+        r = _post(app, "/v1/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0})
+        assert r.status_code == 200, r.text
+        t = r.json()["timings"]
+        assert t["draft_n"] > 0 and 0 <= t["draft_n_accepted"] <= t["draft_n"]
+        want = llm.complete(prompt, max_tokens=24, temperature=0, speculative=False).text
+        assert r.json()["choices"][0]["text"] == want

@@ -28,6 +28,14 @@ from pyllama.log import disable_logging, enable_logging, set_llama_log_level
 from pyllama.llm import LLM, AsyncStream, Chunk, Completion, Stream, Timings, TokenLogprob, TopLogprob
 from pyllama.sampling import SamplingParams
 
+
+def install_as_llama_cpp():
+    """Make ``import llama_cpp`` give pyllama's llama-cpp-python compatibility layer
+    (see pyllama.compat); call it before anything imports llama_cpp."""
+    from pyllama.compat import install_as_llama_cpp as install
+
+    return install()
+
 __version__ = "0.1.0"
 
 
@@ -66,5 +74,5 @@ __all__ = [
     "LLM", "Completion", "Timings", "Chunk", "TokenLogprob", "TopLogprob", "Stream", "AsyncStream", "SamplingParams", "Model", "Vocab", "Context", "Batch", "SamplerChain",
     "Engine", "GenerationRequest", "Multimodal", "Bitmap", "MediaPrompt", "UnsupportedTensorTypeError", "LoraAdapter", "backends", "system_info", "build_info", "enable_logging",
     "disable_logging", "set_llama_log_level", "grammar_path",
-    "json_schema_to_gbnf", "__version__", "__llama_cpp_commit__", *_errors_all,
+    "json_schema_to_gbnf", "install_as_llama_cpp", "__version__", "__llama_cpp_commit__", *_errors_all,
 ]

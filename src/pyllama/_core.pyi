@@ -392,6 +392,15 @@ class GenerationRequest:
     request keeps (that token last in input_ids); True ends it with finish_reason "stop" (the
     token stays in `tokens`, its text is dropped, as in llama-cpp-python).  An exception in a
     hook ends this request only (finish_reason "error").
+
+    Speculative decoding: `draft_max > 0` drafts up to that many tokens per step from the
+    prompt and output (the continuation of the latest earlier occurrence of the last
+    `ngram_n` tokens, llama.cpp's ngram-simple); one decode scores them with everyone's
+    tokens, the request's own sampler chain accepts them while it picks exactly the drafted
+    token, and the rest leave the KV memory.  Drafts shorter than `draft_min` are not made.
+    `drafter(token_ids, limit) -> tokens` replaces the n-gram lookup with a draft source of
+    the caller's (called in the stepping thread, prompt + output so far, at most `limit`
+    tokens used); if it raises, the request ends with that exception.
     """
 
     def __init__(
@@ -411,6 +420,10 @@ class GenerationRequest:
         cache_prompt: bool = True,
         logits_processors: Iterable[_LogitsProcessor] | None = None,
         stopping_criteria: Iterable[_StoppingCriterion] | None = None,
+        draft_max: int = 0,
+        draft_min: int = 0,
+        ngram_n: int = 3,
+        drafter: Callable[[list[int], int], Sequence[int] | None] | None = None,
     ) -> None: ...
     media: MediaPrompt | None
     tag: Any
@@ -437,6 +450,20 @@ class GenerationRequest:
     def stop(self) -> tuple[str, ...]: ...
     @property
     def ignore_eos(self) -> bool: ...
+    @property
+    def draft_max(self) -> int: ...
+    @property
+    def draft_min(self) -> int: ...
+    @property
+    def ngram_n(self) -> int: ...
+    @property
+    def n_drafted(self) -> int:
+        """Tokens drafted for this request so far (speculative decoding)."""
+    @property
+    def n_draft_accepted(self) -> int:
+        """Drafted tokens its sampler chain accepted."""
+    @property
+    def drafter(self) -> Callable[[list[int], int], Sequence[int] | None] | None: ...
     @property
     def n_logprobs(self) -> int: ...
     @property
@@ -542,6 +569,12 @@ class Engine:
     def n_steps(self) -> int: ...
     @property
     def n_preemptions(self) -> int: ...
+    @property
+    def n_drafted_total(self) -> int: ...
+    @property
+    def n_draft_accepted_total(self) -> int: ...
+    spec_max_sequences: int
+    """Requests draft (speculative decoding) only while fewer sequences than this generate."""
     def step(
         self, events: list[tuple[GenerationRequest, str, str | None]] | None = None
     ) -> list[tuple[GenerationRequest, str, str | None]]:

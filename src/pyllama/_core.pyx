@@ -41,6 +41,7 @@ from pyllama.errors import (
     InvalidTokenError,
     KVCacheFullError,
     ModelLoadError,
+    detach_traceback as _detach_traceback,
 )
 
 include "_support.pxi"

@@ -21,6 +21,7 @@ from libc.math cimport expf, log
 
 
 DEF _MAX_TOP_LOGPROBS = 20
+DEF _MAX_DRAFT = 256          # drafted tokens per request per step, at most
 # Prompt tokens fed per step for a request that wants prompt log-probabilities: each
 # needs an n_vocab row of logits in llama.cpp's output buffer.
 DEF _PROMPT_LOGPROBS_CHUNK = 32
@@ -242,6 +243,17 @@ cdef class GenerationRequest:
     cdef object _scores_copy     # NumPy float32 row, when the context's row must stay untouched
     cdef bint _row_shared        # this step, our logits row is also a request group partner's
     cdef readonly bint stopped_by_criterion   # a stopping criterion ended the request
+    # Speculative decoding (n-gram self-speculation, see Engine._draft_tokens / _verify):
+    cdef readonly int draft_max          # at most this many drafted tokens per step (0: off)
+    cdef readonly int draft_min          # drafts shorter than this are not worth a verification
+    cdef readonly int ngram_n            # length of the n-gram looked up in prompt + output
+    cdef int spec_cap                    # the current draft length: grows while drafts are accepted
+    cdef list draft                      # tokens drafted into this step's batch, after next_token
+    cdef int draft_idx0                  # batch index of the first of them
+    cdef dict ngram_pos                  # n-gram -> index (in prompt + output) of what followed it last
+    cdef Py_ssize_t n_indexed            # positions of prompt + output entered in ngram_pos
+    cdef readonly long long n_drafted, n_draft_accepted
+    cdef readonly object drafter         # drafter(token_ids, limit) -> tokens, instead of n-grams
     cdef readonly object finish_reason
     cdef public object error     # the exception that ended this request (finish_reason "error")
     # timings (ms)
@@ -258,7 +270,8 @@ cdef class GenerationRequest:
     def __init__(self, prompt_tokens, SamplerChain sampler not None, *, SamplerChain grammar=None,
                  int max_tokens=-1, stop=(), stop_tokens=(), bint ignore_eos=False, bint render_special=False,
                  tag=None, logprobs=None, bint prompt_logprobs=False, bint cache_prompt=True,
-                 logits_processors=None, stopping_criteria=None):
+                 logits_processors=None, stopping_criteria=None, int draft_max=0, int draft_min=0,
+                 int ngram_n=3, drafter=None):
         if self._initialized:
             raise RuntimeError("GenerationRequest is already initialised")
         if sampler.ptr == NULL:
@@ -316,6 +329,20 @@ cdef class GenerationRequest:
         self.logits_processors = _check_hooks(logits_processors, "logits_processors")
         self.stopping_criteria = _check_hooks(stopping_criteria, "stopping_criteria")
         self.has_hooks = bool(self.logits_processors or self.stopping_criteria)
+        if not 0 <= draft_max <= _MAX_DRAFT:
+            raise ValueError(f"draft_max must be in 0..{_MAX_DRAFT} (0: no speculation), got {draft_max}")
+        if not 0 <= draft_min <= max(draft_max, 0):
+            raise ValueError(f"draft_min must be in 0..draft_max ({draft_max}), got {draft_min}")
+        if not 1 <= ngram_n <= 64:
+            raise ValueError(f"ngram_n (the looked-up n-gram's length) must be in 1..64, got {ngram_n}")
+        # Media positions hold negative keys that cannot be drafted: such prompts decode plainly.
+        self.draft_max = draft_max if self.media is None else 0
+        self.draft_min = draft_min
+        self.ngram_n = ngram_n
+        if drafter is not None and not callable(drafter):
+            raise TypeError(f"drafter must be callable as drafter(token_ids, limit), got {type(drafter).__name__}")
+        self.drafter = drafter
+        self.spec_cap = min(4, draft_max) if draft_max > 0 else 0
         self.sampler = sampler
         self.grammar = grammar
         self.max_tokens = max_tokens
@@ -434,6 +461,42 @@ cdef class GenerationRequest:
             if span[0] < k < span[0] + span[1]:
                 return span[0]
         return k
+
+    cdef list _history(self, Py_ssize_t a, Py_ssize_t b):
+        """Tokens [a, b) of the prompt followed by the output."""
+        cdef Py_ssize_t n_p = len(self.prompt_tokens)
+        if b <= n_p:
+            return self.prompt_tokens[a:b]
+        if a >= n_p:
+            return self.out_tokens[a - n_p:b - n_p]
+        return self.prompt_tokens[a:] + self.out_tokens[:b - n_p]
+
+    cdef list _draft_ngram(self, int limit):
+        """Up to `limit` tokens that followed the latest earlier occurrence of the last
+        `ngram_n` tokens (prompt + output, the just-sampled token last): llama.cpp's
+        ngram-simple drafting, with an index kept up to date as tokens arrive (a dict
+        insert per token instead of a scan of the whole history per step)."""
+        cdef Py_ssize_t n = self.ngram_n
+        cdef Py_ssize_t length = len(self.prompt_tokens) + len(self.out_tokens)
+        cdef Py_ssize_t j
+        if length <= n or limit <= 0:
+            return None
+        if self.ngram_pos is None:
+            self.ngram_pos = {}
+            self.n_indexed = n
+        # Index every position that has a successor (the n-gram before it -> it), up to the
+        # newest: only the tail n-gram itself, the one looked up, has none yet.
+        if self.n_indexed < length:
+            hist = self._history(self.n_indexed - n, length - 1)
+            pos = self.ngram_pos
+            for j in range(length - self.n_indexed):
+                pos[tuple(hist[j:j + n])] = self.n_indexed + j
+            self.n_indexed = length
+        found = self.ngram_pos.get(tuple(self._history(length - n, length)))
+        if found is None:
+            return None
+        j = found
+        return self._history(j, min(j + limit, length))
 
     def add_follower(self, GenerationRequest other not None) -> None:
         """Let `other` (same prompt) share this request's prompt evaluation: when the prompt
@@ -661,6 +724,13 @@ cdef class Engine:
     cdef readonly long long n_busy_slots_total
     cdef readonly long long n_steps
     cdef readonly long long n_preemptions   # requests that gave their slot up (KV memory full)
+    cdef readonly long long n_drafted_total, n_draft_accepted_total
+    # Speculation pays while decoding is bound by reading the weights (few sequences): a
+    # drafted token then costs little.  With many sequences the decode is bound by compute
+    # and drafts compete with other requests' tokens, so nobody drafts once this many
+    # sequences generate (DESIGN: "it must never cost").
+    cdef public int spec_max_sequences
+    cdef long long spec_pause_until        # no drafting before this step (after a KV-full retry)
 
     def __cinit__(self):
         self._initialized = False
@@ -682,6 +752,7 @@ cdef class Engine:
         self.queue = _deque()
         self.parked = []
         self.cache_prompt = cache_prompt
+        self.spec_max_sequences = 4
         self._initialized = True
 
     cdef int _check_init(self) except -1:
@@ -914,9 +985,13 @@ cdef class Engine:
         r.has_next = False
 
     cdef void _fail(self, GenerationRequest r, object exc):
-        """End one request with an error its owner will raise."""
+        """End one request with an error its owner will raise (without the frames of this
+        step's thread: see errors.detach_traceback)."""
         if r.finish_reason is None:
-            r.error = exc
+            try:
+                r.error = _detach_traceback(exc)
+            except BaseException:   # noqa: BLE001 - cannot fail short of memory; keep the error
+                r.error = exc
         self._release(r, "error")
 
     cdef bint _preempt_one(self):
@@ -1116,7 +1191,7 @@ cdef class Engine:
         cdef int s, i, room, take, first
         cdef Batch batch = self.batch
         cdef double t0, t1, dt
-        cdef int n_busy = 0
+        cdef int n_busy = 0, n_gen = 0, n_spec = 0
         cdef bint want_logits
         interrupt = None     # a KeyboardInterrupt (or the like) raised by a hook this step
 
@@ -1148,11 +1223,18 @@ cdef class Engine:
             r = x
             r.batch_idx = -1
             r.n_fed = 0
+            r.draft = None
             if r.paused or (r.leader is not None and not r.forked):
                 continue
             n_busy += 1
             if r.has_next and not r.refill:
                 r.batch_idx = batch._add(r.next_token, r.n_past, s, True)
+                n_gen += 1
+                if r.draft_max > 0:
+                    n_spec += 1
+        # 2b. Speculation: drafted continuations, verified by this same decode.
+        if n_spec > 0 and n_gen < self.spec_max_sequences and self.n_steps >= self.spec_pause_until:
+            self._add_drafts(batch)
         for s in range(self.n_slots):
             x = self.slots[s]
             if x is None:
@@ -1250,7 +1332,10 @@ cdef class Engine:
                 self._emit(r, "", events, callback)
                 continue
             try:
-                self._sample_one(r, events, callback)
+                if r.draft is not None:
+                    self._verify(r, s, events, callback)
+                else:
+                    self._sample_one(r, events, callback)
             except _HookFailure as e:
                 # A logits processor or stopping criterion raised: its request ends with that
                 # exception, the others are sampled as usual.  (Ctrl-C in a hook propagates
@@ -1270,6 +1355,100 @@ cdef class Engine:
         if interrupt is not None:
             raise interrupt
         return 0
+
+    cdef int _add_drafts(self, Batch batch) except -1:
+        """Add each speculating request's draft after its next token (positions n_past + 1 ...),
+        every position with logits so that one decode scores them all."""
+        cdef GenerationRequest r
+        cdef int s, i, limit, room
+        cdef list draft
+        for s in range(self.n_slots):
+            x = self.slots[s]
+            if x is None:
+                continue
+            r = x
+            if r.batch_idx < 0 or r.draft_max <= 0:
+                continue
+            room = self.n_batch - batch.batch.n_tokens
+            # Never past the sequence's context, nor past max_tokens (the token after the last
+            # accepted draft is sampled too: drafts beyond max_tokens - 1 could never count).
+            limit = min(r.spec_cap, room, self.n_ctx_seq - r.n_past - 2)
+            if r.max_tokens >= 0:
+                limit = min(limit, r.max_tokens - <int>len(r.out_tokens) - 1)
+            if limit < max(r.draft_min, 1):
+                continue
+            if r.drafter is not None:
+                draft = self._call_drafter(r, limit)
+            else:
+                draft = r._draft_ngram(limit)
+            if draft is None or <int>len(draft) < max(r.draft_min, 1):
+                continue
+            r.draft_idx0 = batch.batch.n_tokens
+            for i in range(len(draft)):
+                batch._add(draft[i], r.n_past + 1 + i, s, True)
+            r.draft = draft
+        return 0
+
+    cdef list _call_drafter(self, GenerationRequest r, int limit):
+        """A request's own draft source (a Python callable: a draft model run by the caller,
+        a lookup table...).  Its tokens are checked before they reach llama_decode; if it
+        raises or returns nonsense, that request ends with the error at the next step."""
+        cdef int32_t n_vocab = self.context.n_vocab
+        try:
+            out = r.drafter(r._history(0, len(r.prompt_tokens) + len(r.out_tokens)), limit)
+            draft = [] if out is None else [int(t) for t in out][:limit]
+            for t in draft:
+                if not 0 <= t < n_vocab:
+                    raise InvalidTokenError(f"the drafter returned token id {t}, outside the vocabulary "
+                                            f"(0..{n_vocab - 1})")
+        except Exception as exc:   # noqa: BLE001 - it belongs to that request (Ctrl-C propagates)
+            if r.error is None:
+                r.error = _detach_traceback(exc)
+            r.cancel_requested = True
+            return None
+        return draft
+
+    cdef int _verify(self, GenerationRequest r, int s, list events, object callback) except -1:
+        """Sample the request at its next token's output, then at each drafted position while
+        the chain picked exactly the drafted token: the first sample that differs (or the one
+        after the last draft) becomes the next token, as plain decoding would have sampled it
+        from the same logits.  Rejected drafts leave the KV memory."""
+        cdef list draft = r.draft
+        cdef int k = len(draft), j = 0
+        r.draft = None
+        r.n_drafted += k
+        self.n_drafted_total += k
+        try:
+            self._sample_one(r, events, callback)
+            while j < k and r.has_next and r.next_token == <llama_token>draft[j]:
+                # The draft was right: its position is evaluated already (it is at n_past).
+                self.slot_tokens[s].append(draft[j])
+                r.n_past += 1
+                r.has_next = False
+                r.batch_idx = r.draft_idx0 + j
+                j += 1
+                self._sample_one(r, events, callback)
+        finally:
+            r.batch_idx = -1
+            r.n_draft_accepted += j
+            self.n_draft_accepted_total += j
+            # Keep what the slot holds (the accepted drafts); the rest was never accepted.
+            llama_memory_seq_rm(llama_get_memory(self.context.ptr), s, len(self.slot_tokens[s]), -1)
+            # Draft length adapts: doubles while whole drafts are accepted, shrinks to just past
+            # the accepted run after a rejection (a 1-token draft costs next to nothing).
+            if j == k:
+                r.spec_cap = min(r.draft_max, max(1, r.spec_cap) * 2)
+            else:
+                r.spec_cap = max(1, min(r.spec_cap, j + 1))
+        return 0
+
+    cdef bint _drop_drafts(self):
+        cdef bint any_draft = False
+        for x in self.slots:
+            if x is not None and (<GenerationRequest>x).draft is not None:
+                (<GenerationRequest>x).draft = None
+                any_draft = True
+        return any_draft
 
     cdef int _feed_media(self, GenerationRequest r, int s, list events, object callback) except -1:
         """Evaluate every medium that starts at r's next position (consecutive ones too).  A
@@ -1346,6 +1525,11 @@ cdef class Engine:
                 self.context._eval(batch, False)
                 return True
             except KVCacheFullError as e:
+                if self._drop_drafts():
+                    # The drafts took the last cells: decode without them (next step), and draft
+                    # again only a little later.
+                    self.spec_pause_until = self.n_steps + 16
+                    return False
                 if self._evict_idle_caches() > 0:
                     continue
                 if self._preempt_one():

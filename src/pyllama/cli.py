@@ -175,7 +175,7 @@ _SAMPLING_DESTS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repe
                    "dry_penalty_last_n", "dry_sequence_breakers", "mirostat_mode", "seed", "stop", "ignore_eos",
                    "grammar")
 _LOAD_DESTS = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "chat_template", "use_mmap", "use_mlock",
-               "mmproj_path")
+               "mmproj_path", "spec_type", "draft_max", "draft_min", "spec_ngram_size_n", "draft_model")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -330,6 +330,23 @@ def _open_llm(args: argparse.Namespace, path: str) -> Any:
     return LLM(path, **load_kwargs(args))
 
 
+def add_spec_arguments(p: Any) -> None:
+    """Speculative decoding, under llama-server's flag names (run and serve)."""
+    g = p.add_argument_group("speculative decoding (drafted tokens verified in the same decode)")
+    g.add_argument("--spec-type", dest="spec_type", choices=("none", "ngram-simple"), default=None,
+                   help="ngram-simple: draft the continuation of the last n-gram's earlier occurrence in the "
+                        "prompt and answer (no second model; pays when the answer copies from its input); "
+                        "default none")
+    g.add_argument("--spec-draft-n-max", "--draft-max", "--draft", dest="draft_max", type=_int(1), metavar="N",
+                   help="at most N drafted tokens per step (default 16)")
+    g.add_argument("--spec-draft-n-min", "--draft-min", dest="draft_min", type=_int(0), metavar="N",
+                   help="do not verify drafts shorter than N tokens (default 0)")
+    g.add_argument("--spec-ngram-simple-size-n", dest="spec_ngram_size_n", type=_int(1), metavar="N",
+                   help="length of the n-gram looked up for ngram-simple (default 3)")
+    g.add_argument("-md", "--model-draft", dest="draft_model", metavar="FILE",
+                   help="a draft model (not supported yet: the command stops with a message)")
+
+
 def add_hf_arguments(p: Any) -> None:
     """llama.cpp's -hf options (models from Hugging Face) for run, serve and pull."""
     g = p.add_argument_group("models from Hugging Face (needs: pip install 'pyllama[hf]')")
@@ -389,6 +406,7 @@ def add_run_parser(sub: Any) -> None:
                         "before the prompt (needs --mmproj; repeat for several)")
     add_model_arguments(p)
     add_hf_arguments(p)
+    add_spec_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_run)
 
@@ -891,6 +909,7 @@ def add_serve_parser(sub: Any) -> None:
     g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false", default=True,
                    help="do not reuse a slot's cached prompt for the next request")
     add_hf_arguments(p)
+    add_spec_arguments(p)
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     h.add_argument("--port", type=_int(0, " (0 = any free port)"), default=8080, help="TCP port (default 8080)")
@@ -931,8 +950,9 @@ def serve_llm_kwargs(args: argparse.Namespace, path: str) -> dict:
     (kv_unified=False gives each slot its own n_ctx/np cells, as llama-server does)."""
     kw: dict = {"n_parallel": args.n_parallel, "kv_unified": False, "embedding": True,
                 "verbose": bool(args.verbose)}
-    for name in ("n_batch", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock", "mmproj_path"):
-        if getattr(args, name) is not None:
+    for name in ("n_batch", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock", "mmproj_path", "spec_type",
+                 "draft_max", "draft_min", "spec_ngram_size_n", "draft_model"):
+        if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     n_ctx = args.n_ctx
     if n_ctx is None or n_ctx == 0:

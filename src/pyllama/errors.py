@@ -78,6 +78,29 @@ class ClosedError(PyllamaError, ValueError):
     """The LLM is closed (or was closed while the call was running)."""
 
 
+def detach_traceback(exc: BaseException) -> BaseException:
+    """Prepare an exception that outlives the step that caught it (stored on a request, for
+    its owner to raise later): its traceback is kept as text, in a note, and its frames are
+    dropped.  Frames link, through f_back, every caller of the thread that was stepping the
+    engine; kept alive, they would keep that thread's objects alive too (a stream another
+    caller dropped would then never be collected, and its requests would never end).
+    Returns `exc`.  (Not exported: used by _core and the scheduler.)"""
+    import traceback
+
+    seen: set = set()
+    e: "BaseException | None" = exc
+    while e is not None and id(e) not in seen and len(seen) < 16:
+        seen.add(id(e))
+        tb = e.__traceback__
+        if tb is not None:
+            if hasattr(e, "add_note"):   # Python 3.11+
+                e.add_note("Traceback, in the thread that was stepping the engine:\n"
+                           + "".join(traceback.format_tb(tb)).rstrip())
+            e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return exc
+
+
 __all__ = [
     "PyllamaError",
     "ModelLoadError",

@@ -74,6 +74,8 @@ class Timings:
     sample_ms: float = 0.0
     ttft_ms: float = 0.0
     total_ms: float = 0.0
+    draft_n: int = 0           # speculative decoding: tokens drafted (llama-server's names)
+    draft_n_accepted: int = 0  # and accepted by the sampler chain
 
     @property
     def prompt_per_second(self) -> float:
@@ -101,14 +103,18 @@ class Timings:
             return (f"{ms:10.2f} ms / {n:5d} {unit} ({ms / n:8.2f} ms per token, "
                     f"{1000.0 * n / ms:8.2f} tokens per second)")
 
-        return "\n".join([
+        lines = [
             f"llama_perf_context_print:        load time = {self.load_ms:10.2f} ms",
             f"llama_perf_sampler_print:    sampling time = {rate(self.sample_ms, self.sample_n, 'runs  ')}",
             f"llama_perf_context_print: prompt eval time = {rate(self.prompt_ms, self.prompt_n, 'tokens')}",
             f"llama_perf_context_print:        eval time = {rate(self.predicted_ms, self.predicted_n, 'runs  ')}",
             f"llama_perf_context_print:       total time = {self.total_ms:10.2f} ms / "
             f"{self.prompt_n + self.predicted_n:5d} tokens",
-        ])
+        ]
+        if self.draft_n:
+            lines.append(f"draft acceptance rate = {self.draft_n_accepted / self.draft_n:.5f} "
+                         f"({self.draft_n_accepted:5d} accepted / {self.draft_n:5d} generated)")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -230,6 +236,11 @@ class LLM:
         embedding: bool = False,
         chat_template: Optional[str] = None,
         cache_prompt: bool = True,
+        spec_type: Optional[str] = None,
+        draft_max: int = 16,
+        draft_min: int = 0,
+        spec_ngram_size_n: int = 3,
+        draft_model: Union[str, os.PathLike, None] = None,
         verbose: bool = False,
         model: Optional[str] = None,
         **sampling: Any,
@@ -250,6 +261,7 @@ class LLM:
         self.defaults = SamplingParams(**sampling)
         self._resolve_grammar(self.defaults)   # a bad grammar fails here, before loading
 
+        self._spec = _spec_settings(spec_type, draft_max, draft_min, spec_ngram_size_n, draft_model)
         if not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch < 1:
             raise ValueError(f"n_batch must be an int >= 1, got {n_batch!r}")
         if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 0):
@@ -598,11 +610,12 @@ class LLM:
         gbnf = self._resolve_grammar(params)
         grammar = _core.SamplerChain(self.vocab).add_grammar(gbnf) if gbnf is not None else None
         max_tokens = -1 if params.max_tokens is None else params.max_tokens
+        spec = self._spec if params.speculative is not False else None
         return _core.GenerationRequest(tokens, chain, grammar=grammar, max_tokens=max_tokens,
                                        stop=params.stop or (), stop_tokens=params.stop_tokens,
                                        ignore_eos=params.ignore_eos, tag=tag, logprobs=logprobs,
                                        prompt_logprobs=echo and logprobs is not None,
-                                       cache_prompt=params.cache_prompt, **(hooks or {}))
+                                       cache_prompt=params.cache_prompt, **(spec or {}), **(hooks or {}))
 
     def _group(self, prompt: Any, params: SamplingParams, *, n: int, logprobs: Any, echo: bool, tag: Any = None,
                add_special: bool = True, parse_special: bool = False,
@@ -701,7 +714,8 @@ class LLM:
             cached_n=req.n_cached_tokens if prompt_n else req.n_prompt,
             predicted_n=max(n_gen - 1, 0) if req.finish_reason != "eog" else n_gen, predicted_ms=req.t_gen_ms,
             sample_n=n_gen + (1 if req.finish_reason == "eog" else 0), sample_ms=req.t_sample_ms,
-            ttft_ms=req.t_first_token_ms, total_ms=(time.perf_counter() - t_start) * 1000.0)
+            ttft_ms=req.t_first_token_ms, total_ms=(time.perf_counter() - t_start) * 1000.0,
+            draft_n=req.n_drafted, draft_n_accepted=req.n_draft_accepted)
         self._first_call = False
         self._stats.add(timings)
         logprobs = [self._token_logprob(e) for e in req.logprobs] if req.n_logprobs >= 0 else None
@@ -1230,6 +1244,32 @@ class LLM:
             return out[0] if single else out
 
 
+#: Speculative decoding methods (llama-server's --spec-type names) pyllama implements.
+SPEC_TYPES = ("ngram-simple",)
+
+
+def _spec_settings(spec_type: Optional[str], draft_max: Any, draft_min: Any, ngram_n: Any,
+                   draft_model: Any) -> Optional[dict]:
+    """The GenerationRequest arguments of LLM(spec_type=...), checked before anything loads."""
+    for name, value, low in (("draft_max", draft_max, 1), ("draft_min", draft_min, 0),
+                             ("spec_ngram_size_n", ngram_n, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 256:
+            raise ValueError(f"{name} must be an int in {low}..256, got {value!r}")
+    if draft_min > draft_max:
+        raise ValueError(f"draft_min ({draft_min}) must not exceed draft_max ({draft_max})")
+    if ngram_n > 64:
+        raise ValueError(f"spec_ngram_size_n must be in 1..64, got {ngram_n}")
+    if draft_model is not None:
+        raise NotImplementedError("draft models are not supported yet: use spec_type='ngram-simple' "
+                                  "(n-gram self-speculation, no second model)")
+    if spec_type in (None, "none"):
+        return None
+    if spec_type not in SPEC_TYPES:
+        raise ValueError(f"unknown spec_type {spec_type!r}: pyllama implements {', '.join(SPEC_TYPES)} "
+                         "(or None for plain decoding)")
+    return {"draft_max": draft_max, "draft_min": draft_min, "ngram_n": ngram_n}
+
+
 def _is_chat(prompt: Any) -> bool:
     """A list of message dicts (generate() takes chats among its prompts)."""
     return (isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], Mapping))
@@ -1455,6 +1495,7 @@ class AsyncStream:
         # What the listener needs lives here, not on self: the stream can then be collected
         # (and cancelled by __del__) as soon as its reader drops it.
         self._flow = flow = _Flow(llm._sched, reqs, self.max_queued)
+        mailbox = _Mailbox.of(loop)
 
         def pump(i: int, items: list) -> None:
             r = reqs[i]
@@ -1477,9 +1518,7 @@ class AsyncStream:
                         pump(i, items)
             if items:
                 flow.queued(len(items))   # may pause the requests: before the reader can see them
-                try:
-                    loop.call_soon_threadsafe(_put_all, queue, items)
-                except RuntimeError:   # the event loop is closed: nobody reads any more
+                if not mailbox.post(queue, items):   # the event loop is closed: nobody reads any more
                     llm._sched.cancel(reqs)
 
         for r in reqs:
@@ -1580,9 +1619,56 @@ async def _finish_off_loop(prep: _Prepared) -> Any:
     return prep.finish()
 
 
-def _put_all(queue: Any, items: list) -> None:
-    for item in items:
-        queue.put_nowait(item)
+class _Mailbox:
+    """Hands pieces from the stepping thread to one event loop, waking the loop at most once
+    per batch: a step that feeds 32 streams of one loop costs one ``call_soon_threadsafe``
+    (a write to the loop's self-pipe, the largest Python cost of a step), not 32.  Order is
+    kept: the posts of every stream are drained first in, first out."""
+
+    __slots__ = ("loop_ref", "lock", "pending", "scheduled", "__weakref__")
+    _by_loop: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    _by_loop_lock = threading.Lock()
+
+    def __init__(self, loop: Any) -> None:
+        self.loop_ref = weakref.ref(loop)   # the table's value must not keep its key alive
+        self.lock = threading.Lock()
+        self.pending: list = []
+        self.scheduled = False
+
+    @classmethod
+    def of(cls, loop: Any) -> "_Mailbox":
+        with cls._by_loop_lock:
+            box = cls._by_loop.get(loop)
+            if box is None:
+                box = cls._by_loop[loop] = cls(loop)
+            return box
+
+    def post(self, queue: Any, items: list) -> bool:
+        """Queue `items` into the asyncio `queue` (any thread).  False: the loop is closed."""
+        loop = self.loop_ref()
+        with self.lock:
+            if loop is None or loop.is_closed():
+                return False
+            self.pending.append((queue, items))
+            if self.scheduled:      # a wake-up is on its way and will take these too
+                return True
+            self.scheduled = True
+        try:
+            loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:        # closed just now: nobody will drain what was posted
+            with self.lock:
+                self.pending.clear()
+                self.scheduled = False
+            return False
+        return True
+
+    def _drain(self) -> None:       # in the event loop
+        with self.lock:
+            batch, self.pending = self.pending, []
+            self.scheduled = False
+        for queue, items in batch:
+            for item in items:
+                queue.put_nowait(item)
 
 
 class _Counters:

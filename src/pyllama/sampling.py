@@ -92,6 +92,9 @@ class SamplingParams:
     #: this call evaluate its whole prompt afresh instead of reusing a slot's cached prefix.
     #: LLM(cache_prompt=False) turns reuse off for every call.
     cache_prompt: bool = True
+    #: Per call too: False turns off the LLM's speculative decoding (LLM(spec_type=...)) for
+    #: this call; None/True use it when the LLM has it.
+    speculative: Optional[bool] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,6 +149,8 @@ class SamplingParams:
             _int32("max_tokens", self.max_tokens)
         if not isinstance(self.cache_prompt, bool):
             raise TypeError(f"cache_prompt must be True or False, got {self.cache_prompt!r}")
+        if self.speculative is not None and not isinstance(self.speculative, bool):
+            raise TypeError(f"speculative must be True, False or None, got {self.speculative!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:

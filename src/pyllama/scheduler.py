@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Optional
 
 from pyllama import _core
-from pyllama.errors import ClosedError
+from pyllama.errors import ClosedError, detach_traceback
 
 logger = logging.getLogger("pyllama")
 
@@ -202,7 +202,7 @@ class Scheduler:
         once more (its owner may learn the outcome only that way); a second failure is logged."""
         for request, exc in failed:
             if request.error is None:
-                request.error = exc
+                request.error = detach_traceback(exc)
             request.cancel_requested = True
         events = [] if self._closed else self.engine.collect_cancelled()
         told = {id(r) for r, _e in failed}
@@ -384,7 +384,7 @@ class Scheduler:
     def _fail_driven(self, exc: BaseException, requests: list) -> None:
         """A step failed in the driver thread (an error of the context): end the driven
         `requests` that were in it (not those submitted since), so that their owners raise."""
-        err = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+        err = detach_traceback(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
         logger.error("a step of the engine failed in the driver thread: %r", exc)
         with self._cond:
             requests = [r for r in requests if not r.done]

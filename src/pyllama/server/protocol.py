@@ -131,7 +131,8 @@ def _timings(comp: Any) -> Optional[S.ServerTimings]:
         cache_n=int(getattr(t, "cached_n", 0)), prompt_n=pn, prompt_ms=pms,
         prompt_per_token_ms=pms / pn if pn else 0.0, prompt_per_second=1000.0 * pn / pms if pms > 0 else 0.0,
         predicted_n=gn, predicted_ms=gms, predicted_per_token_ms=gms / gn if gn else 0.0,
-        predicted_per_second=1000.0 * gn / gms if gms > 0 else 0.0)
+        predicted_per_second=1000.0 * gn / gms if gms > 0 else 0.0,
+        draft_n=int(getattr(t, "draft_n", 0)), draft_n_accepted=int(getattr(t, "draft_n_accepted", 0)))
 
 
 def usage(groups: Sequence[Sequence[Any]]) -> S.Usage:

@@ -371,6 +371,8 @@ class ServerTimings(BaseModel):
     predicted_ms: float = 0.0
     predicted_per_token_ms: float = 0.0
     predicted_per_second: float = 0.0
+    draft_n: int = 0              # speculative decoding: tokens drafted, and accepted
+    draft_n_accepted: int = 0
 
 
 class ResponseMessage(BaseModel):

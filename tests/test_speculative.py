@@ -1,0 +1,440 @@
+"""Speculative decoding in the engine (issue 25): drafted tokens verified by the same decode.
+
+The tiny random model has no near ties in its logits, so verification (which scores several
+positions in one batch) must reproduce plain decoding exactly.  An *oracle* drafter, which
+knows the plain answer and is wrong on purpose now and then, drives every path: accepted
+runs, a rejection at any position (its KV cells must go, or every later token changes), a
+draft cut by max_tokens, a stop string or a grammar.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+import pyllama
+from pyllama import LLM
+from pyllama._core import Context, Engine, GenerationRequest, Model, SamplerChain
+from pyllama.errors import InvalidTokenError
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    with Model(tiny_model_path) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny):
+    with Context(tiny, n_ctx=1024, n_seq_max=4, n_threads=1) as c:
+        yield c
+
+
+def _run(ctx, *reqs) -> None:
+    ctx.kv_clear()
+    Engine(ctx, cache_prompt=False).run(list(reqs))
+
+
+def _greedy(v):
+    return SamplerChain(v).add_greedy()
+
+
+def _sampled(v, seed):
+    return SamplerChain(v).add_top_k(40).add_temp(1.0).add_dist(seed)
+
+
+class Oracle:
+    """Drafts the known answer, spoiling one drafted token every `spoil_every` calls (at
+    a varying position), so both acceptance and rejection happen."""
+
+    def __init__(self, answer: list, n_prompt: int, n_vocab: int, spoil_every: int = 3) -> None:
+        self.answer, self.n_prompt, self.n_vocab, self.spoil_every = answer, n_prompt, n_vocab, spoil_every
+        self.calls = 0
+        self.limits: list = []
+
+    def __call__(self, ids: list, limit: int) -> list:
+        self.calls += 1
+        self.limits.append(limit)
+        done = len(ids) - self.n_prompt            # generated so far (the last one is being fed)
+        draft = list(self.answer[done:done + limit])
+        if draft and self.spoil_every and self.calls % self.spoil_every == 0:
+            k = self.calls % len(draft)
+            draft[k] = (draft[k] + 7) % self.n_vocab
+        return draft
+
+
+def test_oracle_drafts_reproduce_greedy_decoding(tiny, ctx):
+    v = tiny.vocab
+    prompt = v.tokenize("Once upon a time")
+    plain = GenerationRequest(prompt, _greedy(v), max_tokens=60)
+    _run(ctx, plain)
+    oracle = Oracle(plain.tokens, len(prompt), v.n_tokens)
+    spec = GenerationRequest(prompt, _greedy(v), max_tokens=60, draft_max=8, drafter=oracle)
+    _run(ctx, spec)
+    assert spec.tokens == plain.tokens and spec.text == plain.text
+    assert spec.finish_reason == plain.finish_reason == "length"
+    assert 0 < spec.n_draft_accepted < spec.n_drafted            # both paths were taken
+    assert max(oracle.limits) <= 8
+    # Fewer decodes than tokens: accepted drafts were tokens for free.
+    assert spec.n_draft_accepted >= 20
+
+
+def test_oracle_drafts_reproduce_sampling_with_the_same_seed(tiny, ctx):
+    """llama.cpp's rule (sample every position with the full chain, stop at the first
+    mismatch) consumes the random stream exactly as plain decoding does: same seed, same
+    tokens, so the output distribution is the chain's own."""
+    v = tiny.vocab
+    prompt = v.tokenize("The weather today")
+    for seed in (1, 2, 3, 4):
+        plain = GenerationRequest(prompt, _sampled(v, seed), max_tokens=40)
+        _run(ctx, plain)
+        spec = GenerationRequest(prompt, _sampled(v, seed), max_tokens=40, draft_max=6,
+                                 drafter=Oracle(plain.tokens, len(prompt), v.n_tokens))
+        _run(ctx, spec)
+        assert spec.tokens == plain.tokens, seed
+        assert spec.n_draft_accepted > 0
+
+
+def test_first_tokens_distribution_agrees_over_seeds(tiny, ctx):
+    """Over many seeds, the first tokens with and without speculation: the same samples
+    (hence a chi-squared statistic of 0 between the two histograms)."""
+    v = tiny.vocab
+    prompt = v.tokenize("a b a b a b a")
+    hist_plain: dict = {}
+    hist_spec: dict = {}
+    for seed in range(40):
+        plain = GenerationRequest(prompt, _sampled(v, seed), max_tokens=3)
+        _run(ctx, plain)
+        spec = GenerationRequest(prompt, _sampled(v, seed), max_tokens=3, draft_max=4, ngram_n=1)
+        _run(ctx, spec)
+        hist_plain[tuple(plain.tokens)] = hist_plain.get(tuple(plain.tokens), 0) + 1
+        hist_spec[tuple(spec.tokens)] = hist_spec.get(tuple(spec.tokens), 0) + 1
+    keys = set(hist_plain) | set(hist_spec)
+    chi2 = sum((hist_plain.get(k, 0) - hist_spec.get(k, 0)) ** 2 / (hist_plain.get(k, 0) + hist_spec.get(k, 0))
+               for k in keys)
+    assert len(hist_plain) > 1           # the sampler really sampled
+    assert chi2 == 0.0
+
+
+def test_ngram_self_speculation_on_a_repeating_prompt(tiny, ctx):
+    v = tiny.vocab
+    head = v.tokenize("Once upon a time")
+    first = GenerationRequest(head, _greedy(v), max_tokens=50)
+    _run(ctx, first)
+    # The prompt repeats its own beginning: the n-gram lookup finds it and drafts what followed.
+    prompt = head + first.tokens + head[1:]
+    plain = GenerationRequest(prompt, _greedy(v), max_tokens=50)
+    _run(ctx, plain)
+    spec = GenerationRequest(prompt, _greedy(v), max_tokens=50, draft_max=16)
+    _run(ctx, spec)
+    assert spec.tokens == plain.tokens
+    assert spec.n_drafted > 0
+
+
+def test_stop_string_inside_a_drafted_run_cuts_exactly(tiny, ctx):
+    v = tiny.vocab
+    prompt = v.tokenize("Once")
+    free = GenerationRequest(prompt, _greedy(v), max_tokens=40)
+    _run(ctx, free)
+    text = free.text
+    stop = text[20:23]
+    assert stop and stop not in text[:20]
+    plain = GenerationRequest(prompt, _greedy(v), max_tokens=40, stop=[stop])
+    _run(ctx, plain)
+    spec = GenerationRequest(prompt, _greedy(v), max_tokens=40, stop=[stop], draft_max=16,
+                             drafter=Oracle(free.tokens, len(prompt), v.n_tokens, spoil_every=0))
+    _run(ctx, spec)
+    assert spec.finish_reason == plain.finish_reason == "stop"
+    assert spec.text == plain.text == text[:text.find(stop)]
+    assert spec.n_drafted > spec.n_draft_accepted or spec.n_drafted > 0
+
+
+def test_grammar_refuses_drafted_tokens(tiny, ctx):
+    """A drafted token the grammar forbids is never emitted."""
+    v = tiny.vocab
+    grammar = 'root ::= ("yes" | "no" | "maybe") (", " ("yes" | "no" | "maybe"))* "."'
+    prompt = v.tokenize("Answer:")
+    plain = GenerationRequest(prompt, _greedy(v), grammar=SamplerChain(v).add_grammar(grammar), max_tokens=30)
+    _run(ctx, plain)
+    junk = v.tokenize(" banana split", add_special=False)
+
+    def drafter(ids, limit):
+        return (junk * limit)[:limit]
+
+    spec = GenerationRequest(prompt, _greedy(v), grammar=SamplerChain(v).add_grammar(grammar), max_tokens=30,
+                             draft_max=4, drafter=drafter)
+    _run(ctx, spec)
+    assert spec.text == plain.text
+    assert "banana" not in spec.text
+    assert spec.n_drafted > 0 and spec.n_draft_accepted == 0
+
+
+def test_mixed_batch_of_speculative_and_plain_requests(tiny, ctx):
+    v = tiny.vocab
+    prompts = [v.tokenize(p) for p in ("Once upon a time", "The weather today", "In the beginning")]
+    solo = []
+    for p in prompts:
+        r = GenerationRequest(p, _greedy(v), max_tokens=40)
+        _run(ctx, r)
+        solo.append(r.tokens)
+    together = [
+        GenerationRequest(prompts[0], _greedy(v), max_tokens=40, draft_max=8,
+                          drafter=Oracle(solo[0], len(prompts[0]), v.n_tokens)),
+        GenerationRequest(prompts[1], _greedy(v), max_tokens=40),
+        GenerationRequest(prompts[2], _greedy(v), max_tokens=40, draft_max=8,
+                          drafter=Oracle(solo[2], len(prompts[2]), v.n_tokens, spoil_every=2)),
+    ]
+    _run(ctx, *together)
+    assert [r.tokens for r in together] == solo
+    assert together[0].n_draft_accepted > 0 and together[2].n_draft_accepted > 0
+    assert together[1].n_drafted == 0
+
+
+def test_no_drafting_once_the_batch_is_full(tiny, ctx):
+    v = tiny.vocab
+    prompt = v.tokenize("Once upon a time")
+    ref = GenerationRequest(prompt, _greedy(v), max_tokens=20)
+    _run(ctx, ref)
+    ctx.kv_clear()
+    eng = Engine(ctx, cache_prompt=False)
+    eng.spec_max_sequences = 2          # two sequences generating: nobody drafts
+    reqs = [GenerationRequest(prompt, _greedy(v), max_tokens=20, draft_max=8,
+                              drafter=Oracle(ref.tokens, len(prompt), v.n_tokens)) for _ in range(2)]
+    eng.run(reqs)
+    assert [r.tokens for r in reqs] == [ref.tokens] * 2
+    assert all(r.n_drafted == 0 for r in reqs)
+    assert eng.n_drafted_total == 0
+
+
+def test_a_failing_drafter_ends_only_its_request(tiny, ctx):
+    v = tiny.vocab
+    prompt = v.tokenize("Once upon a time")
+    ref = GenerationRequest(prompt, _greedy(v), max_tokens=30)
+    _run(ctx, ref)
+
+    def broken(ids, limit):
+        raise KeyError("no draft today")
+
+    def out_of_vocab(ids, limit):
+        return [v.n_tokens + 5]
+
+    bad = GenerationRequest(prompt, _greedy(v), max_tokens=30, draft_max=4, drafter=broken)
+    wild = GenerationRequest(prompt, _greedy(v), max_tokens=30, draft_max=4, drafter=out_of_vocab)
+    good = GenerationRequest(prompt, _greedy(v), max_tokens=30, draft_max=4,
+                             drafter=Oracle(ref.tokens, len(prompt), v.n_tokens))
+    _run(ctx, bad, wild, good)
+    assert isinstance(bad.error, KeyError)
+    assert isinstance(wild.error, InvalidTokenError)
+    assert good.error is None and good.tokens == ref.tokens
+
+
+def test_a_hook_failing_mid_verification_leaves_a_clean_slot(tiny, ctx):
+    """A logits processor raising at a drafted position ends its request; the slot's KV is
+    cut back to what was accepted, so the next request reusing that cache is exact."""
+    v = tiny.vocab
+    prompt = v.tokenize("Once upon a time")
+    ref = GenerationRequest(prompt, _greedy(v), max_tokens=30)
+    _run(ctx, ref)
+    calls = [0]
+
+    def processor(ids, scores):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise ValueError("processor failed")
+        return scores
+
+    ctx.kv_clear()
+    eng = Engine(ctx, cache_prompt=True)
+    failing = GenerationRequest(prompt, _greedy(v), max_tokens=30, draft_max=8, logits_processors=[processor],
+                                drafter=Oracle(ref.tokens, len(prompt), v.n_tokens, spoil_every=0))
+    eng.run([failing])
+    assert isinstance(failing.error, ValueError)
+    assert 0 < len(failing.tokens) < 30
+    # The same prompt again: it reuses the slot's cached prefix, drafts and all.
+    again = GenerationRequest(prompt, _greedy(v), max_tokens=30, draft_max=8,
+                              drafter=Oracle(ref.tokens, len(prompt), v.n_tokens))
+    eng.run([again])
+    assert again.n_cached_tokens > 0
+    assert again.tokens == ref.tokens
+
+
+def test_cancel_while_speculating(tiny, ctx):
+    v = tiny.vocab
+    prompt = v.tokenize("Once upon a time")
+    ref = GenerationRequest(prompt, _greedy(v), max_tokens=40)
+    _run(ctx, ref)
+    ctx.kv_clear()
+    eng = Engine(ctx, cache_prompt=True)
+    victim = GenerationRequest(prompt, _greedy(v), max_tokens=40, draft_max=8,
+                               drafter=Oracle(ref.tokens, len(prompt), v.n_tokens))
+
+    def callback(r, text):
+        if len(r.tokens) >= 10:
+            r.cancel_requested = True
+
+    eng.run([victim], callback=callback)
+    assert victim.finish_reason == "cancelled"
+    again = GenerationRequest(prompt, _greedy(v), max_tokens=40)
+    eng.run([again])
+    assert again.tokens == ref.tokens
+
+
+def test_request_argument_errors(tiny):
+    v = tiny.vocab
+    p = v.tokenize("x")
+    with pytest.raises(ValueError, match="draft_max"):
+        GenerationRequest(p, _greedy(v), draft_max=-1)
+    with pytest.raises(ValueError, match="draft_max"):
+        GenerationRequest(p, _greedy(v), draft_max=100000)
+    with pytest.raises(ValueError, match="draft_min"):
+        GenerationRequest(p, _greedy(v), draft_max=2, draft_min=3)
+    with pytest.raises(ValueError, match="ngram_n"):
+        GenerationRequest(p, _greedy(v), draft_max=2, ngram_n=0)
+    with pytest.raises(TypeError, match="drafter"):
+        GenerationRequest(p, _greedy(v), draft_max=2, drafter=42)
+
+
+# ---- the LLM surface ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm_pair(tiny_model_path):
+    plain = LLM(tiny_model_path, n_ctx=2048, n_parallel=2, n_threads=1, verbose=False)
+    spec = LLM(tiny_model_path, n_ctx=2048, n_parallel=2, n_threads=1, verbose=False,
+               spec_type="ngram-simple", draft_max=8, spec_ngram_size_n=2)
+    yield plain, spec
+    plain.close()
+    spec.close()
+
+
+def _repeating_prompt(llm) -> str:
+    head = "Once upon a time"
+    return head + llm.complete(head, max_tokens=40, temperature=0).text + head
+
+
+def test_llm_spec_type_matches_plain_and_reports_drafts(llm_pair):
+    plain, spec = llm_pair
+    prompt = _repeating_prompt(plain)
+    a = plain.complete(prompt, max_tokens=40, temperature=0, cache_prompt=False)
+    b = spec.complete(prompt, max_tokens=40, temperature=0, cache_prompt=False)
+    assert b.text == a.text
+    assert b.timings.draft_n > 0 and 0 <= b.timings.draft_n_accepted <= b.timings.draft_n
+    assert a.timings.draft_n == 0
+    assert "draft acceptance rate" in b.timings.format()
+    off = spec.complete(prompt, max_tokens=40, temperature=0, speculative=False, cache_prompt=False)
+    assert off.text == a.text and off.timings.draft_n == 0
+
+
+def test_llm_spec_with_n2_logprobs_and_streaming(llm_pair):
+    plain, spec = llm_pair
+    prompt = _repeating_prompt(plain)
+    a = plain.complete(prompt, max_tokens=30, temperature=0, n=2, logprobs=True, cache_prompt=False)
+    b = spec.complete(prompt, max_tokens=30, temperature=0, n=2, logprobs=True, cache_prompt=False)
+    assert [c.text for c in b] == [c.text for c in a]
+    for ca, cb in zip(a, b):
+        assert [t.token for t in cb.logprobs] == [t.token for t in ca.logprobs]
+        assert all(math.isclose(x.logprob, y.logprob, abs_tol=1e-3) for x, y in zip(ca.logprobs, cb.logprobs))
+    assert "".join(spec.stream(prompt, max_tokens=30, temperature=0)) == a[0].text
+
+
+def test_llm_spec_from_threads(llm_pair):
+    plain, spec = llm_pair
+    prompt = _repeating_prompt(plain)
+    want = plain.complete(prompt, max_tokens=30, temperature=0).text
+    out: list = [None] * 4
+    errors: list = []
+
+    def call(i: int) -> None:
+        try:
+            out[i] = spec.complete(prompt, max_tokens=30, temperature=0).text
+        except BaseException as exc:   # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and out == [want] * 4
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"spec_type": "eagle-9"}, ValueError, "unknown spec_type"),
+    ({"spec_type": "ngram-simple", "draft_max": 0}, ValueError, "draft_max"),
+    ({"spec_type": "ngram-simple", "draft_max": -3}, ValueError, "draft_max"),
+    ({"spec_type": "ngram-simple", "draft_max": 4, "draft_min": 5}, ValueError, "draft_min"),
+    ({"spec_type": "ngram-simple", "spec_ngram_size_n": 0}, ValueError, "spec_ngram_size_n"),
+    ({"spec_type": "ngram-simple", "draft_model": "other.gguf"}, NotImplementedError, "draft models"),
+])
+def test_llm_spec_argument_errors(tiny_model_path, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        LLM(tiny_model_path, verbose=False, **kwargs)
+
+
+def test_speculative_per_call_is_type_checked(llm_pair):
+    _plain, spec = llm_pair
+    with pytest.raises(TypeError, match="speculative"):
+        spec.complete("x", max_tokens=2, speculative="yes")
+
+
+# ---- the real models ----------------------------------------------------------------
+
+GROUNDED = [
+    ("Copy this list exactly:\n" + "\n".join(f"- item {i}: {w}" for i, w in enumerate(
+        ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"]))),
+    "Repeat this sentence twice: The quick brown fox jumps over the lazy dog.",
+    "Rewrite this code renaming `total` to `acc`:\n\ndef add_all(xs):\n    total = 0\n    for x in xs:\n"
+    "        total += x\n    return total\n",
+    "Copy this table and add a column 'ok' with the value yes:\n| name | age |\n|---|---|\n| Ann | 31 |\n"
+    "| Bob | 42 |\n| Cid | 27 |\n",
+    "Repeat exactly: red green blue red green blue red green blue",
+    "Extract the email addresses from: contact ann@example.com or bob@example.org, or cid@example.net.",
+    "Write the numbers from 1 to 20 separated by commas.",
+    "Copy this JSON exactly: {\"name\": \"pyllama\", \"version\": 1, \"tags\": [\"fast\", \"local\"]}",
+    "Reformat as a bulleted list: alpha, beta, gamma, delta, epsilon, zeta",
+    "Fix the typo and repeat the sentence: The cat sat on teh mat and looked at teh door.",
+    "Translate to upper case: hello world, this is a small test of copying text.",
+    "Repeat the word 'echo' ten times.",
+    "Quote this line back: To be, or not to be, that is the question.",
+    "Convert to snake_case: getUserName, setUserName, getUserEmail, setUserEmail",
+    "Write the alphabet in lower case, separated by spaces.",
+    "Copy this Python exactly:\nfor i in range(10):\n    print(i * i)\n",
+    "List the days of the week, one per line.",
+    "Summarise in one line, reusing the words: the server accepts requests and answers them in order.",
+    "Repeat this address: 221B Baker Street, London, NW1 6XE, United Kingdom.",
+    "Write a SQL query that selects name and age from users where age > 30, then repeat it.",
+]
+
+
+@pytest.mark.parametrize("model_fixture", ["smollm2_path", "gemma_path"])
+def test_real_models_speculation_keeps_the_answers(request, model_fixture):
+    """On real models, verifying several positions in one batch shifts float rounding (as
+    llama-server's own speculation does), so an answer may change at a near tie; at least
+    16 of 20 input-grounded prompts must come out identical or diverge only late (second
+    half) at a near tie (top-2 log-probability gap under 0.5)."""
+    path = request.getfixturevalue(model_fixture)
+    n = 32
+    with LLM(path, n_ctx=1024, n_threads=2, verbose=False, spec_type="ngram-simple", draft_max=16) as llm:
+        good, drafted, accepted, report = 0, 0, 0, []
+        for text in GROUNDED:
+            prompt = llm.chat_prompt([{"role": "user", "content": text}])
+            plain = llm.complete(prompt, max_tokens=n, temperature=0, speculative=False, cache_prompt=False,
+                                 logprobs=True, top_logprobs=2, parse_special=True)
+            spec = llm.complete(prompt, max_tokens=n, temperature=0, cache_prompt=False, parse_special=True)
+            drafted += spec.timings.draft_n
+            accepted += spec.timings.draft_n_accepted
+            if spec.tokens == plain.tokens:
+                good += 1
+                continue
+            k = next(i for i, (a, b) in enumerate(zip(plain.tokens + [-1], spec.tokens + [-2])) if a != b)
+            tops = plain.logprobs[k].top_logprobs if k < len(plain.logprobs) else []
+            gap = tops[0].logprob - tops[1].logprob if len(tops) >= 2 else math.inf
+            late_tie = k >= n // 2 and gap < 0.5
+            good += late_tie
+            report.append((text[:30], k, round(gap, 3)))
+    print(f"{model_fixture}: {good}/20 identical or late near-tie; drafted {drafted}, accepted {accepted}; "
+          f"diverged: {report}")
+    assert drafted > 0 and accepted > 0
+    assert good >= 16, report
