@@ -96,12 +96,20 @@ def test_default_parallelism_and_chat_format(llm: Llama) -> None:
 
 
 def test_raw_c_handles_raise_a_clear_error(llm: Llama) -> None:
-    for name in ("ctx", "_ctx", "_model", "batch"):
+    for name in ("ctx", "_model", "batch"):
         assert not hasattr(llm, name)
         with pytest.raises(CHandleError, match="no ctypes handles") as err:
             getattr(llm, name)
         assert isinstance(err.value, NotImplementedError) and isinstance(err.value, AttributeError)
         assert "docs/compat.md" in str(err.value)
+    # _ctx: llama-cpp-python's wrapper; its .ctx exists (opaque), its ctypes methods do not.
+    assert llm._ctx.ctx is not None
+    with pytest.raises(CHandleError, match="no ctypes"):
+        llm._ctx.kv_cache_clear()
+    from pyllama.compat import _internals
+
+    with pytest.raises(CHandleError, match="ctypes"):
+        _internals.LlamaModel(path_model="x.gguf", params=None)
 
 
 def test_model_handle_works_with_the_low_level_functions(llm: Llama) -> None:
@@ -722,3 +730,15 @@ def test_prompt_lookup_draft_model_is_the_engines_speculation(tiny_model_path: P
     finally:
         spec.close()
         plain.close()
+
+
+def test_repeat_penalty_counts_generated_tokens_only(llm: Llama) -> None:
+    """llama-cpp-python's chain accepts only what it samples: its repeat penalty never sees the
+    prompt (LangChain passes repeat_penalty=1.1 by default, so every LangChain answer depends on it)."""
+    prompt = "Q: Which country is Paris the capital of? Repeat the question, then answer.\nA:"
+    out = llm(prompt, max_tokens=24, temperature=0, repeat_penalty=1.3)["choices"][0]["text"]
+    want = llm.llm.complete(prompt, max_tokens=24, temperature=0, repeat_penalty=1.3, penalize_prompt=False,
+                            last_n_tokens_size=64, top_k=40, top_p=0.95, min_p=0.05)
+    assert out == want.text
+    with_prompt = llm.llm.complete(prompt, max_tokens=24, temperature=0, repeat_penalty=1.3)
+    assert with_prompt.text != want.text      # the prompt's words are penalised natively

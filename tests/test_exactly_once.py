@@ -70,8 +70,8 @@ class _FaultyEngine:
             raise MediaError("injected: the image does not fit in a batch")
         return self._engine.submit(request)
 
-    def step(self, events=None):
-        produced = self._engine.step()
+    def step(self, events=None, before_decode=None):
+        produced = self._engine.step(None, before_decode)
         if events is not None:
             events.extend(produced)
         if self._step_fails is not None and self._step_fails(produced):

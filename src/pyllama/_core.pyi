@@ -570,17 +570,22 @@ class Engine:
     @property
     def n_preemptions(self) -> int: ...
     @property
+    def t_decode_ms_total(self) -> float:
+        """Wall time spent in llama_decode (and waiting for its outputs), over all steps."""
+    @property
     def n_drafted_total(self) -> int: ...
     @property
     def n_draft_accepted_total(self) -> int: ...
     spec_max_sequences: int
     """Requests draft (speculative decoding) only while fewer sequences than this generate."""
     def step(
-        self, events: list[tuple[GenerationRequest, str, str | None]] | None = None
+        self, events: list[tuple[GenerationRequest, str, str | None]] | None = None,
+        before_decode: Callable[[], Any] | None = None,
     ) -> list[tuple[GenerationRequest, str, str | None]]:
         """One decode step: (request, new_text, finish_reason) events, appended to `events`
         (or a new list), which is returned.  Events produced before an exception are already
-        in the given list."""
+        in the given list.  `before_decode()` runs once right before llama_decode releases
+        the GIL (not when nothing is decoded); its exceptions are ignored."""
     def run(self, requests: Iterable[GenerationRequest] = (),
             callback: Callable[[GenerationRequest, str], Any] | None = None) -> None:
         """Submit requests and step until they (and their followers) are finished; with

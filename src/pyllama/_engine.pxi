@@ -725,12 +725,14 @@ cdef class Engine:
     cdef readonly long long n_steps
     cdef readonly long long n_preemptions   # requests that gave their slot up (KV memory full)
     cdef readonly long long n_drafted_total, n_draft_accepted_total
+    cdef readonly double t_decode_ms_total   # wall time inside llama_decode (+ synchronize), all steps
     # Speculation pays while decoding is bound by reading the weights (few sequences): a
     # drafted token then costs little.  With many sequences the decode is bound by compute
     # and drafts compete with other requests' tokens, so nobody drafts once this many
     # sequences generate (DESIGN: "it must never cost").
     cdef public int spec_max_sequences
     cdef long long spec_pause_until        # no drafting before this step (after a KV-full retry)
+    cdef object _before_decode             # step(before_decode=): called once as the GIL is let go
 
     def __cinit__(self):
         self._initialized = False
@@ -1088,20 +1090,29 @@ cdef class Engine:
 
     # ---- one step ---------------------------------------------------------------
 
-    def step(self, events=None) -> list:
+    def step(self, events=None, before_decode=None) -> list:
         """One decode step.  Returns (request, new_text, finish_reason) events, one per
         request that produced text or finished (a request group's followers included).
 
         `events`: a list to append the events to (returned); without one a new list is made.
         If the step raises, the events it produced before the exception are already in the
-        given list: a caller that passes its own list can still deliver them."""
+        given list: a caller that passes its own list can still deliver them.
+        `before_decode()`: called once, right before llama_decode lets the GIL go (not at all
+        when the step decodes nothing); the scheduler wakes event loops there, so that their
+        work overlaps the decode instead of delaying it.  Its exceptions are ignored."""
         self._check_init()
         if events is None:
             events = []
         elif not isinstance(events, list):
             raise TypeError(f"events must be a list, got {type(events).__name__}")
+        if before_decode is not None and not callable(before_decode):
+            raise TypeError("before_decode must be callable")
         with self.context._lock:
-            self._step(events, None)
+            self._before_decode = before_decode
+            try:
+                self._step(events, None)
+            finally:
+                self._before_decode = None
         return events
 
     def collect_cancelled(self) -> list:
@@ -1272,6 +1283,12 @@ cdef class Engine:
             return 0
 
         # 3. Decode (GIL released inside; Ctrl-C aborts it and leaves the KV as before).
+        if self._before_decode is not None:
+            hook, self._before_decode = self._before_decode, None
+            try:
+                hook()
+            except Exception:   # noqa: BLE001 - a waker's failure is not the step's
+                pass
         t0 = pyllama_now_ms()
         if not self._decode_or_shed(batch, events, callback):
             return 0
@@ -1281,6 +1298,7 @@ cdef class Engine:
             llama_synchronize(self.context.ptr)
         t1 = pyllama_now_ms()
         dt = t1 - t0
+        self.t_decode_ms_total += dt
         self.n_decode_total += 1
         self.n_busy_slots_total += n_busy
 

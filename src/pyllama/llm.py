@@ -32,7 +32,7 @@ from pyllama.log import enable_logging
 from pyllama.multimodal import has_media
 from pyllama.sampling import FIELD_NAMES as SAMPLING_FIELDS
 from pyllama.sampling import SamplingParams, _unknown_message, build_chain
-from pyllama.scheduler import ClosedError, Scheduler
+from pyllama.scheduler import ClosedError, Scheduler, defer_until_dispatched
 
 logger = logging.getLogger("pyllama")
 
@@ -602,7 +602,7 @@ class LLM:
                             n_ctx=self.context.n_ctx_seq)
         # The windows of the stages that count repetitions, as the chain resolved them (-1: n_ctx).
         window = max((p["last_n"] for name, p in chain.stage_params if name in ("penalties", "dry")), default=0)
-        if window:
+        if window and params.penalize_prompt:
             # The repetition stages see the prompt too (llama.cpp's tools, llama-server and
             # llama-cpp-python all do): a repeat penalty also keeps the answer from echoing it.
             keys = getattr(tokens, "tokens", tokens)        # a MediaPrompt's keys; images are skipped
@@ -1518,8 +1518,8 @@ class AsyncStream:
                         pump(i, items)
             if items:
                 flow.queued(len(items))   # may pause the requests: before the reader can see them
-                if not mailbox.post(queue, items):   # the event loop is closed: nobody reads any more
-                    llm._sched.cancel(reqs)
+                if not mailbox.post(queue, items, lambda: llm._sched.cancel(reqs)):
+                    llm._sched.cancel(reqs)          # the event loop is closed: nobody reads any more
 
         for r in reqs:
             r.listener = listener
@@ -1620,10 +1620,11 @@ async def _finish_off_loop(prep: _Prepared) -> Any:
 
 
 class _Mailbox:
-    """Hands pieces from the stepping thread to one event loop, waking the loop at most once
-    per batch: a step that feeds 32 streams of one loop costs one ``call_soon_threadsafe``
-    (a write to the loop's self-pipe, the largest Python cost of a step), not 32.  Order is
-    kept: the posts of every stream are drained first in, first out."""
+    """Hands pieces from the stepping thread to one event loop, waking the loop once per
+    dispatch, after the last listener (scheduler.defer_until_dispatched): a step that feeds 32
+    streams of one loop costs one ``call_soon_threadsafe``, not 32, and the loop thread does
+    not wake up to compete for the GIL while the other listeners still run.  Order is kept:
+    the posts of every stream are drained first in, first out."""
 
     __slots__ = ("loop_ref", "lock", "pending", "scheduled", "__weakref__")
     _by_loop: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -1643,30 +1644,39 @@ class _Mailbox:
                 box = cls._by_loop[loop] = cls(loop)
             return box
 
-    def post(self, queue: Any, items: list) -> bool:
-        """Queue `items` into the asyncio `queue` (any thread).  False: the loop is closed."""
+    def post(self, queue: Any, items: list, on_lost: Callable[[], Any]) -> bool:
+        """Queue `items` into the asyncio `queue` (any thread).  False: the loop is closed.
+        `on_lost()` runs if the loop closes before the wake-up reaches it."""
         loop = self.loop_ref()
         with self.lock:
             if loop is None or loop.is_closed():
                 return False
-            self.pending.append((queue, items))
+            self.pending.append((queue, items, on_lost))
             if self.scheduled:      # a wake-up is on its way and will take these too
                 return True
             self.scheduled = True
-        try:
-            loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:        # closed just now: nobody will drain what was posted
-            with self.lock:
-                self.pending.clear()
-                self.scheduled = False
-            return False
+        if not defer_until_dispatched(self._wake):
+            self._wake()
         return True
+
+    def _wake(self) -> None:
+        loop = self.loop_ref()
+        try:
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:        # closed meanwhile: nobody will drain what was posted
+            with self.lock:
+                lost, self.pending = self.pending, []
+                self.scheduled = False
+            for _queue, _items, on_lost in lost:
+                on_lost()
 
     def _drain(self) -> None:       # in the event loop
         with self.lock:
             batch, self.pending = self.pending, []
             self.scheduled = False
-        for queue, items in batch:
+        for queue, items, _on_lost in batch:
             for item in items:
                 queue.put_nowait(item)
 

@@ -92,6 +92,10 @@ class SamplingParams:
     #: this call evaluate its whole prompt afresh instead of reusing a slot's cached prefix.
     #: LLM(cache_prompt=False) turns reuse off for every call.
     cache_prompt: bool = True
+    #: The repetition stages (repeat/frequency/presence penalties, DRY) count the prompt's tokens
+    #: too, as llama.cpp's tools and llama-server do; False counts only generated tokens, as
+    #: llama-cpp-python 0.3 does (its compatibility layer sets it).
+    penalize_prompt: bool = True
     #: Per call too: False turns off the LLM's speculative decoding (LLM(spec_type=...)) for
     #: this call; None/True use it when the LLM has it.
     speculative: Optional[bool] = None
@@ -149,6 +153,8 @@ class SamplingParams:
             _int32("max_tokens", self.max_tokens)
         if not isinstance(self.cache_prompt, bool):
             raise TypeError(f"cache_prompt must be True or False, got {self.cache_prompt!r}")
+        if not isinstance(self.penalize_prompt, bool):
+            raise TypeError(f"penalize_prompt must be True or False, got {self.penalize_prompt!r}")
         if self.speculative is not None and not isinstance(self.speculative, bool):
             raise TypeError(f"speculative must be True, False or None, got {self.speculative!r}")
         if isinstance(self.stop, str):

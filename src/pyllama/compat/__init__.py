@@ -41,7 +41,7 @@ __version__ = "0.3.36"
 # `from pyllama.compat import LlamaGrammar`): importing this package stays cheap and works
 # even where one of them cannot be imported.
 _SUBMODULES = ("llama", "llama_types", "llama_cache", "llama_grammar", "llama_chat_format", "llama_tokenizer",
-               "llama_speculative")
+               "llama_speculative", "_internals")
 _LAZY = {
     "LlamaGrammar": ("llama_grammar", "LlamaGrammar"),
     "LlamaTokenizer": ("llama_tokenizer", "LlamaTokenizer"),

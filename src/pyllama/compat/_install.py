@@ -17,6 +17,7 @@ SUBMODULES = {
     "llama_tokenizer": "llama_tokenizer",
     "llama_speculative": "llama_speculative",
     "llama_cpp": "_lowlevel",
+    "_internals": "_internals",
 }
 
 

@@ -89,6 +89,8 @@ DIFFERENCES: Dict[str, str] = {
         "accepted and ignored (pyllama uses the GGUF's values); a non-default value warns once.",
     "numa, lora_base, last_n_tokens_size": "numa and lora_base are accepted and ignored; "
         "last_n_tokens_size is the repeat-penalty window, as there.",
+    "repeat_penalty": "as in llama-cpp-python, the penalties count generated tokens only (pyllama's own "
+                      "LLM also counts the prompt, as llama.cpp's tools do: SamplingParams.penalize_prompt).",
     "logits_all": "accepted and ignored: log-probabilities work without it (pyllama computes them in the "
                   "engine), so logprobs= never raises for logits_all=False.",
     "draft_model": "LlamaPromptLookupDecoding(max_ngram_size, num_pred_tokens) turns on the engine's n-gram "
@@ -101,8 +103,12 @@ DIFFERENCES: Dict[str, str] = {
                 "kv_unified, rpc_servers, ...) are passed to it; other unknown keywords warn "
                 "(llama-cpp-python drops them silently).",
     # raw handles and low-level stepping
-    "ctx, _ctx, _model, batch, _batch, _candidates": "raise CHandleError (an AttributeError and a "
+    "ctx, _model, batch, _batch, _candidates": "raise CHandleError (an AttributeError and a "
         "NotImplementedError): pyllama has no ctypes pointers. hasattr() is False for them.",
+    "_ctx": "a stand-in whose .ctx is an opaque non-None token; any other attribute (its ctypes "
+            "methods) raises CHandleError.",
+    "llama_cpp._internals": "importable; its classes (LlamaModel, LlamaContext, LlamaBatch, LlamaSampler, "
+                            "...) raise CHandleError when constructed.",
     "model": "an opaque handle that llama_cpp.llama_cpp's functions (llama_model_get_vocab, "
              "llama_token_to_piece, llama_n_vocab, ...) accept; ctypes calls on it fail.",
     "eval / sample / generate": "work on the engine: eval() appends tokens to input_ids (they are "
@@ -165,6 +171,22 @@ class _NoCHandle:
             f"Llama.{self.name} is a ctypes pointer in llama-cpp-python; pyllama has no ctypes handles (its "
             f"llama.cpp objects live in a Cython extension). Use Llama's methods, or Llama.llm (the "
             f"pyllama.LLM underneath) and its .model/.context; see {DOCS}")
+
+
+class _ContextWrapper:
+    """``Llama._ctx``: in llama-cpp-python a Python wrapper whose ``.ctx`` is the C pointer.
+    Here ``.ctx`` is an opaque, non-None token (there is a context: the LLM's), and every other
+    attribute raises CHandleError instead of pretending to be llama.cpp's context."""
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, llama: "Llama") -> None:
+        self.ctx = ("pyllama-context", id(llama))
+
+    def __getattr__(self, name: str) -> Any:
+        raise CHandleError(
+            f"Llama._ctx.{name}: llama-cpp-python's context wrapper calls ctypes functions; pyllama has no ctypes "
+            f"layer. Use Llama's methods (reset(), n_ctx(), ...) or Llama.llm; see {DOCS}")
 
 
 # ---- the hook types llama-cpp-python defines here ----------------------------------------
@@ -304,7 +326,6 @@ class Llama:
     and :data:`DIFFERENCES`).  ``Llama.llm`` is the :class:`pyllama.LLM` that runs everything."""
 
     ctx = _NoCHandle()
-    _ctx = _NoCHandle()
     _model = _NoCHandle()
     batch = _NoCHandle()
     _batch = _NoCHandle()
@@ -530,6 +551,10 @@ class Llama:
         return model_handle(self)
 
     @property
+    def _ctx(self) -> _ContextWrapper:
+        return _ContextWrapper(self)
+
+    @property
     def scores(self) -> npt.NDArray[np.single]:
         """Empty (pyllama keeps no per-position logits; see DIFFERENCES)."""
         return np.zeros((0, self._n_vocab), dtype=np.single)
@@ -719,7 +744,10 @@ class Llama:
             typical_p=float(typical_p), repeat_penalty=float(repeat_penalty),
             frequency_penalty=float(frequency_penalty), presence_penalty=float(presence_penalty),
             mirostat_mode=int(mirostat_mode), mirostat_tau=float(mirostat_tau), mirostat_eta=float(mirostat_eta),
-            last_n_tokens_size=self.last_n_tokens_size, seed=self._next_seed(seed))
+            last_n_tokens_size=self.last_n_tokens_size, seed=self._next_seed(seed),
+            # llama-cpp-python's sampler chain only ever accepts the tokens it sampled: its
+            # penalties count generated tokens, not the prompt (pyllama's native default does).
+            penalize_prompt=False)
         if temperature < 0:
             # llama-cpp-python: a plain draw from the softmax of the logits.
             p.update(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, mirostat_mode=0)
