@@ -742,3 +742,10 @@ def test_repeat_penalty_counts_generated_tokens_only(llm: Llama) -> None:
     assert out == want.text
     with_prompt = llm.llm.complete(prompt, max_tokens=24, temperature=0, repeat_penalty=1.3)
     assert with_prompt.text != want.text      # the prompt's words are penalised natively
+
+
+def test_docs_list_every_difference() -> None:
+    """docs/compat.md's table is DIFFERENCES: each entry is on the page, word for word."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "compat.md").read_text(encoding="utf-8")
+    missing = [k for k, v in DIFFERENCES.items() if f"`{k}`" not in page or v not in page]
+    assert not missing, f"docs/compat.md lacks (or has an old text of): {missing}"
