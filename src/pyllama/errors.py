@@ -80,11 +80,13 @@ class ClosedError(PyllamaError, ValueError):
 
 def detach_traceback(exc: BaseException) -> BaseException:
     """Prepare an exception that outlives the step that caught it (stored on a request, for
-    its owner to raise later): its traceback is kept as text, in a note, and its frames are
-    dropped.  Frames link, through f_back, every caller of the thread that was stepping the
-    engine; kept alive, they would keep that thread's objects alive too (a stream another
-    caller dropped would then never be collected, and its requests would never end).
-    Returns `exc`.  (Not exported: used by _core and the scheduler.)"""
+    its owner to raise later): its frames are dropped.  Frames link, through f_back, every
+    caller of the thread that was stepping the engine; kept alive, they would keep that
+    thread's objects alive too (a stream another caller dropped would then never be collected,
+    and its requests would never end).  The traceback of an exception raised by user code (a
+    hook, a listener) is kept as text, in a note; pyllama's own errors name their cause in
+    their message and get none.  Returns `exc`.  (Not exported: used by _core and the
+    scheduler.)"""
     import traceback
 
     seen: set = set()
@@ -93,7 +95,7 @@ def detach_traceback(exc: BaseException) -> BaseException:
         seen.add(id(e))
         tb = e.__traceback__
         if tb is not None:
-            if hasattr(e, "add_note"):   # Python 3.11+
+            if hasattr(e, "add_note") and not isinstance(e, PyllamaError):   # notes: Python 3.11+
                 e.add_note("Traceback, in the thread that was stepping the engine:\n"
                            + "".join(traceback.format_tb(tb)).rstrip())
             e.__traceback__ = None
