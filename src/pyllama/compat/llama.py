@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pyllama.compat.llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache  # noqa: F401
+from pyllama.compat.llama_cache import _longest_prefix
 from pyllama.compat.llama_types import *  # noqa: F401,F403
 from pyllama.compat.llama_types import (
     ChatCompletionFunction,
@@ -684,12 +685,7 @@ class Llama:
 
     @staticmethod
     def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-        n = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            n += 1
-        return n
+        return _longest_prefix(a, b)
 
     # ---- state -----------------------------------------------------------------------------
 
