@@ -1251,14 +1251,12 @@ SPEC_TYPES = ("ngram-simple",)
 def _spec_settings(spec_type: Optional[str], draft_max: Any, draft_min: Any, ngram_n: Any,
                    draft_model: Any) -> Optional[dict]:
     """The GenerationRequest arguments of LLM(spec_type=...), checked before anything loads."""
-    for name, value, low in (("draft_max", draft_max, 1), ("draft_min", draft_min, 0),
-                             ("spec_ngram_size_n", ngram_n, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 256:
-            raise ValueError(f"{name} must be an int in {low}..256, got {value!r}")
+    for name, value, low, high in (("draft_max", draft_max, 1, 256), ("draft_min", draft_min, 0, 256),
+                                   ("spec_ngram_size_n", ngram_n, 1, 64)):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{name} must be an int in {low}..{high}, got {value!r}")
     if draft_min > draft_max:
         raise ValueError(f"draft_min ({draft_min}) must not exceed draft_max ({draft_max})")
-    if ngram_n > 64:
-        raise ValueError(f"spec_ngram_size_n must be in 1..64, got {ngram_n}")
     if draft_model is not None:
         raise NotImplementedError("draft models are not supported yet: use spec_type='ngram-simple' "
                                   "(n-gram self-speculation, no second model)")
