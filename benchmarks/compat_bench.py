@@ -108,11 +108,18 @@ def _child(spec: dict) -> dict:
             errors.append(repr(exc))
 
     t0 = time.perf_counter()
-    workers = [threading.Thread(target=worker, args=(i,)) for i in range(n_callers)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    if n_callers == 1:
+        # One caller: in the main thread, where the warm-up ran, as a script calls it.  (From a
+        # second thread llama-cpp-python's decode gets a second OpenMP team, which throttles
+        # libgomp's barriers: ~3x slower on 2 cores.  pyllama runs every multi-threaded decode on
+        # one compute thread, so the calling thread no longer matters to it; thread_bench.py.)
+        worker(0)
+    else:
+        workers = [threading.Thread(target=worker, args=(i,)) for i in range(n_callers)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(errors[0])

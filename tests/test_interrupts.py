@@ -25,7 +25,8 @@ from pyllama import LLM, _core
 PATH = os.environ["T_MODEL"]
 MODE = os.environ["T_MODE"]
 DELAY = float(os.environ.get("T_DELAY", "0.5"))
-KW = dict(n_ctx=4096, n_batch=2048, n_ubatch=int(os.environ.get("T_UBATCH", "512")), n_threads=1, temperature=0)
+KW = dict(n_ctx=4096, n_batch=2048, n_ubatch=int(os.environ.get("T_UBATCH", "512")),
+          n_threads=int(os.environ.get("T_THREADS", "1")), temperature=0)
 SHORT = "The quick brown fox"
 
 llm = LLM(PATH, **KW)
@@ -80,9 +81,9 @@ def slow_model_path(tiny_model_factory) -> Path:
     return tiny_model_factory(n_embd=512, n_layer=6, n_ff=1536, n_head=8, n_head_kv=4)
 
 
-def _run(model: Path, mode: str, delay: float = 0.5) -> dict:
+def _run(model: Path, mode: str, delay: float = 0.5, threads: int = 1) -> dict:
     res = run_python_subprocess(CHILD, timeout=240, env={"T_MODEL": str(model), "T_MODE": mode,
-                                                          "T_DELAY": str(delay)})
+                                                          "T_DELAY": str(delay), "T_THREADS": str(threads)})
     assert res.returncode == 0, f"child exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert "error" not in out, out["error"]
@@ -101,6 +102,13 @@ def test_sigint(slow_model_path, mode):
     _check(_run(slow_model_path, mode))
 
 
+@pytest.mark.parametrize("mode", ["prompt", "generate"])
+def test_sigint_two_threads(slow_model_path, mode):
+    """With n_threads=2 the decode runs on the compute thread (pyllama_compute.h), not on the
+    thread that gets the KeyboardInterrupt: the abort still reaches it."""
+    _check(_run(slow_model_path, mode, threads=2))
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("mode", ["prompt", "generate"])
 def test_sigint_smollm2(smollm2_path, mode):
@@ -111,7 +119,7 @@ ABORT_CHILD = r"""
 import os, threading, time
 from pyllama import _core, DecodeAborted
 m = _core.Model(os.environ["T_MODEL"])
-c = _core.Context(m, n_ctx=4096, n_batch=2048, n_ubatch=512, n_threads=1)
+c = _core.Context(m, n_ctx=4096, n_batch=2048, n_ubatch=512, n_threads=int(os.environ["T_THREADS"]))
 toks = m.vocab.tokenize("hello world, " * 700)[:2000]
 b = _core.Batch(2048)
 b.add_sequence(toks)
@@ -133,9 +141,12 @@ except DecodeAborted:
 """
 
 
-def test_context_abort_from_another_thread(slow_model_path):
-    """Context.abort() from another thread stops a long decode with DecodeAborted."""
-    res = run_python_subprocess(ABORT_CHILD, timeout=240, env={"T_MODEL": str(slow_model_path)})
+@pytest.mark.parametrize("threads", [1, 2])
+def test_context_abort_from_another_thread(slow_model_path, threads):
+    """Context.abort() from another thread stops a long decode with DecodeAborted (with two
+    threads, a decode running on the compute thread)."""
+    res = run_python_subprocess(ABORT_CHILD, timeout=240, env={"T_MODEL": str(slow_model_path),
+                                                               "T_THREADS": str(threads)})
     assert res.returncode == 0, res.stderr[-3000:]
     line = res.stdout.strip().splitlines()[-1]
     assert line.startswith("OK"), line

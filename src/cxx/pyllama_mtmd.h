@@ -106,4 +106,54 @@ static inline int32_t mtmd_helper_decode_image_chunk(mtmd_context * c, struct ll
 static inline void mtmd_helper_log_set(ggml_log_callback cb, void * ud) { (void)cb; (void)ud; }
 #endif
 
+/* The projector's encode and an image's decode, on the compute thread (pyllama_compute.h: one
+ * OpenMP team for the process).  The projector always goes there: it is milliseconds to seconds
+ * of work, so the hand-off costs nothing, and its thread count is the mtmd context's own. */
+#include "pyllama_compute.h"
+
+struct pyllama_mtmd_encode_args {
+    mtmd_context * ctx;
+    const mtmd_input_chunk * chunk;
+};
+
+static int32_t pyllama_mtmd_encode_job(void * p) {
+    pyllama_mtmd_encode_args * a = (pyllama_mtmd_encode_args *) p;
+    return mtmd_encode_chunk(a->ctx, a->chunk);
+}
+
+static int32_t pyllama_mtmd_encode_chunk(mtmd_context * ctx, const mtmd_input_chunk * chunk) {
+    pyllama_mtmd_encode_args a = { ctx, chunk };
+    if (!pyllama_compute_thread_enabled()) {
+        return pyllama_mtmd_encode_job(&a);
+    }
+    return pyllama_compute_run(pyllama_mtmd_encode_job, &a);
+}
+
+struct pyllama_mtmd_decode_args {
+    mtmd_context * ctx;
+    struct llama_context * lctx;
+    const mtmd_input_chunk * chunk;
+    float * embd;
+    llama_pos n_past;
+    llama_seq_id seq;
+    int32_t n_batch;
+    llama_pos * new_n_past;
+};
+
+static int32_t pyllama_mtmd_decode_job(void * p) {
+    pyllama_mtmd_decode_args * a = (pyllama_mtmd_decode_args *) p;
+    return mtmd_helper_decode_image_chunk(a->ctx, a->lctx, a->chunk, a->embd, a->n_past, a->seq, a->n_batch,
+                                          a->new_n_past, NULL, NULL);
+}
+
+static int32_t pyllama_mtmd_decode_image_chunk(mtmd_context * ctx, struct llama_context * lctx,
+                                               const mtmd_input_chunk * chunk, float * embd, llama_pos n_past,
+                                               llama_seq_id seq, int32_t n_batch, llama_pos * new_n_past) {
+    pyllama_mtmd_decode_args a = { ctx, lctx, chunk, embd, n_past, seq, n_batch, new_n_past };
+    if (!pyllama_compute_wanted(lctx)) {
+        return pyllama_mtmd_decode_job(&a);
+    }
+    return pyllama_compute_run(pyllama_mtmd_decode_job, &a);
+}
+
 #endif /* PYLLAMA_MTMD_H */

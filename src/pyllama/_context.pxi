@@ -701,10 +701,7 @@ cdef class Context:
         try:
             while True:
                 with nogil:
-                    if encode:
-                        rc = llama_encode(ctx, batch.batch)
-                    else:
-                        rc = llama_decode(ctx, batch.batch)
+                    rc = pyllama_eval(ctx, batch.batch, 1 if encode else 0)
                 if rc != 2 or self.abort_state.abort_requested or not watch or not pyllama_sigint_seen:
                     break
                 # Ctrl-C stopped it.  Run Python's handler now: KeyboardInterrupt (or whatever

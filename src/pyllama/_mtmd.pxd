@@ -98,3 +98,8 @@ cdef extern from "pyllama_mtmd.h" nogil:
                                            int32_t n_batch, llama_pos * new_n_past,
                                            mtmd_helper_post_decode_callback callback, void * user_data) except +
     void mtmd_helper_log_set(ggml_log_callback log_callback, void * user_data)
+    # pyllama_mtmd.h: the two above on the compute thread (pyllama_compute.h)
+    int32_t pyllama_mtmd_encode_chunk(mtmd_context * ctx, const mtmd_input_chunk * chunk) except +
+    int32_t pyllama_mtmd_decode_image_chunk(mtmd_context * ctx, llama_context * lctx, const mtmd_input_chunk * chunk,
+                                            float * encoded_embd, llama_pos n_past, llama_seq_id seq_id,
+                                            int32_t n_batch, llama_pos * new_n_past) except +

@@ -500,7 +500,7 @@ cdef class Multimodal:
             ctx = self._get()
             pyllama_clear_last_error()
             with nogil:
-                rc = mtmd_encode_chunk(ctx, chunk)
+                rc = pyllama_mtmd_encode_chunk(ctx, chunk)
             _check(rc == 0, MediaError, "the projector could not encode the image/audio: ", f"error {rc}")
             out = mtmd_get_output_embd(ctx)
             if out == NULL:
@@ -606,8 +606,7 @@ cdef int _eval_media(Context ctx, Multimodal mm, MediaPrompt prompt, int index, 
     try:
         while True:
             with nogil:
-                rc = mtmd_helper_decode_image_chunk(mctx, lctx, chunk, embd, n_past, seq, n_batch, &new_n_past,
-                                                    NULL, NULL)
+                rc = pyllama_mtmd_decode_image_chunk(mctx, lctx, chunk, embd, n_past, seq, n_batch, &new_n_past)
             if rc == 0:
                 break
             # Whatever sub-batches got in are dropped: the medium is all or nothing.

@@ -26,6 +26,16 @@ cdef extern from "pyllama_support.h":
     int PYLLAMA_BACKEND_DL
 
 
+cdef extern from "pyllama_compute.h" nogil:
+    # llama_decode/llama_encode on the process's one compute thread when the context uses
+    # several threads (why: pyllama_compute.h), else on the caller's.
+    int32_t pyllama_eval(llama_context * ctx, llama_batch batch, int encode) except +
+    cpp_bool pyllama_compute_wanted(llama_context * ctx)
+    ctypedef int32_t (*pyllama_compute_fn)(void * arg) noexcept
+    int32_t pyllama_compute_run(pyllama_compute_fn fn, void * arg) except +
+    unsigned long long pyllama_compute_jobs()
+
+
 cdef extern from "pyllama_checks.h" nogil:
     int pyllama_regex_check(const char * pattern, char * err, size_t err_size)
     size_t pyllama_gguf_count_duplicate_strings(const gguf_context * ctx, int64_t key_id)
@@ -133,6 +143,12 @@ cdef void _log_callback(ggml_log_level level, const char * text, void * user_dat
                 _logger.log(pylevel, "%s", msg)
         except BaseException:
             pass  # a log line must never raise into llama.cpp
+
+
+def _compute_thread_jobs() -> int:
+    """How many graph computations the process's compute thread has run (pyllama_compute.h);
+    for tests."""
+    return pyllama_compute_jobs()
 
 
 def set_log_level(int level) -> None:
