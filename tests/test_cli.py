@@ -422,7 +422,7 @@ def test_sigint_stops_generation_cleanly(smollm2_path: Path) -> None:
 
 def test_run_with_speculation_flags(smollm2_path: Path) -> None:
     """llama-server's speculation flags: the answer is plain decoding's, the timings report the
-    drafts; a draft model is refused with one clear line."""
+    drafts; so does -md (a draft model); a missing draft model is one clear line."""
     prompt = "Repeat exactly: one two three four five six seven eight nine ten, one two three four five"
     plain = cli("run", "-m", smollm2_path, prompt, "-n", "40", "--temp", "0", *FAST)
     spec = cli("run", "-m", smollm2_path, prompt, "-n", "40", "--temp", "0", "--spec-type", "ngram-simple",
@@ -430,8 +430,14 @@ def test_run_with_speculation_flags(smollm2_path: Path) -> None:
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout
     assert "draft acceptance rate" in spec.stderr
-    bad = cli("run", "-m", smollm2_path, "hi", "-n", "2", "-md", "draft.gguf", *FAST)
+    # -md: a draft model (here the model itself, which agrees with itself on every draft).
+    drafted = cli("run", "-m", smollm2_path, prompt, "-n", "40", "--temp", "0", "-md", smollm2_path,
+                  "--spec-draft-p-min", "0.5", "--verbose", *FAST)
+    assert drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout
+    assert "draft acceptance rate" in drafted.stderr
+    bad = cli("run", "-m", smollm2_path, "hi", "-n", "2", "-md", "no-such-draft.gguf", *FAST)
     assert bad.returncode != 0
-    assert "draft models are not supported yet" in _one_error_line(bad)
+    assert "no-such-draft.gguf" in _one_error_line(bad)
     zero = cli("run", "-m", smollm2_path, "hi", "--spec-type", "ngram-simple", "--spec-draft-n-max", "0", *FAST)
     assert zero.returncode == 2 and "--spec-draft-n-max" in zero.stderr

@@ -732,6 +732,47 @@ def test_prompt_lookup_draft_model_is_the_engines_speculation(tiny_model_path: P
         plain.close()
 
 
+def test_custom_draft_model_is_called_and_verified(tiny_model_path: Path) -> None:
+    """A LlamaDraftModel subclass (llama-cpp-python's interface: input_ids -> proposed ids) is
+    the engine's drafter: called with the tokens so far, its right proposals accepted, its wrong
+    ones rejected, the text the same as without it."""
+    from pyllama.compat.llama_speculative import LlamaDraftModel
+
+    plain = Llama(model_path=str(tiny_model_path), n_ctx=512, verbose=False, n_parallel=1, **ONE_THREAD)
+    head = "Once upon a time"
+    ref = plain.llm.complete(head, max_tokens=30, temperature=0)
+    n_prompt = len(plain.llm.tokenize(head))
+
+    class Knows(LlamaDraftModel):
+        """Proposes the known answer, one token spoiled every other call."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.seen_types: set = set()
+
+        def __call__(self, input_ids, /, **kwargs):
+            self.calls += 1
+            self.seen_types.add((type(input_ids).__name__, str(input_ids.dtype)))
+            done = len(input_ids) - n_prompt
+            out = np.array(ref.tokens[done:done + 5], dtype=np.intc)
+            if self.calls % 2 == 0 and len(out):
+                out[-1] = (out[-1] + 11) % plain.n_vocab()
+            return out
+
+    drafter = Knows()
+    spec = Llama(model_path=str(tiny_model_path), n_ctx=512, verbose=False, n_parallel=1, draft_model=drafter,
+                 **ONE_THREAD)
+    try:
+        out = spec(head, max_tokens=30, temperature=0)
+        assert out["choices"][0]["text"] == ref.text
+        assert drafter.calls > 0 and drafter.seen_types == {("ndarray", "int32")}
+        got = spec.llm.complete(head, max_tokens=30, temperature=0)
+        assert got.timings.draft_n_accepted > 0 and got.timings.draft_n > got.timings.draft_n_accepted
+    finally:
+        spec.close()
+        plain.close()
+
+
 def test_repeat_penalty_counts_generated_tokens_only(tiny: Llama) -> None:
     """llama-cpp-python's chain accepts only what it samples: its repeat penalty never sees the
     prompt (LangChain passes repeat_penalty=1.1 by default, so every LangChain answer depends on

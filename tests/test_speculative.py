@@ -373,7 +373,11 @@ def test_llm_spec_from_threads(llm_pair):
     ({"spec_type": "ngram-simple", "draft_max": -3}, ValueError, "draft_max"),
     ({"spec_type": "ngram-simple", "draft_max": 4, "draft_min": 5}, ValueError, "draft_min"),
     ({"spec_type": "ngram-simple", "spec_ngram_size_n": 0}, ValueError, "spec_ngram_size_n"),
-    ({"spec_type": "ngram-simple", "draft_model": "other.gguf"}, NotImplementedError, "draft models"),
+    ({"spec_type": "ngram-simple", "draft_model": "other.gguf"}, ValueError, "spec_type='draft'"),
+    ({"spec_type": "draft"}, ValueError, "needs draft_model"),
+    ({"spec_type": "none", "draft_model": "other.gguf"}, ValueError, "turns speculation off"),
+    ({"draft_model": "other.gguf", "draft_p_min": 1.5}, ValueError, "draft_p_min"),
+    ({"draft_model": 3}, TypeError, "draft_model"),
 ])
 def test_llm_spec_argument_errors(tiny_model_path, kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -384,6 +388,153 @@ def test_speculative_per_call_is_type_checked(llm_pair):
     _plain, spec = llm_pair
     with pytest.raises(TypeError, match="speculative"):
         spec.complete("x", max_tokens=2, speculative="yes")
+
+
+# ---- draft models ------------------------------------------------------------------
+# A draft model is a second GGUF with the target's vocabulary (pyllama.speculative.DraftModel);
+# the engine asks it for every slot's draft at once.  Random tiny models have flat
+# distributions, so these tests draft with draft_p_min=0 (always draft).
+
+@pytest.fixture(scope="module")
+def tiny_draft_path(tiny_model_factory):
+    """Same vocabulary and shape as tiny_model_path, other random weights: a draft model that
+    is sometimes right and sometimes wrong."""
+    return tiny_model_factory(seed=7)
+
+
+def test_target_as_its_own_draft_accepts_everything(tiny_model_path):
+    kw = dict(n_ctx=512, n_threads=1, temperature=0, ignore_eos=True)
+    with LLM(tiny_model_path, **kw) as plain, \
+            LLM(tiny_model_path, draft_model=tiny_model_path, draft_p_min=0.0, draft_max=8, **kw) as spec:
+        want = plain.complete("Once upon a time", max_tokens=60)
+        got = spec.complete("Once upon a time", max_tokens=60)
+    assert got.text == want.text and got.tokens == want.tokens
+    t = got.timings
+    assert t.draft_n >= 40, t                    # nearly every token came from a draft
+    assert t.draft_n_accepted == t.draft_n, t    # the same model agrees with itself
+
+
+def test_other_draft_model_keeps_greedy_output(tiny_model_path, tiny_draft_path):
+    """A draft model that is often wrong: the text is still exactly plain greedy decoding."""
+    kw = dict(n_ctx=512, n_threads=1, temperature=0, ignore_eos=True)
+    prompts = ["Once upon a time", "The weather today", "In a galaxy far away"]
+    with LLM(tiny_model_path, **kw) as plain, \
+            LLM(tiny_model_path, draft_model=tiny_draft_path, draft_p_min=0.0, draft_max=4, **kw) as spec:
+        for p in prompts:
+            want = plain.complete(p, max_tokens=40)
+            got = spec.complete(p, max_tokens=40)
+            assert got.tokens == want.tokens, p
+            assert got.timings.draft_n > 0, got.timings
+            assert got.timings.draft_n_accepted < got.timings.draft_n, got.timings   # some were wrong
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_draft_model_keeps_sampled_output(tiny_model_path, tiny_draft_path, seed):
+    """llama.cpp's rule (sample every position with the request's chain, stop at the first
+    mismatch) consumes the random stream as plain decoding does: same seed, same tokens."""
+    kw = dict(n_ctx=512, n_threads=1, temperature=0.9, top_k=40, seed=seed, ignore_eos=True)
+    with LLM(tiny_model_path, **kw) as plain, \
+            LLM(tiny_model_path, draft_model=tiny_model_path, draft_p_min=0.0, **kw) as spec:
+        want = plain.complete("The weather today", max_tokens=30)
+        got = spec.complete("The weather today", max_tokens=30)
+    assert got.tokens == want.tokens
+    assert got.timings.draft_n_accepted > 0
+
+
+def test_draft_model_drafts_for_all_slots_at_once(tiny_model_path, tiny_draft_path):
+    """Four threads, one LLM: every answer equals its solo greedy answer, and the draft model
+    was asked for several requests' drafts in one call (one decode per drafted position)."""
+    kw = dict(n_ctx=1024, n_threads=1, temperature=0, ignore_eos=True)
+    prompts = ["Once upon a time", "The weather today", "In a galaxy far away", "A long time ago"]
+    with LLM(tiny_model_path, **kw) as plain:
+        want = [plain.complete(p, max_tokens=48).tokens for p in prompts]
+    with LLM(tiny_model_path, draft_model=tiny_draft_path, draft_p_min=0.0, n_parallel=4, **kw) as spec:
+        spec._engine.spec_max_sequences = 8       # draft with all four in the batch
+        got: list = [None] * 4
+        errors: list = []
+        barrier = threading.Barrier(4)
+
+        def call(i: int) -> None:
+            try:
+                barrier.wait(30)
+                got[i] = spec.complete(prompts[i], max_tokens=48).tokens
+            except BaseException as exc:   # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        drafter = spec._drafter
+        assert not errors and got == want
+        assert drafter.n_draft_items > drafter.n_draft_calls   # some calls drafted for several slots
+
+
+def test_draft_model_vocabulary_is_checked(tiny_model_path, tiny_model_factory, vocab_dir, tmp_path):
+    from tiny_model import make_vocab_with_tokens
+
+    other_type = tiny_model_factory(vocab_from=vocab_dir / "ggml-vocab-gpt-2.gguf")
+    with pytest.raises(ValueError, match="vocabulary is of type"):
+        LLM(tiny_model_path, draft_model=other_type, n_threads=1)
+    big = make_vocab_with_tokens(tmp_path / "big-vocab.gguf", [f"<extra_{i}>" for i in range(200)])
+    bigger = tiny_model_factory(vocab_from=big)
+    with pytest.raises(ValueError, match="more than 128 apart"):
+        LLM(tiny_model_path, draft_model=bigger, n_threads=1)
+    with pytest.raises(Exception, match="no-such-draft"):
+        LLM(tiny_model_path, draft_model=tmp_path / "no-such-draft.gguf", n_threads=1)
+
+
+def test_check_draft_vocab_names_the_first_different_token():
+    from pyllama.speculative import check_draft_vocab
+
+    class V:
+        type, add_bos, bos, add_eos, eos = "spm", True, 1, False, 2
+
+        def __init__(self, texts):
+            self.texts, self.n_tokens = texts, len(texts)
+
+        def token_text(self, i):
+            return self.texts[i]
+
+    base = [f"t{i}" for i in range(50)]
+    check_draft_vocab(V(base), V(base + ["extra"]))            # a few added tokens are fine
+    changed = list(base)
+    changed[2] = "different control token"                      # below id 5: not compared
+    check_draft_vocab(V(base), V(changed))
+    changed[17] = "t17-but-not"
+    with pytest.raises(ValueError, match="token 17 is 't17-but-not' in the draft model and 't17' in the target"):
+        check_draft_vocab(V(base), V(changed))
+    other = V(base)
+    other.eos = 3
+    with pytest.raises(ValueError, match="EOS"):
+        check_draft_vocab(V(base), other)
+
+
+def test_draft_model_failure_does_not_fail_requests(tiny_model_path, tiny_draft_path):
+    """The draft context full (two histories longer than it holds together): drafting starts
+    over, and the requests' text is still plain greedy decoding."""
+    from pyllama.speculative import DraftModel
+
+    kw = dict(n_ctx=1024, n_threads=1, temperature=0, ignore_eos=True)
+    prompts = ["Once upon a time " * 35, "The weather today is " * 30]     # ~140 tokens each
+    with LLM(tiny_model_path, **kw) as plain:
+        want = [plain.complete(p, max_tokens=40).tokens for p in prompts]
+    with LLM(tiny_model_path, draft_model=tiny_draft_path, draft_p_min=0.0, n_parallel=2, **kw) as spec:
+        spec._engine.spec_max_sequences = 8
+        # Shrink the draft context under the LLM: 256 cells shared by two ~180-token histories.
+        spec._drafter.close()
+        spec._drafter = small = DraftModel(spec._draft_weights, n_seq=2, n_ctx=256, n_threads=1, p_min=0.0)
+        got: list = [None, None]
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, spec.complete(prompts[i], max_tokens=40)))
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert [g.tokens for g in got] == want
+    assert small.failed is None and small.n_clears >= 1
+    assert sum(g.timings.draft_n for g in got) > 0
 
 
 # ---- the real models ----------------------------------------------------------------

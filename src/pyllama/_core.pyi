@@ -400,7 +400,10 @@ class GenerationRequest:
     token, and the rest leave the KV memory.  Drafts shorter than `draft_min` are not made.
     `drafter(token_ids, limit) -> tokens` replaces the n-gram lookup with a draft source of
     the caller's (called in the stepping thread, prompt + output so far, at most `limit`
-    tokens used); if it raises, the request ends with that exception.
+    tokens used); if it raises, the request ends with that exception.  A drafter that also has
+    `draft_batch([(slot, token_ids, limit), ...]) -> [tokens, ...]` (a
+    pyllama.speculative.DraftModel) is called once per step for all the requests that share
+    it, so a draft model drafts for every slot in the same decodes.
     """
 
     def __init__(

@@ -1378,8 +1378,10 @@ cdef class Engine:
         """Add each speculating request's draft after its next token (positions n_past + 1 ...),
         every position with logits so that one decode scores them all."""
         cdef GenerationRequest r
-        cdef int s, i, limit, room
+        cdef int s, i, limit, room = self.n_batch - batch.batch.n_tokens
         cdef list draft
+        cdef list drafted = []          # (request, slot, draft) in slot order
+        cdef dict batched = {}          # id(draft source) -> (source, [(request, slot, limit)])
         for s in range(self.n_slots):
             x = self.slots[s]
             if x is None:
@@ -1387,7 +1389,6 @@ cdef class Engine:
             r = x
             if r.batch_idx < 0 or r.draft_max <= 0:
                 continue
-            room = self.n_batch - batch.batch.n_tokens
             # Never past the sequence's context, nor past max_tokens (the token after the last
             # accepted draft is sampled too: drafts beyond max_tokens - 1 could never count).
             limit = min(r.spec_cap, room, self.n_ctx_seq - r.n_past - 2)
@@ -1395,17 +1396,63 @@ cdef class Engine:
                 limit = min(limit, r.max_tokens - <int>len(r.out_tokens) - 1)
             if limit < max(r.draft_min, 1):
                 continue
+            if r.drafter is not None and hasattr(r.drafter, "draft_batch"):
+                # A draft model drafts for every slot at once, one decode per drafted position
+                # (pyllama.speculative.DraftModel): collect its requests, run it once below.
+                batched.setdefault(id(r.drafter), (r.drafter, []))[1].append((r, s, limit))
+                room -= limit
+                continue
             if r.drafter is not None:
                 draft = self._call_drafter(r, limit)
             else:
                 draft = r._draft_ngram(limit)
             if draft is None or <int>len(draft) < max(r.draft_min, 1):
                 continue
+            room -= len(draft)
+            drafted.append((r, s, draft))
+        for source, items in batched.values():
+            drafted.extend(self._call_draft_batch(source, items))
+        for r, s, draft in drafted:
             r.draft_idx0 = batch.batch.n_tokens
             for i in range(len(draft)):
                 batch._add(draft[i], r.n_past + 1 + i, s, True)
             r.draft = draft
         return 0
+
+    cdef list _call_draft_batch(self, source, list items):
+        """One batched draft source for several requests: [(request, slot, draft)] of the drafts
+        long enough to verify.  Each draft is checked like _call_drafter's; if the source
+        raises, its requests end with the error at the next step (the others go on)."""
+        cdef GenerationRequest r
+        cdef int limit
+        cdef int32_t n_vocab = self.context.n_vocab
+        cdef list asks = []
+        out = []
+        for item in items:
+            r = item[0]
+            asks.append((item[1], r._history(0, len(r.prompt_tokens) + len(r.out_tokens)), item[2]))
+        try:
+            drafts = source.draft_batch(asks)
+            if len(drafts) != len(items):
+                raise RuntimeError(f"the draft source returned {len(drafts)} drafts for {len(items)} requests")
+            for item, d in zip(items, drafts):
+                r = item[0]
+                limit = item[2]
+                draft = [] if d is None else [int(t) for t in d][:limit]
+                for t in draft:
+                    if not 0 <= t < n_vocab:
+                        raise InvalidTokenError(f"the draft source returned token id {t}, outside the "
+                                                f"vocabulary (0..{n_vocab - 1})")
+                if <int>len(draft) >= max(r.draft_min, 1):
+                    out.append((r, item[1], draft))
+        except Exception as exc:   # noqa: BLE001 - it belongs to those requests (Ctrl-C propagates)
+            for item in items:
+                r = item[0]
+                if r.error is None:
+                    r.error = _detach_traceback(exc)
+                r.cancel_requested = True
+            return []
+        return out
 
     cdef list _call_drafter(self, GenerationRequest r, int limit):
         """A request's own draft source (a Python callable: a draft model run by the caller,

@@ -175,7 +175,7 @@ _SAMPLING_DESTS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repe
                    "dry_penalty_last_n", "dry_sequence_breakers", "mirostat_mode", "seed", "stop", "ignore_eos",
                    "grammar")
 _LOAD_DESTS = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "chat_template", "use_mmap", "use_mlock",
-               "mmproj_path", "spec_type", "draft_max", "draft_min", "spec_ngram_size_n", "draft_model")
+               "mmproj_path", "spec_type", "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -333,10 +333,10 @@ def _open_llm(args: argparse.Namespace, path: str) -> Any:
 def add_spec_arguments(p: Any) -> None:
     """Speculative decoding, under llama-server's flag names (run and serve)."""
     g = p.add_argument_group("speculative decoding (drafted tokens verified in the same decode)")
-    g.add_argument("--spec-type", dest="spec_type", choices=("none", "ngram-simple"), default=None,
+    g.add_argument("--spec-type", dest="spec_type", choices=("none", "ngram-simple", "draft"), default=None,
                    help="ngram-simple: draft the continuation of the last n-gram's earlier occurrence in the "
                         "prompt and answer (no second model; pays when the answer copies from its input); "
-                        "default none")
+                        "draft: a draft model (-md, which alone turns it on); default none")
     g.add_argument("--spec-draft-n-max", "--draft-max", "--draft", dest="draft_max", type=_int(1), metavar="N",
                    help="at most N drafted tokens per step (default 16)")
     g.add_argument("--spec-draft-n-min", "--draft-min", dest="draft_min", type=_int(0), metavar="N",
@@ -344,7 +344,9 @@ def add_spec_arguments(p: Any) -> None:
     g.add_argument("--spec-ngram-simple-size-n", dest="spec_ngram_size_n", type=_int(1), metavar="N",
                    help="length of the n-gram looked up for ngram-simple (default 3)")
     g.add_argument("-md", "--model-draft", dest="draft_model", metavar="FILE",
-                   help="a draft model (not supported yet: the command stops with a message)")
+                   help="a draft model: a smaller GGUF with the same vocabulary (checked at load)")
+    g.add_argument("--spec-draft-p-min", "--draft-p-min", dest="draft_p_min", type=float, metavar="P",
+                   help="stop a draft at a token the draft model gives less than probability P (default 0.75)")
 
 
 def add_hf_arguments(p: Any) -> None:
@@ -951,7 +953,7 @@ def serve_llm_kwargs(args: argparse.Namespace, path: str) -> dict:
     kw: dict = {"n_parallel": args.n_parallel, "kv_unified": False, "embedding": True,
                 "verbose": bool(args.verbose)}
     for name in ("n_batch", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock", "mmproj_path", "spec_type",
-                 "draft_max", "draft_min", "spec_ngram_size_n", "draft_model"):
+                 "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     n_ctx = args.n_ctx

@@ -241,6 +241,7 @@ class LLM:
         draft_min: int = 0,
         spec_ngram_size_n: int = 3,
         draft_model: Union[str, os.PathLike, None] = None,
+        draft_p_min: float = 0.75,
         verbose: bool = False,
         model: Optional[str] = None,
         **sampling: Any,
@@ -261,7 +262,9 @@ class LLM:
         self.defaults = SamplingParams(**sampling)
         self._resolve_grammar(self.defaults)   # a bad grammar fails here, before loading
 
-        self._spec = _spec_settings(spec_type, draft_max, draft_min, spec_ngram_size_n, draft_model)
+        self._spec = _spec_settings(spec_type, draft_max, draft_min, spec_ngram_size_n, draft_model, draft_p_min)
+        self._draft_weights: Optional[_core.Model] = None     # the draft model's weights (spec_type="draft")
+        self._drafter = None                                  # its DraftModel, made with the context
         if not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch < 1:
             raise ValueError(f"n_batch must be an int >= 1, got {n_batch!r}")
         if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 0):
@@ -347,6 +350,15 @@ class LLM:
                 self._model.close()
                 self._closed = True
                 raise
+        if self._spec is not None and self._spec.get("draft_model") is not None:
+            try:
+                self._load_draft_model(self._spec.pop("draft_model"), n_gpu_layers, vocab_only)
+            except BaseException:
+                if self.multimodal is not None:
+                    self.multimodal.close()
+                self._model.close()
+                self._closed = True
+                raise
         if not vocab_only:
             self._make_context(n_parallel)
         self.load_ms = (time.perf_counter() - t0) * 1000.0
@@ -412,12 +424,38 @@ class LLM:
 
     # ---- lifecycle -----------------------------------------------------------
 
+    def _load_draft_model(self, path: Any, n_gpu_layers: int, vocab_only: bool) -> None:
+        """The draft model's weights, checked against the target's vocabulary before anything
+        else is made (llama.cpp's rules: pyllama.speculative.check_draft_vocab)."""
+        from pyllama.models import resolve_model
+        from pyllama.speculative import check_draft_vocab
+
+        if vocab_only:
+            raise ValueError("draft_model needs the target's weights; it cannot be used with vocab_only=True")
+        weights = _core.Model(str(resolve_model(path)), n_gpu_layers=n_gpu_layers)
+        try:
+            check_draft_vocab(self.vocab, weights.vocab)
+        except BaseException:
+            weights.close()
+            raise
+        self._draft_weights = weights
+
     def _make_context(self, n_seq: int) -> None:
         """(Re-)create the context with n_seq sequences.  Only while no request exists."""
         old_sched = self._sched
         if self._ctx is not None:
             self._ctx.close()
         self._ctx = _core.Context(self._model, n_seq_max=n_seq, **self._ctx_params)
+        if self._draft_weights is not None:
+            from pyllama.speculative import DraftModel
+
+            if self._drafter is not None:
+                self._drafter.close()
+            # One draft sequence per slot, as many KV cells as the target's context.
+            self._drafter = DraftModel(self._draft_weights, n_seq=n_seq, n_ctx=self._ctx.n_ctx,
+                                       n_batch=self._ctx.n_batch, n_threads=self._ctx_params["n_threads"],
+                                       p_min=self._spec["draft_p_min"], flash_attn=self._ctx_params["flash_attn"])
+            self._drafter.n_vocab_target = self.vocab.n_tokens
         if self._lora is not None:
             self._ctx.set_lora_adapters([(self._lora, self._lora_scale)])
         self._engine = _core.Engine(self._ctx, cache_prompt=self.cache_prompt)
@@ -437,6 +475,8 @@ class LLM:
             if sched is not None and ctx is not None:
                 sched.begin_close()
                 ctx.abort()                       # a decode in progress stops now
+                if self._drafter is not None:
+                    self._drafter.context.abort()   # and so does a draft model's
                 if not sched.close(timeout=10.0):
                     # A step did not end (cannot happen short of a hung backend): freeing the
                     # context under it would crash; keep it alive until the process ends.
@@ -451,6 +491,11 @@ class LLM:
             self._ctx = self._embed_ctx = None
             if self.multimodal is not None:
                 self.multimodal.close()
+            if self._drafter is not None:
+                self._drafter.close()
+                self._drafter = None
+            if self._draft_weights is not None:
+                self._draft_weights.close()
             self._model.close()
         _live_llms.discard(self)
 
@@ -611,6 +656,10 @@ class LLM:
         grammar = _core.SamplerChain(self.vocab).add_grammar(gbnf) if gbnf is not None else None
         max_tokens = -1 if params.max_tokens is None else params.max_tokens
         spec = self._spec if params.speculative is not False else None
+        if spec is not None:
+            spec = {k: v for k, v in spec.items() if k != "draft_p_min"}
+            if self._drafter is not None:
+                spec["drafter"] = self._drafter
         return _core.GenerationRequest(tokens, chain, grammar=grammar, max_tokens=max_tokens,
                                        stop=params.stop or (), stop_tokens=params.stop_tokens,
                                        ignore_eos=params.ignore_eos, tag=tag, logprobs=logprobs,
@@ -1244,28 +1293,46 @@ class LLM:
             return out[0] if single else out
 
 
-#: Speculative decoding methods (llama-server's --spec-type names) pyllama implements.
-SPEC_TYPES = ("ngram-simple",)
+#: Speculative decoding methods pyllama implements: llama-server's --spec-type name for n-gram
+#: self-speculation, and "draft" for a draft model (llama-server turns that on with -md).
+SPEC_TYPES = ("ngram-simple", "draft")
 
 
 def _spec_settings(spec_type: Optional[str], draft_max: Any, draft_min: Any, ngram_n: Any,
-                   draft_model: Any) -> Optional[dict]:
-    """The GenerationRequest arguments of LLM(spec_type=...), checked before anything loads."""
+                   draft_model: Any, draft_p_min: Any = 0.75) -> Optional[dict]:
+    """The GenerationRequest arguments of LLM(spec_type=...), checked before anything loads
+    (plus "draft_model" and "draft_p_min" for LLM itself when a draft model is given)."""
     for name, value, low, high in (("draft_max", draft_max, 1, 256), ("draft_min", draft_min, 0, 256),
                                    ("spec_ngram_size_n", ngram_n, 1, 64)):
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ValueError(f"{name} must be an int in {low}..{high}, got {value!r}")
     if draft_min > draft_max:
         raise ValueError(f"draft_min ({draft_min}) must not exceed draft_max ({draft_max})")
-    if draft_model is not None:
-        raise NotImplementedError("draft models are not supported yet: use spec_type='ngram-simple' "
-                                  "(n-gram self-speculation, no second model)")
+    if (not isinstance(draft_p_min, (int, float)) or isinstance(draft_p_min, bool)
+            or not 0.0 <= draft_p_min <= 1.0):
+        raise ValueError(f"draft_p_min must be a number in [0, 1], got {draft_p_min!r}")
+    if draft_model is not None and not isinstance(draft_model, (str, os.PathLike)) and not callable(draft_model):
+        raise TypeError("draft_model must be a GGUF path, a known model name or a drafter(token_ids, limit) "
+                        f"callable, got {type(draft_model).__name__}")
+    if spec_type is None and draft_model is not None:
+        spec_type = "draft"          # as llama-server: -md alone turns draft-model speculation on
     if spec_type in (None, "none"):
+        if draft_model is not None:
+            raise ValueError("draft_model was given but spec_type='none' turns speculation off")
         return None
     if spec_type not in SPEC_TYPES:
         raise ValueError(f"unknown spec_type {spec_type!r}: pyllama implements {', '.join(SPEC_TYPES)} "
                          "(or None for plain decoding)")
-    return {"draft_max": draft_max, "draft_min": draft_min, "ngram_n": ngram_n}
+    if spec_type == "draft" and draft_model is None:
+        raise ValueError("spec_type='draft' needs draft_model (a GGUF with the target's vocabulary)")
+    if spec_type != "draft" and draft_model is not None:
+        raise ValueError(f"draft_model is for spec_type='draft', not {spec_type!r}")
+    spec = {"draft_max": draft_max, "draft_min": draft_min, "ngram_n": ngram_n}
+    if spec_type == "draft" and callable(draft_model):
+        spec.update(drafter=draft_model)    # the caller's own draft source, called per request
+    elif spec_type == "draft":
+        spec.update(draft_model=draft_model, draft_p_min=float(draft_p_min))
+    return spec
 
 
 def _is_chat(prompt: Any) -> bool:

@@ -96,8 +96,9 @@ DIFFERENCES: Dict[str, str] = {
                   "engine), so logprobs= never raises for logits_all=False.",
     "draft_model": "LlamaPromptLookupDecoding(max_ngram_size, num_pred_tokens) turns on the engine's n-gram "
                    "speculation (spec_type='ngram-simple', spec_ngram_size_n=max_ngram_size, "
-                   "draft_max=num_pred_tokens), batched with every other call; other draft models are "
-                   "ignored with a warning.",
+                   "draft_max=num_pred_tokens), batched with every other call; another LlamaDraftModel is "
+                   "called by the engine with the tokens so far, as there, its proposal cut to at most "
+                   "draft_max (16) tokens a step.",
     "verbose": "True turns on pyllama's logging of llama.cpp (logger 'pyllama') and prints timings after "
                "each call; the system-info and metadata dumps llama-cpp-python prints are not printed.",
     "**kwargs": "pyllama.LLM keyword arguments (n_parallel, cache_prompt, chat_template, mmproj_path, "
@@ -258,6 +259,17 @@ class _Criteria:
 
 _STATE_MAGIC = b"PYLS1\0"
 
+
+
+def _draft_model_adapter(draft_model: Any) -> Callable[[list, int], list]:
+    """A llama-cpp-python draft model (``draft_model(input_ids) -> token ids``) as the engine's
+    ``drafter(token_ids, limit)``."""
+
+    def drafter(token_ids: list, limit: int) -> list:
+        out = draft_model(np.asarray(token_ids, dtype=np.intc))
+        return [int(t) for t in np.asarray(out).reshape(-1)[:limit]]
+
+    return drafter
 
 class LlamaState:
     """What ``Llama.save_state()`` returns (picklable).  Fields as llama-cpp-python's:
@@ -428,9 +440,12 @@ class Llama:
         if isinstance(draft_model, LlamaPromptLookupDecoding) and "spec_type" not in passthrough:
             passthrough.update(spec_type="ngram-simple", draft_max=max(1, int(draft_model.num_pred_tokens)),
                                spec_ngram_size_n=max(1, int(draft_model.max_ngram_size)))
-        elif draft_model is not None:
-            warnings.warn(f"Llama(): pyllama ignores draft_model={draft_model!r} (only LlamaPromptLookupDecoding "
-                          f"maps onto its speculative decoding; see {DOCS})", UserWarning, stacklevel=2)
+        elif draft_model is not None and "spec_type" not in passthrough:
+            if not callable(draft_model):
+                raise TypeError(f"draft_model must be a LlamaDraftModel (callable), got {type(draft_model).__name__}")
+            # Any other LlamaDraftModel: the engine calls it with the tokens so far (a NumPy
+            # intc array, as llama-cpp-python does) and verifies its proposal in the batch.
+            passthrough.update(spec_type="draft", draft_model=_draft_model_adapter(draft_model))
         if kwargs:
             warnings.warn(f"Llama(): unknown keyword argument(s) ignored: {', '.join(sorted(kwargs))}",
                           UserWarning, stacklevel=2)

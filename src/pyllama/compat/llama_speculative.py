@@ -1,9 +1,9 @@
 """llama-cpp-python's ``llama_cpp.llama_speculative``: draft models for speculative decoding.
 
-The compat ``Llama`` accepts ``draft_model=`` and records it, but does not use it yet:
-pyllama's engine has no Python-level draft hook (speculative decoding is a later issue), and
-running a draft model outside the engine would mean a second generation loop.  Generation
-with a draft model therefore gives the same tokens, without the speed-up.
+The compat ``Llama`` hands ``draft_model=`` to pyllama's engine: ``LlamaPromptLookupDecoding``
+becomes its native n-gram speculation (batched, in C); any other ``LlamaDraftModel`` is called
+by the engine with the tokens so far, as llama-cpp-python calls it, and its proposal is verified
+in the same decode as every other request's tokens (docs/speculative.md).
 
 :meth:`LlamaPromptLookupDecoding.find_candidate_pred_tokens` works (it is pure NumPy and
 llama-cpp-python's own tests call it).
