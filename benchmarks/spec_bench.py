@@ -131,13 +131,19 @@ async def one(client: httpx.AsyncClient, url: str, text: str, max_tokens: int) -
             "draft_n": (timings or {}).get("draft_n", 0), "draft_n_accepted": (timings or {}).get("draft_n_accepted", 0)}
 
 
+# A fresh connection per request: llama-server sometimes closed a kept-alive connection just as
+# the next request went out on it ("Server disconnected without sending a response"; the server
+# itself was fine).  Both servers get the same client.
+NO_KEEPALIVE = httpx.Limits(max_keepalive_connections=0)
+
+
 async def single(url: str, prompts: list, max_tokens: int) -> list:
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, limits=NO_KEEPALIVE) as client:
         return [await one(client, url, p, max_tokens) for p in prompts]
 
 
 async def many(url: str, prompts: list, n: int, max_tokens: int) -> dict:
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
         res = await asyncio.gather(*(one(client, url, prompts[i % len(prompts)], max_tokens) for i in range(n)))
@@ -147,6 +153,17 @@ async def many(url: str, prompts: list, n: int, max_tokens: int) -> dict:
 
 
 def measure(config: str, model: str, n: int, args) -> dict:
+    """One configuration's round; if a request fails on the transport (a dropped connection),
+    the round is run once more on a fresh server, and said so."""
+    try:
+        return _measure(config, model, n, args)
+    except (httpx.HTTPError, RuntimeError) as exc:
+        print(f"  {config} np={n}: a request failed mid-round ({type(exc).__name__}: {exc}); "
+              "running the round again on a fresh server", flush=True)
+        return _measure(config, model, n, args)
+
+
+def _measure(config: str, model: str, n: int, args) -> dict:
     port = free_port()
     server = Server(config, command(config, model, n, args, port), port,
                     LOG_DIR / f"spec-{config}-np{n}.log")

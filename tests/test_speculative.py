@@ -367,6 +367,32 @@ def test_llm_spec_from_threads(llm_pair):
     assert not errors and out == [want] * 4
 
 
+def test_drafting_fades_for_a_request_whose_drafts_are_always_wrong(tiny, ctx):
+    """The engine sizes drafts by the decode's measured cost per batch size and the request's
+    acceptance so far: a drafter that is always wrong soon gets no drafts at all (the old rule
+    drafted one token every step), and the text is plain greedy decoding."""
+    v = tiny.vocab
+    prompt = v.tokenize("Once upon a time")
+    plain = GenerationRequest(prompt, _greedy(v), max_tokens=80)
+    _run(ctx, plain)
+    calls = []
+
+    def wrong(ids, limit):
+        calls.append(limit)
+        done = len(ids) - len(prompt)
+        return [(t + 5) % v.n_tokens for t in plain.tokens[done:done + limit]]
+
+    spec = GenerationRequest(prompt, _greedy(v), max_tokens=80, draft_max=8, drafter=wrong)
+    ctx.kv_clear()
+    engine = Engine(ctx, cache_prompt=False)
+    engine.run([spec])
+    assert spec.tokens == plain.tokens
+    assert spec.n_draft_accepted == 0
+    a, b = engine.decode_cost_ms
+    assert a > 0 and b > 0
+    assert len(calls) < 30 and spec.n_drafted < 40, (len(calls), spec.n_drafted)
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     ({"spec_type": "eagle-9"}, ValueError, "unknown spec_type"),
     ({"spec_type": "ngram-simple", "draft_max": 0}, ValueError, "draft_max"),

@@ -581,6 +581,10 @@ class Engine:
     def n_draft_accepted_total(self) -> int: ...
     spec_max_sequences: int
     """Requests draft (speculative decoding) only while fewer sequences than this generate."""
+    @property
+    def decode_cost_ms(self) -> tuple[float, float] | None:
+        """The fitted decode cost by batch size, (a, b) in t = a + b * n_tokens ms, by which
+        speculation sizes its drafts; None until decodes of a few sizes were seen."""
     def step(
         self, events: list[tuple[GenerationRequest, str, str | None]] | None = None,
         before_decode: Callable[[], Any] | None = None,

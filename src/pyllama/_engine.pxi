@@ -22,6 +22,9 @@ from libc.math cimport expf, log
 
 DEF _MAX_TOP_LOGPROBS = 20
 DEF _MAX_DRAFT = 256          # drafted tokens per request per step, at most
+DEF _COST_FIT_MAX_TOKENS = 64 # decodes this small or smaller fit the cost model of drafting
+DEF _COST_FIT_DECAY = 0.98    # weight of the previous decodes in that fit, per decode
+DEF _SPEC_PROBE_EVERY = 32    # a request the cost model stopped drafting for tries one token this often
 # Prompt tokens fed per step for a request that wants prompt log-probabilities: each
 # needs an n_vocab row of logits in llama.cpp's output buffer.
 DEF _PROMPT_LOGPROBS_CHUNK = 32
@@ -253,6 +256,8 @@ cdef class GenerationRequest:
     cdef dict ngram_pos                  # n-gram -> index (in prompt + output) of what followed it last
     cdef Py_ssize_t n_indexed            # positions of prompt + output entered in ngram_pos
     cdef readonly long long n_drafted, n_draft_accepted
+    cdef long long spec_runs_ended       # verifications that ended at a rejected draft (for p)
+    cdef int spec_skips                  # steps since the cost model last let this request draft
     cdef readonly object drafter         # drafter(token_ids, limit) -> tokens, instead of n-grams
     cdef readonly object finish_reason
     cdef public object error     # the exception that ended this request (finish_reason "error")
@@ -732,6 +737,10 @@ cdef class Engine:
     # sequences generate (DESIGN: "it must never cost").
     cdef public int spec_max_sequences
     cdef long long spec_pause_until        # no drafting before this step (after a KV-full retry)
+    # The decode's cost by batch size, t = a + b * n_tokens, fitted (exponentially weighted least
+    # squares) over the decodes of at most _COST_FIT_MAX_TOKENS tokens: what a drafted token
+    # costs here (on a small CPU a 16-token batch costs ~7 single decodes, on a GPU ~1).
+    cdef double cost_w, cost_n, cost_t, cost_nn, cost_nt
     cdef object _before_decode             # step(before_decode=): called once as the GIL is let go
 
     def __cinit__(self):
@@ -1245,7 +1254,7 @@ cdef class Engine:
                     n_spec += 1
         # 2b. Speculation: drafted continuations, verified by this same decode.
         if n_spec > 0 and n_gen < self.spec_max_sequences and self.n_steps >= self.spec_pause_until:
-            self._add_drafts(batch)
+            self._add_drafts(batch, n_gen)
         for s in range(self.n_slots):
             x = self.slots[s]
             if x is None:
@@ -1300,6 +1309,8 @@ cdef class Engine:
         dt = t1 - t0
         self.t_decode_ms_total += dt
         self.n_decode_total += 1
+        if batch.batch.n_tokens <= _COST_FIT_MAX_TOKENS:
+            self._fit_cost(batch.batch.n_tokens, dt)
         self.n_busy_slots_total += n_busy
 
         # 4. Account for what was fed.
@@ -1374,7 +1385,85 @@ cdef class Engine:
             raise interrupt
         return 0
 
-    cdef int _add_drafts(self, Batch batch) except -1:
+    @property
+    def decode_cost_ms(self):
+        """The decode's cost by batch size that speculation sizes its drafts by: (a, b) in
+        t = a + b * n_tokens milliseconds (None before 8 decodes)."""
+        cdef double a, b
+        if not self._cost_model(&a, &b):
+            return None
+        return (a, b)
+
+    cdef bint _cost_model(self, double * a_out, double * b_out):
+        """The fit of t = a + b * n over the recent decodes (False before 8 of them)."""
+        cdef double w = self.cost_w, mean_n, mean_t, var_n, a, b
+        if w < 8.0:
+            return False
+        mean_n = self.cost_n / w
+        mean_t = self.cost_t / w
+        var_n = self.cost_nn / w - mean_n * mean_n
+        if var_n < 0.25:
+            # Every recent decode had the same size: no slope to fit.  Assume the worst case
+            # (a token costs as much as the rest of a decode); drafting less makes the sizes
+            # differ, and the fit then tells.
+            b = mean_t / (mean_n + 1.0)
+        else:
+            b = (self.cost_nt / w - mean_n * mean_t) / var_n
+        # A noisy fit (tiny models, a busy machine) can say that tokens cost nothing, or less
+        # than nothing: take a token as at least 1% of a decode, a decode as at least one token.
+        if b < 0.01 * mean_t:
+            b = 0.01 * mean_t
+        a = mean_t - b * mean_n
+        if a < b:
+            a = b
+        a_out[0] = a
+        b_out[0] = b
+        return True
+
+    cdef void _fit_cost(self, int n, double dt):
+        cdef double d = _COST_FIT_DECAY
+        self.cost_w = self.cost_w * d + 1.0
+        self.cost_n = self.cost_n * d + n
+        self.cost_t = self.cost_t * d + dt
+        self.cost_nn = self.cost_nn * d + <double>n * n
+        self.cost_nt = self.cost_nt * d + n * dt
+
+    cdef int _draft_len(self, GenerationRequest r, int limit, int n_gen):
+        """How many tokens to draft for `r` this step (at most `limit`): the length that
+        maximises the batch's expected tokens per millisecond, from the decode's cost by batch
+        size (the fit above) and r's acceptance so far (each drafted token taken as accepted
+        with probability p, independently: p = (accepted + 1) / (accepted + rejections + 2)).
+        n_gen sequences generate this step; the others gain nothing from r's draft but wait
+        for its longer decode, so drafting fades as the batch fills.  Before the engine's 8th
+        decode, the old rule: r.spec_cap (doubles while whole drafts are accepted, drops to just
+        past the accepted run after a rejection)."""
+        cdef double a, b, p, pk, expected, rate, best
+        cdef int d, best_d = 0
+        if limit <= 0:
+            return 0
+        if not self._cost_model(&a, &b):
+            return min(limit, r.spec_cap)
+        p = (r.n_draft_accepted + 1.0) / (r.n_draft_accepted + r.spec_runs_ended + 2.0)
+        best = n_gen / (a + b * n_gen) * 1.02   # plain decoding's rate, plus a margin for noise
+        expected = 1.0
+        pk = 1.0
+        for d in range(1, limit + 1):
+            pk *= p
+            expected += pk
+            rate = (n_gen - 1 + expected) / (a + b * (n_gen + d))
+            if rate > best:
+                best = rate
+                best_d = d
+        if best_d == 0:
+            # Not worth it on what r has shown so far; but the text may change (an answer that
+            # starts copying its input): probe with one token now and then.
+            r.spec_skips += 1
+            if r.spec_skips >= _SPEC_PROBE_EVERY:
+                r.spec_skips = 0
+                return 1
+        return best_d
+
+    cdef int _add_drafts(self, Batch batch, int n_gen) except -1:
         """Add each speculating request's draft after its next token (positions n_past + 1 ...),
         every position with logits so that one decode scores them all."""
         cdef GenerationRequest r
@@ -1391,9 +1480,10 @@ cdef class Engine:
                 continue
             # Never past the sequence's context, nor past max_tokens (the token after the last
             # accepted draft is sampled too: drafts beyond max_tokens - 1 could never count).
-            limit = min(r.spec_cap, room, self.n_ctx_seq - r.n_past - 2)
+            limit = min(r.draft_max, room, self.n_ctx_seq - r.n_past - 2)
             if r.max_tokens >= 0:
                 limit = min(limit, r.max_tokens - <int>len(r.out_tokens) - 1)
+            limit = self._draft_len(r, limit, n_gen)
             if limit < max(r.draft_min, 1):
                 continue
             if r.drafter is not None and hasattr(r.drafter, "draft_batch"):
@@ -1496,6 +1586,8 @@ cdef class Engine:
         finally:
             r.batch_idx = -1
             r.n_draft_accepted += j
+            if j < k:
+                r.spec_runs_ended += 1
             self.n_draft_accepted_total += j
             # Keep what the slot holds (the accepted drafts); the rest was never accepted.
             llama_memory_seq_rm(llama_get_memory(self.context.ptr), s, len(self.slot_tokens[s]), -1)
