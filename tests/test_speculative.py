@@ -45,6 +45,24 @@ def _sampled(v, seed):
     return SamplerChain(v).add_top_k(40).add_temp(1.0).add_dist(seed)
 
 
+def _in_threads(fn, n: int) -> list:
+    """Run fn(0) .. fn(n - 1) in n threads at once; returns the exceptions they raised."""
+    errors: list = []
+
+    def run(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as exc:   # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return errors
+
+
 class Oracle:
     """Drafts the known answer, spoiling one drafted token every `spoil_every` calls (at
     a varying position), so both acceptance and rejection happen."""
@@ -351,19 +369,11 @@ def test_llm_spec_from_threads(llm_pair):
     prompt = _repeating_prompt(plain)
     want = plain.complete(prompt, max_tokens=30, temperature=0).text
     out: list = [None] * 4
-    errors: list = []
 
     def call(i: int) -> None:
-        try:
-            out[i] = spec.complete(prompt, max_tokens=30, temperature=0).text
-        except BaseException as exc:   # noqa: BLE001
-            errors.append(exc)
+        out[i] = spec.complete(prompt, max_tokens=30, temperature=0).text
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = _in_threads(call, 4)
     assert not errors and out == [want] * 4
 
 
@@ -477,21 +487,13 @@ def test_draft_model_drafts_for_all_slots_at_once(tiny_model_path, tiny_draft_pa
     with LLM(tiny_model_path, draft_model=tiny_draft_path, draft_p_min=0.0, n_parallel=4, **kw) as spec:
         spec._engine.spec_max_sequences = 8       # draft with all four in the batch
         got: list = [None] * 4
-        errors: list = []
         barrier = threading.Barrier(4)
 
         def call(i: int) -> None:
-            try:
-                barrier.wait(30)
-                got[i] = spec.complete(prompts[i], max_tokens=48).tokens
-            except BaseException as exc:   # noqa: BLE001 - reported below
-                errors.append(exc)
+            barrier.wait(30)
+            got[i] = spec.complete(prompts[i], max_tokens=48).tokens
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        errors = _in_threads(call, 4)
         drafter = spec._drafter
         assert not errors and got == want
         assert drafter.n_draft_items > drafter.n_draft_calls   # some calls drafted for several slots
@@ -552,13 +554,8 @@ def test_draft_model_failure_does_not_fail_requests(tiny_model_path, tiny_draft_
         spec._drafter.close()
         spec._drafter = small = DraftModel(spec._draft_weights, n_seq=2, n_ctx=256, n_threads=1, p_min=0.0)
         got: list = [None, None]
-        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, spec.complete(prompts[i], max_tokens=40)))
-                   for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    assert [g.tokens for g in got] == want
+        errors = _in_threads(lambda i: got.__setitem__(i, spec.complete(prompts[i], max_tokens=40)), 2)
+    assert not errors and [g.tokens for g in got] == want
     assert small.failed is None and small.n_clears >= 1
     assert sum(g.timings.draft_n for g in got) > 0
 
