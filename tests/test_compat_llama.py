@@ -761,7 +761,7 @@ def test_custom_draft_model_is_called_and_verified(tiny_model_path: Path) -> Non
 
     drafter = Knows()
     spec = Llama(model_path=str(tiny_model_path), n_ctx=512, verbose=False, n_parallel=1, draft_model=drafter,
-                 **ONE_THREAD)
+                 spec_cost_model=False, **ONE_THREAD)
     try:
         out = spec(head, max_tokens=30, temperature=0)
         assert out["choices"][0]["text"] == ref.text

@@ -537,8 +537,10 @@ def test_timings_report_speculation_as_llama_server_does(tiny_model_path):
     """`timings.draft_n` / `draft_n_accepted` (llama-server's names) with LLM(spec_type=...)."""
     from pyllama import LLM
 
+    # spec_cost_model=False: draft whatever a drafted token costs on this machine (the test
+    # is about the report; the cost model may rightly decline to draft on a slow runner).
     with LLM(tiny_model_path, n_ctx=1024, n_parallel=1, spec_type="ngram-simple", spec_ngram_size_n=1,
-             n_threads=1) as llm:
+             n_threads=1, spec_cost_model=False) as llm:
         app = create_app(llm)
         head = "Once upon a time"       # a prompt that repeats its start: the n-gram lookup drafts
         prompt = head + llm.complete(head, max_tokens=40, temperature=0).text + head

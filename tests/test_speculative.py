@@ -34,7 +34,14 @@ def ctx(tiny):
 
 def _run(ctx, *reqs) -> None:
     ctx.kv_clear()
-    Engine(ctx, cache_prompt=False).run(list(reqs))
+    _engine(ctx, cache_prompt=False).run(list(reqs))
+
+
+def _engine(ctx, cache_prompt: bool) -> Engine:
+    """An engine whose draft lengths follow acceptance alone (spec_cost_model=False): what a
+    test drafts must not depend on how fast this machine decodes.  The cost model has its own
+    tests below."""
+    return Engine(ctx, cache_prompt=cache_prompt, spec_cost_model=False)
 
 
 def _greedy(v):
@@ -223,7 +230,7 @@ def test_no_drafting_once_the_batch_is_full(tiny, ctx):
     ref = GenerationRequest(prompt, _greedy(v), max_tokens=20)
     _run(ctx, ref)
     ctx.kv_clear()
-    eng = Engine(ctx, cache_prompt=False)
+    eng = _engine(ctx, cache_prompt=False)
     eng.spec_max_sequences = 2          # two sequences generating: nobody drafts
     reqs = [GenerationRequest(prompt, _greedy(v), max_tokens=20, draft_max=8,
                               drafter=Oracle(ref.tokens, len(prompt), v.n_tokens)) for _ in range(2)]
@@ -271,7 +278,7 @@ def test_a_hook_failing_mid_verification_leaves_a_clean_slot(tiny, ctx):
         return scores
 
     ctx.kv_clear()
-    eng = Engine(ctx, cache_prompt=True)
+    eng = _engine(ctx, cache_prompt=True)
     failing = GenerationRequest(prompt, _greedy(v), max_tokens=30, draft_max=8, logits_processors=[processor],
                                 drafter=Oracle(ref.tokens, len(prompt), v.n_tokens, spoil_every=0))
     eng.run([failing])
@@ -291,7 +298,7 @@ def test_cancel_while_speculating(tiny, ctx):
     ref = GenerationRequest(prompt, _greedy(v), max_tokens=40)
     _run(ctx, ref)
     ctx.kv_clear()
-    eng = Engine(ctx, cache_prompt=True)
+    eng = _engine(ctx, cache_prompt=True)
     victim = GenerationRequest(prompt, _greedy(v), max_tokens=40, draft_max=8,
                                drafter=Oracle(ref.tokens, len(prompt), v.n_tokens))
 
@@ -328,7 +335,7 @@ def test_request_argument_errors(tiny):
 def llm_pair(tiny_model_path):
     plain = LLM(tiny_model_path, n_ctx=2048, n_parallel=2, n_threads=1, verbose=False)
     spec = LLM(tiny_model_path, n_ctx=2048, n_parallel=2, n_threads=1, verbose=False,
-               spec_type="ngram-simple", draft_max=8, spec_ngram_size_n=2)
+               spec_type="ngram-simple", draft_max=8, spec_ngram_size_n=2, spec_cost_model=False)
     yield plain, spec
     plain.close()
     spec.close()
@@ -402,9 +409,36 @@ def test_drafting_fades_for_a_request_whose_drafts_are_always_wrong(tiny, ctx):
     assert a > 0 and b > 0
     assert len(calls) < 30 and spec.n_drafted < 40, (len(calls), spec.n_drafted)
 
+    # spec_cost_model=False: acceptance alone sizes the drafts, as llama.cpp's fixed draft_max
+    # does; a rejected draft shrinks to one token, and that token is drafted every step.
+    calls.clear()
+    spec = GenerationRequest(prompt, _greedy(v), max_tokens=80, draft_max=8, drafter=wrong)
+    _run(ctx, spec)
+    assert spec.tokens == plain.tokens
+    assert len(calls) >= 70 and spec.n_drafted >= 70, (len(calls), spec.n_drafted)
+
+
+def test_a_warm_engine_that_never_drafted_still_lets_a_request_draft(tiny, ctx):
+    """An engine that has only decoded one token at a time (no slope to fit: what a drafted
+    token costs is unknown) lets a new request draft by its acceptance, which then gives the
+    fit decodes of several sizes.  (It once assumed the worst and never drafted.)"""
+    v = tiny.vocab
+    prompt = v.tokenize("Once upon a time")[:1]       # one-token prompts: every decode has 1 token
+    ref = GenerationRequest(prompt, _greedy(v), max_tokens=30)
+    ctx.kv_clear()
+    engine = Engine(ctx, cache_prompt=False)
+    engine.run([ref])
+    assert engine.n_steps >= 20 and engine.decode_cost_ms is None
+    spec = GenerationRequest(prompt, _greedy(v), max_tokens=30, draft_max=8,
+                             drafter=Oracle(ref.tokens, len(prompt), v.n_tokens, spoil_every=0))
+    engine.run([spec])
+    assert spec.tokens == ref.tokens
+    assert spec.n_drafted > 0 and engine.decode_cost_ms is not None
+
 
 @pytest.mark.parametrize("kwargs, exc, match", [
     ({"spec_type": "eagle-9"}, ValueError, "unknown spec_type"),
+    ({"spec_type": "ngram-simple", "spec_cost_model": "no"}, TypeError, "spec_cost_model"),
     ({"spec_type": "ngram-simple", "draft_max": 0}, ValueError, "draft_max"),
     ({"spec_type": "ngram-simple", "draft_max": -3}, ValueError, "draft_max"),
     ({"spec_type": "ngram-simple", "draft_max": 4, "draft_min": 5}, ValueError, "draft_min"),
@@ -441,7 +475,8 @@ def tiny_draft_path(tiny_model_factory):
 def test_target_as_its_own_draft_accepts_everything(tiny_model_path):
     kw = dict(n_ctx=512, n_threads=1, temperature=0, ignore_eos=True)
     with LLM(tiny_model_path, **kw) as plain, \
-            LLM(tiny_model_path, draft_model=tiny_model_path, draft_p_min=0.0, draft_max=8, **kw) as spec:
+            LLM(tiny_model_path, draft_model=tiny_model_path, draft_p_min=0.0, draft_max=8, spec_cost_model=False,
+                    **kw) as spec:
         want = plain.complete("Once upon a time", max_tokens=60)
         got = spec.complete("Once upon a time", max_tokens=60)
     assert got.text == want.text and got.tokens == want.tokens
@@ -455,7 +490,8 @@ def test_other_draft_model_keeps_greedy_output(tiny_model_path, tiny_draft_path)
     kw = dict(n_ctx=512, n_threads=1, temperature=0, ignore_eos=True)
     prompts = ["Once upon a time", "The weather today", "In a galaxy far away"]
     with LLM(tiny_model_path, **kw) as plain, \
-            LLM(tiny_model_path, draft_model=tiny_draft_path, draft_p_min=0.0, draft_max=4, **kw) as spec:
+            LLM(tiny_model_path, draft_model=tiny_draft_path, draft_p_min=0.0, draft_max=4, spec_cost_model=False,
+                    **kw) as spec:
         for p in prompts:
             want = plain.complete(p, max_tokens=40)
             got = spec.complete(p, max_tokens=40)
@@ -470,7 +506,7 @@ def test_draft_model_keeps_sampled_output(tiny_model_path, tiny_draft_path, seed
     mismatch) consumes the random stream as plain decoding does: same seed, same tokens."""
     kw = dict(n_ctx=512, n_threads=1, temperature=0.9, top_k=40, seed=seed, ignore_eos=True)
     with LLM(tiny_model_path, **kw) as plain, \
-            LLM(tiny_model_path, draft_model=tiny_model_path, draft_p_min=0.0, **kw) as spec:
+            LLM(tiny_model_path, draft_model=tiny_model_path, draft_p_min=0.0, spec_cost_model=False, **kw) as spec:
         want = plain.complete("The weather today", max_tokens=30)
         got = spec.complete("The weather today", max_tokens=30)
     assert got.tokens == want.tokens
@@ -484,7 +520,8 @@ def test_draft_model_drafts_for_all_slots_at_once(tiny_model_path, tiny_draft_pa
     prompts = ["Once upon a time", "The weather today", "In a galaxy far away", "A long time ago"]
     with LLM(tiny_model_path, **kw) as plain:
         want = [plain.complete(p, max_tokens=48).tokens for p in prompts]
-    with LLM(tiny_model_path, draft_model=tiny_draft_path, draft_p_min=0.0, n_parallel=4, **kw) as spec:
+    with LLM(tiny_model_path, draft_model=tiny_draft_path, draft_p_min=0.0, n_parallel=4, spec_cost_model=False,
+             **kw) as spec:
         spec._engine.spec_max_sequences = 8       # draft with all four in the batch
         got: list = [None] * 4
         barrier = threading.Barrier(4)
@@ -548,7 +585,8 @@ def test_draft_model_failure_does_not_fail_requests(tiny_model_path, tiny_draft_
     prompts = ["Once upon a time " * 35, "The weather today is " * 30]     # ~140 tokens each
     with LLM(tiny_model_path, **kw) as plain:
         want = [plain.complete(p, max_tokens=40).tokens for p in prompts]
-    with LLM(tiny_model_path, draft_model=tiny_draft_path, draft_p_min=0.0, n_parallel=2, **kw) as spec:
+    with LLM(tiny_model_path, draft_model=tiny_draft_path, draft_p_min=0.0, n_parallel=2, spec_cost_model=False,
+             **kw) as spec:
         spec._engine.spec_max_sequences = 8
         # Shrink the draft context under the LLM: 256 cells shared by two ~180-token histories.
         spec._drafter.close()
@@ -597,7 +635,8 @@ def test_real_models_speculation_keeps_the_answers(request, model_fixture):
     half) at a near tie (top-2 log-probability gap under 0.5)."""
     path = request.getfixturevalue(model_fixture)
     n = 32
-    with LLM(path, n_ctx=1024, n_threads=2, verbose=False, spec_type="ngram-simple", draft_max=16) as llm:
+    with LLM(path, n_ctx=1024, n_threads=2, verbose=False, spec_type="ngram-simple", draft_max=16,
+             spec_cost_model=False) as llm:
         good, drafted, accepted, report = 0, 0, 0, []
         for text in GROUNDED:
             prompt = llm.chat_prompt([{"role": "user", "content": text}])

@@ -537,7 +537,8 @@ class Engine:
     their slot up when another request needs it.
     """
 
-    def __init__(self, context: Context, n_slots: int | None = None, *, cache_prompt: bool = True) -> None: ...
+    def __init__(self, context: Context, n_slots: int | None = None, *, cache_prompt: bool = True,
+                 spec_cost_model: bool = True) -> None: ...
     cache_prompt: bool
     @property
     def context(self) -> Context: ...
@@ -581,6 +582,9 @@ class Engine:
     def n_draft_accepted_total(self) -> int: ...
     spec_max_sequences: int
     """Requests draft (speculative decoding) only while fewer sequences than this generate."""
+    spec_cost_model: bool
+    """True: draft lengths maximise expected tokens/ms from the measured decode cost by batch
+    size (decode_cost_ms) and each request's acceptance; False: acceptance alone decides."""
     @property
     def decode_cost_ms(self) -> tuple[float, float] | None:
         """The fitted decode cost by batch size, (a, b) in t = a + b * n_tokens ms, by which

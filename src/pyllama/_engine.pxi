@@ -736,17 +736,22 @@ cdef class Engine:
     # and drafts compete with other requests' tokens, so nobody drafts once this many
     # sequences generate (DESIGN: "it must never cost").
     cdef public int spec_max_sequences
+    # False: draft lengths follow each request's acceptance alone (spec_cap), as llama.cpp's
+    # fixed draft_max does up to that cap, whatever a drafted token costs on this machine.
+    cdef public bint spec_cost_model
     cdef long long spec_pause_until        # no drafting before this step (after a KV-full retry)
     # The decode's cost by batch size, t = a + b * n_tokens, fitted (exponentially weighted least
     # squares) over the decodes of at most _COST_FIT_MAX_TOKENS tokens: what a drafted token
     # costs here (on a small CPU a 16-token batch costs ~7 single decodes, on a GPU ~1).
     cdef double cost_w, cost_n, cost_t, cost_nn, cost_nt
+    cdef double cost_b_last                # the last slope fitted (0: none yet)
     cdef object _before_decode             # step(before_decode=): called once as the GIL is let go
 
     def __cinit__(self):
         self._initialized = False
 
-    def __init__(self, Context context not None, n_slots=None, *, bint cache_prompt=True):
+    def __init__(self, Context context not None, n_slots=None, *, bint cache_prompt=True,
+                 bint spec_cost_model=True):
         if self._initialized:
             raise RuntimeError("Engine is already initialised")
         cdef int n_seq = context.n_seq_max
@@ -764,6 +769,7 @@ cdef class Engine:
         self.parked = []
         self.cache_prompt = cache_prompt
         self.spec_max_sequences = 4
+        self.spec_cost_model = spec_cost_model
         self._initialized = True
 
     cdef int _check_init(self) except -1:
@@ -1388,14 +1394,17 @@ cdef class Engine:
     @property
     def decode_cost_ms(self):
         """The decode's cost by batch size that speculation sizes its drafts by: (a, b) in
-        t = a + b * n_tokens milliseconds (None before 8 decodes)."""
+        t = a + b * n_tokens milliseconds (None before 8 decodes, or while every decode had
+        the same size)."""
         cdef double a, b
         if not self._cost_model(&a, &b):
             return None
         return (a, b)
 
     cdef bint _cost_model(self, double * a_out, double * b_out):
-        """The fit of t = a + b * n over the recent decodes (False before 8 of them)."""
+        """The fit of t = a + b * n over the recent decodes (False before 8 of them, and while
+        no decodes of differing sizes were ever seen: the acceptance rule then drafts, which
+        makes the sizes differ)."""
         cdef double w = self.cost_w, mean_n, mean_t, var_n, a, b
         if w < 8.0:
             return False
@@ -1403,16 +1412,20 @@ cdef class Engine:
         mean_t = self.cost_t / w
         var_n = self.cost_nn / w - mean_n * mean_n
         if var_n < 0.25:
-            # Every recent decode had the same size: no slope to fit.  Assume the worst case
-            # (a token costs as much as the rest of a decode); drafting less makes the sizes
-            # differ, and the fit then tells.
-            b = mean_t / (mean_n + 1.0)
+            # Every recent decode had the same size: no slope to fit.  What a token costs on
+            # this machine has not changed, so keep the last slope fitted; with none yet, let
+            # the acceptance rule draft (a warm engine that only plain-decoded would otherwise
+            # never learn what a draft costs).
+            if self.cost_b_last <= 0.0:
+                return False
+            b = self.cost_b_last
         else:
             b = (self.cost_nt / w - mean_n * mean_t) / var_n
         # A noisy fit (tiny models, a busy machine) can say that tokens cost nothing, or less
         # than nothing: take a token as at least 1% of a decode, a decode as at least one token.
         if b < 0.01 * mean_t:
             b = 0.01 * mean_t
+        self.cost_b_last = b
         a = mean_t - b * mean_n
         if a < b:
             a = b
@@ -1435,13 +1448,13 @@ cdef class Engine:
         with probability p, independently: p = (accepted + 1) / (accepted + rejections + 2)).
         n_gen sequences generate this step; the others gain nothing from r's draft but wait
         for its longer decode, so drafting fades as the batch fills.  Before the engine's 8th
-        decode, the old rule: r.spec_cap (doubles while whole drafts are accepted, drops to just
-        past the accepted run after a rejection)."""
+        decode, or with spec_cost_model off, the acceptance rule alone: r.spec_cap (doubles while
+        whole drafts are accepted, drops to just past the accepted run after a rejection)."""
         cdef double a, b, p, pk, expected, rate, best
         cdef int d, best_d = 0
         if limit <= 0:
             return 0
-        if not self._cost_model(&a, &b):
+        if not self.spec_cost_model or not self._cost_model(&a, &b):
             return min(limit, r.spec_cap)
         p = (r.n_draft_accepted + 1.0) / (r.n_draft_accepted + r.spec_runs_ended + 2.0)
         best = n_gen / (a + b * n_gen) * 1.02   # plain decoding's rate, plus a margin for noise

@@ -175,7 +175,8 @@ _SAMPLING_DESTS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repe
                    "dry_penalty_last_n", "dry_sequence_breakers", "mirostat_mode", "seed", "stop", "ignore_eos",
                    "grammar")
 _LOAD_DESTS = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "chat_template", "use_mmap", "use_mlock",
-               "mmproj_path", "spec_type", "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min")
+               "mmproj_path", "spec_type", "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min",
+               "spec_cost_model")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -347,6 +348,9 @@ def add_spec_arguments(p: Any) -> None:
                    help="a draft model: a smaller GGUF with the same vocabulary (checked at load)")
     g.add_argument("--spec-draft-p-min", "--draft-p-min", dest="draft_p_min", type=float, metavar="P",
                    help="stop a draft at a token the draft model gives less than probability P (default 0.75)")
+    g.add_argument("--no-spec-cost-model", dest="spec_cost_model", action="store_const", const=False, default=None,
+                   help="draft up to --draft-max tokens every step, as llama.cpp does, instead of the length that "
+                        "pays on this machine (sized from the measured decode cost and each request's acceptance)")
 
 
 def add_hf_arguments(p: Any) -> None:
@@ -953,7 +957,7 @@ def serve_llm_kwargs(args: argparse.Namespace, path: str) -> dict:
     kw: dict = {"n_parallel": args.n_parallel, "kv_unified": False, "embedding": True,
                 "verbose": bool(args.verbose)}
     for name in ("n_batch", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock", "mmproj_path", "spec_type",
-                 "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min"):
+                 "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min", "spec_cost_model"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     n_ctx = args.n_ctx

@@ -242,6 +242,7 @@ class LLM:
         spec_ngram_size_n: int = 3,
         draft_model: Union[str, os.PathLike, None] = None,
         draft_p_min: float = 0.75,
+        spec_cost_model: bool = True,
         verbose: bool = False,
         model: Optional[str] = None,
         **sampling: Any,
@@ -263,6 +264,11 @@ class LLM:
         self._resolve_grammar(self.defaults)   # a bad grammar fails here, before loading
 
         self._spec = _spec_settings(spec_type, draft_max, draft_min, spec_ngram_size_n, draft_model, draft_p_min)
+        if not isinstance(spec_cost_model, bool):
+            raise TypeError(f"spec_cost_model must be True or False, got {spec_cost_model!r}")
+        # True: each step drafts the length that pays on this machine (the engine's measured
+        # decode cost by batch size); False: as llama.cpp, up to draft_max whatever it costs.
+        self._spec_cost_model = spec_cost_model
         self._draft_weights: Optional[_core.Model] = None     # the draft model's weights (spec_type="draft")
         self._drafter = None                                  # its DraftModel, made with the context
         if not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch < 1:
@@ -458,7 +464,8 @@ class LLM:
             self._drafter.n_vocab_target = self.vocab.n_tokens
         if self._lora is not None:
             self._ctx.set_lora_adapters([(self._lora, self._lora_scale)])
-        self._engine = _core.Engine(self._ctx, cache_prompt=self.cache_prompt)
+        self._engine = _core.Engine(self._ctx, cache_prompt=self.cache_prompt,
+                                    spec_cost_model=self._spec_cost_model)
         if old_sched is None:
             self._sched = Scheduler(self._engine)
         else:

@@ -330,7 +330,8 @@ def _unsupported(grammar: Any) -> str:
 
 _LLM_PASSTHROUGH = frozenset({
     "n_parallel", "cache_prompt", "chat_template", "mmproj_path", "clip_model_path", "kv_unified",
-    "rpc_servers", "f16_kv", "spec_type", "draft_max", "draft_min", "spec_ngram_size_n",
+    "rpc_servers", "f16_kv", "spec_type", "draft_max", "draft_min", "spec_ngram_size_n", "draft_p_min",
+    "spec_cost_model",
 })
 
 
