@@ -155,7 +155,7 @@ def main() -> int:
     import pyllama
 
     if args.wake_per_stream:
-        import pyllama.llm as llm_mod
+        import pyllama.streams as streams_mod
 
         def post(self, queue, items, on_lost=None) -> bool:   # one wake-up per stream and step, as before
             loop = self.loop_ref()
@@ -171,7 +171,7 @@ def main() -> int:
             for item in items:
                 queue.put_nowait(item)
 
-        llm_mod._Mailbox.post = post
+        streams_mod._Mailbox.post = post
 
     print(f"machine: {describe()}")
     print(f"pyllama from {Path(pyllama.__file__).parent}; {args.tokens} greedy tokens per stream, "

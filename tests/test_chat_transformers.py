@@ -315,7 +315,7 @@ def pair(request) -> _Pair:
 # --------------------------------------------------------------------------- the tokenizers themselves
 
 
-def test_tokenizers_loaded_from_gguf(hf, smollm2, gemma):
+def test_tokenizers_loaded_from_gguf(hf, smollm2, gemma, smollm2_path, gemma_path):
     # Same template source, same special tokens, read independently out of each file.
     assert smollm2.tok.chat_template == smollm2.llm.model.chat_template()
     assert "<|im_start|>" in smollm2.tok.chat_template
@@ -326,6 +326,7 @@ def test_tokenizers_loaded_from_gguf(hf, smollm2, gemma):
         assert p.tok.eos_token == v.token_text(v.eos)
         assert len(p.tok) == v.n_tokens
     assert (smollm2.tok.bos_token, gemma.tok.bos_token) == ("<|im_start|>", "<bos>")
+    assert {Path(smollm2_path).name, Path(gemma_path).name} <= hf.load_seconds.keys(), hf.load_seconds
     assert all(s < LOAD_SECONDS for s in hf.load_seconds.values()), hf.load_seconds
 
 

@@ -202,12 +202,16 @@ def test_build_info() -> None:
     assert pl.__version__ in r.stdout
     assert "CPU" in r.stdout
     assert "backends:" in r.stdout and "legacy mapped:" in r.stdout
+    from pyllama.gpu import gpu_status
+
+    assert f"gpu:            {gpu_status().summary}\n" in r.stdout    # e.g. "no GPU backend compiled in"
     r = cli("info", "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["build"]["llama_cpp_commit"] == pl.__llama_cpp_commit__
     assert any(b["name"] == "CPU" for b in data["build"]["backends"])
     assert "options" in data["build"]["build"]
+    assert data["build"]["gpu"] == gpu_status().summary
 
 
 # --------------------------------------------------------------------------- with a real model
@@ -372,10 +376,13 @@ def test_info_model(smollm2_path: Path) -> None:
 
 @pytest.mark.model
 def test_chat_piped_stdin(smollm2_path: Path) -> None:
+    from pyllama import LLM
+
     r = cli("chat", "-m", smollm2_path, "-n", "8", "--temp", "0", *FAST, input="Hello\n/exit\nnot read\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
-    assert len(r.stdout.strip().splitlines()) >= 1
+    with LLM(smollm2_path, n_threads=1) as llm:
+        answer = llm.chat([{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0).text
+    assert answer.strip() and r.stdout == answer + "\n"      # one answer: /exit stopped the chat
     _no_traceback(r)
 
 

@@ -169,6 +169,7 @@ def test_integer_logprobs(llm: Llama) -> None:
     lp = out["choices"][0]["logprobs"]
     assert set(lp) == {"tokens", "text_offset", "token_logprobs", "top_logprobs"}
     assert len(lp["tokens"]) == 5 and "".join(lp["tokens"]) == out["choices"][0]["text"]
+    assert len(lp["text_offset"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
     assert lp["text_offset"][0] == len(PROMPT)
     assert all(b - a == len(t) for a, b, t in zip(lp["text_offset"], lp["text_offset"][1:], lp["tokens"]))
     for tok, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
@@ -177,6 +178,7 @@ def test_integer_logprobs(llm: Llama) -> None:
     echoed = greedy(llm, max_tokens=2, logprobs=1, echo=True)["choices"][0]["logprobs"]
     n_prompt = len(llm.tokenize(PROMPT.encode()))
     assert len(echoed["tokens"]) == n_prompt + 2 and "".join(echoed["tokens"][:n_prompt]) == PROMPT
+    assert len(echoed["token_logprobs"]) == len(echoed["top_logprobs"]) == n_prompt + 2
     assert echoed["token_logprobs"][0] is None and echoed["top_logprobs"][0] is None
     assert all(v is not None and v <= 0 for v in echoed["token_logprobs"][1:])
     streamed = [c["choices"][0]["logprobs"] for c in llm(PROMPT, max_tokens=5, temperature=0, logprobs=3, stream=True)]

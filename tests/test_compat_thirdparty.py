@@ -429,7 +429,7 @@ def test_langchain_llamacpp_get_num_tokens(langchain_llm):
 
 def test_langchain_llamacpp_grammar(langchain_llm):
     got = step(langchain_llm, "grammar")
-    assert all(text.strip() in ("yes", "no") for text in got), got
+    assert len(got) == 2 and all(text.strip() in ("yes", "no") for text in got), got
 
 
 def test_langchain_llamacpp_grammar_path(langchain_llm):

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from pyllama import _core
+from pyllama import _core, _cpu
 from pyllama import _gbnf_check
 from pyllama.errors import GrammarError
 
@@ -21,7 +21,7 @@ def tiny(tiny_model_path):
     model.close()
 
 
-# --------------------------------------------------------------------------- default threads
+# --------------------------------------------------------------------------- default threads (pyllama._cpu: pure Python)
 
 
 def _fake_cgroup(tmp_path, files: dict, membership: str = "0::/\n"):
@@ -44,13 +44,13 @@ def _fake_cgroup(tmp_path, files: dict, membership: str = "0::/\n"):
 ])
 def test_cgroup_v2_quota(tmp_path, cpu_max, expected):
     root, me = _fake_cgroup(tmp_path, {"cpu.max": cpu_max})
-    assert _core._cgroup_cpu_limit(root, me) == expected
+    assert _cpu.cgroup_cpu_limit(root, me) == expected
 
 
 def test_cgroup_v2_quota_on_a_parent_applies(tmp_path):
     root, me = _fake_cgroup(tmp_path, {"cpu.max": "max 100000\n", "pod/cpu.max": "300000 100000\n",
                                        "pod/app/cpu.max": "max 100000\n"}, "0::/pod/app\n")
-    assert _core._cgroup_cpu_limit(root, me) == 3
+    assert _cpu.cgroup_cpu_limit(root, me) == 3
 
 
 @pytest.mark.parametrize("mount", ["cpu", "cpu,cpuacct"])
@@ -58,35 +58,35 @@ def test_cgroup_v1_quota(tmp_path, mount):
     root, me = _fake_cgroup(tmp_path, {f"{mount}/cpu.cfs_quota_us": "250000\n",
                                        f"{mount}/cpu.cfs_period_us": "100000\n"},
                             "4:memory:/\n3:cpu,cpuacct:/\n")
-    assert _core._cgroup_cpu_limit(root, me) == 3
+    assert _cpu.cgroup_cpu_limit(root, me) == 3
     (root / mount / "cpu.cfs_quota_us").write_text("-1\n")
-    assert _core._cgroup_cpu_limit(root, me) is None
+    assert _cpu.cgroup_cpu_limit(root, me) is None
 
 
 def test_no_cgroup_files_means_no_limit(tmp_path):
     root, me = _fake_cgroup(tmp_path, {})
-    assert _core._cgroup_cpu_limit(root, me) is None
+    assert _cpu.cgroup_cpu_limit(root, me) is None
 
 
 def test_default_threads_respects_quota_and_affinity(tmp_path, monkeypatch):
     """A container on a 64-core host allowed 2 CPUs must not start 64 threads."""
-    monkeypatch.setattr(_core, "_physical_cores", lambda: 64)
+    monkeypatch.setattr(_cpu, "physical_cores", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     limited, me = _fake_cgroup(tmp_path, {"cpu.max": "200000 100000\n"})
-    assert _core._default_threads(limited, me) == 2
+    assert _cpu.default_threads(limited, me) == 2
     unlimited, me2 = _fake_cgroup(tmp_path / "u", {"cpu.max": "max 100000\n"})
-    assert _core._default_threads(unlimited, me2) == 64
+    assert _cpu.default_threads(unlimited, me2) == 64
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)   # taskset -c 5
-    assert _core._default_threads(unlimited, me2) == 1
+    assert _cpu.default_threads(unlimited, me2) == 1
 
 
 def test_default_threads_reads_the_module_level_cgroup_root(tmp_path, monkeypatch):
-    monkeypatch.setattr(_core, "_physical_cores", lambda: 64)
+    monkeypatch.setattr(_cpu, "physical_cores", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     root, me = _fake_cgroup(tmp_path, {"cpu.max": "100000 100000\n"})
-    monkeypatch.setattr(_core, "_CGROUP_ROOT", str(root))
-    monkeypatch.setattr(_core, "_SELF_CGROUP", str(me))
-    assert _core._default_threads() == 1
+    monkeypatch.setattr(_cpu, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(_cpu, "SELF_CGROUP", str(me))
+    assert _cpu.default_threads() == 1
 
 
 # --------------------------------------------------------------------------- grammar errors

@@ -37,7 +37,8 @@ def _assert_all_over(engine, reqs):
     """Nothing left: every request has its outcome, no slot is held, nothing is queued."""
     assert all(r.done for r in reqs), [(r, r.finish_reason) for r in reqs]
     assert engine.requests() == []
-    assert not any(s["busy"] for s in engine.slot_info()), engine.slot_info()
+    slots = engine.slot_info()
+    assert slots and not any(s["busy"] for s in slots), slots
     assert not engine.busy
 
 

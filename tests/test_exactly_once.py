@@ -41,7 +41,8 @@ def llm(model_path):
 
 
 def _idle(llm: LLM) -> bool:
-    return not any(s["busy"] for s in llm.slots())
+    slots = llm.slots()
+    return bool(slots) and not any(s["busy"] for s in slots)
 
 
 async def _until(pred, timeout: float = BOUND_S) -> bool:
@@ -180,7 +181,7 @@ def test_listeners_never_overlap_and_see_pieces_in_order_with_two_steppers(llm):
 def test_cursor_reads_each_count_once(llm):
     """_Cursor.take on a request that grows while it is read (another thread stepping)
     takes each piece exactly once."""
-    from pyllama.llm import _Cursor
+    from pyllama.streams import _Cursor
 
     class Growing:
         """A request to which a step adds a piece right after each read of its pieces."""
@@ -438,11 +439,16 @@ def test_tool_calls_do_not_hold_executor_threads(llm):
 
 def test_tool_chat_async_matches_sync(llm):
     msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
-    sync = llm.chat(msgs, tools=TOOLS, tool_choice="required", max_tokens=48, ignore_eos=False)
-    got = asyncio.run(llm.achat(msgs, tools=TOOLS, tool_choice="required", max_tokens=48, ignore_eos=False))
+    # An enum argument: the random model's call ends well within max_tokens (a free string may not).
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "required": ["city"],
+                                              "properties": {"city": {"enum": ["Paris", "Tokyo"]}}}}}]
+    sync = llm.chat(msgs, tools=tools, tool_choice="required", max_tokens=48, ignore_eos=False)
+    got = asyncio.run(llm.achat(msgs, tools=tools, tool_choice="required", max_tokens=48, ignore_eos=False))
     assert got.text == sync.text
     assert got.content == sync.content
-    assert [c["function"] for c in got.tool_calls or ()] == [c["function"] for c in sync.tool_calls or ()]
+    assert sync.tool_calls, sync.text               # tool_choice="required": there is a call
+    assert [c["function"] for c in got.tool_calls or ()] == [c["function"] for c in sync.tool_calls]
     assert got.finish_reason == sync.finish_reason
 
 
@@ -457,6 +463,7 @@ def test_a_stored_listener_failure_does_not_keep_the_stepping_callers_stream_ali
     stream = llm.stream("a stream that will be dropped", max_tokens=50, temperature=0.0)
     assert next(stream)                       # started: its requests hold a slot
     stream_reqs = list(stream._reqs)
+    assert stream_reqs
 
     calls = []
 
@@ -475,7 +482,8 @@ def test_a_stored_listener_failure_does_not_keep_the_stepping_callers_stream_ali
         next(stream)
     assert isinstance(prep.requests[0].error, KeyError)
     assert prep.requests[0].error.__traceback__ is None          # kept as text, in a note
-    assert any("bad_listener" in n for n in getattr(prep.requests[0].error, "__notes__", ["bad_listener"]))
+    if hasattr(BaseException, "add_note"):                       # notes: Python 3.11+
+        assert any("bad_listener" in n for n in prep.requests[0].error.__notes__)
 
     ref = weakref.ref(stream)
     del stream

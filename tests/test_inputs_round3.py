@@ -119,7 +119,7 @@ def test_deep_tool_history_is_text_or_a_value_error_not_recursion():
 
 def test_control_token_text_is_found_at_any_depth():
     """The untrusted-message walk used to stop at 64 levels, leaving deeper text unneutralised."""
-    from pyllama.chat import _strings_in
+    from pyllama.chat._protect import _strings_in
 
     value = "<|im_start|>"
     for _ in range(150):
@@ -166,16 +166,19 @@ def _fuzzed_texts(n, seed=29):
 
 
 def test_fuzzed_output_never_raises_and_never_loses_text():
+    with_calls = 0
     for text in _fuzzed_texts(400):
         parsed = T.parse_tool_calls(text, TOOLS)
         if not parsed.tool_calls:
             assert parsed.content == (text.strip() or None), text
             continue
+        with_calls += 1
         for call in parsed.tool_calls:
             assert call["function"]["name"] in ("add", "f"), text
             assert isinstance(json.loads(call["function"]["arguments"]), dict), text
         # what is left is the text with the calls taken out
         assert parsed.content is None or len(parsed.content) < len(text), text
+    assert with_calls > 0          # the fuzzed texts hold calls too: both branches ran
 
 
 # --------------------------------------------------------------------------- 4. Hermes calls decoded from their start

@@ -346,8 +346,10 @@ def test_bad_grammar_is_an_error_before_loading(tmp_path):
 
 
 def test_grammar_checked_against_a_given_client(client):
+    from pyllama.grammar import load_grammar
+
     llm = LlamaCpp(client=client, grammar_path=pyllama.grammar_path("list"), max_tokens=4, temperature=0)
-    assert llm._grammar_text is not None
+    assert llm._grammar_text == load_grammar(grammar_path=pyllama.grammar_path("list"))
     with pytest.raises(GrammarError):
         LlamaCpp(client=client, grammar='root ::= "a" | (')
 

@@ -55,6 +55,7 @@ def test_logprobs_match_numpy_log_softmax(any_llm):
     c = any_llm.complete(PROMPT, max_tokens=8, logprobs=True, top_logprobs=5)
     assert c.logprobs is not None and len(c.logprobs) == len(c.tokens) == 8
     rows = _reference_rows(any_llm, any_llm.tokenize(PROMPT), c.tokens)
+    assert len(rows) == 8
     for entry, tok, row in zip(c.logprobs, c.tokens, rows):
         assert entry.id == tok
         assert entry.logprob == pytest.approx(row[tok], abs=1e-4)
@@ -85,7 +86,7 @@ def test_logprobs_openai_shape(smol):
 def test_no_logprobs_by_default_and_top_zero(smol):
     assert smol.complete(PROMPT, max_tokens=2).logprobs is None
     c = smol.complete(PROMPT, max_tokens=2, logprobs=True)
-    assert all(e.top_logprobs == [] for e in c.logprobs)
+    assert len(c.logprobs) == 2 and all(e.top_logprobs == [] for e in c.logprobs)
     with pytest.raises(ValueError, match="top_logprobs"):
         smol.complete(PROMPT, max_tokens=2, logprobs=True, top_logprobs=21)
     with pytest.raises(ValueError, match="top_logprobs"):
@@ -96,7 +97,7 @@ def test_logprobs_with_sampling_are_of_the_raw_distribution(smol):
     """At temperature 0.8 with top_k=1... the reported logprob is still the model's own,
     not the truncated distribution's (which would be 0 for the only candidate)."""
     c = smol.complete(PROMPT, max_tokens=4, temperature=0.8, top_k=1, seed=3, logprobs=True)
-    assert all(e.logprob < 0 for e in c.logprobs)
+    assert len(c.logprobs) == 4 and all(e.logprob < 0 for e in c.logprobs)
     greedy = smol.complete(PROMPT, max_tokens=4, logprobs=True)
     assert [e.logprob for e in c.logprobs] == pytest.approx([e.logprob for e in greedy.logprobs], abs=1e-5)
 

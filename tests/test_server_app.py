@@ -87,7 +87,8 @@ class FakeLLM:
     def metrics(self):
         return {"prompt_tokens_total": 7, "tokens_predicted_total": 11, "prompt_seconds_total": 0.5,
                 "tokens_predicted_seconds_total": 1.0, "n_decode_total": 4, "n_busy_slots_total": 6,
-                "requests_processing": 1, "requests_deferred": 0}
+                "requests_processing": 1, "requests_deferred": 0, "prompt_tokens_cached_total": 3,
+                "n_tokens_max": 40}
 
 
 def test_queue_full_gives_503_with_retry_after_and_recovers():
@@ -158,7 +159,9 @@ def test_metrics_use_llama_server_names_and_types():
                                       ("requests_processing", "gauge", 1.0),
                                       ("requests_deferred", "gauge", 0.0),
                                       ("n_busy_slots_per_decode", "gauge", 1.5),
-                                      ("predicted_tokens_seconds", "gauge", 11.0)]:
+                                      ("predicted_tokens_seconds", "gauge", 11.0),
+                                      ("prompt_tokens_cached_total", "counter", 3.0),
+                                      ("n_tokens_max", "gauge", 40.0)]:
                 assert f"# TYPE llamacpp:{name} {kind}\n" in text, (name, text)
                 assert f"\nllamacpp:{name} {value}\n" in text, (name, text)
             r = await c.get("/slots")
@@ -218,12 +221,12 @@ def _still_answers(app):
     assert r.json()["usage"]["completion_tokens"] == 2
 
 
-def test_completion_shape_and_usage(app):
+def test_completion_shape_and_usage(app, tiny_model_path):
     r = _post(app, "/v1/completions", {"prompt": "Hello world", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
-    assert body["model"] == "tiny-0.gguf" or body["model"].endswith(".gguf")
+    assert body["model"] == tiny_model_path.name              # no alias: the file's name
     assert body["choices"][0]["finish_reason"] == "length"
     u = body["usage"]
     assert u["completion_tokens"] == 4 and u["total_tokens"] == u["prompt_tokens"] + 4

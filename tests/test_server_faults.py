@@ -28,7 +28,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from pyllama.errors import ClosedError, ContextLengthError, KVCacheFullError  # noqa: E402
-from pyllama.server.app import EventStream, create_app  # noqa: E402
+from pyllama.server.app import SSEResponse, create_app  # noqa: E402
 from pyllama.server.main import limited_http_protocol  # noqa: E402
 from pyllama.server.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS  # noqa: E402
 from test_server_openai import ServerProcess  # noqa: E402
@@ -604,9 +604,9 @@ def test_streamed_list_client_vanishes_after_first_piece(scripted):
     assert_idle(s)
 
 
-def test_event_stream_gives_back_its_places_when_the_body_never_started():
+def test_sse_response_gives_back_its_places_when_the_body_never_started():
     """A client gone before the first byte: the body iterator never runs (so its `finally`
-    never does); EventStream's cleanup still gives the places back and closes the streams."""
+    never does); SSEResponse's cleanup still gives the places back and closes the streams."""
     async def main():
         cleaned = asyncio.Event()
 
@@ -622,7 +622,7 @@ def test_event_stream_gives_back_its_places_when_the_body_never_started():
         async def send(message):           # a peer that never takes a byte
             await asyncio.Event().wait()
 
-        response = EventStream(body(), cleanup=cleanup)
+        response = SSEResponse(body(), cleanup=cleanup)
         await asyncio.wait_for(response({"type": "http"}, receive, send), 5)
         assert cleaned.is_set()
     asyncio.run(main())

@@ -49,7 +49,7 @@ def test_open_stream_does_not_hold_up_other_calls(mid):
     assert quick < 10 * per20, (quick, per20)
     # generate() with a shared prefix while the stream is open
     outs = llm.generate(["Shared prefix here: a", "Shared prefix here: b"], max_tokens=5)
-    assert all(len(o.tokens) == 5 for o in outs)
+    assert len(outs) == 2 and all(len(o.tokens) == 5 for o in outs)
     # the stream resumes where it was and gives the same text as an uninterrupted run
     rest = first + "".join(it)
     assert rest == expected, (rest[:80], expected[:80])
@@ -80,7 +80,7 @@ def test_many_open_streams_more_than_slots(tiny_model_path):
     s = llm.stream("Prompt 0:"); next(s)
     assert llm.complete("Prompt 5:").text == expected[5]
     s.close()
-    assert not any(x["busy"] for x in llm.slots())
+    assert len(llm.slots()) == 2 and not any(x["busy"] for x in llm.slots())
     llm.close()
     print("OK")
     """, tiny_model_path)
@@ -301,7 +301,7 @@ def test_filling_the_context_ends_with_length_and_keeps_the_text(tiny_model_path
         assert len(c.tokens) > 40 and c.text
         # two sequences sharing a too-small context: both end with "length", text kept
         outs = llm.generate(["One:", "Two:"], max_tokens=None, n_parallel=1)
-        assert all(o.finish_reason == "length" and o.tokens for o in outs)
+        assert len(outs) == 2 and all(o.finish_reason == "length" and o.tokens for o in outs)
 
 
 def test_llm_works_without_stderr(tiny_model_path):
@@ -322,4 +322,4 @@ def test_n_parallel_beyond_n_batch_is_refused(tiny_model_path):
     with LLM(tiny_model_path, n_ctx=512, n_batch=4, n_threads=1, temperature=0, max_tokens=3,
              ignore_eos=True) as llm:
         outs = llm.generate([f"p{i}" for i in range(10)])       # more prompts than n_batch
-        assert all(len(o.tokens) == 3 for o in outs)
+        assert len(outs) == 10 and all(len(o.tokens) == 3 for o in outs)

@@ -364,8 +364,9 @@ def test_llm_spec_with_n2_logprobs_and_streaming(llm_pair):
     prompt = _repeating_prompt(plain)
     a = plain.complete(prompt, max_tokens=30, temperature=0, n=2, logprobs=True, cache_prompt=False)
     b = spec.complete(prompt, max_tokens=30, temperature=0, n=2, logprobs=True, cache_prompt=False)
-    assert [c.text for c in b] == [c.text for c in a]
+    assert len(a) == len(b) == 2 and [c.text for c in b] == [c.text for c in a]
     for ca, cb in zip(a, b):
+        assert len(ca.logprobs) == len(ca.tokens) > 0
         assert [t.token for t in cb.logprobs] == [t.token for t in ca.logprobs]
         assert all(math.isclose(x.logprob, y.logprob, abs_tol=1e-3) for x, y in zip(ca.logprobs, cb.logprobs))
     assert "".join(spec.stream(prompt, max_tokens=30, temperature=0)) == a[0].text
@@ -407,7 +408,10 @@ def test_drafting_fades_for_a_request_whose_drafts_are_always_wrong(tiny, ctx):
     assert spec.n_draft_accepted == 0
     a, b = engine.decode_cost_ms
     assert a > 0 and b > 0
-    assert len(calls) < 30 and spec.n_drafted < 40, (len(calls), spec.n_drafted)
+    # However cheap the fit says a drafted token is (at least 1% of a decode), one token pays
+    # only while p > ~0.03, i.e. for the first ~32 rejections; then a probe every 32 steps.
+    assert len(calls) <= 45 and spec.n_drafted <= 50, (len(calls), spec.n_drafted)
+    fading = len(calls)
 
     # spec_cost_model=False: acceptance alone sizes the drafts, as llama.cpp's fixed draft_max
     # does; a rejected draft shrinks to one token, and that token is drafted every step.
@@ -416,6 +420,7 @@ def test_drafting_fades_for_a_request_whose_drafts_are_always_wrong(tiny, ctx):
     _run(ctx, spec)
     assert spec.tokens == plain.tokens
     assert len(calls) >= 70 and spec.n_drafted >= 70, (len(calls), spec.n_drafted)
+    assert len(calls) >= fading + 25
 
 
 def test_a_warm_engine_that_never_drafted_still_lets_a_request_draft(tiny, ctx):

@@ -9,7 +9,6 @@ and Gemma 3 270M, one load per model for the module.
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 
@@ -55,15 +54,6 @@ def _check_call(call: dict, name: str | None = None) -> dict:
         assert fn["name"] == name
     jsonschema.validate(args, SCHEMAS[fn["name"]])
     return args
-
-
-def _llm_chat_delegates() -> bool:
-    return "tool_choice" in inspect.signature(pyllama.LLM.chat).parameters
-
-
-needs_llm_chat = pytest.mark.skipif(not _llm_chat_delegates(),
-                                    reason="LLM.chat(tools=..., tool_choice=...) does not delegate to "
-                                           "pyllama.tools yet (the lead wires it)")
 
 
 # --------------------------------------------------------------------------- chat templates with tools
@@ -500,7 +490,12 @@ def test_full_round_trip(request, monkeypatch, fixture, expect):
     assert len(prompts) == 1   # what the model saw: the same prompt
     seen = prompts[0] if isinstance(prompts[0], str) else llm.detokenize(prompts[0], unparse_special=True)
     assert seen.endswith(expect.format(id=call["id"]))
-    assert final.content or final.tool_calls
+    if final.tool_calls:                 # the model may call again: then well-formed calls
+        assert final.finish_reason == "tool_calls", final
+        for c in final.tool_calls:
+            _check_call(c)
+    else:                                # or answer: then with text
+        assert final.content and final.content.strip() and final.finish_reason in ("eog", "length", "stop"), final
 
 
 def test_tool_choice_none_is_plain_chat(smollm2):
@@ -530,7 +525,6 @@ def test_truncated_forced_call_reports_length(smollm2):
 # --------------------------------------------------------------------------- through LLM.chat
 
 
-@needs_llm_chat
 def test_llm_chat_with_tools(smollm2):
     msgs = [{"role": "user", "content": PROMPTS[0]}]
     comp = smollm2.chat(msgs, tools=TOOLS, tool_choice="get_weather", max_tokens=64)
@@ -549,8 +543,6 @@ def test_llm_chat_with_tools(smollm2):
 
 def test_message_text_spelling_control_tokens_stays_text(smollm2, monkeypatch):
     """Tool results and user text are data: "<|im_end|>" in them is not the control token."""
-    if not hasattr(smollm2, "chat_tokens"):
-        pytest.skip("LLM.chat_tokens (messages as data) is not there yet")
     im_end = smollm2.tokenize("<|im_end|>", add_special=False, parse_special=True)
     assert len(im_end) == 1
     msgs = ROUND_TRIP[1:3] + [{"role": "tool", "tool_call_id": CALL_ID, "content": "sunny<|im_end|>"}]

@@ -67,6 +67,8 @@ def build_info() -> dict:
         "amx_disabled_reason": getattr(bc, "amx_disabled_reason", ""),
         # llama.cpp's mtmd library (images/audio in prompts), -DPYLLAMA_MTMD=OFF leaves it out
         "mtmd": getattr(bc, "mtmd", False),
+        # CUDA builds: the GPU architectures compiled for, and why ("" without CUDA)
+        "cuda_architectures": getattr(bc, "cuda_architectures", ""),
     }
 
 

@@ -6,10 +6,16 @@ Layout (all included into this one extension module):
   _support.pxi   C helpers (their code is in src/cxx): signals/abort, UTF-8 scanning,
                  last-error capture; logging
   _model.pxi     Model, Vocab
-  _context.pxi   Context, Batch, array views
+  _batch.pxi     Batch (the tokens of one llama_decode)
+  _context.pxi   Context, array views of its logits/embeddings
   _sampler.pxi   SamplerChain
   _mtmd.pxi      Multimodal, Bitmap, MediaPrompt (images/audio through llama.cpp's mtmd)
-  _engine.pxi    GenerationRequest, Engine (the generation loop, one or many sequences)
+  _request.pxi   GenerationRequest (one request's state and output) and its hook helpers
+  _engine.pxi    Engine: slots, prompt cache, queue, preemption, the step (continuous batching)
+  _speculation.pxi  drafting and verification inside the step
+  _engine_sampling.pxi  choosing each request's next token (sampler, hooks, logprobs)
+
+It imports only leaf modules of the package (pyllama.errors, ._cpu, ._media): nothing above it.
 
 Every C pointer has one owner (a cdef class).  Inputs are validated here,
 before C sees them: llama.cpp aborts the process on many bad arguments.
@@ -31,6 +37,9 @@ import logging as _logging
 import os as _os
 import threading as _threading
 
+# The extension imports only leaf modules of the package (pure Python, importing nothing of
+# pyllama themselves): the layers above import the extension, never the other way round.
+from pyllama import _cpu, _media
 from pyllama.errors import (
     BatchCapacityError,
     ContextLengthError,
@@ -46,10 +55,14 @@ from pyllama.errors import (
 
 include "_support.pxi"
 include "_model.pxi"
+include "_batch.pxi"
 include "_context.pxi"
 include "_sampler.pxi"
 include "_mtmd.pxi"
+include "_request.pxi"
 include "_engine.pxi"
+include "_speculation.pxi"
+include "_engine_sampling.pxi"
 
 
 # --------------------------------------------------------------------------
@@ -294,7 +307,7 @@ def rpc_start_server(endpoint, *, int threads=0, cache_dir=None, devices=None) -
     cdef bytes ep = _check_endpoint(endpoint)
     cdef bytes cache = _utf8(_os.fspath(cache_dir), "cache_dir") if cache_dir is not None else None
     cdef const char * cache_c = PyBytes_AS_STRING(cache) if cache is not None else NULL
-    cdef size_t n_threads = threads if threads > 0 else _default_threads()
+    cdef size_t n_threads = threads if threads > 0 else _cpu.default_threads()
     cdef list names = list(devices) if devices else []
     cdef ggml_backend_dev_t * devs = NULL
     cdef size_t n_devs = 0, i

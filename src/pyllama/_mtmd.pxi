@@ -246,7 +246,7 @@ cdef class Multimodal:
                 raise ValueError(f"n_threads must be in 1..1024, got {n_threads}")
             p.n_threads = n_threads
         else:
-            p.n_threads = _default_threads()
+            p.n_threads = _cpu.default_threads()
         for name, v in (("image_min_tokens", image_min_tokens), ("image_max_tokens", image_max_tokens)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -346,8 +346,6 @@ cdef class Multimodal:
         truncated files, images over ``max_pixels`` and images whose decode would need more
         than ``max_image_bytes`` (estimated from the header: bit depth, channels, size) raise
         MediaError without decoding."""
-        from pyllama.multimodal import sniff_media
-
         cdef mtmd_context * ctx = self._get()
         cdef const unsigned char[::1] view
         if isinstance(data, str):
@@ -356,7 +354,7 @@ cdef class Multimodal:
             view = memoryview(data).cast("B")
         except TypeError:
             raise TypeError(f"media data must be bytes or a bytes-like buffer, not {type(data).__name__}") from None
-        info = sniff_media(memoryview(view))
+        info = _media.sniff_media(memoryview(view))
         if info.kind == "image":
             if not mtmd_support_vision(ctx):
                 raise MediaError(f"this projector ({_os.path.basename(self.path)}) takes audio, not images")

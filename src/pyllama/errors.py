@@ -78,6 +78,12 @@ class ClosedError(PyllamaError, ValueError):
     """The LLM is closed (or was closed while the call was running)."""
 
 
+class GPUUnavailableError(PyllamaError, RuntimeError):
+    """``require_gpu=True`` (``--require-gpu``) and no device can take the model's layers:
+    the build has no GPU backend, or its backend found no device.  The message says which,
+    and how to rebuild."""
+
+
 def detach_traceback(exc: BaseException) -> BaseException:
     """Prepare an exception that outlives the step that caught it (stored on a request, for
     its owner to raise later): its frames are dropped.  Frames link, through f_back, every
@@ -117,4 +123,5 @@ __all__ = [
     "DecodeAborted",
     "MediaError",
     "ClosedError",
+    "GPUUnavailableError",
 ]

@@ -9,8 +9,8 @@
     comp.tool_calls   # [{"id": "call_...", "type": "function",
                       #   "function": {"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}}]
 
-This module is the one home of tool calling in pyllama: ``LLM.chat(tools=...)``, the LangChain
-chat model's ``bind_tools`` and the server all go through :func:`chat_with_tools`.  It
+This module is the one home of tool calling in pyllama: ``LLM.chat(tools=...)`` (and with it
+:func:`chat_with_tools`, the LangChain chat model's ``bind_tools`` and the server) plans here.  It
 
 * validates tools and ``tool_choice`` (:func:`validate_tools`, :func:`normalize_tool_choice`);
 * shows the tools to the model through its own chat template when the template uses ``tools``
@@ -23,8 +23,13 @@ chat model's ``bind_tools`` and the server all go through :func:`chat_with_tools
 * renders tool results (``{"role": "tool", "tool_call_id": ..., "content": ...}``) and earlier
   assistant calls back through the template (:func:`prepare_messages`).
 
-Everything here uses the public methods of :class:`pyllama.LLM` only (``render_chat``,
-``chat_tokens``, ``complete``, ``chat``, ``vocab``).  docs/tools.md has the details.
+Tool calling is a plan (:class:`ToolPlan`, made by :func:`plan_chat`): the prepared messages,
+how to render them, the options (with the grammar of a forced call) and the parser.  Nothing
+here runs a request: the LLM runs the plan like any other (:func:`chat_with_tools` is
+``llm.chat`` under the name this module always had).  Planning needs only something
+that renders conversations (the LLM's chat formatter); :func:`plan_tool_chat` also renders the
+prompt (``LLM.chat_prompt``) for callers that run the plan themselves.  Reading calls out of
+text is :mod:`pyllama._tool_parse`.  docs/tools.md has the details.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ import json
 import logging
 import re
 import threading
-import uuid
 import weakref
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+# Reading calls out of generated text is its own module; these names are part of this one's API.
+from pyllama._tool_parse import ParsedToolCalls, make_tool_call, new_call_id, parse_tool_calls
 
 __all__ = [
     "GENERIC_TOOL_PROMPT",
@@ -57,6 +64,7 @@ __all__ = [
     "make_tool_call",
     "new_call_id",
     "chat_with_tools",
+    "plan_chat",
     "plan_tool_chat",
     "ToolPlan",
 ]
@@ -216,226 +224,6 @@ def _forced_tools(tools: List[Dict[str, Any]], choice: Union[str, Dict[str, Any]
     return None
 
 
-# ---------------------------------------------------------------------------------- tool calls
-
-
-def new_call_id() -> str:
-    """A fresh tool call id, ``call_`` and 24 hex digits."""
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def make_tool_call(name: str, arguments: Any, id: Optional[str] = None) -> Dict[str, Any]:
-    """An OpenAI-shaped tool call: ``{"id", "type": "function", "function": {"name", "arguments"}}``
-    with the arguments as a JSON string."""
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": id or new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
-
-
-class ParsedToolCalls(NamedTuple):
-    """What :func:`parse_tool_calls` found: the text outside tool calls (None when there is
-    none) and the calls (OpenAI-shaped; empty when there are none)."""
-
-    content: Optional[str]
-    tool_calls: List[Dict[str, Any]]
-
-
-_CALL_KEYS = frozenset(("name", "arguments", "parameters", "id", "type", "function"))
-
-
-def _call_from(obj: Any, names: Sequence[str]) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """(name, arguments) when `obj` is a call of one of the tools, else None."""
-    if not isinstance(obj, dict) or not set(obj) <= _CALL_KEYS:
-        return None   # e.g. a tool's description echoed back ({"name", "description", "parameters"})
-    if isinstance(obj.get("function"), dict) and "name" not in obj:   # {"type": "function", "function": {...}}
-        obj = obj["function"]
-        if not set(obj) <= _CALL_KEYS:
-            return None
-    name = obj.get("name")
-    if not isinstance(name, str) or name not in names:
-        return None
-    if "arguments" in obj:
-        args = obj["arguments"]
-    elif "parameters" in obj:
-        args = obj["parameters"]
-    else:
-        args = {}
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except (ValueError, RecursionError):
-            return None
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        return None
-    from pyllama.grammar._text import MAX_JSON_NESTING, json_nesting
-
-    if json_nesting(args) > MAX_JSON_NESTING:
-        return None   # could not be written back as JSON (and no tool schema nests this deep)
-    try:
-        json.dumps(args, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return None   # a lone surrogate (a "\\ud800" escape): not text any client could receive
-    return name, args
-
-
-def _calls_from(value: Any, names: Sequence[str]) -> Optional[List[Tuple[str, Dict[str, Any]]]]:
-    """The calls in a JSON value (one call, or a list of calls); None unless all are calls."""
-    items = value if isinstance(value, list) else [value]
-    if not items:
-        return None
-    calls = [_call_from(v, names) for v in items]
-    if any(c is None for c in calls):
-        return None
-    return calls  # type: ignore[return-value]
-
-
-_DECODER = json.JSONDecoder()
-_FENCE_RE = re.compile(r"^```[A-Za-z]*\s*(.*?)\s*```$", re.S)
-
-
-def _loads_lenient(text: str) -> Any:
-    """JSON from `text` (whitespace and a ``` fence allowed around it); raises ValueError
-    (also for JSON nested too deeply for Python's parser)."""
-    s = text.strip()
-    m = _FENCE_RE.match(s)
-    if m:
-        s = m.group(1)
-    try:
-        return json.loads(s)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-def _decode_at(text: str, pos: int) -> Tuple[Any, int]:
-    """The JSON value starting at text[pos] (after whitespace) and where it ends; ValueError
-    (also for JSON nested too deeply for Python's parser)."""
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    try:
-        return _DECODER.raw_decode(text, pos)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-_HERMES_OPEN = "<tool_call>"
-_HERMES_CLOSE = "</tool_call>"
-_FENCE_OPEN_RE = re.compile(r"\s*```[A-Za-z]*")
-_FENCE_CLOSE_RE = re.compile(r"\s*```")
-_SPACE_RE = re.compile(r"\s*")
-
-
-def _hermes_block(text: str, pos: int) -> Tuple[Any, int]:
-    """The JSON value of a ``<tool_call>`` block whose tag ends at `pos`, and where the block
-    ends (after ``</tool_call>``, or at the end of a text cut off after the JSON).  The JSON
-    is decoded from its start, so a ``</tool_call>`` inside an argument string is just text.
-    ValueError when the block holds anything but one JSON value (a ``` fence allowed)."""
-    fence = _FENCE_OPEN_RE.match(text, pos)
-    if fence:
-        pos = fence.end()
-    value, pos = _decode_at(text, pos)
-    if fence:
-        close = _FENCE_CLOSE_RE.match(text, pos)
-        if not close:
-            raise ValueError("unclosed ``` fence in a <tool_call> block")
-        pos = close.end()
-    pos = _SPACE_RE.match(text, pos).end()
-    if text.startswith(_HERMES_CLOSE, pos):
-        return value, pos + len(_HERMES_CLOSE)
-    if pos == len(text):
-        return value, pos
-    raise ValueError("text after the JSON of a <tool_call> block")
-_MISTRAL_RE = re.compile(r"\[TOOL_CALLS\]")
-_PYTHON_TAG_RE = re.compile(r"<\|python_tag\|>")
-_INLINE_RE = re.compile(r"\[\s*\{\s*\"name\"\s*:|\{\s*\"(?:name|type|function)\"\s*:")
-_EMPTY_FENCE_RE = re.compile(r"```[A-Za-z]*\s*```")
-
-
-def parse_tool_calls(text: str, tools: Sequence[Any]) -> ParsedToolCalls:
-    """Find tool calls in generated `text`.
-
-    Formats, in this order: ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` blocks
-    (Hermes, Qwen), ``[TOOL_CALLS][{...}, ...]`` (Mistral), ``<|python_tag|>{...}`` (Llama 3.x),
-    then JSON objects ``{"name": ..., "arguments"|"parameters": ...}`` (or lists of them) anywhere
-    in the text (Llama 3.x's JSON calls, the generic format, optionally in a ``` fence).  Only
-    calls that name one of `tools` (tool dicts or names) count, and their arguments must be a JSON
-    object (or a string holding one).  Returns the text outside the calls (stripped; None when
-    empty) and the calls, OpenAI-shaped with fresh ids.
-
-    Never raises on model output and never drops text: output with no call (JSON nested too
-    deeply for Python's parser included) comes back whole as content.  A ``<tool_call>``
-    block's JSON is decoded from its start, so ``</tool_call>`` inside an argument string
-    does not end the block.
-    """
-    names = [t if isinstance(t, str) else t["function"]["name"] for t in tools]
-    spans: List[Tuple[int, int]] = []
-    found: List[Tuple[int, str, Dict[str, Any]]] = []
-
-    def take(start: int, end: int, calls: Optional[List[Tuple[str, Dict[str, Any]]]]) -> bool:
-        if not calls or any(s < end and start < e for s, e in spans):
-            return False
-        spans.append((start, end))
-        found.extend((start, n, a) for n, a in calls)
-        return True
-
-    start = text.find(_HERMES_OPEN)
-    while start >= 0:
-        try:
-            value, end = _hermes_block(text, start + len(_HERMES_OPEN))
-            take(start, end, _calls_from(value, names))
-        except ValueError:
-            pass
-        start = text.find(_HERMES_OPEN, start + 1)
-    for regex in (_MISTRAL_RE, _PYTHON_TAG_RE):
-        for m in regex.finditer(text):
-            pos, calls = m.end(), []
-            try:
-                while True:   # one value, or several separated by ';' (python tag)
-                    value, pos = _decode_at(text, pos)
-                    got = _calls_from(value, names)
-                    if got is None:
-                        break
-                    calls.extend(got)
-                    nxt = pos
-                    while nxt < len(text) and text[nxt].isspace():
-                        nxt += 1
-                    if nxt < len(text) and text[nxt] == ";":
-                        pos = nxt + 1
-                        continue
-                    break
-            except ValueError:
-                pass
-            take(m.start(), pos, calls or None)
-    if not found:
-        try:
-            calls = _calls_from(_loads_lenient(text), names)
-        except ValueError:
-            calls = None
-        if calls:
-            return ParsedToolCalls(None, [make_tool_call(n, a) for n, a in calls])
-    for m in _INLINE_RE.finditer(text):
-        if any(s <= m.start() < e for s, e in spans):
-            continue
-        try:
-            value, end = _decode_at(text, m.start())
-        except ValueError:
-            continue
-        take(m.start(), end, _calls_from(value, names))
-    if not found:
-        content = text.strip()
-        return ParsedToolCalls(content or None, [])
-    spans.sort()
-    parts, pos = [], 0
-    for s, e in spans:
-        parts.append(text[pos:s])
-        pos = e
-    parts.append(text[pos:])
-    content = _EMPTY_FENCE_RE.sub("", "".join(parts)).strip()
-    found.sort(key=lambda f: f[0])
-    return ParsedToolCalls(content or None, [make_tool_call(n, a) for _, n, a in found])
-
-
 # ---------------------------------------------------------------------------------- formats
 
 
@@ -479,16 +267,18 @@ class _Quiet(logging.Filter):
         return False
 
 
-def _try_render(llm: Any, messages: List[Dict[str, Any]], **kw: Any) -> Optional[str]:
+def _try_render(template: Any, messages: List[Dict[str, Any]], **kw: Any) -> Optional[str]:
+    render = getattr(template, "render_chat", None) or template.render   # an LLM, or its chat formatter
     try:
-        return llm.render_chat(messages, **kw)
+        return render(messages, **kw)
     except Exception:  # noqa: BLE001 - a template that cannot render this is a template without it
         return None
 
 
 def detect_tool_format(llm: Any) -> ToolFormat:
     """How `llm`'s chat template handles tools, found by rendering a probe conversation
-    (cached per LLM).  See :class:`ToolFormat`."""
+    (cached per LLM).  `llm` may also be a chat formatter (what the LLM itself passes).
+    See :class:`ToolFormat`."""
     with _formats_lock:
         cached = _formats.get(llm)
     if cached is not None:
@@ -707,17 +497,17 @@ def _add_special(llm: Any, prompt: str) -> bool:
     return not (text and prompt.startswith(text))
 
 
-def _prompt_for(llm: Any, msgs: List[Dict[str, Any]], shown: Optional[List[Dict[str, Any]]],
-                allow_special: bool, allow_files: bool = True) -> Tuple[Any, Dict[str, Any]]:
+def _prompt_for(llm: Any, msgs: List[Dict[str, Any]], *, tools: Optional[List[Dict[str, Any]]],
+                allow_special_in_messages: bool, allow_files: bool = True) -> Tuple[Any, Dict[str, Any]]:
     """(prompt, how to tokenize it) for llm.complete: the template's tokens, with message
     contents kept as data (text spelling a control token stays text) where the LLM can do that;
     a MediaPrompt when messages hold images (LLM.chat_prompt)."""
     if hasattr(llm, "chat_prompt"):
-        return llm.chat_prompt(msgs, tools=shown, allow_special_in_messages=allow_special,
+        return llm.chat_prompt(msgs, tools=tools, allow_special_in_messages=allow_special_in_messages,
                                allow_files=allow_files), {}
     if hasattr(llm, "chat_tokens"):
-        return llm.chat_tokens(msgs, tools=shown, allow_special_in_messages=allow_special), {}
-    prompt = llm.render_chat(msgs, tools=shown) if shown is not None else llm.render_chat(msgs)
+        return llm.chat_tokens(msgs, tools=tools, allow_special_in_messages=allow_special_in_messages), {}
+    prompt = llm.render_chat(msgs, tools=tools) if tools is not None else llm.render_chat(msgs)
     return prompt, {"add_special": _add_special(llm, prompt), "parse_special": True}
 
 
@@ -891,25 +681,34 @@ class ToolStream:
 
 
 class ToolPlan:
-    """Tool calling as a plan: the prompt to complete, the options to complete it with
-    (tokenization, sampling overrides with the grammar of a forced call, ``n``, logprobs,
-    ``max_tokens`` ...) and :meth:`finish`, the parser that turns the finished Completion(s)
-    into ``tool_calls``/``content``.  The LLM runs it as any other request (sync or async,
-    batched with every other caller, cancellable): see :func:`plan_tool_chat`.
+    """Tool calling as a plan, data that an LLM runs like any other request (sync or async,
+    batched with every other caller, cancellable); nothing here generates.
 
-    ``tools is None`` means ``tool_choice="none"``: a plain chat of :attr:`messages` (the
-    history prepared for the template) with :attr:`options`, nothing to parse.
+    * :attr:`messages`: the conversation prepared for the template (calls and results in the
+      shape it renders, or as text; the generic tool prompt in the system message);
+    * :attr:`prompt_args`: how to render them (``LLM.chat_prompt`` keyword arguments: the
+      ``tools`` the template shows, special-token and file permissions);
+    * :attr:`prompt`: the rendered prompt, once someone rendered it (:func:`plan_tool_chat`
+      does; the LLM renders its own);
+    * :attr:`options`: ``LLM.complete`` keyword arguments (sampling overrides with the grammar
+      of a forced call, ``n``, logprobs, ``max_tokens`` ...);
+    * :meth:`finish`: the parser that turns the finished Completion(s) into
+      ``tool_calls``/``content``.
+
+    ``tools is None`` means ``tool_choice="none"``: a plain chat of :attr:`messages`, with
+    :attr:`options` as ``LLM.chat`` keyword arguments, nothing to parse.
     """
 
-    __slots__ = ("prompt", "options", "tools", "stream", "messages")
+    __slots__ = ("messages", "prompt_args", "prompt", "options", "tools", "stream")
 
-    def __init__(self, prompt: Any, options: Dict[str, Any], tools: Optional[List[Dict[str, Any]]],
-                 stream: bool = False, messages: Optional[List[Dict[str, Any]]] = None) -> None:
-        self.prompt = prompt
+    def __init__(self, messages: List[Dict[str, Any]], prompt_args: Dict[str, Any], options: Dict[str, Any],
+                 tools: Optional[List[Dict[str, Any]]], stream: bool = False) -> None:
+        self.messages = messages
+        self.prompt_args = prompt_args
+        self.prompt: Any = None
         self.options = options
         self.tools = tools
         self.stream = stream
-        self.messages = messages
 
     def finish(self, result: Any) -> Any:
         """The Completion (list of them when n > 1) with tool_calls, content and finish_reason
@@ -922,11 +721,12 @@ class ToolPlan:
         return ToolStream(comp) if self.stream else comp
 
 
-def plan_tool_chat(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: Any, tool_choice: Any = "auto",
-                   stream: bool = False, **kwargs: Any) -> ToolPlan:
-    """Validate a conversation with tools and make the :class:`ToolPlan` that answers it
-    (arguments as :func:`chat_with_tools`).  Nothing is generated here; bad input raises
-    before any work."""
+def plan_chat(template: Any, messages: Sequence[Mapping[str, Any]], *, tools: Any, tool_choice: Any = "auto",
+              stream: bool = False, **kwargs: Any) -> ToolPlan:
+    """Validate a conversation with tools and make the :class:`ToolPlan` that answers it,
+    without rendering its prompt.  `template` renders conversations: an LLM or its chat
+    formatter (anything :func:`detect_tool_format` takes).  Other arguments as
+    :func:`chat_with_tools`; bad input raises before any work."""
     tools = validate_tools(tools)
     choice = normalize_tool_choice(tool_choice, tools)
     kwargs = dict(kwargs)
@@ -934,7 +734,7 @@ def plan_tool_chat(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: An
     allow_files = bool(kwargs.pop("allow_files", True))
     if stream and kwargs.get("n", 1) not in (None, 1):
         raise ValueError("stream=True with tools and n > 1 is not supported; use stream=False")
-    fmt = detect_tool_format(llm)
+    fmt = detect_tool_format(template)
     response_format = kwargs.pop("response_format", None)
     if response_format is not None and (not isinstance(response_format, Mapping)
                                         or response_format.get("type") not in (None, "text")):
@@ -942,14 +742,14 @@ def plan_tool_chat(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: An
             raise ValueError("response_format cannot be combined with tools (a reply is either a tool call or "
                              "text); leave response_format out, or use tool_choice='none'")
     if choice == "none":
-        msgs, _ = prepare_messages(llm, messages, None, choice, fmt)
+        msgs, _ = prepare_messages(template, messages, None, choice, fmt)
         if response_format is not None:
             kwargs["response_format"] = response_format
         if allow_special:
             kwargs["allow_special_in_messages"] = True
         if not allow_files:
             kwargs["allow_files"] = False
-        return ToolPlan(None, kwargs, None, stream, msgs)
+        return ToolPlan(msgs, {}, kwargs, None, stream)
     forced = _forced_tools(tools, choice)
     if forced is not None:
         given = [k for k in _GRAMMAR_KEYS if kwargs.get(k) is not None]
@@ -959,9 +759,20 @@ def plan_tool_chat(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: An
         for k in _GRAMMAR_KEYS:
             kwargs.pop(k, None)
         kwargs["grammar"] = tool_call_grammar(forced, fmt.style)
-    msgs, shown = prepare_messages(llm, messages, tools, choice, fmt)
-    prompt, how = _prompt_for(llm, msgs, shown, allow_special, allow_files)
-    return ToolPlan(prompt, {**how, **kwargs}, tools, stream)
+    msgs, shown = prepare_messages(template, messages, tools, choice, fmt)
+    prompt_args = {"tools": shown, "allow_special_in_messages": allow_special, "allow_files": allow_files}
+    return ToolPlan(msgs, prompt_args, kwargs, tools, stream)
+
+
+def plan_tool_chat(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: Any, tool_choice: Any = "auto",
+                   stream: bool = False, **kwargs: Any) -> ToolPlan:
+    """:func:`plan_chat` for a caller that runs the plan with ``llm.complete(plan.prompt,
+    **plan.options)`` itself: the prompt is rendered too (``llm.chat_prompt``)."""
+    plan = plan_chat(llm, messages, tools=tools, tool_choice=tool_choice, stream=stream, **kwargs)
+    if plan.tools is not None:
+        plan.prompt, how = _prompt_for(llm, plan.messages, **plan.prompt_args)
+        plan.options = {**how, **plan.options}
+    return plan
 
 
 def chat_with_tools(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: Any, tool_choice: Any = "auto",
@@ -975,13 +786,14 @@ def chat_with_tools(llm: Any, messages: Sequence[Mapping[str, Any]], *, tools: A
     ``"required"`` (a call of one of the tools, forced by a grammar), a tool's name or
     ``{"type": "function", "function": {"name": ...}}`` (a call of that tool, forced), or
     ``"none"`` (no tools shown; plain chat).  A forced call is exactly one call.
-    ``allow_special_in_messages`` is passed on to ``llm.chat_tokens`` (message text that spells
-    a control token stays text unless it is True).
+    ``allow_special_in_messages``: message text that spells a control token stays text unless
+    it is True.
     ``stream=True``: the answer is generated whole, then the returned :class:`ToolStream`
-    yields its content once.  Other keyword arguments go to ``llm.complete`` (sampling,
+    yields its content once.  Other keyword arguments are ``llm.chat``'s (sampling,
     ``max_tokens``, ``n``, ...); a grammar of your own only combines with ``"auto"``.
+
+    The same as ``llm.chat(messages, tools=tools, tool_choice=tool_choice, ...)``, which plans
+    with :func:`plan_chat` and runs the plan.
     """
-    plan = plan_tool_chat(llm, messages, tools=tools, tool_choice=tool_choice, stream=stream, **kwargs)
-    if plan.tools is None:   # tool_choice "none": a plain chat (streamed live when asked)
-        return llm.chat(plan.messages, stream=stream, **plan.options)
-    return plan.finish(llm.complete(plan.prompt, **plan.options))
+    validate_tools(tools)   # an empty list is an error here (llm.chat takes it for no tools)
+    return llm.chat(messages, tools=tools, tool_choice=tool_choice, stream=stream, **kwargs)

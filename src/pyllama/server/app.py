@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,10 +21,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pyllama.server import metrics as M
 from pyllama.server import protocol as P
 from pyllama.server import schemas as S
-from pyllama.server.backend import Backend, Stream, Ticket, _as_api_errors, cancel_all, gather_or_cancel
+from pyllama.server.backend import Backend, StartedStream, Ticket, as_api_errors, cancel_all, gather_or_cancel
 from pyllama.server.errors import (AUTHENTICATION, NOT_FOUND, SERVER, UNAVAILABLE, APIError, bad_request,
                                    error_event, pydantic_errors_to_api_error)
 from pyllama.server.settings import ServerSettings
+
+if TYPE_CHECKING:   # annotations only: the server must import without loading the model code
+    from pyllama.llm import LLM
 
 logger = logging.getLogger("pyllama.server")
 
@@ -38,19 +41,18 @@ class ServerState:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.backend: Optional[Backend] = None
-        self.llm: Any = None
+        self.llm: Optional["LLM"] = None
         self.owns_llm = False
         self.load_error: Optional[BaseException] = None
         self.model_id = settings.model_alias or "pyllama"
         self.created = int(time.time())
         self.registry = M.make_registry(self._metrics)
-        self.closing = False
 
-    def set_llm(self, llm: Any, owns: bool) -> None:
+    def set_llm(self, llm: "LLM", owns: bool) -> None:
         self.llm = llm
         self.owns_llm = owns
         if not self.settings.model_alias:
-            self.model_id = os.path.basename(str(getattr(llm, "model_path", "pyllama")))
+            self.model_id = os.path.basename(llm.model_path)
         self.backend = Backend(llm, max_queue=self.settings.max_queue, retry_after_s=self.settings.retry_after_s)
 
     def _metrics(self) -> dict:
@@ -246,16 +248,15 @@ async def unless_disconnected(request: Request, aw: Awaitable[Any]) -> Any:
     raise ClientGone()
 
 
-class EventStream(StreamingResponse):
+class SSEResponse(StreamingResponse):
     """Server-sent events that stop as soon as the client disconnects (whatever ASGI version
     the server speaks), and always close the body iterator, which cancels the generation."""
 
-    media_type = "text/event-stream"
-
-    def __init__(self, content: AsyncIterator[bytes], cleanup: Optional[Callable[[], Awaitable[None]]] = None
+    def __init__(self, content: AsyncGenerator[bytes, None], cleanup: Optional[Callable[[], Awaitable[None]]] = None
                  ) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._content = content
         # Runs when the response ends, however it ends, even if the body iterator never
         # started (a client gone before the first byte): gives back the admission places and
         # closes the streams (an unstarted async generator's `finally` never runs).
@@ -282,10 +283,8 @@ class EventStream(StreamingResponse):
             for t in (sender, listener):
                 with contextlib.suppress(BaseException):
                     await t
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(BaseException):
-                    await aclose()
+            with contextlib.suppress(BaseException):
+                await self._content.aclose()
             if self._cleanup is not None:
                 await self._cleanup()
 
@@ -293,7 +292,8 @@ class EventStream(StreamingResponse):
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(llm: Any = None, *, loader: Optional[Callable[[], Any]] = None, **settings: Any) -> FastAPI:
+def create_app(llm: Optional["LLM"] = None, *, loader: Optional[Callable[[], "LLM"]] = None,
+               **settings: Any) -> FastAPI:
     """An OpenAI-compatible ASGI app serving `llm` (a `pyllama.LLM`).
 
     Give either `llm` (already loaded; the caller closes it) or `loader`, a callable that
@@ -324,7 +324,6 @@ def create_app(llm: Any = None, *, loader: Optional[Callable[[], Any]] = None, *
         try:
             yield
         finally:
-            state.closing = True
             if state.owns_llm and state.llm is not None:
                 with contextlib.suppress(Exception):
                     # off the loop: closing waits for the engine's last step
@@ -403,25 +402,18 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def models() -> JSONResponse:
         llm = state.llm
         meta: dict = {}
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):    # an LLM closing at shutdown: the card without meta
             m = llm.model
             meta = {"n_vocab": llm.vocab.n_tokens, "n_ctx_train": m.n_ctx_train, "n_embd": m.n_embd,
                     "n_params": m.n_params, "size": m.size, "n_ctx": llm.n_ctx,
-                    "n_ctx_slot": _slot_ctx(state), "n_slots": state.backend.n_slots}
+                    "n_ctx_slot": llm.context.n_ctx_seq, "n_slots": state.backend.n_slots}
         card = S.ModelCard(id=state.model_id, created=state.created, meta=meta or None)
         return JSONResponse(S.ModelList(data=[card]).model_dump(exclude_none=True))
 
     @app.get("/slots")
     async def slots() -> JSONResponse:
-        out = []
-        n_ctx = _slot_ctx(state)
-        for s in state.ready_backend().slots():
-            s = dict(s)
-            s.setdefault("n_ctx", n_ctx)
-            if "is_processing" not in s and "busy" in s:
-                s["is_processing"] = bool(s["busy"])
-            out.append(s)
-        return JSONResponse(out)
+        # llama-server's name for the library's "busy"
+        return JSONResponse([dict(s, is_processing=s["busy"]) for s in state.ready_backend().slots()])
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -445,7 +437,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 return b'{"tokens":[' + b",".join(parts) + b"]}"
             return _json_list_bytes("tokens", tokens)
 
-        with _as_api_errors("content"):      # text it cannot encode (lone surrogates): 400
+        with as_api_errors("content"):      # text it cannot encode (lone surrogates): 400
             return Response(await asyncio.to_thread(work), media_type="application/json")
 
     @app.post("/detokenize")
@@ -456,7 +448,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             P.check_token_ids([body.tokens], nv, param="tokens")
             return _json_bytes({"content": state.llm.detokenize(body.tokens)})
 
-        with _as_api_errors("tokens"):
+        with as_api_errors("tokens"):
             return Response(await asyncio.to_thread(work), media_type="application/json")
 
     # ---- embeddings ---------------------------------------------------------------------
@@ -466,7 +458,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def embeddings(body: S.EmbeddingRequest, request: Request) -> JSONResponse:
         backend = state.ready_backend()
         llm = state.llm
-        if not getattr(llm, "embedding", False):
+        if not llm.embedding:
             raise APIError(501, "this server's model was loaded without embeddings (LLM(..., embedding=True))",
                            type="not_supported_error", code="embeddings_disabled")
         inp = body.input
@@ -485,7 +477,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             P.check_token_ids(items, nv, param="input")
             return sum(len(llm.tokenize(x)) if isinstance(x, str) else len(x) for x in items)
 
-        with _as_api_errors("input"):
+        with as_api_errors("input"):
             n_tokens = await asyncio.to_thread(count)
         with backend.admit():
             vectors = await unless_disconnected(request, backend.embed(items))
@@ -530,10 +522,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                     lambda: P.chat_response(comps, model, rid, created).model_dump()))
             chunks = await asyncio.to_thread(
                 lambda: list(_chat_chunks_from_completions(comps, body, rid, created, model)))
-            return EventStream(_iterate(chunks))
+            return SSEResponse(_iterate(chunks))
         ticket = backend.acquire(body.n)
         tasks = await _open_streams(request, ticket, [backend.stream_chat(messages, **kw)])
-        return EventStream(_chat_events(tasks[0], body, rid, created, model), cleanup=_closer(ticket, tasks))
+        return SSEResponse(_chat_events(tasks[0], body, rid, created, model), cleanup=_closer(ticket, tasks))
 
     # ---- completions -----------------------------------------------------------------------
 
@@ -581,7 +573,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         ticket = backend.acquire(places)
         tasks = await _open_streams(request, ticket, [backend.stream_complete(p, **kw) for p in prompts])
         events = _completion_events(tasks, body, prompt_texts, rid, created, model)
-        return EventStream(events, cleanup=_closer(ticket, tasks))
+        return SSEResponse(events, cleanup=_closer(ticket, tasks))
 
 
 def _check_n(n: int, backend: Backend) -> None:
@@ -590,20 +582,6 @@ def _check_n(n: int, backend: Backend) -> None:
     if n > backend.n_slots:
         raise bad_request(f"n={n} choices need {n} slots at once but this server has {backend.n_slots} "
                           "(start it with a larger -np)", param="n")
-
-
-def _slot_ctx(state: ServerState) -> Optional[int]:
-    llm = state.llm
-    for attr in ("n_ctx_slot", "n_ctx_seq"):
-        v = getattr(llm, attr, None)
-        if isinstance(v, int):
-            return v
-    try:
-        n_ctx = int(llm.n_ctx)
-    except Exception:  # noqa: BLE001
-        return None
-    unified = bool(getattr(llm, "_ctx_params", {}).get("kv_unified", True))
-    return n_ctx if unified else n_ctx // max(state.backend.n_slots if state.backend else 1, 1)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -629,12 +607,13 @@ def _json_response(obj: Any) -> Response:
     return Response(_json_bytes(obj), media_type="application/json")
 
 
-async def _iterate(items: List[bytes]) -> AsyncIterator[bytes]:
+async def _iterate(items: List[bytes]) -> AsyncGenerator[bytes, None]:
     for item in items:
         yield item
 
 
-async def _open_streams(request: Request, ticket: Ticket, opens: List[Awaitable[Stream]]) -> List["asyncio.Task"]:
+async def _open_streams(request: Request, ticket: Ticket, opens: List[Awaitable[StartedStream]]
+                        ) -> List["asyncio.Task"]:
     """Start every stream of a request (the prompts of a list) and return their tasks once
     the first has produced its first piece: text is sent as soon as there is some, even when
     the list is larger than the slots.  An input error or a refusal before that is the
@@ -667,7 +646,7 @@ def _closer(ticket: Ticket, tasks: List["asyncio.Task"]) -> Callable[[], Awaitab
     return close
 
 
-async def _error_events(exc: BaseException) -> AsyncIterator[bytes]:
+async def _error_events(exc: BaseException) -> AsyncGenerator[bytes, None]:
     """How a stream that fails after it started ends (as llama-server and vLLM end it): an
     event with OpenAI's error object, then ``data: [DONE]``."""
     err = error_event(exc)
@@ -682,14 +661,14 @@ def _include_usage(body: S.SamplingFields) -> bool:
 
 
 async def _chat_events(task: "asyncio.Task", body: S.ChatCompletionRequest, rid: str, created: int,
-                       model: str) -> AsyncIterator[bytes]:
+                       model: str) -> AsyncGenerator[bytes, None]:
     include_usage = _include_usage(body)
 
     def chunk(choices: list, usage: Any = None, timings: Any = None) -> bytes:
         return P.sse(P.chat_chunk(rid, created, model, choices, usage, include_usage, timings))
 
     finished: dict = {}
-    stream: Stream = task.result()
+    stream: StartedStream = task.result()
     try:
         for i in range(body.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -728,7 +707,7 @@ def _chat_chunks_from_completions(comps: list, body: S.ChatCompletionRequest, ri
     for i, c in enumerate(comps):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
-        msg = P._message(c)
+        msg = P.response_message(c)
         if msg.tool_calls:
             calls = [dict(tc, index=k) for k, tc in enumerate(msg.tool_calls)]
             delta: dict = {"tool_calls": calls}
@@ -737,7 +716,7 @@ def _chat_chunks_from_completions(comps: list, body: S.ChatCompletionRequest, ri
             yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
         elif msg.content:
             yield chunk([{"index": i, "delta": {"content": msg.content},
-                          "logprobs": P.chat_logprobs(getattr(c, "logprobs", None)), "finish_reason": None}])
+                          "logprobs": P.chat_logprobs(c.logprobs), "finish_reason": None}])
         yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(c.finish_reason)}],
                     timings=P.timings(c) if i == len(comps) - 1 else None)
     if include_usage:
@@ -788,7 +767,7 @@ async def _merge(tasks: List["asyncio.Task"]) -> AsyncIterator[tuple]:
 
 
 async def _completion_events(tasks: List["asyncio.Task"], body: S.CompletionRequest, prompt_texts: Optional[list],
-                             rid: str, created: int, model: str) -> AsyncIterator[bytes]:
+                             rid: str, created: int, model: str) -> AsyncGenerator[bytes, None]:
     include_usage = _include_usage(body)
     want_lp = body.logprobs is not None
     offsets: dict = {}

@@ -58,13 +58,6 @@ def unavailable(message: str, code: str, retry_after_s: int = RETRY_AFTER_S) -> 
     return APIError(503, message, type=UNAVAILABLE, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
-def _for_lack_of_room(exc: BaseException) -> bool:
-    """The engine's ContextLengthError for a prompt that fits a slot but found no free KV
-    cells because other sequences hold them (it clears as they finish), as opposed to a
-    prompt longer than a slot (which never fits)."""
-    return bool(getattr(exc, "retryable", False))
-
-
 #: "repeat_penalty must be ..." -> param "repeat_penalty": the library names the argument first.
 _LEADING_NAME = re.compile(r"^([a-z_][a-z0-9_]*)\b")
 
@@ -75,7 +68,9 @@ def from_library_error(exc: BaseException, param: Optional[str] = None) -> Optio
     memory short for now: 503 + Retry-After), or None if it is not the caller's fault."""
     if isinstance(exc, ClosedError):
         return unavailable("the server is shutting down; retry on another instance", "shutting_down")
-    if isinstance(exc, KVCacheFullError) or (isinstance(exc, ContextLengthError) and _for_lack_of_room(exc)):
+    # A retryable ContextLengthError: the prompt fits a slot, but other sequences hold the KV
+    # cells it needs (it clears as they finish), unlike a prompt longer than a slot.
+    if isinstance(exc, KVCacheFullError) or (isinstance(exc, ContextLengthError) and exc.retryable):
         return unavailable(f"no room in the KV memory right now, retry later: {exc}", "kv_cache_full")
     if isinstance(exc, ContextLengthError):
         extra: dict = {}

@@ -16,18 +16,13 @@ import signal
 import threading
 from typing import Any, Callable, Iterator, Optional
 
+from pyllama._net import LOOPBACK_HOST
 from pyllama.server.app import create_app
 
 logger = logging.getLogger("pyllama.server")
 
-_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
-
-def is_loopback(host: str) -> bool:
-    return host in _LOOPBACK or host.startswith("127.")
-
-
-def serve(loader: Callable[[], Any], *, host: str = "127.0.0.1", port: int = 8080,
+def serve(loader: Callable[[], Any], *, host: str = LOOPBACK_HOST, port: int = 8080,
           shutdown_timeout_s: float = 3.0, log_level: str = "warning",
           on_listening: Optional[Callable[[str], None]] = None, **settings: Any) -> int:
     """Serve the LLM `loader()` returns until SIGINT/SIGTERM; returns 0 after a clean stop."""

@@ -23,7 +23,6 @@ _COUNTERS = [
     ("tokens_predicted_total", "Number of generation tokens processed", "tokens_predicted_total", 1.0),
     ("tokens_predicted_seconds_total", "Total time spent generating tokens", "tokens_predicted_seconds_total", 1.0),
     ("n_decode_total", "Total number of llama_decode() calls", "n_decode_total", 1.0),
-    ("n_tokens_max", "Largest observed sequence length (prompt + generation)", "n_tokens_max", 1.0),
 ]
 
 
@@ -51,6 +50,10 @@ class _LLMCollector:
             ("requests_deferred", "Number of requests deferred", float(m.get("requests_deferred", 0))),
             ("n_busy_slots_per_decode", "Average number of busy slots per llama_decode() call",
              float(m.get("n_busy_slots_total", 0) or 0) / max(n_decode, 1.0)),
+            # llama-server declares it a counter, but a Prometheus counter's sample must end in
+            # _total: as a gauge the sample keeps llama-server's exact name (what queries use).
+            ("n_tokens_max", "Largest observed sequence length (prompt + generation)",
+             float(m.get("n_tokens_max", 0) or 0)),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily("llamacpp:" + name, doc, value=value)

@@ -9,11 +9,14 @@ import json
 import math
 import secrets
 import time
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence
 
 from pyllama.server import schemas as S
 from pyllama.server.errors import bad_request
 from pyllama.server.settings import ServerSettings
+
+if TYPE_CHECKING:   # annotations only: the server must import without loading the model code
+    from pyllama.llm import Completion, TokenLogprob
 
 #: The library's finish reasons -> OpenAI's.
 FINISH_REASONS = {"eog": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls",
@@ -121,58 +124,56 @@ def check_token_ids(prompts: Sequence[Any], n_vocab: int, param: str = "prompt")
 # --------------------------------------------------------------------------- responses
 
 
-def _timings(comp: Any) -> Optional[S.ServerTimings]:
-    t = getattr(comp, "timings", None)
-    if t is None:
-        return None
+def timings(comp: "Completion") -> S.ServerTimings:
+    """llama-server's ``timings`` object of one answer."""
+    t = comp.timings
     pn, pms = int(t.prompt_n), float(t.prompt_ms)
     gn, gms = int(t.predicted_n), float(t.predicted_ms)
     return S.ServerTimings(
-        cache_n=int(getattr(t, "cached_n", 0)), prompt_n=pn, prompt_ms=pms,
+        cache_n=int(t.cached_n), prompt_n=pn, prompt_ms=pms,
         prompt_per_token_ms=pms / pn if pn else 0.0, prompt_per_second=1000.0 * pn / pms if pms > 0 else 0.0,
         predicted_n=gn, predicted_ms=gms, predicted_per_token_ms=gms / gn if gn else 0.0,
         predicted_per_second=1000.0 * gn / gms if gms > 0 else 0.0,
         draft_n=int(getattr(t, "draft_n", 0)), draft_n_accepted=int(getattr(t, "draft_n_accepted", 0)))
 
 
-def usage(groups: Sequence[Sequence[Any]]) -> S.Usage:
+def usage(groups: Sequence[Sequence["Completion"]]) -> S.Usage:
     """Usage of one request: `groups` holds, per prompt, the completions that share it."""
     prompt = cached = completion = 0
     for comps in groups:
         if not comps:
             continue
         prompt += int(comps[0].prompt_tokens)
-        t = getattr(comps[0], "timings", None)
-        cached += int(getattr(t, "cached_n", 0) or 0)
+        cached += int(comps[0].timings.cached_n)
         completion += sum(len(c.tokens) for c in comps)
     return S.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                    prompt_tokens_details=S.PromptTokensDetails(cached_tokens=cached))
 
 
-def chat_logprobs(entries: Optional[Iterable[Any]]) -> Optional[dict]:
+def chat_logprobs(entries: Optional[Iterable["TokenLogprob"]]) -> Optional[dict]:
     if entries is None:
         return None
     return {"content": [e.to_openai() for e in entries], "refusal": None}
 
 
-def _message(comp: Any) -> S.ResponseMessage:
-    tool_calls = getattr(comp, "tool_calls", None)
-    if tool_calls:
-        return S.ResponseMessage(content=getattr(comp, "content", None), tool_calls=list(tool_calls))
-    content = getattr(comp, "content", None)
-    return S.ResponseMessage(content=comp.text if content is None else content)
+def response_message(comp: "Completion") -> S.ResponseMessage:
+    """The assistant message of one chat answer: its tool calls (and the text around them),
+    or its text."""
+    if comp.tool_calls:
+        return S.ResponseMessage(content=comp.content, tool_calls=list(comp.tool_calls))
+    return S.ResponseMessage(content=comp.text if comp.content is None else comp.content)
 
 
-def chat_response(comps: List[Any], model: str, rid: str, created: int) -> S.ChatCompletionResponse:
-    choices = [S.ChatChoice(index=i, message=_message(c), finish_reason=finish_reason(c.finish_reason),
-                            logprobs=chat_logprobs(getattr(c, "logprobs", None)))
+def chat_response(comps: List["Completion"], model: str, rid: str, created: int) -> S.ChatCompletionResponse:
+    choices = [S.ChatChoice(index=i, message=response_message(c), finish_reason=finish_reason(c.finish_reason),
+                            logprobs=chat_logprobs(c.logprobs))
                for i, c in enumerate(comps)]
     return S.ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage([comps]),
-                                    timings=_timings(comps[0]))
+                                    timings=timings(comps[0]))
 
 
-def legacy_logprobs(entries: Optional[Sequence[Any]], offset0: int, prompt_entries: Optional[Sequence[Any]] = None
-                    ) -> Optional[dict]:
+def legacy_logprobs(entries: Optional[Sequence["TokenLogprob"]], offset0: int,
+                    prompt_entries: Optional[Sequence["TokenLogprob"]] = None) -> Optional[dict]:
     """/v1/completions' logprobs object: tokens, token_logprobs, top_logprobs, text_offset.
     With echo, `prompt_entries` (the library scores prompt tokens 2..n; the first has no
     context to be scored in) come first and offsets count from the start of the text."""
@@ -192,28 +193,27 @@ def legacy_logprobs(entries: Optional[Sequence[Any]], offset0: int, prompt_entri
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
-def completion_choice(comp: Any, index: int, prompt_text: str, echo: bool, want_logprobs: bool) -> S.CompletionChoice:
+def completion_choice(comp: "Completion", index: int, prompt_text: str, echo: bool,
+                      want_logprobs: bool) -> S.CompletionChoice:
     text = comp.text     # with echo, the library's text already starts with the prompt
     lp = None
     if want_logprobs:
-        prompt_lp = getattr(comp, "prompt_logprobs", None) if echo else None
+        prompt_lp = comp.prompt_logprobs if echo else None
         start = 0
         if echo and prompt_lp is not None:   # the unscored first prompt token's text comes before
             start = max(0, len(prompt_text) - sum(len(e.token) for e in prompt_lp))
         elif echo:
             start = len(prompt_text)
-        lp = legacy_logprobs(getattr(comp, "logprobs", None) or [], start, prompt_lp)
+        lp = legacy_logprobs(comp.logprobs or [], start, prompt_lp)
     return S.CompletionChoice(index=index, text=text, finish_reason=finish_reason(comp.finish_reason), logprobs=lp)
 
 
 # --------------------------------------------------------------------------- streaming
 
 
-def sse(obj: Any) -> bytes:
-    if hasattr(obj, "model_dump_json"):
-        data = obj.model_dump_json()
-    else:
-        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+def sse(obj: dict) -> bytes:
+    """One server-sent event carrying `obj` as JSON."""
+    data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     return b"data: " + data.encode("utf-8") + b"\n\n"
 
 
@@ -239,6 +239,3 @@ def chat_chunk(rid: str, created: int, model: str, choices: list, usage_obj: Any
 def completion_chunk(rid: str, created: int, model: str, choices: list, usage_obj: Any = None,
                      include_usage_field: bool = False, timings: Any = None) -> dict:
     return _chunk("text_completion", rid, created, model, choices, usage_obj, include_usage_field, timings)
-
-
-timings = _timings

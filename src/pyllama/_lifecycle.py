@@ -1,0 +1,56 @@
+"""How LLMs end: every open LLM is closed at interpreter exit, a context that a stuck step still
+uses is kept alive for ever, and the counters behind LLM.metrics() outlive a re-created context.
+"""
+
+from __future__ import annotations
+
+import atexit
+import weakref
+from typing import Any
+
+# Every open LLM, so that interpreter exit closes them before daemon threads and module
+# teardown can free memory under a running decode.
+live_llms: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_immortal: list = []
+
+
+def keep_forever(obj: Any) -> None:
+    """Never free `obj` (a context a stuck step still uses): one leak at exit beats a crash."""
+    import ctypes
+
+    _immortal.append(obj)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+@atexit.register
+def close_all_at_exit() -> None:
+    for llm in list(live_llms):
+        try:
+            llm.close()
+        except Exception:   # noqa: BLE001 - exit must go on
+            pass
+
+
+class Counters:
+    """Totals for LLM.metrics()."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.cached_tokens = 0     # prompt tokens reused from a slot's cache (not evaluated)
+        self.n_tokens_max = 0      # the longest slot content seen: prompt (cached included) + answer fed
+        self.prompt_ms = 0.0
+        self.predicted_tokens = 0
+        self.predicted_ms = 0.0
+        self.requests = 0
+        self.decodes_before = 0    # from engines replaced by a re-created context
+        self.busy_before = 0
+
+    def add(self, t: Any) -> None:
+        """Count one finished call's Timings."""
+        self.requests += 1
+        self.prompt_tokens += t.prompt_n
+        self.cached_tokens += t.cached_n
+        self.n_tokens_max = max(self.n_tokens_max, t.cached_n + t.prompt_n + t.predicted_n)
+        self.prompt_ms += t.prompt_ms
+        self.predicted_tokens += t.predicted_n
+        self.predicted_ms += t.predicted_ms
