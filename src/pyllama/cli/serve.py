@@ -123,8 +123,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return llm
 
     settings: dict = {"api_keys": keys, "cors_origins": args.cors_origin or (), "max_queue": args.max_queue,
-                      "model_alias": args.alias, "default_max_tokens": args.default_max_tokens,
-                      "cache_prompt": args.cache_prompt, "verbose": bool(args.verbose)}
+                      "model_alias": args.alias, "default_max_tokens": args.default_max_tokens}
+    # --no-cache-prompt is the LLM's default (serve_llm_kwargs), --verbose uvicorn's log level
+    # and llama.cpp's log: neither is a setting of the app.
     if args.max_body_bytes is not None:
         settings["max_body_bytes"] = args.max_body_bytes
     if args.max_header_bytes is not None:

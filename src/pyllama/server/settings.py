@@ -33,10 +33,6 @@ class ServerSettings:
     default_max_tokens: int = -1
     #: Seconds a client is told to wait (Retry-After) when the queue is full.
     retry_after_s: int = 1
-    #: Reuse a slot's cached prompt (False = ``--no-cache-prompt``); passed to each request.
-    cache_prompt: bool = True
-    #: Log each request (``--verbose``).
-    verbose: bool = False
     #: Extra sampling defaults applied under every request's own fields.
     sampling_defaults: dict = field(default_factory=dict)
 
