@@ -5,6 +5,8 @@
     python benchmarks/run.py --quick              # smoke test: tiny sizes, 1 rep, no BENCHMARKS.md
     python benchmarks/run.py --models smollm2 --only tg,e2e --reps 3
     python benchmarks/run.py --skip-lcp           # without llama-cpp-python (no 7-minute build)
+    NATIVE_BUILD_DIR=benchmarks/.cache/native-cuda NATIVE_CMAKE_ARGS=-DGGML_CUDA=on \
+        python benchmarks/run.py --ngl 99           # every layer on the GPU (a CUDA build of everything)
 
 Contenders
   native    llama.cpp's own tools (llama-bench, llama-batched-bench, llama-completion) built by
@@ -117,6 +119,16 @@ def versions(have: dict[str, bool]) -> dict:
     return out
 
 
+def gpu_info() -> str:
+    """The GPU(s) nvidia-smi sees, one string ("" when there is none or no nvidia-smi)."""
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return "; ".join(line.strip() for line in p.stdout.splitlines() if line.strip()) if p.returncode == 0 else ""
+
+
 def load_models_module():
     spec = importlib.util.spec_from_file_location("_pyllama_models", ROOT / "src" / "pyllama" / "models.py")
     mod = importlib.util.module_from_spec(spec)
@@ -164,11 +176,13 @@ def setup(cfg: Config, no_setup: bool) -> dict[str, bool]:
             r = subprocess.run(["bash", str(HERE / "setup_llama_cpp_python.sh")])
             if r.returncode != 0:
                 print("!! llama-cpp-python build failed; its runs are skipped")
-    tools = ("llama-bench", "llama-batched-bench", "llama-completion", "load_time")
+    tools = ("llama-bench", "llama-batched-bench", "llama-completion")
     missing = [t for t in tools if not (NATIVE_BIN / t).exists()]
     if missing:
-        print(f"!! native tools missing ({', '.join(missing)}): native runs skipped")
+        print(f"!! native tools missing in {NATIVE_BIN} ({', '.join(missing)}): native runs skipped")
         have["native"] = False
+    elif not (NATIVE_BIN / "load_time").exists() and (cfg.only is None or "startup" in cfg.only):
+        print(f"!! {NATIVE_BIN / 'load_time'} missing: native startup fails (the other native runs go on)")
     if have["lcp"] and not LCP_PY.exists():
         print(f"!! {LCP_PY} missing: llama-cpp-python runs skipped (run benchmarks/setup_llama_cpp_python.sh)")
         have["lcp"] = False
@@ -192,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="smollm2,gemma3", help="comma list (smollm2, gemma3)")
     ap.add_argument("--reps", type=int, default=None, help="runs per contender and workload (default 5; quick 1)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ngl", type=int, default=0, metavar="N",
+                    help="layers offloaded to the GPU (default 0: CPU only; 99 or -1: all): -ngl N for every "
+                         "native tool, n_gpu_layers=N for pyllama and llama-cpp-python (needs GPU builds, "
+                         "see NATIVE_CMAKE_ARGS / NATIVE_BUILD_DIR in benchmarks/README.md)")
     ap.add_argument("--only", default=None, help="comma list of workloads: " + ",".join(WORKLOADS))
     ap.add_argument("--skip-lcp", action="store_true", help="leave llama-cpp-python out (no venv build)")
     ap.add_argument("--no-setup", action="store_true", help="do not run the setup scripts (use what is built)")
@@ -219,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config.quick_sizes(**kw) if args.quick else Config(**kw)
     cfg.native_kvu = not args.no_kvu
     cfg.lcp_ignore_eos = args.lcp_ignore_eos
+    cfg.ngl = args.ngl
 
     have = setup(cfg, args.no_setup)
     print("== models", flush=True)
@@ -241,7 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         "contenders": {k: v for k, v in have.items()},
         "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GGML_", "LLAMA_"))},
     }
+    if cfg.ngl:
+        meta["gpu"] = gpu_info()
     print(f"== {len(cells)} workloads x {reps} reps; contenders: {', '.join(contenders)}", flush=True)
+    print(f"   settings: {cfg.threads} threads, -ngl {cfg.ngl} "
+          f"({'CPU only' if cfg.ngl == 0 else 'GPU: ' + (meta['gpu'] or 'none found by nvidia-smi')}); "
+          f"native tools: {NATIVE_BIN}", flush=True)
     run_suite(cells, reps)
 
     rows = [r for c in cells for r in report.summarize(c)]

@@ -26,7 +26,11 @@ Prompt cache (at the first N, i.e. one slot): per rep, a fresh ~1,000-token syst
 first request with it (cold) and then a second request with the same system prompt and a
 different user message; ratio = median TTFT of the second / median TTFT of the first.
 
-Servers: llama-server from benchmarks/.cache/native/bin (benchmarks/setup_native.sh builds it),
+GPU: `--ngl N` offloads N layers in every server (llama-server and `pyllama serve` `-ngl N`,
+llama-cpp-python `--n_gpu_layers N`; default 0, CPU only, as llama-server's `-ngl 0` always was).
+
+Servers: llama-server from benchmarks/.cache/native/bin, or $NATIVE_BUILD_DIR/bin when that is set
+(benchmarks/setup_native.sh builds it),
 llama-cpp-python's from benchmarks/.cache/venv-lcp (benchmarks/setup_llama_cpp_python.sh, then
 `benchmarks/.cache/venv-lcp/bin/pip install "llama-cpp-python[server]==0.3.36"`).  A missing one
 is skipped with a note.  Every server process started is stopped (SIGINT, then SIGKILL of its
@@ -71,13 +75,13 @@ def commands(name: str, model: str, n: int, threads: int, ctx_per_slot: int, por
     if name == "pyllama":
         return [sys.executable, "-m", "pyllama", "serve", "-m", model, "-np", str(n), "-c", str(total),
                 "-t", str(threads), "-b", "512", "--host", "127.0.0.1", "--port", str(port),
-                "--max-queue", "256"]
+                "--max-queue", "256"] + (["-ngl", str(args.ngl)] if args.ngl else [])
     if name == "llama-server":
         exe = Path(args.llama_server)
         if not exe.exists():
             return None
         return [str(exe), "-m", model, "-np", str(n), "-c", str(total), "-t", str(threads), "-tb", str(threads),
-                "-b", "512", "--host", "127.0.0.1", "--port", str(port), "--no-webui", "-ngl", "0"]
+                "-b", "512", "--host", "127.0.0.1", "--port", str(port), "--no-webui", "-ngl", str(args.ngl)]
     if name == "llama-cpp-python":
         py = Path(args.lcp_python)
         if not py.exists():
@@ -86,7 +90,7 @@ def commands(name: str, model: str, n: int, threads: int, ctx_per_slot: int, por
         return [str(py), "-m", "llama_cpp.server", "--model", model, "--n_ctx", str(ctx_per_slot),
                 "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_batch", "512",
                 "--flash_attn", "True", "--interrupt_requests", "False",
-                "--host", "127.0.0.1", "--port", str(port)]
+                "--host", "127.0.0.1", "--port", str(port)] + (["--n_gpu_layers", str(args.ngl)] if args.ngl else [])
     raise ValueError(name)
 
 
@@ -268,6 +272,8 @@ def render(results: list, args) -> str:
     by = {(r["server"], r["clients"]): r for r in results}
     lines = ["| clients | server | tokens/s (min–max) | TTFT p50 [ms] | TTFT p99 [ms] | vs llama-server | vs llama-cpp-python |",
              "|---|---|---|---|---|---|---|"]
+    if args.ngl:   # the table says where it was measured (CPU-only tables stay as they were)
+        lines[:0] = [f"Every server with `-ngl {args.ngl}` (layers offloaded to the GPU), {args.threads} threads.", ""]
     for n in args.clients:
         for name in args.servers:
             r = by.get((name, n))
@@ -314,12 +320,17 @@ def main() -> int:
     ap.add_argument("-m", "--model", required=True)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ngl", type=int, default=0, metavar="N",
+                    help="layers offloaded to the GPU (default 0: CPU only; 99 or -1: all): llama-server -ngl N, "
+                         "pyllama serve -ngl N, llama-cpp-python --n_gpu_layers N (each needs a GPU build)")
     ap.add_argument("--ctx-per-slot", type=int, default=2048)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     ap.add_argument("--no-cache-test", action="store_true", help="skip the shared-system-prompt TTFT workload")
-    ap.add_argument("--llama-server", default=str(HERE / ".cache" / "native" / "bin" / "llama-server"))
+    native_build = (Path(os.environ["NATIVE_BUILD_DIR"]).expanduser().resolve() if os.environ.get("NATIVE_BUILD_DIR")
+                    else HERE / ".cache" / "native")          # where setup_native.sh builds
+    ap.add_argument("--llama-server", default=str(native_build / "bin" / "llama-server"))
     ap.add_argument("--lcp-python", default=str(HERE / ".cache" / "venv-lcp" / "bin" / "python"))
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
@@ -329,6 +340,9 @@ def main() -> int:
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
             "command": shlex.join([sys.executable, *sys.argv]), "args": vars(args)}
     print(json.dumps(meta), flush=True)
+    print(f"settings: {args.threads} threads, -ngl {args.ngl} ({'CPU only' if args.ngl == 0 else 'GPU offload'}), "
+          f"{args.ctx_per_slot} context per slot, {args.max_tokens} tokens per answer, {args.reps} reps",
+          file=sys.stderr, flush=True)
     results: list = []
     try:
         for i, n in enumerate(args.clients):

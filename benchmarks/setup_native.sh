@@ -6,6 +6,15 @@
 #
 #   bash benchmarks/setup_native.sh           # build (or reuse) benchmarks/.cache/native/bin/*
 #   NATIVE_FORCE=1 bash benchmarks/setup_native.sh
+#   NATIVE_BUILD_DIR=benchmarks/.cache/native-cuda NATIVE_CMAKE_ARGS="-DGGML_CUDA=on" \
+#       bash benchmarks/setup_native.sh   # a GPU build in its own directory (run.py and
+#                                         # server_bench.py take the tools from the same variable)
+#
+# NATIVE_CMAKE_ARGS: extra CMake flags (split on whitespace) after the ones below; they are part
+# of the cache key, so a CUDA build never reuses a CPU build (and a changed flag set configures
+# from a fresh CMakeCache.txt, so a flag dropped from it is really gone).  NATIVE_BUILD_DIR: the
+# build directory (default benchmarks/.cache/native; the tools land in its bin/).  NATIVE_JOBS:
+# parallel compile jobs (default 2).
 #
 # Targets: llama-bench, llama-batched-bench, llama-simple, llama-completion, ggml-rpc-server,
 # llama-server (the server benchmark, benchmarks/server_bench.py; built without its web UI:
@@ -16,6 +25,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
 BUILD="${NATIVE_BUILD_DIR:-$HERE/.cache/native}"
+[[ "$BUILD" == /* ]] || BUILD="$PWD/$BUILD"   # as run.py resolves it (from the same directory)
 VENDOR="$ROOT/vendor/llama.cpp"
 MARKER="$VENDOR/.pyllama-vendor.json"
 PY="${PYTHON:-python3}"
@@ -51,15 +61,42 @@ CMAKE_FLAGS=(
     -DLLAMA_ALL_WARNINGS=OFF
     -DGGML_ALL_WARNINGS=OFF
 )
+if [[ -n "${NATIVE_CMAKE_ARGS:-}" ]]; then
+    read -r -a EXTRA_CMAKE_FLAGS <<<"$NATIVE_CMAKE_ARGS"
+    CMAKE_FLAGS+=("${EXTRA_CMAKE_FLAGS[@]}")
+fi
 
 # benchmarks/native/load_time.c: llama_model_load_from_file timed around the call, linked
 # against the same static libraries as the tools (see the comment in that file).
+# The libraries are the ones CMake links llama-simple with (build.ninja), so that every backend
+# of this build (CPU, RPC, CUDA, ...) and its system libraries come along; the fixed CPU + RPC
+# list when that cannot be read.
 build_load_time() {
+    local link_libs link_path
+    link_libs="$(ninja_link_var LINK_LIBRARIES)"
+    link_path="$(ninja_link_var LINK_PATH)"
+    if [[ -n "$link_libs" ]]; then
+        local libs=() paths=()
+        read -r -a libs <<<"$link_libs"
+        [[ -n "$link_path" ]] && read -r -a paths <<<"$link_path"
+        (cd "$BUILD" && c++ -O2 -x c "$HERE/native/load_time.c" -I"$VENDOR/include" -I"$VENDOR/ggml/include" \
+            -o "$BUILD/bin/load_time" -x none "${paths[@]}" "${libs[@]}" -fopenmp -lpthread -lm -ldl)
+        return
+    fi
     local libs=("$BUILD/src/libllama.a" "$BUILD/ggml/src/libggml.a" "$BUILD/ggml/src/libggml-cpu.a")
     [[ -f "$BUILD/ggml/src/ggml-rpc/libggml-rpc.a" ]] && libs+=("$BUILD/ggml/src/ggml-rpc/libggml-rpc.a")
     libs+=("$BUILD/ggml/src/libggml-base.a")
     c++ -O2 -x c "$HERE/native/load_time.c" -I"$VENDOR/include" -I"$VENDOR/ggml/include" \
         -o "$BUILD/bin/load_time" -x none "${libs[@]}" -fopenmp -lpthread -lm -ldl
+}
+
+# One variable of llama-simple's link step in build.ninja (paths relative to $BUILD), or nothing.
+ninja_link_var() {
+    [[ -f "$BUILD/build.ninja" ]] || return 0
+    awk -v var="  $1 = " '
+        /^build bin\/llama-simple:/ { f = 1; next }
+        f && /^build / { exit }
+        f && index($0, var) == 1 { print substr($0, length(var) + 1); exit }' "$BUILD/build.ninja"
 }
 
 # 1. common/ tools/ examples/ next to the library sources (idempotent, same pinned archive).
@@ -87,8 +124,10 @@ with tarfile.open(archive) as tf:
 PYEOF
 fi
 
+# The cache key: the vendored pin and every CMake flag (NATIVE_CMAKE_ARGS included).
 stamp_want="$(sha256sum "$MARKER" | cut -d' ' -f1) ${CMAKE_FLAGS[*]}"
 stamp_file="$BUILD/.pyllama-native-stamp"
+flags_file="$BUILD/.pyllama-native-flags"   # the flags the CMakeCache.txt there was configured with
 if [[ -z "${NATIVE_FORCE:-}" && -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp_want" ]]; then
     fresh=1
     for t in "${TARGETS[@]}"; do
@@ -105,8 +144,16 @@ fi
 
 start=$(date +%s)
 mkdir -p "$BUILD"
+# Other flags than the cache there was configured with (or not known): configure from scratch, as
+# CMake would keep a cached -DGGML_CUDA=on that is no longer asked for.  Objects are reused
+# where their compile commands did not change.
+if [[ -f "$BUILD/CMakeCache.txt" && "$(cat "$flags_file" 2>/dev/null)" != "${CMAKE_FLAGS[*]}" ]]; then
+    echo "native llama.cpp tools: CMake flags changed, configuring $BUILD from scratch"
+    rm -f "$BUILD/CMakeCache.txt"
+fi
 nice -n 19 cmake -S "$VENDOR" -B "$BUILD" "${CMAKE_FLAGS[@]}" >"$BUILD/configure.log" 2>&1 || {
     tail -40 "$BUILD/configure.log"; echo "configure failed (log: $BUILD/configure.log)"; exit 1; }
+echo "${CMAKE_FLAGS[*]}" >"$flags_file"
 nice -n 19 cmake --build "$BUILD" -j "$JOBS" --target "${TARGETS[@]}"
 build_load_time
 echo "$stamp_want" >"$stamp_file"

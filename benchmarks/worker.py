@@ -45,6 +45,13 @@ def _chunks(tokens: list[int], size: int):
 # --------------------------------------------------------------------------- pyllama
 
 
+def _gpu_kw(spec: dict) -> dict:
+    """n_gpu_layers for pyllama's Model()/LLM(), only when the run asks for offload (--ngl), so a
+    CPU run passes exactly what it always did."""
+    ngl = int(spec.get("ngl") or 0)
+    return {"n_gpu_layers": ngl} if ngl else {}
+
+
 def _pyllama_llm(spec: dict, **extra):
     from pyllama import LLM
 
@@ -58,6 +65,7 @@ def _pyllama_llm(spec: dict, **extra):
     )
     if spec.get("n_threads_batch_kw", True):
         kwargs["n_threads_batch"] = spec["threads"]
+    kwargs.update(_gpu_kw(spec))
     kwargs.update(spec.get("llm_kwargs", {}))
     kwargs.update(extra)
     try:
@@ -99,7 +107,7 @@ def pyllama_pptg(spec: dict) -> dict:
             C.rpc_add_server(endpoint)
         model = C.Model(spec["model"], n_gpu_layers=-1)
     else:
-        model = C.Model(spec["model"])
+        model = C.Model(spec["model"], **_gpu_kw(spec))
     ctx = C.Context(
         model,
         n_ctx=n_prompt + n_gen,
@@ -225,8 +233,9 @@ def pyllama_model_load(spec: dict) -> dict:
     """Model load alone: pyllama._core.Model(path)."""
     from pyllama import _core as C
 
+    kw = _gpu_kw(spec)
     t0 = now()
-    m = C.Model(spec["model"])
+    m = C.Model(spec["model"], **kw)
     dt = now() - t0
     m.close()
     return {"load_s": dt}
@@ -251,6 +260,8 @@ def _lcp_llama(spec: dict, n_ctx: int, **extra):
         # llama.cpp's library default is a full-size SWA cache; llama-bench, llama-completion
         # (common) and pyllama all use swa_full=False.  Same here, so only the binding differs.
         swa_full=False,
+        # --ngl (Llama's default is 0, as before); a CPU-only llama-cpp-python ignores it
+        n_gpu_layers=int(spec.get("ngl") or 0),
         seed=0,
         verbose=False,
     )
@@ -349,6 +360,9 @@ def lcp_model_load(spec: dict) -> dict:
 
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
+    ngl = int(spec.get("ngl") or 0)
+    if ngl:   # else llama.cpp's default parameters, as before (and as native load_time uses)
+        params.n_gpu_layers = ngl
     t0 = now()
     m = llama_cpp.llama_model_load_from_file(spec["model"].encode(), params)
     dt = now() - t0

@@ -26,7 +26,11 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
-NATIVE_BIN = CACHE / "native" / "bin"
+# setup_native.sh builds into $NATIVE_BUILD_DIR when it is set (e.g. a CUDA build next to the
+# CPU one), else into .cache/native; the tools are in its bin/.
+NATIVE_BUILD = (Path(os.environ["NATIVE_BUILD_DIR"]).expanduser().resolve() if os.environ.get("NATIVE_BUILD_DIR")
+                else CACHE / "native")
+NATIVE_BIN = NATIVE_BUILD / "bin"
 LCP_PY = CACHE / "venv-lcp" / "bin" / "python"
 WORKER = HERE / "worker.py"
 
@@ -123,6 +127,7 @@ class Config:
     n_ubatch: int = 512
     native_kvu: bool = True
     lcp_ignore_eos: str = "logit_bias"
+    ngl: int = 0  # layers offloaded to the GPU: -ngl for the native tools, n_gpu_layers for the Python ones
 
     @classmethod
     def quick_sizes(cls, **kw) -> "Config":
@@ -342,6 +347,9 @@ class Workloads:
             return self.have.get(impl, False)
 
         cell.runners = {k: v for k, v in cell.runners.items() if usable(k)}
+        if self.cfg.ngl and cell.model != "-":   # not on `import`
+            cell.description += (f"; {self.cfg.ngl} layers offloaded to the GPU (native `-ngl {self.cfg.ngl}`, "
+                                 f"Python `n_gpu_layers={self.cfg.ngl}`)")
         if not cell.ratio_pairs:
             cell.ratio_pairs = ratio_pairs_default(cell.runners)
         if cell.runners:
@@ -378,13 +386,14 @@ class Workloads:
         """A worker spec: the common settings, then the task's parameters."""
         s = dict(model=self.models[model], threads=self.cfg.threads, n_ctx=self.cfg.n_ctx,
                  n_batch=self.cfg.n_batch, n_ubatch=self.cfg.n_ubatch,
-                 lcp_ignore_eos=self.cfg.lcp_ignore_eos)
+                 lcp_ignore_eos=self.cfg.lcp_ignore_eos, ngl=self.cfg.ngl)
         s.update(kw)
         return s
 
     def native_common(self) -> list[str]:
         t = str(self.cfg.threads)
-        return ["-t", t, "-tb", t, "-b", str(self.cfg.n_batch), "-ub", str(self.cfg.n_ubatch)]
+        return ["-t", t, "-tb", t, "-b", str(self.cfg.n_batch), "-ub", str(self.cfg.n_ubatch),
+                "-ngl", str(self.cfg.ngl)]
 
     def completion(self, m: str, prompt: str, n: int, ignore_eos: bool = True, extra: tuple = ()) -> Proc:
         """One greedy llama-completion process (no chat, prompt not echoed)."""
@@ -411,6 +420,8 @@ class Workloads:
                             "-o", "json"]
                     if endpoint:
                         args += ["--rpc", endpoint, "-ngl", "99"]
+                    else:   # llama-bench appends repeated -ngl values (one test each): only one here
+                        args += ["-ngl", str(cfg.ngl)]
                     p = native("llama-bench", args)
                     return {"tps": float(json.loads(p.out[p.out.index("["):])[0]["avg_ts"])}
                 spec = self.spec(m, n_prompt=n_prompt, n_gen=n_gen, inner_reps=reps)
@@ -503,7 +514,9 @@ class Workloads:
                          f"`_core.Model()`; llama-cpp-python: `llama_model_load_from_file` through ctypes), constructor of LLM/Llama "
                          f"(model + context), time to first token of a {len(TTFT_PROMPT)}-char prompt "
                          f"(native: prompt-eval counter; Python: first streamed piece), peak RSS of a "
-                         f"process that loads, evaluates the prompt and generates {n} tokens (n_ctx {cfg.n_ctx})"),
+                         f"process that loads, evaluates the prompt and generates {n} tokens (n_ctx {cfg.n_ctx})"
+                         + ("; native load_time loads with llama.cpp's default model parameters (every layer "
+                            "on the GPU of a GPU build), not with --ngl" if cfg.ngl else "")),
             metrics=[("load_ms", "model load", "ms", "lower"),
                      ("construct_ms", "LLM()/Llama() construct", "ms", "lower"),
                      ("ttft_ms", "time to first token", "ms", "lower"),

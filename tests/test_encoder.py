@@ -88,6 +88,7 @@ run("engine_share_prefix", lambda: eng.share_prefix([toks + [1000], toks + [2000
 run("engine_step", lambda: eng.step())
 run("engine_reset", eng.reset)
 run("perf_reset", ctx.perf_reset)
+run("memory_breakdown", lambda: sum(r["context"] for r in ctx.memory_breakdown()))
 run("set_threads", lambda: ctx.set_threads(1))
 run("abort", ctx.abort)
 run("close", ctx.close)
@@ -111,6 +112,7 @@ def test_every_context_method_on_an_encoder(bert_path, run_python):
     assert lines["kv_seq_rm"] == lines["kv_seq_rm_all"] == "ok True"     # nothing stored, nothing left
     assert lines["kv_seq_pos_min"] == lines["kv_seq_pos_max"] == "ok -1"  # empty
     assert lines["kv_can_shift"] == "ok False"
+    assert lines["memory_breakdown"] == "ok 0"     # no KV bytes anywhere
     for name in ("kv_seq_cp", "kv_seq_add"):
         assert lines[name].startswith("ValueError: ") and "no KV memory" in lines[name], lines[name]
     assert lines["state_get"] == lines["seq_state_get"] == "ok 'bytes'"
@@ -223,3 +225,16 @@ def test_mean_pooled_encoder_with_a_context_that_is_not_a_multiple_of_256(tmp_pa
         alone = np.stack([llm.embed(t) for t in texts])
     assert vecs.shape == (3, 32)
     np.testing.assert_allclose(vecs, alone, atol=1e-5)   # encoders: sequences do not interact
+
+
+def test_memory_breakdown_of_an_encoder_context(bert_path):
+    """An encoder has no KV memory: the breakdown reports none instead of touching it."""
+    from pyllama import LLM
+
+    llm = LLM(bert_path, embedding=True, n_ctx=128, verbose=False)
+    try:
+        rows = llm.context.memory_breakdown()
+        assert sum(r["model"] for r in rows) > 0
+        assert sum(r["context"] for r in rows) == 0, rows
+    finally:
+        llm.close()

@@ -134,3 +134,62 @@ def test_require_gpu_flag_of_the_command(tiny_model_path):
         pytest.fail("this test expects a machine without a GPU device")
     assert out.returncode == 1, (out.returncode, out.stderr)
     assert "n_gpu_layers=99 asks for GPU offload" in out.stderr and out.stdout == ""
+
+
+def test_main_gpu_and_tensor_split_must_name_existing_devices():
+    one = gpu.gpu_status([CPU, H100], CUDA_ON)
+    gpu.check_devices(-1, main_gpu=0, tensor_split=[1.0], status=one)
+    gpu.check_devices(-1, main_gpu=0, tensor_split=[1.0, 0.0, 0.0], status=one)   # zero shares: fine
+    with pytest.raises(ValueError, match=r"main_gpu=1 names no device: this machine has 1 GPU device \(0: CUDA CUDA0\)"):
+        gpu.check_devices(-1, main_gpu=1, status=one)
+    with pytest.raises(ValueError, match="tensor_split gives a share to device 2, which does not exist"):
+        gpu.check_devices(5, tensor_split=[0.5, 0.0, 0.5], status=one)
+    # no offload asked, or no device at all (check_offload has already spoken): nothing to check
+    gpu.check_devices(0, main_gpu=7, status=one)
+    gpu.check_devices(-1, main_gpu=7, status=gpu.gpu_status([CPU], OFF))
+
+
+def test_llm_checks_main_gpu_before_loading(monkeypatch, tiny_model_path):
+    from pyllama import LLM
+
+    one_gpu = gpu.gpu_status([CPU, H100], CUDA_ON)
+    monkeypatch.setattr(gpu, "gpu_status", lambda *a, **k: one_gpu)
+    with pytest.raises(ValueError, match="main_gpu=3 names no device"):
+        LLM(tiny_model_path, n_gpu_layers=-1, main_gpu=3)
+
+
+def test_memory_breakdown_shows_weights_and_kv(tiny_model_path):
+    """Context.memory_breakdown(): where the weights, the KV cells and the compute buffers
+    live (on this CPU build: host buffers); the KV bytes follow n_ctx."""
+    from pyllama import Context, Model
+
+    model = Model(tiny_model_path)
+    try:
+        sizes = {}
+        for n_ctx in (512, 1024):
+            ctx = Context(model, n_ctx=n_ctx, n_batch=64)
+            rows = ctx.memory_breakdown()
+            ctx.close()
+            assert rows and all(r["host"] for r in rows), rows
+            assert sum(r["model"] for r in rows) > 0
+            sizes[n_ctx] = sum(r["context"] for r in rows)
+        assert sizes[512] > 0 and sizes[1024] == 2 * sizes[512], sizes
+    finally:
+        model.close()
+
+
+def test_device_flags_of_the_commands_reach_the_llm(tiny_model_path):
+    """-mg / -ts / -sm (llama-server's names) become LLM(main_gpu=, tensor_split=, split_mode=)
+    for `pyllama run` and `pyllama serve`; bad values are usage errors."""
+    from pyllama.cli import _args, build_parser, serve_llm_kwargs
+
+    parser = build_parser()
+    flags = ["-m", str(tiny_model_path), "-ngl", "99", "-mg", "1", "-ts", "3,1", "-sm", "row"]
+    kw = _args.load_kwargs(parser.parse_args(["run", *flags, "hi"]))
+    assert (kw["main_gpu"], kw["tensor_split"], kw["split_mode"]) == (1, [3.0, 1.0], "row")
+    kw = serve_llm_kwargs(parser.parse_args(["serve", *flags, "-c", "512"]), str(tiny_model_path))
+    assert (kw["main_gpu"], kw["tensor_split"], kw["split_mode"]) == (1, [3.0, 1.0], "row")
+    assert _args.load_kwargs(parser.parse_args(["run", "-m", "x", "-ts", "1/2", "hi"]))["tensor_split"] == [1.0, 2.0]
+    for bad in (["-ts", "1,x"], ["-ts", "1,-1"], ["-ts", "nan"], ["-mg", "-1"], ["-sm", "diagonal"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["run", "-m", "x", *bad, "hi"])

@@ -395,7 +395,7 @@ def test_cli_run_hf_loads_the_repos_mmproj(hub: HubServer, published: dict) -> N
 def test_cli_serve_hf_answers_with_the_repos_model(hub: HubServer, published: dict) -> None:
     pytest.importorskip("fastapi")
     import httpx
-    from test_server_openai import ServerProcess
+    from server_process import ServerProcess
 
     server = ServerProcess("-hf", f"{REPO}:Q8_0", "-np", "1", "-c", "128", "-t", "1")
     try:

@@ -433,7 +433,7 @@ def test_cli_run_with_image(pair, llm):
 
 def test_server_with_mmproj_answers_the_openai_client(pair, llm):
     openai = pytest.importorskip("openai")
-    from test_server_openai import ServerProcess
+    from server_process import ServerProcess
 
     text, proj = pair
     url = data_url(JPEG.read_bytes(), "image/jpeg")
@@ -464,7 +464,7 @@ def test_server_with_mmproj_answers_the_openai_client(pair, llm):
 
 def test_server_without_mmproj_refuses_images_with_a_400(pair):
     openai = pytest.importorskip("openai")
-    from test_server_openai import ServerProcess
+    from server_process import ServerProcess
 
     server = ServerProcess("-m", str(pair[0]), "-np", "1", "-c", "512", "-t", "1", "--chat-template", "chatml")
     try:

@@ -31,7 +31,7 @@ from pyllama.errors import ClosedError, ContextLengthError, KVCacheFullError  # 
 from pyllama.server.app import SSEResponse, create_app  # noqa: E402
 from pyllama.server.main import limited_http_protocol  # noqa: E402
 from pyllama.server.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS  # noqa: E402
-from test_server_openai import ServerProcess  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 
 INT32_MAX = 2**31 - 1
 

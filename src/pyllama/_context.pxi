@@ -810,6 +810,25 @@ cdef class Context:
         return {"t_start_ms": d.t_start_ms, "t_load_ms": d.t_load_ms, "t_p_eval_ms": d.t_p_eval_ms,
                 "t_eval_ms": d.t_eval_ms, "n_p_eval": d.n_p_eval, "n_eval": d.n_eval, "n_reused": d.n_reused}
 
+    def memory_breakdown(self) -> list:
+        """Where this context's memory lives, per buffer type (llama.cpp's breakdown): a list
+        of ``{"buffer", "device", "host", "model", "context", "compute"}`` (bytes: weights,
+        KV/recurrent state, compute buffers).  With layers offloaded, the GPU's buffer type
+        ("CUDA0", "Vulkan0" ...) holds their weights and, with offload_kqv, their KV cells."""
+        cdef pyllama_memory_entry entries[32]
+        cdef int n, i
+        with self._lock:
+            n = pyllama_memory_breakdown(self._get(), entries, 32)
+        if n < 0:
+            raise RuntimeError("llama.cpp could not report the memory breakdown")
+        out = []
+        for i in range(min(n, 32)):
+            out.append({"buffer": entries[i].buffer.decode("utf-8", "replace"),
+                        "device": entries[i].device.decode("utf-8", "replace"),
+                        "host": bool(entries[i].is_host), "model": entries[i].model,
+                        "context": entries[i].context, "compute": entries[i].compute})
+        return out
+
     def perf_reset(self) -> None:
         with self._lock:
             llama_perf_context_reset(self._get())

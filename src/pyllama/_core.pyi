@@ -306,6 +306,8 @@ class Context:
     # Performance counters (llama_perf_context)
     def perf(self) -> dict[str, float]: ...
     def perf_reset(self) -> None: ...
+    def memory_breakdown(self) -> list[dict[str, Any]]:
+        """Bytes per buffer type: model weights, context (KV), compute buffers."""
     def abort(self) -> None:
         """Ask a running decode (in another thread) to stop; it raises DecodeAborted."""
     @property

@@ -36,6 +36,15 @@ cdef extern from "pyllama_compute.h" nogil:
     unsigned long long pyllama_compute_jobs()
 
 
+cdef extern from "pyllama_memory.h" nogil:
+    ctypedef struct pyllama_memory_entry:
+        char buffer[128]
+        char device[128]
+        int is_host
+        size_t model, context, compute
+    int pyllama_memory_breakdown(const llama_context * ctx, pyllama_memory_entry * out, int cap)
+
+
 cdef extern from "pyllama_checks.h" nogil:
     int pyllama_regex_check(const char * pattern, char * err, size_t err_size)
     size_t pyllama_gguf_count_duplicate_strings(const gguf_context * ctx, int64_t key_id)
@@ -149,6 +158,14 @@ def _compute_thread_jobs() -> int:
     """How many graph computations the process's compute thread has run (pyllama_compute.h);
     for tests."""
     return pyllama_compute_jobs()
+
+
+def _argmax_f32(const float[::1] values) -> int:
+    """The index greedy sampling picks from a float32 row (pyllama_argmax_f32: the first
+    largest value, NaNs never win); for tests of the vectorised scan."""
+    if values.shape[0] == 0:
+        raise ValueError("an empty row has no largest value")
+    return pyllama_argmax_f32(&values[0], <int32_t>values.shape[0])
 
 
 def set_log_level(int level) -> None:

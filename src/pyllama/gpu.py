@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from pyllama.errors import GPUUnavailableError
 
-__all__ = ["GPUStatus", "OffloadPlan", "gpu_status", "plan_offload", "check_offload"]
+__all__ = ["GPUStatus", "OffloadPlan", "gpu_status", "plan_offload", "check_offload", "check_devices"]
 
 #: CMake option -> the name ggml registers that backend under.
 GPU_OPTIONS = {"GGML_CUDA": "CUDA", "GGML_HIP": "ROCm", "GGML_VULKAN": "Vulkan", "GGML_METAL": "Metal",
@@ -133,6 +133,30 @@ def check_offload(n_gpu_layers: int, require_gpu: bool = False, status: Optional
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
     return message
+
+
+def check_devices(n_gpu_layers: int, main_gpu: int = 0, tensor_split: Optional[List[float]] = None,
+                  status: Optional[GPUStatus] = None) -> None:
+    """Before a model loads with offload: ``main_gpu`` and ``tensor_split`` must name devices
+    that exist (counted from 0 over the devices layers can go to).  llama.cpp logs and fails
+    the load for a bad ``main_gpu`` with ``split_mode="none"``, and silently ignores it and
+    any ``tensor_split`` share for a missing device otherwise; both are a caller's mistake
+    (a config written for another machine), so both raise ValueError naming the devices.
+    Nothing is checked without offload or without devices (check_offload speaks then)."""
+    if n_gpu_layers == 0:
+        return
+    status = gpu_status() if status is None else status
+    n = len(status.devices)
+    if n == 0:
+        return
+    names = ", ".join(f"{i}: {d['backend']} {d['name']}" for i, d in enumerate(status.devices))
+    there = f"this machine has {n} GPU device{'s' if n > 1 else ''} ({names})"
+    if main_gpu >= n:
+        raise ValueError(f"main_gpu={main_gpu} names no device: {there}")
+    if tensor_split is not None:
+        extra = [i for i, v in enumerate(tensor_split) if i >= n and float(v) != 0.0]
+        if extra:
+            raise ValueError(f"tensor_split gives a share to device {extra[0]}, which does not exist: {there}")
 
 
 def _caller_stacklevel() -> int:

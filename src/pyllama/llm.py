@@ -152,6 +152,7 @@ class LLM:
             raise TypeError(f"require_gpu must be True or False, got {require_gpu!r}")
         gpu_now = gpu.gpu_status()
         gpu.check_offload(n_gpu_layers, require_gpu, gpu_now)
+        gpu.check_devices(n_gpu_layers, main_gpu, list(tensor_split) if tensor_split is not None else None, gpu_now)
 
         self._model = _core.Model(
             self.model_path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu,

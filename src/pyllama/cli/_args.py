@@ -60,6 +60,13 @@ def add_model_arguments(p: argparse.ArgumentParser, *, model_flag: bool = True, 
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=_int(-1), metavar="N",
                    help="layers to offload to the GPU (-1 = all); on a build or machine without a GPU "
                         "this warns and runs on the CPU")
+    g.add_argument("-mg", "--main-gpu", dest="main_gpu", type=_int(0), metavar="INDEX",
+                   help="the GPU for the whole model (--split-mode none) or for intermediate results "
+                        "(row); counted from 0 over the devices layers can go to")
+    g.add_argument("-ts", "--tensor-split", dest="tensor_split", type=_tensor_split, metavar="N0,N1,...",
+                   help="how much of the model each GPU takes, as proportions (e.g. 3,1)")
+    g.add_argument("-sm", "--split-mode", dest="split_mode", choices=("none", "layer", "row"),
+                   help="how to split the model over several GPUs (default layer)")
     g.add_argument("--require-gpu", dest="require_gpu", action="store_const", const=True, default=None,
                    help="fail (exit 1 with the reason) instead of running on the CPU when -ngl asks for a GPU "
                         "that this build or machine does not have")
@@ -183,9 +190,22 @@ _SAMPLING_DESTS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repe
                    "grammar")
 
 
-_LOAD_DESTS = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "chat_template", "use_mmap", "use_mlock",
+_LOAD_DESTS = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "main_gpu", "tensor_split", "split_mode",
+               "chat_template", "use_mmap", "use_mlock",
                "mmproj_path", "spec_type", "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min",
                "spec_cost_model", "require_gpu")
+
+
+def _tensor_split(value: str) -> list:
+    """-ts 3,1 (llama.cpp also accepts 3/1): non-negative proportions, one per GPU."""
+    parts = [p for p in value.replace("/", ",").split(",") if p.strip()]
+    try:
+        shares = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {value!r}") from None
+    if not shares or any(not (x >= 0) or x == float("inf") for x in shares):
+        raise argparse.ArgumentTypeError(f"proportions must be finite numbers >= 0, got {value!r}")
+    return shares
 
 
 def _load_json_schema(value: str) -> Any:

@@ -72,7 +72,8 @@ def serve_llm_kwargs(args: argparse.Namespace, path: str) -> dict:
     (kv_unified=False gives each slot its own n_ctx/np cells, as llama-server does)."""
     kw: dict = {"n_parallel": args.n_parallel, "kv_unified": False, "embedding": True,
                 "verbose": bool(args.verbose)}
-    for name in ("n_batch", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock", "mmproj_path", "spec_type",
+    for name in ("n_batch", "n_threads", "n_gpu_layers", "main_gpu", "tensor_split", "split_mode",
+                 "use_mmap", "use_mlock", "mmproj_path", "spec_type",
                  "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min", "spec_cost_model",
                  "require_gpu"):
         if getattr(args, name, None) is not None:
