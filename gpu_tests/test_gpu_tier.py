@@ -111,9 +111,11 @@ def test_all_layers_go_to_the_device_and_it_holds_them(model_path, device):
         dev = on_device(rows, device)
         # The weights, the KV cells and the compute buffer are on the device: only the input
         # token embeddings (looked up row by row, llama.cpp keeps them on the host) stay behind,
-        # at most n_vocab x n_embd at 16 bits (Gemma 3's 262k-token table is 72% of its file).
+        # at most n_vocab x n_embd at 16 bits, 32 in an all-F32 file (Gemma 3's 262k-token table
+        # is 72% of its file).
+        width = 4 if "F32" in str(llm.model.ftype) else 2
         host_weights = total(rows, "model") - dev["model"]
-        assert dev["model"] > 0 and host_weights <= 2 * llm.context.n_vocab * llm.model.n_embd, rows
+        assert dev["model"] > 0 and host_weights <= width * llm.context.n_vocab * llm.model.n_embd, rows
         assert dev["context"] == total(rows, "context") > 0, rows
         assert dev["compute"] > 0, rows
         assert llm.complete(PROMPT, max_tokens=4, temperature=0).text.strip()
@@ -134,9 +136,11 @@ def test_greedy_text_equals_the_cpu_or_departs_at_a_near_tie(model_path):
 
 
 def test_partial_offload_splits_the_model(smollm2_path, device):
-    llm = LLM(smollm2_path, n_gpu_layers=10, n_ctx=1024, verbose=False)
+    with Model(smollm2_path) as m:            # weights memory-mapped, nothing offloaded
+        part = max(2, m.n_layer // 3)          # 10 of SmolLM2's 31: the output layer and >= 1 block
+    llm = LLM(smollm2_path, n_gpu_layers=part, n_ctx=1024, verbose=False)
     try:
-        assert (llm.offload.n_offloaded, llm.offload.on_cpu) == (10, llm.model.n_layer + 1 - 10)
+        assert (llm.offload.n_offloaded, llm.offload.on_cpu) == (part, llm.model.n_layer + 1 - part)
         rows = llm.context.memory_breakdown()
         dev = on_device(rows, device)
         assert 0 < dev["model"] < 0.6 * total(rows, "model"), rows
