@@ -292,7 +292,7 @@ def test_an_allocation_larger_than_the_device_is_a_clear_error(smollm2_path, dev
     proc = subprocess.run([sys.executable, "-c", _TOO_BIG, str(smollm2_path), str(n_ctx),
                            "software" if software else "gpu"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"the process died ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    assert proc.stdout.startswith("RAISED") and "allocate" in proc.stdout, proc.stdout
+    assert proc.stdout.startswith("RAISED OutOfMemoryError") and "allocate" in proc.stdout, proc.stdout
     print(f"\nn_ctx={n_ctx}: {proc.stdout.strip()}")
 
 

@@ -87,6 +87,7 @@ CLE = "ContextLengthError"
 VE = "ValueError"
 TE = "TypeError"
 OE = "OverflowError"
+OOM = "OutOfMemoryError"   # a ValueError and a MemoryError
 
 N_VOCAB = 32000  # the tiny model's (llama SPM) vocabulary
 
@@ -403,7 +404,7 @@ case("chat-message-missing-content", "_core.apply_builtin_chat_template('chatml'
 # --------------------------------------------------------------------------- parameters
 
 for _kw, _exc, _words in [
-    ("n_ctx=-1", VE, ["n_ctx"]), ("n_ctx=2**40", (VE, OE), []), ("n_ctx=2**30", VE, ["n_ctx", "GiB"]),
+    ("n_ctx=-1", VE, ["n_ctx"]), ("n_ctx=2**40", (VE, OE), []), ("n_ctx=2**30", OOM, ["n_ctx", "GiB"]),
     ("n_ctx='big'", VE, ["n_ctx"]), ("n_batch=0", VE, ["n_batch"]), ("n_batch=-1", VE, ["n_batch"]),
     ("n_ubatch=0", VE, ["n_ubatch"]), ("n_threads=0", VE, ["n_threads"]), ("n_threads=-3", VE, ["n_threads"]),
     ("n_threads=10**6", VE, ["n_threads"]), ("n_parallel=0", VE, ["n_parallel"]),

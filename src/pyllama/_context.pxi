@@ -157,8 +157,13 @@ cdef _check_kv_fits(llama_model * m, int n_ctx, str type_k, str type_v):
             if d["type"] != "cpu":
                 total += d["memory_total"]
     if total > 0 and need > 4 * total:
-        raise ValueError(f"n_ctx={n} would need about {need / 2**30:.0f} GiB of KV cache, far more than this "
+        raise OutOfMemoryError(f"n_ctx={n} would need about {need / 2**30:.0f} GiB of KV cache, far more than this "
                          f"machine's {total / 2**30:.0f} GiB of memory; use a smaller n_ctx")
+
+
+# What llama.cpp and ggml log when a buffer cannot be had (ggml_aligned_malloc on the host,
+# alloc_tensor_range / the backends' allocators on a device).
+_ALLOC_FAILURES = ("failed to allocate", "insufficient memory", "out of memory")
 
 
 @cython.no_gc_clear   # __dealloc__ needs self.model (the weights must outlive llama_free)
@@ -282,8 +287,12 @@ cdef class Context:
                 # close() came while we were being created: it refuses new work, so do we
                 # (the except below frees the context, then the weights).
                 raise ValueError("the model was closed while this context was being created")
-            _check(self.ptr != NULL, ValueError, "llama.cpp could not create the context: ",
-                   "invalid parameters or not enough memory")
+            if self.ptr == NULL:
+                # A failed buffer allocation (KV cache, compute buffers; on a GPU, or the host)
+                # is its own error class: the caller can retry smaller.
+                reason = _last_error("invalid parameters or not enough memory")
+                exc_type = OutOfMemoryError if any(m in reason.lower() for m in _ALLOC_FAILURES) else ValueError
+                raise exc_type("llama.cpp could not create the context: " + reason)
             self.vocab = llama_model_get_vocab(m)
             self.n_vocab = llama_vocab_n_tokens(self.vocab)
             self._last_n_outputs = 0

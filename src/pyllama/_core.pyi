@@ -22,6 +22,7 @@ from pyllama.errors import InvalidTokenError as InvalidTokenError
 from pyllama.errors import KVCacheFullError as KVCacheFullError
 from pyllama.errors import MediaError as MediaError
 from pyllama.errors import ModelLoadError as ModelLoadError
+from pyllama.errors import OutOfMemoryError as OutOfMemoryError
 
 __llama_cpp_commit__: str
 

@@ -50,6 +50,7 @@ from pyllama.errors import (
     InvalidTokenError,
     KVCacheFullError,
     ModelLoadError,
+    OutOfMemoryError,
     detach_traceback as _detach_traceback,
 )
 

@@ -84,6 +84,13 @@ class GPUUnavailableError(PyllamaError, RuntimeError):
     and how to rebuild."""
 
 
+class OutOfMemoryError(PyllamaError, MemoryError, ValueError):
+    """llama.cpp could not allocate a buffer for a context (its KV cache or compute buffers)
+    on a device or on the host: a smaller ``n_ctx``, ``n_parallel`` or ``n_batch``, fewer
+    offloaded layers or ``offload_kqv=False`` may fit.  A MemoryError, and a ValueError as
+    context-creation failures were before it existed."""
+
+
 def detach_traceback(exc: BaseException) -> BaseException:
     """Prepare an exception that outlives the step that caught it (stored on a request, for
     its owner to raise later): its frames are dropped.  Frames link, through f_back, every
@@ -124,4 +131,5 @@ __all__ = [
     "MediaError",
     "ClosedError",
     "GPUUnavailableError",
+    "OutOfMemoryError",
 ]
