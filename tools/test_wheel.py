@@ -14,7 +14,12 @@ dependencies: no compiler, no source tree, no `gguf` package, no network.  It
 Portable builds (build_info()["portable"]) must report the CPU variant ggml picked:
 `CPU_VARIANT = ...` in system_info() and "variant" in the CPU entry of backends().
 
-Usage:  python tools/test_wheel.py [--real-model] [--model PATH] [--expect-portable]
+With --expect-cuda (scripts/build_wheel.sh --cuda): CUDA is compiled in, `python -m pyllama info`
+reports the GPU status, every CUDA library the process mapped comes from NVIDIA's runtime wheels
+in site-packages (not from a toolkit), and, when there is no GPU, the status reads "CUDA compiled
+in, no CUDA device found" and `n_gpu_layers=-1` warns and generates on the CPU.
+
+Usage:  python tools/test_wheel.py [--real-model] [--model PATH] [--expect-portable] [--expect-cuda]
 Exit status 0 on success; any failure raises.
 """
 
@@ -22,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -150,6 +157,46 @@ def check_import(expect_portable: bool) -> None:
         assert cpu.get("variant"), f"CPU backend has no variant: {cpu}"
 
 
+def check_cuda(model_path: str) -> None:
+    """--expect-cuda: see the module docstring."""
+    import warnings
+
+    import pyllama
+    from pyllama import LLM, gpu
+
+    status = gpu.gpu_status()
+    print(f"gpu_status: {status.summary}; cuda_architectures: {pyllama.build_info().get('cuda_architectures')}")
+    assert "CUDA" in status.compiled, f"not a CUDA build: {status}"
+    info = subprocess.run([sys.executable, "-m", "pyllama", "info"], capture_output=True, text=True,
+                          timeout=300, check=True).stdout
+    assert status.summary in info, f"`pyllama info` does not report {status.summary!r}:\n{info}"
+    # Which CUDA libraries did the loader map, and from where?
+    with open("/proc/self/maps") as f:
+        mapped = sorted({ln.split(None, 5)[5].strip() for ln in f
+                         if len(ln.split(None, 5)) == 6 and re.search(r"/lib(cudart|cublas|cublasLt)\.so", ln)})
+    for path in mapped:
+        print(f"mapped: {path}")
+    stray = [p for p in mapped if f"{os.sep}nvidia{os.sep}" not in p or "-packages" not in p]
+    assert not stray, f"CUDA libraries loaded from outside NVIDIA's runtime wheels: {stray}"
+    if "CUDA" in {b["name"] for b in pyllama.backends()}:  # the backend loaded: it needs libcudart
+        assert any("libcudart.so" in p for p in mapped), f"CUDA backend without libcudart mapped: {mapped}"
+    if status.available:
+        return
+    assert status.summary == "CUDA compiled in, no CUDA device found", status.summary
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llm = LLM(model_path, n_ctx=256, n_gpu_layers=-1, seed=0)
+    try:
+        text = llm.invoke("hello world", max_tokens=4, temperature=0.0)
+    finally:
+        llm.close()
+    messages = [str(w.message) for w in caught]
+    assert any("runs on the CPU" in m for m in messages), f"n_gpu_layers=-1 did not warn: {messages}"
+    assert text, "generated nothing with n_gpu_layers=-1"
+    print(f"n_gpu_layers=-1 without a GPU: warned ({next(m for m in messages if 'runs on the CPU' in m)!r}), "
+          f"generated {text!r} on the CPU")
+
+
 def generate(model_path: str, prompt: str, n_tokens: int) -> str:
     from pyllama import LLM
 
@@ -171,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--expect-portable", action="store_true",
                         help="fail unless this is a portable build that reports its CPU variant")
+    parser.add_argument("--expect-cuda", action="store_true",
+                        help="fail unless CUDA is compiled in and its libraries come from NVIDIA's wheels")
     parser.add_argument("--model", help="also generate from this GGUF path or known model name")
     parser.add_argument("--real-model", action="store_true",
                         help="also generate from SmolLM2 when it is already cached (never downloads)")
@@ -182,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
 
     check_import(args.expect_portable)
     with tempfile.TemporaryDirectory(prefix="pyllama-smoke-") as tmp:
-        generate(str(write_tiny_llama(Path(tmp) / "tiny.gguf")), "hello world", 8)
+        tiny = str(write_tiny_llama(Path(tmp) / "tiny.gguf"))
+        generate(tiny, "hello world", 8)
+        if args.expect_cuda:
+            check_cuda(tiny)
 
     model = args.model
     if model is None and args.real_model:
