@@ -1,5 +1,25 @@
 # Context (owns llama_context *) and zero-copy float views of its logits/embeddings.
 
+# Not in _llama.pxd: recurrent/hybrid memories and their partial (recurrent-only) states.
+cdef extern from "llama.h" nogil:
+    bint llama_model_is_hybrid(const llama_model * model) except +
+    ctypedef uint32_t llama_state_seq_flags
+    size_t llama_state_seq_get_size_ext(llama_context * ctx, llama_seq_id seq_id,
+                                        llama_state_seq_flags flags) except +
+    size_t llama_state_seq_get_data_ext(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id,
+                                        llama_state_seq_flags flags) except +
+    size_t llama_state_seq_set_data_ext(llama_context * ctx, const uint8_t * src, size_t size,
+                                        llama_seq_id dest_seq_id, llama_state_seq_flags flags) except +
+    enum: LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+
+
+cdef bint _memory_can_truncate(llama_model * m):
+    """Can the model's memory drop the end of a sequence (llama_memory_seq_rm(s, p0 > 0, -1))?
+    False for a recurrent state (Mamba, RWKV) or a hybrid's (Jamba, Falcon-H1, Granite 4, LFM2,
+    Qwen3-Next...): it summarises every token seen, so only whole sequences can be removed."""
+    return not (llama_model_is_recurrent(m) or llama_model_is_hybrid(m))
+
+
 _KV_TYPES = {
     "f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "bf16": GGML_TYPE_BF16, "q8_0": GGML_TYPE_Q8_0,
     "q4_0": GGML_TYPE_Q4_0, "q4_1": GGML_TYPE_Q4_1, "q5_0": GGML_TYPE_Q5_0, "q5_1": GGML_TYPE_Q5_1,
@@ -651,6 +671,14 @@ cdef class Context:
 
     def kv_can_shift(self) -> bool:
         return llama_memory_can_shift(self._mem())
+
+    def kv_can_truncate(self) -> bool:
+        """Can kv_seq_rm drop the end of a sequence (positions p0 > 0 onward)?  False for
+        recurrent and hybrid models (Mamba, RWKV, Jamba, Falcon-H1, Granite 4, LFM2,
+        Qwen3-Next...): their state summarises every token seen, so kv_seq_rm(seq, p0 > 0)
+        returns False and changes nothing; only whole sequences can be removed (p0 <= 0), and
+        going back to an earlier point needs a saved state (seq_state_get / seq_state_set)."""
+        return self.has_memory and _memory_can_truncate(self.model._get())
 
     # ---- state ----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ Layout (all included into this one extension module):
   _mtmd.pxi      Multimodal, Bitmap, MediaPrompt (images/audio through llama.cpp's mtmd)
   _request.pxi   GenerationRequest (one request's state and output) and its hook helpers
   _engine.pxi    Engine: slots, prompt cache, queue, preemption, the step (continuous batching)
+  _engine_memory.pxi  a slot's memory: checked removals, checkpoints on recurrent/hybrid models
   _speculation.pxi  drafting and verification inside the step
   _engine_sampling.pxi  choosing each request's next token (sampler, hooks, logprobs)
 
@@ -62,6 +63,7 @@ include "_sampler.pxi"
 include "_mtmd.pxi"
 include "_request.pxi"
 include "_engine.pxi"
+include "_engine_memory.pxi"
 include "_speculation.pxi"
 include "_engine_sampling.pxi"
 

@@ -17,12 +17,17 @@
 # each file holds one part of the loop.
 
 from collections import deque as _deque
+import warnings as _warnings
 
 
 DEF _COST_FIT_MAX_TOKENS = 64 # decodes this small or smaller fit the cost model of drafting
 # Prompt tokens fed per step for a request that wants prompt log-probabilities: each
 # needs an n_vocab row of logits in llama.cpp's output buffer.
 DEF _PROMPT_LOGPROBS_CHUNK = 32
+# On a memory that cannot drop a suffix (recurrent, hybrid), a prompt's state is saved this
+# many tokens before its end (llama-server's last checkpoint offset): the same prompt again,
+# or one that departs in its last few tokens (a chat template's closing tokens), starts there.
+DEF _CKPT_TAIL = 4
 
 
 cdef class Engine:
@@ -33,6 +38,12 @@ cdef class Engine:
     Each slot remembers the tokens in its KV memory, so a new prompt that shares
     a prefix with them evaluates only the rest (the prompt cache): a waiting request
     goes to the free slot with the longest common prefix.
+
+    Recurrent and hybrid models (Mamba, RWKV, Jamba, Granite 4, LFM2, Qwen3-Next...): their
+    memory cannot drop a sequence's end (`truncatable` is False), so a slot's cache is reused
+    only where the new prompt extends all of it, or from a checkpoint (the sequence's state
+    saved near the end of an earlier prompt, at most `n_checkpoints` per slot); otherwise
+    the prompt is evaluated from the start.  Speculative decoding is off on them.
     """
 
     cdef readonly Context context
@@ -48,6 +59,13 @@ cdef class Engine:
     cdef char piece_buf[256]
     cdef bint _initialized
     cdef public bint cache_prompt
+    # False on recurrent/hybrid memory: llama_memory_seq_rm(s, p0 > 0, -1) fails there.
+    cdef readonly bint truncatable
+    cdef list slot_ckpts      # slot -> [(n_tokens, state bytes)], oldest first (only when not truncatable)
+    cdef list slot_ckpt_at    # slot -> prompt position whose state its request saves (-1: none)
+    cdef public int n_checkpoints          # at most this many checkpoints per slot (0: none)
+    cdef readonly long long n_checkpoints_saved, n_checkpoints_restored
+    cdef bint _warned_spec
     # counters for metrics (llama-server's names)
     cdef readonly long long n_decode_total
     cdef readonly long long n_busy_slots_total
@@ -89,6 +107,10 @@ cdef class Engine:
         self.slots = [None] * self.n_slots
         self.slot_tokens = [[] for _ in range(self.n_slots)]
         self.slot_used = [0] * self.n_slots
+        self.truncatable = context.kv_can_truncate()
+        self.slot_ckpts = [[] for _ in range(self.n_slots)]
+        self.slot_ckpt_at = [-1] * self.n_slots
+        self.n_checkpoints = 2
         self.queue = _deque()
         self.parked = []
         self.cache_prompt = cache_prompt
@@ -165,6 +187,7 @@ cdef class Engine:
         self._cancel_all()
         for s in range(self.n_slots):
             self.slot_tokens[s] = []
+            self.slot_ckpts[s] = []
         self.context.kv_clear()
 
     def preempt_paused(self) -> int:
@@ -203,6 +226,17 @@ cdef class Engine:
                              "it cannot generate text")
         if request.media is not None:
             _check_media_fits(self.context, request.media)
+        if not self.truncatable and (request.draft_max > 0 or any(
+                (<GenerationRequest>f).draft_max > 0 for f in request._followers)):
+            # Rejected drafts would have to leave the sequence, which this memory cannot do.
+            if not self._warned_spec:
+                self._warned_spec = True
+                _warnings.warn("speculative decoding is off: this model's memory is recurrent (or hybrid) and "
+                               "cannot drop rejected draft tokens; generating without drafts",
+                               RuntimeWarning, stacklevel=2)
+            request.draft_max = 0
+            for f in request._followers:
+                (<GenerationRequest>f).draft_max = 0
         if len(request.prompt_tokens) >= self.n_ctx_seq:
             raise ContextLengthError(
                 f"the prompt has {len(request.prompt_tokens)} tokens but the context holds {self.n_ctx_seq} "
@@ -262,8 +296,7 @@ cdef class Engine:
         if cached:
             pmax = llama_memory_seq_pos_max(llama_get_memory(self.context.ptr), s)
             if pmax + 1 != <llama_pos>len(cached):
-                llama_memory_seq_rm(llama_get_memory(self.context.ptr), s, -1, -1)
-                del cached[:]
+                _engine_clear_seq(self, s)
         return cached
 
     cdef Py_ssize_t _common_prefix(self, list cached, list want, Py_ssize_t limit):
@@ -272,28 +305,33 @@ cdef class Engine:
             k += 1
         return k
 
-    cdef void _assign(self, int s, GenerationRequest r):
-        """Put a waiting request into slot s, reusing the slot's cached prefix."""
-        cdef list cached = self._valid_cache(s)
-        cdef Py_ssize_t k
-        cdef llama_memory_t mem = llama_get_memory(self.context.ptr)
+    cdef Py_ssize_t _prefix_for(self, int s, GenerationRequest r):
+        """How much of slot s's cache request r could start from (before what the memory
+        can keep: _engine_keepable / _engine_truncate)."""
+        cdef list cached = self.slot_tokens[s]
         if r.preempted:
             # Resume: what our sequence held, minus what survived in this slot.
-            k = r._snap(self._common_prefix(cached, r.kv_tokens, len(r.kv_tokens)))
-            if k < len(cached):
-                llama_memory_seq_rm(mem, s, k, -1)
-                del cached[k:]
+            return r._snap(self._common_prefix(cached, r.kv_tokens, len(r.kv_tokens)))
+        if r.cache_prompt and self.cache_prompt:
+            return r._snap(self._common_prefix(cached, r.prompt_tokens, len(r.prompt_tokens) - 1))   # evaluate >= 1
+        return 0
+
+    cdef int _assign(self, int s, GenerationRequest r) except -1:
+        """Put a waiting request into slot s, reusing the slot's cached prefix."""
+        cdef Py_ssize_t k, at
+        self._valid_cache(s)
+        k = _engine_truncate(self, s, self._prefix_for(s, r))
+        self.slot_ckpt_at[s] = -1
+        if r.preempted:
             r.refill = r.kv_tokens[k:]
             r.kv_tokens = None
             r.n_past = <int>k
             r.preempted = False
         else:
-            k = 0
-            if r.cache_prompt and self.cache_prompt:
-                k = r._snap(self._common_prefix(cached, r.prompt_tokens, len(r.prompt_tokens) - 1))   # evaluate >= 1
-            if k < len(cached):
-                llama_memory_seq_rm(mem, s, k, -1)
-                del cached[k:]
+            at = len(r.prompt_tokens) - _CKPT_TAIL
+            if (not self.truncatable and self.n_checkpoints > 0 and r.cache_prompt and self.cache_prompt
+                    and r.media is None and at > k):
+                self.slot_ckpt_at[s] = <int>at     # save the state there, on the way (step 2)
             r.n_past = <int>k
             r.n_prompt_done = <int>k
             r.n_cached = <int>k
@@ -301,17 +339,14 @@ cdef class Engine:
             r.t_start = pyllama_now_ms()
         r.slot = s
         self.slots[s] = r
+        return 0
 
     cdef int _pick_slot(self, GenerationRequest r, list free) except -2:
         """The free slot whose cache shares the longest prefix with r (ties: least recently used)."""
         cdef int best = -1, s
         cdef Py_ssize_t best_k = -1, k
-        cdef list want = r.kv_tokens if r.preempted else r.prompt_tokens
         for s in free:
-            if (r.preempted or (r.cache_prompt and self.cache_prompt)):
-                k = self._common_prefix(self.slot_tokens[s], want, len(want))
-            else:
-                k = 0
+            k = _engine_keepable(self, s, self._prefix_for(s, r))
             if k > best_k or (k == best_k and self.slot_used[s] < self.slot_used[best]):
                 best, best_k = s, k
         return best
@@ -392,14 +427,12 @@ cdef class Engine:
             s0 = free[0]
             best = -1
             for s in free:
-                have = self._common_prefix(self._valid_cache(s), prefix, k)
+                have = _engine_keepable(self, s, self._common_prefix(self._valid_cache(s), prefix, k))
                 if have > best:
                     s0, best = s, have
             cached = self._valid_cache(s0)
-            have = self._common_prefix(cached, prefix, k)
+            have = _engine_truncate(self, s0, self._common_prefix(cached, prefix, k))
             mem = llama_get_memory(self.context.ptr)
-            llama_memory_seq_rm(mem, s0, have, -1)
-            del cached[have:]
             pos = have
             while pos < k:
                 chunk = min(k - pos, self.n_batch)
@@ -410,20 +443,19 @@ cdef class Engine:
                 cached.extend(prefix[pos:pos + chunk])
                 pos += chunk
             for s in free:
-                if s != s0 and self._common_prefix(self._valid_cache(s), prefix, k) < k:
+                if s != s0 and _engine_keepable(self, s, self._common_prefix(self._valid_cache(s), prefix, k)) < k:
                     llama_memory_seq_rm(mem, s, -1, -1)
                     llama_memory_seq_cp(mem, s0, s, -1, -1)
                     self.slot_tokens[s] = list(prefix)
+                    self.slot_ckpts[s] = list(self.slot_ckpts[s0])
         return k
 
     cdef int _evict_idle_caches(self) except -1:
         """Free the KV cells of idle slots (their prompt caches); returns how many slots."""
         cdef int s, n = 0
-        cdef llama_memory_t mem = llama_get_memory(self.context.ptr)
         for s in range(self.n_slots):
-            if self.slots[s] is None and self.slot_tokens[s]:
-                llama_memory_seq_rm(mem, s, -1, -1)
-                self.slot_tokens[s] = []
+            if self.slots[s] is None and (self.slot_tokens[s] or self.slot_ckpts[s]):
+                _engine_clear_seq(self, s)
                 n += 1
         return n
 
@@ -538,7 +570,7 @@ cdef class Engine:
 
     cdef int _step(self, list events, object callback) except -1:
         cdef GenerationRequest r
-        cdef int s, i, room, take, first
+        cdef int s, i, room, take, first, at
         cdef Batch batch = self.batch
         cdef double t0, t1, dt
         cdef int n_busy = 0, n_gen = 0, n_spec = 0
@@ -608,6 +640,16 @@ cdef class Engine:
                 take = min(take, r._next_media(r.n_past) - r.n_past)
             if take <= 0:
                 continue
+            at = self.slot_ckpt_at[s]
+            if at >= 0:
+                # A memory that cannot go back: the chunk stops where the prompt's state is
+                # to be saved, and the next chunk saves it before it is fed.
+                if r.n_prompt_done < at:
+                    take = min(take, at - r.n_prompt_done)
+                else:
+                    self.slot_ckpt_at[s] = -1
+                    if r.n_prompt_done == at and r.n_past == at:
+                        _engine_save_ckpt(self, s)
             if r._wants_prompt_lp:
                 take = min(take, _PROMPT_LOGPROBS_CHUNK)
             first = batch.batch.n_tokens
@@ -742,6 +784,10 @@ cdef class Engine:
                 try:
                     _eval_media(self.context, r.media.multimodal, r.media, idx, r.n_past, s)
                     break
+                except DecodeAborted:
+                    if not self.truncatable:
+                        self._resync_after_abort()    # (see _decode_or_shed)
+                    raise
                 except KVCacheFullError:
                     if self._evict_idle_caches() > 0 or self._preempt_one():
                         if r.slot < 0:     # (never r itself: r is not paused)
@@ -750,8 +796,7 @@ cdef class Engine:
                     self._fail(r, _retryable(ContextLengthError(
                         f"no room in the KV memory for an image of {n} tokens while other sequences hold the "
                         f"rest of n_ctx={self.context.n_ctx}: retry later, lower n_parallel or use a larger n_ctx")))
-                    llama_memory_seq_rm(llama_get_memory(self.context.ptr), s, -1, -1)
-                    self.slot_tokens[s] = []
+                    _engine_clear_seq(self, s)
                     self._emit(r, "", events, callback)
                     return 0
                 except ValueError as e:
@@ -777,9 +822,11 @@ cdef class Engine:
             f = x
             if f.forked or f.done or f.slot < 0:
                 continue
+            # Whole sequences: a recurrent state is shared too (copied when it diverges).
             llama_memory_seq_rm(mem, f.slot, -1, -1)
             llama_memory_seq_cp(mem, r.slot, f.slot, -1, -1)
             self.slot_tokens[f.slot] = list(self.slot_tokens[r.slot])
+            self.slot_ckpts[f.slot] = list(self.slot_ckpts[r.slot])
             f.n_past = r.n_past
             f.n_prompt_done = r.n_prompt_done
             f.n_cached = r.n_cached
@@ -830,20 +877,40 @@ cdef class Engine:
                         f"no room in the KV memory for a prompt of {victim.n_prompt} tokens while other "
                         f"sequences hold the rest of n_ctx={self.context.n_ctx}: retry later, lower n_parallel "
                         f"or use a larger n_ctx")))
-                llama_memory_seq_rm(llama_get_memory(self.context.ptr), slot, -1, -1)
-                self.slot_tokens[slot] = []
+                _engine_clear_seq(self, slot)
                 text = victim._flush() if victim.finish_reason == "length" else ""
                 victim._settle_logprobs()
                 self._emit(victim, text, events, callback)
                 return False
             except DecodeAborted:
-                raise   # the stepper's business (close(), Ctrl-C): the requests are intact
+                # The stepper's business (close(), Ctrl-C): the requests are intact, except on a
+                # memory that cannot drop what the aborted decode left in it.
+                if not self.truncatable:
+                    self._resync_after_abort()
+                raise
             except DecodeError as e:
                 for x in self.slots:
                     if x is not None and (<GenerationRequest>x).n_fed + (1 if (<GenerationRequest>x).batch_idx >= 0 else 0) > 0:
                         self._fail(<GenerationRequest>x, e)
                         self._emit(<GenerationRequest>x, "", events, callback)
                 return False
+
+    cdef int _resync_after_abort(self) except -1:
+        """After an aborted decode on a recurrent/hybrid memory: llama.cpp could not remove
+        the batch's tokens (the ubatches computed before the abort stay, the aborted one may
+        have half-updated its states), so every sequence that moved is emptied and its
+        request re-evaluates what it held (as after preemption)."""
+        cdef int s
+        cdef llama_memory_t mem = llama_get_memory(self.context.ptr)
+        for s in range(self.n_slots):
+            if llama_memory_seq_pos_max(mem, s) + 1 == <llama_pos>len(self.slot_tokens[s]):
+                continue
+            x = self.slots[s]
+            if x is not None and not ((<GenerationRequest>x).leader is not None and not (<GenerationRequest>x).forked):
+                _engine_rewind(self, s, <GenerationRequest>x)
+            else:
+                _engine_clear_seq(self, s)
+        return 0
 
     cdef void _emit(self, GenerationRequest r, str text, list events, object callback):
         if text:

@@ -492,6 +492,11 @@ cdef class Model:
     def is_recurrent(self) -> bool:
         return llama_model_is_recurrent(self._get())
 
+    @property
+    def is_hybrid(self) -> bool:
+        """Attention layers plus recurrent ones (Jamba, Falcon-H1, Granite 4, LFM2, Qwen3-Next...)."""
+        return llama_model_is_hybrid(self._get())
+
     def chat_template(self, name=None):
         """The model's chat template (tokenizer.chat_template[.name]), or None."""
         cdef bytes bname

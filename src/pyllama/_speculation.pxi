@@ -218,8 +218,14 @@ cdef int _spec_verify(Engine engine, GenerationRequest r, int s, list events, ob
         if j < k:
             r.spec_runs_ended += 1
         engine.n_draft_accepted_total += j
-        # Keep what the slot holds (the accepted drafts); the rest was never accepted.
-        llama_memory_seq_rm(llama_get_memory(engine.context.ptr), s, len(engine.slot_tokens[s]), -1)
+        # Keep what the slot holds (the accepted drafts); the rest was never accepted.  (The
+        # engine drafts only on a memory that can drop them; should the removal still fail,
+        # the sequence is re-evaluated rather than continued with the rejected tokens in it.)
+        if not llama_memory_seq_rm(llama_get_memory(engine.context.ptr), s, len(engine.slot_tokens[s]), -1):
+            if engine.slots[s] is r:
+                _engine_rewind(engine, s, r)
+            else:
+                _engine_clear_seq(engine, s)
         # Draft length adapts: doubles while whole drafts are accepted, shrinks to just past
         # the accepted run after a rejection (a 1-token draft costs next to nothing).
         if j == k:
