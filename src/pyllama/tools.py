@@ -653,9 +653,21 @@ def _set_fields(comp: Any, tool_calls: Optional[List[Dict[str, Any]]], content: 
     return new
 
 
-def _finish(comp: Any, tools: List[Dict[str, Any]]) -> Any:
-    content, calls = parse_tool_calls(comp.text, tools)
-    return _set_fields(comp, calls or None, content)
+def _finish(comp: Any, tools: List[Dict[str, Any]], reasoning: Any = None) -> Any:
+    """`comp` with its tool calls parsed.  With a reasoning model's configuration
+    (pyllama.chat.reasoning), calls are read from the answer only (a call the model wrote
+    while thinking is no call), and the thinking goes where its format says."""
+    if reasoning is None or not reasoning.active:
+        content, calls = parse_tool_calls(comp.text, tools)
+        return _set_fields(comp, calls or None, content)
+    from pyllama.chat.reasoning import apply_to_completion, partition
+
+    parts = partition(comp.text, reasoning)
+    head, _, answer = parts
+    content, calls = parse_tool_calls(answer, tools)
+    if head and not reasoning.separates:     # reasoning_format "none"/"deepseek-legacy": the thinking is content
+        content = (head + (content or "")).strip() or None
+    return _set_fields(apply_to_completion(comp, reasoning, parts), calls or None, content)
 
 
 class ToolStream:
@@ -693,13 +705,16 @@ class ToolPlan:
     * :attr:`options`: ``LLM.complete`` keyword arguments (sampling overrides with the grammar
       of a forced call, ``n``, logprobs, ``max_tokens`` ...);
     * :meth:`finish`: the parser that turns the finished Completion(s) into
-      ``tool_calls``/``content``.
+      ``tool_calls``/``content``;
+    * :attr:`reasoning`: a reasoning model's configuration (pyllama.chat.reasoning), set by
+      the LLM: calls are parsed from the answer after the thinking, which goes to
+      ``reasoning``.
 
     ``tools is None`` means ``tool_choice="none"``: a plain chat of :attr:`messages`, with
     :attr:`options` as ``LLM.chat`` keyword arguments, nothing to parse.
     """
 
-    __slots__ = ("messages", "prompt_args", "prompt", "options", "tools", "stream")
+    __slots__ = ("messages", "prompt_args", "prompt", "options", "tools", "stream", "reasoning")
 
     def __init__(self, messages: List[Dict[str, Any]], prompt_args: Dict[str, Any], options: Dict[str, Any],
                  tools: Optional[List[Dict[str, Any]]], stream: bool = False) -> None:
@@ -709,6 +724,7 @@ class ToolPlan:
         self.options = options
         self.tools = tools
         self.stream = stream
+        self.reasoning: Any = None     # a ReasoningConfig: calls are parsed from the answer only
 
     def finish(self, result: Any) -> Any:
         """The Completion (list of them when n > 1) with tool_calls, content and finish_reason
@@ -716,8 +732,8 @@ class ToolPlan:
         if self.tools is None:
             return result
         if isinstance(result, list):
-            return [_finish(c, self.tools) for c in result]
-        comp = _finish(result, self.tools)
+            return [_finish(c, self.tools, self.reasoning) for c in result]
+        comp = _finish(result, self.tools, self.reasoning)
         return ToolStream(comp) if self.stream else comp
 
 

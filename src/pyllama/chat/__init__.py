@@ -28,8 +28,9 @@ renders in Jinja's sandbox within :class:`RenderLimits` (see docs/chat.md).
 
 Modules, one job each: :mod:`~pyllama.chat.messages` (checking a conversation),
 :mod:`~pyllama.chat.formatter` (choosing a template and rendering with it),
-:mod:`~pyllama.chat._sandbox` (the guarded Jinja environment and the render budget) and
-:mod:`~pyllama.chat._protect` (keeping control-token text inside messages as text).
+:mod:`~pyllama.chat._sandbox` (the guarded Jinja environment and the render budget),
+:mod:`~pyllama.chat._protect` (keeping control-token text inside messages as text) and
+:mod:`~pyllama.chat.reasoning` (a reasoning model's thinking apart from its answer).
 """
 
 from pyllama.chat._sandbox import (

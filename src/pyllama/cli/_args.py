@@ -103,12 +103,15 @@ _FLOAT_SAMPLER_FLAGS = (
 )
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """Generation options (mapped onto SamplingParams / LLM call overrides)."""
-    g = p.add_argument_group("generation")
-    g.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=_int(-1), metavar="N",
-                   help="tokens to generate at most (-1 = until the answer ends or the context is full; "
-                        "default -1)")
+def add_sampling_arguments(p: argparse.ArgumentParser, *, max_tokens_flag: bool = True,
+                           title: str = "generation") -> None:
+    """Generation options (mapped onto SamplingParams / LLM call overrides).  `serve` leaves
+    out -n (its -n/--n-predict is the server's default and cap) and calls them defaults."""
+    g = p.add_argument_group(title)
+    if max_tokens_flag:
+        g.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=_int(-1), metavar="N",
+                       help="tokens to generate at most (-1 = until the answer ends or the context is full; "
+                            "default -1)")
     g.add_argument("--temp", "--temperature", dest="temperature", type=_finite_float, metavar="T",
                    help="temperature (0 = greedy; default 0.8)")
     g.add_argument("--top-k", dest="top_k", type=_int(0), metavar="K", help="top-k sampling (0 = off; default 40)")
@@ -130,7 +133,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help="DRY: a sequence breaker (repeatable; replaces the defaults \\n : \" *)")
     g.add_argument("--mirostat", dest="mirostat_mode", type=_int(0), choices=(0, 1, 2), metavar="N",
                    help="Mirostat sampling: 1, 2 (Mirostat 2.0), 0 = off (default)")
-    g.add_argument("--seed", type=_int(-1), metavar="N", help="random seed (-1 = random; default random)")
+    g.add_argument("-s", "--seed", type=_int(-1), metavar="N", help="random seed (-1 = random; default random)")
     g.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop when this text is generated (not printed); repeatable")
     g.add_argument("--ignore-eos", action="store_true", default=None,
@@ -142,13 +145,20 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                     help="constrain the output to JSON matching this schema: a file, or inline JSON")
 
 
+def _spec_type(text: str) -> str:
+    """--spec-type: pyllama's names, and llama-server's draft-simple for draft."""
+    return "draft" if text == "draft-simple" else text
+
+
 def add_spec_arguments(p: Any) -> None:
     """Speculative decoding, under llama-server's flag names (run and serve)."""
     g = p.add_argument_group("speculative decoding (drafted tokens verified in the same decode)")
-    g.add_argument("--spec-type", dest="spec_type", choices=("none", "ngram-simple", "draft"), default=None,
+    g.add_argument("--spec-type", dest="spec_type", type=_spec_type, choices=("none", "ngram-simple", "draft"),
+                   default=None,
                    help="ngram-simple: draft the continuation of the last n-gram's earlier occurrence in the "
                         "prompt and answer (no second model; pays when the answer copies from its input); "
-                        "draft: a draft model (-md, which alone turns it on); default none")
+                        "draft (llama-server's draft-simple): a draft model (-md, which alone turns it on); "
+                        "default none")
     g.add_argument("--spec-draft-n-max", "--draft-max", "--draft", dest="draft_max", type=_int(1), metavar="N",
                    help="at most N drafted tokens per step (default 16)")
     g.add_argument("--spec-draft-n-min", "--draft-min", dest="draft_min", type=_int(0), metavar="N",

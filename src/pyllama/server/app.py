@@ -337,8 +337,11 @@ def create_app(llm: Optional["LLM"] = None, *, loader: Optional[Callable[[], "LL
     if cfg.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"], allow_credentials="*" not in cfg.cors_origins)
+        # llama-server's special origin "localhost": any loopback origin, whatever its scheme or port
+        loopback = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?" if "localhost" in cfg.cors_origins else None
+        app.add_middleware(CORSMiddleware, allow_origins=[o for o in cfg.cors_origins if o != "localhost"],
+                           allow_origin_regex=loopback, allow_methods=["*"], allow_headers=["*"],
+                           allow_credentials="*" not in cfg.cors_origins)
     return app
 
 
@@ -408,10 +411,16 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                     "n_params": m.n_params, "size": m.size, "n_ctx": llm.n_ctx,
                     "n_ctx_slot": llm.context.n_ctx_seq, "n_slots": state.backend.n_slots}
         card = S.ModelCard(id=state.model_id, created=state.created, meta=meta or None)
-        return JSONResponse(S.ModelList(data=[card]).model_dump(exclude_none=True))
+        body = S.ModelList(data=[card]).model_dump(exclude_none=True)
+        # llama-server's --alias a,b and --tags x,y
+        body["data"][0].update(aliases=list(cfg.model_aliases or [state.model_id]), tags=list(cfg.model_tags))
+        return JSONResponse(body)
 
     @app.get("/slots")
     async def slots() -> JSONResponse:
+        if not cfg.slots_endpoint:      # --no-slots
+            raise APIError(501, "This server does not support slots endpoint. Start it with `--slots`",
+                           type="not_supported_error", code="not_supported")
         # llama-server's name for the library's "busy"
         return JSONResponse([dict(s, is_processing=s["busy"]) for s in state.ready_backend().slots()])
 
@@ -453,8 +462,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     # ---- embeddings ---------------------------------------------------------------------
 
-    @app.post("/v1/embeddings")
-    @app.post("/embeddings")
+    @app.post("/v1/embeddings")      # (/embeddings is llama-server's own shape: llama_routes)
     async def embeddings(body: S.EmbeddingRequest, request: Request) -> JSONResponse:
         backend = state.ready_backend()
         llm = state.llm
@@ -529,8 +537,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     # ---- completions -----------------------------------------------------------------------
 
-    @app.post("/v1/completions")
-    @app.post("/completions")
+    @app.post("/v1/completions")     # (/completions is llama-server's own shape: llama_routes)
     async def completions(body: S.CompletionRequest, request: Request) -> Response:
         backend = checked(body)
         llm = state.llm
@@ -574,6 +581,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         tasks = await _open_streams(request, ticket, [backend.stream_complete(p, **kw) for p in prompts])
         events = _completion_events(tasks, body, prompt_texts, rid, created, model)
         return SSEResponse(events, cleanup=_closer(ticket, tasks))
+
+    # ---- the other APIs (each module registers its own routes) ------------------------------
+    from pyllama.server import anthropic_api, llama_routes, rank_routes, responses_api
+
+    for module in (llama_routes, rank_routes, responses_api, anthropic_api):
+        module.add_routes(app, state)
 
 
 def _check_n(n: int, backend: Backend) -> None:
@@ -674,6 +687,10 @@ async def _chat_events(task: "asyncio.Task", body: S.ChatCompletionRequest, rid:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
         async for piece in stream:
+            # a reasoning model's thinking comes as delta.reasoning_content (llama-server's name)
+            if piece.reasoning:
+                yield chunk([{"index": piece.index, "delta": {"reasoning_content": piece.reasoning},
+                              "logprobs": None, "finish_reason": None}])
             if piece.text or piece.logprobs:
                 yield chunk([{"index": piece.index, "delta": {"content": piece.text},
                               "logprobs": P.chat_logprobs(piece.logprobs) if piece.logprobs else None,
@@ -708,6 +725,9 @@ def _chat_chunks_from_completions(comps: list, body: S.ChatCompletionRequest, ri
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
         msg = P.response_message(c)
+        if msg.reasoning_content:
+            yield chunk([{"index": i, "delta": {"reasoning_content": msg.reasoning_content}, "logprobs": None,
+                          "finish_reason": None}])
         if msg.tool_calls:
             calls = [dict(tc, index=k) for k, tc in enumerate(msg.tool_calls)]
             delta: dict = {"tool_calls": calls}

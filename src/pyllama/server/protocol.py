@@ -94,6 +94,28 @@ def chat_kwargs(req: S.ChatCompletionRequest, settings: ServerSettings, n_vocab:
         choice = req.tool_choice
         if choice is not None:
             kw["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
+    kw.update(reasoning_kwargs(req, settings))
+    return kw
+
+
+def reasoning_kwargs(req: S.ChatCompletionRequest, settings: ServerSettings) -> dict:
+    """`LLM.chat`'s reasoning_format, reasoning_budget and chat_template_kwargs of a request,
+    as llama-server resolves them: the request's fields over the server's flags
+    (``--reasoning-format``, ``--reasoning-budget``, ``--chat-template-kwargs``); a request's
+    budget of -1 means the server's; ``reasoning_effort`` "none" turns the thinking off, any
+    other value reaches the template as ``reasoning_effort``."""
+    kw: dict = {"reasoning_format": req.reasoning_format or settings.reasoning_format}
+    budget = req.reasoning_budget_tokens if req.reasoning_budget_tokens is not None else req.thinking_budget_tokens
+    kw["reasoning_budget"] = settings.reasoning_budget if budget is None or budget == -1 else budget
+    variables = dict(settings.chat_template_kwargs or {})
+    variables.update(req.chat_template_kwargs or {})
+    if req.reasoning_effort == "none":
+        variables["enable_thinking"] = False
+        variables.pop("reasoning_effort", None)
+    elif req.reasoning_effort:
+        variables["reasoning_effort"] = req.reasoning_effort
+    if variables:
+        kw["chat_template_kwargs"] = variables
     return kw
 
 
@@ -158,10 +180,11 @@ def chat_logprobs(entries: Optional[Iterable["TokenLogprob"]]) -> Optional[dict]
 
 def response_message(comp: "Completion") -> S.ResponseMessage:
     """The assistant message of one chat answer: its tool calls (and the text around them),
-    or its text."""
+    or its text; a reasoning model's thinking as ``reasoning_content``."""
+    reasoning = getattr(comp, "reasoning", None)
     if comp.tool_calls:
-        return S.ResponseMessage(content=comp.content, tool_calls=list(comp.tool_calls))
-    return S.ResponseMessage(content=comp.text if comp.content is None else comp.content)
+        return S.ResponseMessage(content=comp.content, tool_calls=list(comp.tool_calls), reasoning_content=reasoning)
+    return S.ResponseMessage(content=comp.text if comp.content is None else comp.content, reasoning_content=reasoning)
 
 
 def chat_response(comps: List["Completion"], model: str, rid: str, created: int) -> S.ChatCompletionResponse:

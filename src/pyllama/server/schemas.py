@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from pyllama.server.errors import bad_request
 
@@ -266,8 +266,13 @@ class ChatCompletionRequest(SamplingFields):
     tools: Optional[List[Tool]] = None
     tool_choice: Optional[ToolChoice] = None
     parallel_tool_calls: Optional[bool] = None
+    # reasoning models (llama-server's fields; the server's flags give the defaults)
+    reasoning_format: Optional[Literal["none", "auto", "deepseek", "deepseek-legacy"]] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+    reasoning_budget_tokens: Optional[int] = Field(default=None, ge=-1, le=INT32_MAX)   # -1: the server's
+    thinking_budget_tokens: Optional[int] = Field(default=None, ge=-1, le=INT32_MAX)    # the same, older name
+    reasoning_effort: Optional[str] = None      # "none": no thinking; else a template variable (gpt-oss)
     # accepted and ignored (OpenAI)
-    reasoning_effort: Optional[str] = None
     modalities: Optional[List[str]] = None
     verbosity: Optional[str] = None
 
@@ -284,6 +289,14 @@ class ChatCompletionRequest(SamplingFields):
         elif self.tool_choice is not None and not self.tools:
             # as OpenAI answers: a tool_choice without tools is a mistake, not a no-op
             raise bad_request("tool_choice is only allowed when tools are given", param="tool_choice")
+        for key, value in (self.chat_template_kwargs or {}).items():
+            if not key.isidentifier():
+                raise bad_request(f"chat_template_kwargs: {key!r} is not a template variable name",
+                                  param="chat_template_kwargs")
+            if key == "enable_thinking" and not isinstance(value, bool):
+                # as llama-server: "false" (a string) is a mistake, not a truthy value
+                raise bad_request(f"invalid type for \"enable_thinking\" (expected boolean, got "
+                                  f"{type(value).__name__})", param="chat_template_kwargs")
 
 
 # --------------------------------------------------------------------------- completions
@@ -378,8 +391,16 @@ class ServerTimings(BaseModel):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None      # a reasoning model's thinking (left out when none)
     tool_calls: Optional[List[Dict[str, Any]]] = None
     refusal: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_reasoning(self, handler: Any) -> Dict[str, Any]:
+        out = handler(self)
+        if out.get("reasoning_content") is None:     # as llama-server: only when there was thinking
+            out.pop("reasoning_content", None)
+        return out
 
 
 class _Choice(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -35,6 +36,24 @@ class ServerSettings:
     retry_after_s: int = 1
     #: Extra sampling defaults applied under every request's own fields.
     sampling_defaults: dict = field(default_factory=dict)
+    #: How the model's thinking is returned (``--reasoning-format``): "auto"/"deepseek" put it in
+    #: ``reasoning_content``, "none" leaves it in ``content`` (llama-server's meanings).
+    reasoning_format: str = "auto"
+    #: ``--reasoning-budget``: -1 unlimited, 0 no thinking, N at most N thinking tokens.
+    reasoning_budget: int = -1
+    #: ``--chat-template-kwargs``: extra variables for the chat template, under each request's own.
+    chat_template_kwargs: dict = field(default_factory=dict)
+    #: Every name of the model (``--alias a,b``: /v1/models' "aliases"); model_alias is its id.
+    model_aliases: Sequence[str] = ()
+    #: Informational tags of the model (``--tags``: /v1/models' "tags").
+    model_tags: Sequence[str] = ()
+    #: GET /slots answers (``--no-slots``: 501, as llama-server).
+    slots_endpoint: bool = True
+    #: POST /props is allowed (``--props``; it changes nothing yet, as in llama-server).
+    props_endpoint: bool = False
+    #: Where POST /slots/{id}?action=save|restore writes and reads slot files (``--slot-save-path``);
+    #: None: the actions answer 501.  Files are named by the client, confined to this folder.
+    slot_save_path: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.api_keys, str):
@@ -43,12 +62,16 @@ class ServerSettings:
         if isinstance(self.cors_origins, str):
             self.cors_origins = (self.cors_origins,)
         self.cors_origins = tuple(self.cors_origins)
+        self.model_aliases = tuple(self.model_aliases)
+        self.model_tags = tuple(self.model_tags)
         for name in ("max_queue", "max_body_bytes", "max_header_bytes", "retry_after_s"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.default_max_tokens, int) or self.default_max_tokens < -1:
             raise ValueError(f"default_max_tokens must be an int >= -1, got {self.default_max_tokens!r}")
+        if self.slot_save_path is not None and not os.path.isdir(self.slot_save_path):
+            raise ValueError(f"slot_save_path must be an existing directory, got {self.slot_save_path!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "ServerSettings":
