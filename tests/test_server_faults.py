@@ -337,11 +337,11 @@ def test_slow_reader_gets_the_whole_answer_and_blocks_nobody(tiny_server):
 def _completion(text=" ok"):
     timings = SimpleNamespace(prompt_n=3, prompt_ms=1.0, cached_n=0, predicted_n=2, predicted_ms=2.0)
     return SimpleNamespace(text=text, tokens=[1, 2], finish_reason="length", prompt_tokens=3, timings=timings,
-                           logprobs=None, content=None, tool_calls=None)
+                           logprobs=None, content=None, tool_calls=None, reasoning=None)
 
 
 def _piece(text="x"):
-    return SimpleNamespace(index=0, text=text, token_ids=[1], logprobs=None, finish_reason=None)
+    return SimpleNamespace(index=0, text=text, token_ids=[1], logprobs=None, finish_reason=None, reasoning=None)
 
 
 class ScriptedLLM:
