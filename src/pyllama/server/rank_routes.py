@@ -32,6 +32,7 @@ from pyllama.server import protocol as P
 from pyllama.server import schemas as S
 from pyllama.server.backend import as_api_errors
 from pyllama.server.errors import APIError, bad_request, error_event
+from pyllama.server.llama_routes import STOP_TYPES, _nested_values
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -95,26 +96,6 @@ class InfillRequest(S.SamplingFields):
 # --------------------------------------------------------------------------- responses
 
 
-def _stop_type(reason: Optional[str]) -> str:
-    """llama-server's stop_type of a finish reason."""
-    return {"eog": "eos", "length": "limit", "stop": "word"}.get(reason or "", "none")
-
-
-def _nested(fields: List[str], obj: Dict[str, Any]) -> Dict[str, Any]:
-    """llama-server's response_fields: only the named fields, "a/b" reaching into objects
-    (the key stays "a/b"); names that do not exist are left out."""
-    out: Dict[str, Any] = {}
-    for path in fields:
-        cur: Any = obj
-        for key in path.split("/"):
-            if not isinstance(cur, dict) or key not in cur:
-                break
-            cur = cur[key]
-        else:
-            out[path] = cur
-    return out
-
-
 def _generation_settings(state: "ServerState", kw: Dict[str, Any], stream: bool) -> Dict[str, Any]:
     """The main settings of a request (a subset of llama-server's generation_settings)."""
     from pyllama.sampling import FIELD_NAMES
@@ -138,7 +119,7 @@ def infill_result(comp: "Completion", *, prompt_text: str, n_prompt: int, model:
         "index": 0, "content": "" if stream else text, "tokens": [] if stream else list(comp.tokens),
         "id_slot": -1, "stop": True, "model": model, "tokens_predicted": len(comp.tokens),
         "tokens_evaluated": n_prompt, "generation_settings": settings, "prompt": prompt_text,
-        "has_new_line": "\n" in text, "truncated": False, "stop_type": _stop_type(comp.finish_reason),
+        "has_new_line": "\n" in text, "truncated": False, "stop_type": STOP_TYPES.get(comp.finish_reason or "", "none"),
         "stopping_word": "", "tokens_cached": n_prompt + len(comp.tokens),
         "timings": P.timings(comp).model_dump(),
     }
@@ -213,7 +194,7 @@ def add_routes(app: "FastAPI", state: "ServerState") -> None:
         def final(comp: "Completion", stream: bool) -> Dict[str, Any]:
             out = infill_result(comp, prompt_text=prompt_text, n_prompt=len(tokens), model=model,
                                 settings=_generation_settings(state, kw, stream), stream=stream)
-            return _nested(body.response_fields, out) if body.response_fields else out
+            return _nested_values(body.response_fields, out) if body.response_fields else out
 
         if not body.stream:
             with backend.admit():
