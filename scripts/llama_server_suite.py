@@ -257,6 +257,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, why in EXCLUDED.items():
             print(f"{name}: {why}")
         return 0
+    args.workdir = args.workdir.resolve()     # the suite runs in its own folder: a relative path would move
     args.workdir.mkdir(parents=True, exist_ok=True)
     if not SUITE.is_dir():
         raise SystemExit(f"{SUITE} is missing: python scripts/vendor_llama_cpp.py --with tools")

@@ -211,6 +211,68 @@ def test_strftime_now_and_extras():
     assert fmt.render([{"role": "user", "content": "x"}], custom="override").split("|")[1] == "override"
 
 
+def _days(fmt: str, *moments: datetime) -> set:
+    return {m.strftime(fmt) for m in moments}     # a render may straddle midnight
+
+
+def test_llama_cpp_variables():
+    # llama.cpp's common/chat.cpp gives every template date_string ("%d %b %Y"), datetime
+    # ("%b %d %Y") and enable_thinking=true; extra_context and render()'s keywords override them.
+    from pyllama.chat.formatter import llama_template_variables
+
+    assert llama_template_variables(datetime(2025, 3, 5, 23, 59)) == {
+        "date_string": "05 Mar 2025", "datetime": "Mar 05 2025", "enable_thinking": True}
+    src = "{{ date_string }}|{{ datetime }}|{{ enable_thinking }}|{{ strftime_now('%d %b %Y') }}"
+    msgs = [{"role": "user", "content": "x"}]
+    before = datetime.now()
+    date_string, dt, thinking, now = ChatFormatter(src).render(msgs).split("|")
+    after = datetime.now()
+    assert date_string in _days("%d %b %Y", before, after) and now in _days("%d %b %Y", before, after)
+    assert dt in _days("%b %d %Y", before, after) and thinking == "True"
+    out = ChatFormatter(src, extra_context={"date_string": "server"}).render(msgs, enable_thinking=False)
+    assert out.split("|")[0] == "server" and out.split("|")[2] == "False"
+    # transformers' variables only: none of them is defined
+    plain = "{{ date_string is defined }}|{{ datetime is defined }}|{{ enable_thinking is defined }}"
+    assert ChatFormatter(plain, llama_variables=False).render(msgs) == "False|False|False"
+
+
+def test_llama_cpp_variables_in_real_templates():
+    msgs = [{"role": "user", "content": "What is today?"}]
+    # Llama 3.x: "Today Date" is date_string, else a fixed day of 2024
+    llama3 = ('{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}'
+              '{{- "Today Date: " + date_string }}')
+    before = datetime.now()
+    out = ChatFormatter(llama3, fallback=None).render(msgs)
+    assert out in {"Today Date: " + d for d in _days("%d %b %Y", before, datetime.now())}
+    # QwQ / DeepSeek-R1 as llama.cpp ships them: the thinking stays open unless enable_thinking is false
+    qwq = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+           "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n<think>\n' }}"
+           "{%- if not enable_thinking -%}{{- '</think>' -}}{%- endif -%}{%- endif %}")
+    fmt = ChatFormatter(qwq, fallback=None)
+    assert fmt.render(msgs).endswith("<|im_start|>assistant\n<think>\n")
+    assert fmt.render(msgs, enable_thinking=False).endswith("<think>\n</think>")
+    assert ChatFormatter(qwq, llama_variables=False).render(msgs).endswith("<think>\n</think>")
+
+
+def test_llama_cpp_variable_aliases():
+    # common/jinja/caps.cpp: preserve_reasoning and reasoning_effort under the names templates read
+    src = ("{{ preserve_thinking }}|{{ clear_thinking }}|{{ truncate_history_thinking }}|{{ drop_thinking }}"
+           "|{{ reasoning_strength }}")
+    msgs = [{"role": "user", "content": "x"}]
+    fmt = ChatFormatter(src)
+    assert fmt.render(msgs) == "||||"
+    assert fmt.render(msgs, preserve_reasoning=True, reasoning_effort="high") == "True|False|False|False|high"
+    assert fmt.render(msgs, preserve_reasoning=False) == "False|True|True|True|"
+    # a variable given explicitly wins over the alias
+    assert fmt.render(msgs, preserve_reasoning=True, clear_thinking=True).split("|")[:2] == ["True", "True"]
+
+
+def test_string_plus_undefined_is_the_string():
+    # llama.cpp's Jinja (runtime.cpp, workaround_concat_null_with_str); FireFunction v2 relies on it
+    msgs = [{"role": "user", "content": "x"}]
+    assert ChatFormatter('{{ "a" + functions }}|{{ nothing + "b" }}|{{ "c" + none }}').render(msgs) == "a|b|c"
+
+
 def test_generation_tag():
     src = "{% for m in messages %}{% generation %}<{{ m.content }}>{% endgeneration %}{% endfor %}"
     assert ChatFormatter(src).render([{"role": "assistant", "content": "x"}]) == "<x>"

@@ -944,3 +944,14 @@ def test_metrics_count_cached_prompt_tokens_and_the_longest_sequence(tiny_model_
         assert len(again.tokens) == 9 and again.timings.predicted_n == 8
         assert m["n_tokens_max"] == n_prompt + 8
         assert m["prompt_tokens_total"] == first.timings.prompt_n + again.timings.prompt_n
+        # tokens_predicted_total counts the sampled tokens, as llama-server's (not decode steps)
+        assert m["tokens_predicted_total"] == 6 + 9
+
+
+def test_metrics_count_embedding_decodes(tiny_model_path):
+    """llama-server counts an embedding's prompt tokens and its decode; nothing is predicted."""
+    with pyllama.LLM(tiny_model_path, n_ctx=512, n_threads=1, embedding=True, verbose=False) as llm:
+        llm.embed(["hello world", "goodbye world"])
+        m = llm.metrics()
+        n = len(llm.tokenize("hello world")) + len(llm.tokenize("goodbye world"))
+        assert m["prompt_tokens_total"] == n and m["n_decode_total"] >= 1 and m["tokens_predicted_total"] == 0

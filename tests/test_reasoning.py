@@ -33,6 +33,10 @@ OPENS = (    # the generation prompt opens the thinking ("thinking forced open",
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
     "{% else %}<think>\n{% endif %}{% endif %}")
+OPENS_LLAMA = (   # QwQ / DeepSeek-R1 as llama.cpp ships them: open unless enable_thinking is false
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n"
+    "{% if not enable_thinking %}</think>{% endif %}{% endif %}")
 PLAIN = (    # a template that knows nothing of thinking
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -327,6 +331,28 @@ def test_enable_thinking_reaches_the_template(think_llm):
     assert llm.detokenize(prompt_off).rstrip().endswith("</think>")
     # any variable: a template that reads it
     assert llm.chat(MSGS, max_tokens=1, chat_template_kwargs={"custom_flag": 1}).prompt_tokens == on.prompt_tokens
+
+
+def test_enable_thinking_defaults_to_true(think_vocab, tmp_path_factory):
+    # As llama.cpp: every template gets enable_thinking=true unless the chat turns thinking off
+    # (reasoning_budget=0, or chat_template_kwargs); a template reading `not enable_thinking`
+    # keeps the thinking open by default.
+    llm = _llm(tmp_path_factory, think_vocab, OPENS_LLAMA)
+    try:
+        start, end = think_ids(llm)
+        opened = llm.chat_tokens(MSGS)
+        assert start in opened[-3:] and end not in opened
+        closed = llm.chat_tokens(MSGS, enable_thinking=False)
+        assert closed[-1] == end
+        free = llm.chat(MSGS, max_tokens=4, logits_processors=[Script([], [start, end])])
+        assert free.prompt_tokens == len(llm.chat_tokens(MSGS)) and free.text == "" and free.reasoning
+        for off in ({"reasoning_budget": 0}, {"chat_template_kwargs": {"enable_thinking": False}}):
+            comp = llm.chat(MSGS, max_tokens=4, logits_processors=[Script([], [start, end])], **off)
+            assert comp.prompt_tokens == len(closed) and comp.reasoning is None and comp.text
+        on = llm.chat(MSGS, max_tokens=1, reasoning_budget=0, chat_template_kwargs={"enable_thinking": True})
+        assert on.prompt_tokens == free.prompt_tokens          # the caller's variable wins
+    finally:
+        llm.close()
 
 
 def test_budget_n_forces_the_end_marker(think_llm):

@@ -255,6 +255,30 @@ def test_bad_requests_are_anthropic_400s(smol_server, client):
     assert client.messages.create(model="x", max_tokens=2, messages=COUNT).content      # still answers
 
 
+def test_empty_messages_are_answered(smol_server, client):
+    """As llama-server: an empty messages list is answered (here as one empty user turn),
+    streamed or not, and counted; a request without messages stays a 400."""
+    m = client.messages.create(model="x", max_tokens=4, messages=[], extra_body=GREEDY)
+    assert m.type == "message" and m.role == "assistant" and m.usage.output_tokens > 0
+    n = client.messages.count_tokens(model="x", messages=[]).input_tokens
+    assert n == m.usage.input_tokens + m.usage.cache_read_input_tokens > 0
+    with client.messages.stream(model="x", max_tokens=4, messages=[], extra_body=GREEDY) as stream:
+        assert stream.get_final_message().usage.output_tokens > 0
+    with_system = client.messages.count_tokens(model="x", system="Be brief.", messages=[]).input_tokens
+    assert with_system > 0
+    with httpx.Client(base_url=smol_server.url, timeout=60, headers={"x-api-key": KEY}) as h:
+        r = h.post("/v1/messages", json={"model": "x", "max_tokens": 4})
+        assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+
+
+def test_empty_messages_become_one_empty_user_turn():
+    from pyllama.server.anthropic_api import MessagesRequest, chat_messages
+
+    assert chat_messages(MessagesRequest(messages=[])) == [{"role": "user", "content": ""}]
+    assert chat_messages(MessagesRequest(messages=[], system="s")) == [
+        {"role": "system", "content": "s"}, {"role": "user", "content": ""}]
+
+
 def test_api_key_headers(smol_server):
     wrong = anthropic.Anthropic(base_url=smol_server.url, api_key="wrong", max_retries=0, timeout=30)
     with pytest.raises(anthropic.AuthenticationError):

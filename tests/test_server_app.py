@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -88,7 +89,7 @@ class FakeLLM:
         return {"prompt_tokens_total": 7, "tokens_predicted_total": 11, "prompt_seconds_total": 0.5,
                 "tokens_predicted_seconds_total": 1.0, "n_decode_total": 4, "n_busy_slots_total": 6,
                 "requests_processing": 1, "requests_deferred": 0, "prompt_tokens_cached_total": 3,
-                "n_tokens_max": 40}
+                "n_tokens_max": 40, "spec_decode_num_draft_tokens_total": 5}
 
 
 def test_queue_full_gives_503_with_retry_after_and_recovers():
@@ -150,6 +151,9 @@ def test_metrics_use_llama_server_names_and_types():
             r = await c.get("/metrics")
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/plain")
+            # llama-server's header: when the counters started (Unix seconds), in its spelling
+            assert abs(int(r.headers["Process-Start-Time-Unix"]) - time.time()) < 600
+            assert b"Process-Start-Time-Unix" in [name for name, _ in r.headers.raw]
             text = r.text
             for name, kind, value in [("prompt_tokens_total", "counter", 7.0),
                                       ("tokens_predicted_total", "counter", 11.0),
@@ -161,9 +165,17 @@ def test_metrics_use_llama_server_names_and_types():
                                       ("n_busy_slots_per_decode", "gauge", 1.5),
                                       ("predicted_tokens_seconds", "gauge", 11.0),
                                       ("prompt_tokens_cached_total", "counter", 3.0),
-                                      ("n_tokens_max", "gauge", 40.0)]:
+                                      # a counter without _total, as llama-server writes it
+                                      ("n_tokens_max", "counter", 40.0),
+                                      ("spec_decode_num_draft_tokens_total", "counter", 5.0)]:
                 assert f"# TYPE llamacpp:{name} {kind}\n" in text, (name, text)
                 assert f"\nllamacpp:{name} {value}\n" in text, (name, text)
+            # every sample is named as its TYPE line (how llama-server's suite parses the text);
+            # a counter the LLM does not report is left out, not made up
+            types = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+            samples = [line.split()[0] for line in text.splitlines() if line and not line.startswith("#")]
+            assert samples and all(name in types for name in samples), text
+            assert "spec_decode_num_drafts_total" not in text
             r = await c.get("/slots")
             assert r.json()[0]["id"] == 0 and "is_processing" in r.json()[0]
     run(main())
@@ -274,9 +286,12 @@ def test_chat_stream_equals_non_stream(app):
     assert whole["object"] == "chat.completion"
     assert whole["choices"][0]["message"]["role"] == "assistant"
     chunks = _sse(_post(app, "/v1/chat/completions", {**body, "stream": True}).text)
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    # the role chunk's content is null, as llama-server and OpenAI send it (not "": some
+    # clients, llama-server's test client among them, refuse empty content deltas)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert all(c["choices"][0]["delta"].get("content") != "" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     assert text == whole["choices"][0]["message"]["content"]
     assert "usage" not in chunks[-1]            # not asked for
 
@@ -345,7 +360,7 @@ BAD_INPUTS = [
     ("/v1/completions", '{"prompt": []}', "prompt", None),
     ("/v1/completions", '{"prompt": 42}', "prompt", None),
     ("/v1/completions", '{"prompt": "x", "seed": 1e30}', "seed", None),
-    ("/v1/embeddings", '{"input": [""]}', "input", None),
+    ("/v1/embeddings", '{"input": {"content": "x"}}', "input", None),     # ("" is a text, as in llama-server)
     ("/detokenize", '{"tokens": [99999999]}', "tokens", "invalid_token"),
     # issue 29: numbers past their C limits, odd logit_bias keys, NaN, tool_choice without tools,
     # a stop list over its cap

@@ -314,7 +314,8 @@ def test_slot_actions(tiny_llm, tmp_path):
     assert_error(post(app, "/slots/0?action=explode", {}), 400, "action")
     for name in ("../escape.bin", "a/b.bin", ".hidden", "", None, "x" * 300):
         assert_error(post(app, "/slots/0?action=save", {"filename": name}), 400, "filename")
-    assert_error(post(app, "/slots/0?action=save", {"filename": "ok.bin"}), 501)
+    assert post(app, "/slots/0?action=erase", {}).status_code == 200
+    assert_error(post(app, "/slots/0?action=save", {"filename": "ok.bin"}), 500)    # an empty slot
     assert list(tmp_path.iterdir()) == []
 
     # erase: the slot's prompt cache is gone, the same prompt is evaluated again
@@ -329,6 +330,37 @@ def test_slot_actions(tiny_llm, tmp_path):
     fresh = post(app, "/completion", body).json()
     assert fresh["timings"]["cache_n"] == 0
     assert fresh["content"] == post(app, "/completion", body).json()["content"]
+
+
+def test_slot_save_restore(tiny_llm, tmp_path):
+    """llama-server's slot files: save one slot's prompt cache, restore it into another; the
+    same prompt then reuses it.  Bad files are a 400 that leaves the slot empty."""
+    app = create_app(tiny_llm, slot_save_path=str(tmp_path))
+    body = greedy(n_predict=4)
+    for s in call(app, "GET", "/slots").json():
+        post(app, f"/slots/{s['id']}?action=erase", {})
+    first = post(app, "/completion", body).json()
+    src = next(s for s in call(app, "GET", "/slots").json() if s["n_cached"] > 0)
+    saved = post(app, f"/slots/{src['id']}?action=save", {"filename": "one.bin"})
+    assert saved.status_code == 200, saved.text
+    b = saved.json()
+    assert b["id_slot"] == src["id"] and b["filename"] == "one.bin" and b["n_saved"] == src["n_cached"]
+    assert b["n_written"] == (tmp_path / "one.bin").stat().st_size and b["timings"]["save_ms"] >= 0
+
+    post(app, f"/slots/{src['id']}?action=erase", {})
+    dst = 1 - src["id"]
+    restored = post(app, f"/slots/{dst}?action=restore", {"filename": "one.bin"})
+    assert restored.status_code == 200, restored.text
+    assert restored.json()["n_restored"] == src["n_cached"] and restored.json()["id_slot"] == dst
+    again = post(app, "/completion", body).json()
+    assert again["content"] == first["content"]
+    assert again["timings"]["cache_n"] >= first["timings"]["prompt_n"] - 1, again["timings"]
+
+    err = assert_error(post(app, f"/slots/{dst}?action=restore", {"filename": "missing.bin"}), 400)
+    assert err["message"].startswith("Unable to restore slot")
+    (tmp_path / "junk.bin").write_bytes(b"junk" * 100)
+    assert_error(post(app, f"/slots/{dst}?action=restore", {"filename": "junk.bin"}), 400)
+    assert call(app, "GET", "/slots").json()[dst]["n_cached"] == 0
 
 
 # --------------------------------------------------------------------------- /embedding
@@ -386,6 +418,120 @@ def test_embedding_pooling_none_is_per_token(bert_path):
 def test_pooling_is_validated(bert_path):
     with pytest.raises(ValueError, match="pooling"):
         LLM(bert_path, embedding=True, pooling="max")
+
+
+def test_v1_embeddings_take_llama_servers_input_shapes(bert_path):
+    """/v1/embeddings takes what llama-server's embeddings routes take (llama_routes.embedding_inputs):
+    an empty string (a text: its special tokens remain), ids mixed with texts, {"prompt_string"} and
+    {"content": [text parts]} objects, lists of those; too long an input says "too large"."""
+    llm = LLM(bert_path, n_ctx=512, embedding=True, pooling="cls")
+    try:
+        app = create_app(llm)
+        parts = {"content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]}
+        for inp, n in [("", 1), ([12, 34, "string", 56], 1), ({"prompt_string": "string"}, 1), (parts, 1),
+                       (["string1", [12, 34, 56]], 2), (["string1", {"prompt_string": "s2"}, parts], 3)]:
+            r = post(app, "/v1/embeddings", {"input": inp})
+            assert r.status_code == 200, (inp, r.text)
+            assert len(r.json()["data"]) == n and r.json()["usage"]["prompt_tokens"] > 0
+        data = post(app, "/v1/embeddings", {"input": ["hello world", parts]}).json()["data"]
+        assert data[0]["embedding"] == data[1]["embedding"]
+        # llama-server counts the tokens as it tokenizes them (special tokens parsed, CLS/SEP added)
+        usage = post(app, "/v1/embeddings", {"input": "hello world"}).json()["usage"]
+        assert usage["prompt_tokens"] == len(llm.tokenize("hello world", add_special=True, parse_special=True))
+        for bad in ({"content": "x"}, [{"content": [{"type": "image_url"}]}], [], 42, None):
+            assert_error(post(app, "/v1/embeddings", {"input": bad}), 400, "input")
+        err = assert_error(post(app, "/v1/embeddings", {"input": "hello " * 600}), 400)
+        assert "too large" in err["message"]
+    finally:
+        llm.close()
+
+
+# --------------------------------------------------------------------------- llama-server's ways on the OpenAI routes
+
+
+def chat_events(response):
+    """The JSON objects of an OpenAI-style SSE body (ending with [DONE])."""
+    lines = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert lines and lines[-1] == "[DONE]", response.text[-300:]
+    return [json.loads(x) for x in lines[:-1]]
+
+
+ASK = [{"role": "user", "content": "Tell me a story"}]
+
+
+def test_chat_prompt_longer_than_a_slot_is_exceed_context_size_error(app, tiny_llm):
+    """As llama-server (and /completion here): type exceed_context_size_error, with the prompt's
+    and the slot's sizes, streamed or not (a stream is refused before it starts)."""
+    long = [{"role": "user", "content": "hello " * 400}]
+    for stream in (False, True):
+        r = post(app, "/v1/chat/completions", {"messages": long, "max_tokens": 2, "stream": stream})
+        err = assert_error(r, 400, "messages")
+        assert err["type"] == "exceed_context_size_error" and err["code"] == "context_length_exceeded"
+        assert err["n_ctx"] == tiny_llm.context.n_ctx_seq and err["n_prompt_tokens"] > 256
+        assert "exceeds the available context size" in err["message"]
+    assert post(app, "/v1/chat/completions", {"messages": ASK, "max_tokens": 2}).status_code == 200
+
+
+def test_chat_prompt_controls_follow_llama_server(app):
+    """Two assistant messages at the end, add_generation_prompt with continue_final_message, and
+    continuing a message with tool calls are refused with llama-server's words; the defaults
+    are accepted; continuing the last message is refused as not supported (yet)."""
+    two = ASK + [{"role": "assistant", "content": "Once"}, {"role": "assistant", "content": "upon"}]
+    err = assert_error(post(app, "/v1/chat/completions", {"messages": two, "max_tokens": 2}), 400, "messages")
+    assert err["message"] == "Cannot have 2 or more assistant messages at the end of the list."
+    both = {"messages": ASK, "max_tokens": 2, "add_generation_prompt": True, "continue_final_message": True}
+    err = assert_error(post(app, "/v1/chat/completions", both), 400, "continue_final_message")
+    assert err["message"] == "Cannot set both add_generation_prompt and continue_final_message to true."
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    tools = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]}]
+    err = assert_error(post(app, "/v1/chat/completions", {"messages": tools, "add_generation_prompt": False,
+                                                          "continue_final_message": True}), 400)
+    assert err["message"] == "Cannot continue an assistant message that contains tool calls."
+    prefill = ASK + [{"role": "assistant", "content": "Once"}]
+    for fields in ({"add_generation_prompt": False, "continue_final_message": True}, {"add_generation_prompt": False}):
+        err = assert_error(post(app, "/v1/chat/completions", {"messages": prefill, **fields}), 400)
+        assert err["code"] == "not_supported"
+    ok = {"messages": ASK, "max_tokens": 2, "add_generation_prompt": True, "continue_final_message": False}
+    assert post(app, "/v1/chat/completions", ok).status_code == 200
+
+
+def test_chat_stream_timings_per_token(app):
+    """timings_per_token: every chunk after the role chunk carries the timings so far (as
+    llama-server); the final timings ride on the stream's last chunk (the usage chunk)."""
+    body = {"messages": ASK, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    evs = chat_events(post(app, "/v1/chat/completions", {**body, "timings_per_token": True}))
+    assert evs[0]["choices"][0]["delta"] == {"role": "assistant", "content": None} and "timings" not in evs[0]
+    content = [e for e in evs if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert content and all("timings" in e for e in content)
+    counts = [e["timings"]["predicted_n"] for e in content]
+    assert counts == sorted(counts) and all(e["timings"]["prompt_n"] > 0 for e in content)
+    last = evs[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6
+    assert {"prompt_per_second", "predicted_per_second", "predicted_n"} <= set(last["timings"])
+    assert last["timings"]["predicted_n"] <= 6
+    # without it, only the last chunk has timings
+    plain = chat_events(post(app, "/v1/chat/completions", body))
+    assert [i for i, e in enumerate(plain) if "timings" in e] == [len(plain) - 1]
+
+
+def test_responses_stream_timings_per_token(app):
+    """The Responses stream: text deltas carry the timings so far with timings_per_token, and
+    response.completed carries the final ones (as llama-server sends them) either way."""
+    body = {"input": "Tell me a story", "max_output_tokens": 6, "temperature": 0, "stream": True}
+
+    def data(r):
+        assert r.status_code == 200, r.text
+        return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+
+    evs = data(post(app, "/v1/responses", {**body, "timings_per_token": True}))
+    deltas = [e for e in evs if e["type"] == "response.output_text.delta"]
+    assert deltas and all("prompt_per_second" in e["timings"] for e in deltas)
+    done = evs[-1]
+    assert done["type"] == "response.completed" and "predicted_per_second" in done["timings"]
+    plain = data(post(app, "/v1/responses", body))
+    assert not any("timings" in e for e in plain if e["type"] == "response.output_text.delta")
+    assert "timings" in plain[-1]
 
 
 # --------------------------------------------------------------------------- flags

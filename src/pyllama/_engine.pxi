@@ -162,6 +162,15 @@ cdef class Engine:
                         "tag": (<GenerationRequest>r).tag if r is not None else None})
         return out
 
+    def save_slot(self, int slot, path) -> int:
+        """Save idle slot `slot`'s sequence (its KV cells and the tokens they hold) to the file
+        `path`, as llama-server's slot save does; returns how many tokens it holds."""
+        return _engine_save_slot(self, slot, path)
+
+    def restore_slot(self, int slot, path) -> int:
+        """Load a save_slot file into idle slot `slot`: its prompt cache becomes the file's."""
+        return _engine_restore_slot(self, slot, path)
+
     def requests(self) -> list:
         """Every unfinished request: running, waiting, preempted, and followers not yet forked."""
         cdef GenerationRequest r

@@ -111,3 +111,85 @@ cdef int _engine_rewind(Engine engine, int s, GenerationRequest r) except -1:
     r.refill = held + (r.refill or [])
     r.n_past = 0
     return 0
+
+
+# Slot files are llama-server's (server_tokens::serialize): the sequence state file's token
+# list holds LLAMA_TOKEN_NULL, a format version, the tokens as a counted vector, then the
+# media chunks' start indices as another (none: pyllama saves text slots only).  Older
+# llama-server files hold a plain token list; both restore here and there.
+_SLOT_FILE_MARK = [-1]
+_SLOT_FILE_VERSION = 1
+
+
+def _slot_file_tokens(list packed, int n_vocab) -> list:
+    """The tokens of a slot file's token list (either format), checked against the vocabulary."""
+    tokens = packed
+    if packed and packed[0] == -1:
+        if len(packed) < 3 or packed[1] != _SLOT_FILE_VERSION:
+            raise ValueError("unsupported slot file: not a version-1 llama-server slot file")
+        n = packed[2]
+        if not 0 <= n <= len(packed) - 4 or packed[3 + n] != 0 or len(packed) != n + 4:
+            raise ValueError("unsupported slot file: it holds images or audio, or its token list is damaged")
+        tokens = packed[3:3 + n]
+    for t in tokens:
+        if not 0 <= t < n_vocab:
+            raise ValueError(f"invalid token {t} in the slot file (this model's vocabulary is 0..{n_vocab - 1})")
+    return tokens
+
+
+cdef int _engine_idle_slot(Engine engine, int s) except -1:
+    engine._check_init()
+    if not 0 <= s < engine.n_slots:
+        raise ValueError(f"slot must be in 0..{engine.n_slots - 1}, got {s}")
+    if engine.slots[s] is not None:
+        raise ValueError(f"slot {s} is busy: a request is running in it")
+    return 0
+
+
+cdef Py_ssize_t _engine_save_slot(Engine engine, int s, path) except -1:
+    """Engine.save_slot: llama_state_seq_save_file with llama-server's packed token list."""
+    cdef bytes p = _os.fsencode(path)
+    cdef const char * pc = p
+    cdef llama_token * arr = NULL
+    cdef size_t n, i, got
+    with engine.context.lock:       # no step runs meanwhile: the slot stays idle
+        _engine_idle_slot(engine, s)
+        tokens = list(engine._valid_cache(s))     # (the user may have removed its cells)
+        if not tokens:
+            raise ValueError(f"slot {s} holds no tokens: nothing to save")
+        if any(t < 0 for t in tokens):
+            raise ValueError(f"slot {s} holds an image or audio: only text slots can be saved")
+        packed = _SLOT_FILE_MARK + [_SLOT_FILE_VERSION, len(tokens)] + tokens + [0]
+        n = len(packed)
+        arr = <llama_token *>malloc(n * sizeof(llama_token))
+        if arr == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                arr[i] = <llama_token>packed[i]
+            with nogil:
+                got = llama_state_seq_save_file(engine.context.ptr, pc, s, arr, n)
+        finally:
+            free(arr)
+        if got == 0:
+            raise OSError(f"could not save slot {s} to {_os.fsdecode(p)!r}")
+        return len(tokens)
+
+
+cdef Py_ssize_t _engine_restore_slot(Engine engine, int s, path) except -1:
+    """Engine.restore_slot: what the slot held is dropped first; if the file cannot be
+    loaded (missing, another model's, too long for a slot) the slot is left empty, never
+    with cells the engine does not know about."""
+    with engine.context.lock:
+        _engine_idle_slot(engine, s)
+        _engine_clear_seq(engine, s)
+        try:
+            tokens = _slot_file_tokens(engine.context.seq_state_load_file(path, s), engine.context.n_vocab)
+            if len(tokens) > engine.n_ctx_seq:
+                raise ValueError(f"the slot file holds {len(tokens)} tokens, more than a slot's context "
+                                 f"({engine.n_ctx_seq})")
+        except BaseException:
+            _engine_clear_seq(engine, s)
+            raise
+        engine.slot_tokens[s].extend(tokens)
+        return len(tokens)

@@ -42,15 +42,22 @@ class Counters:
         self.predicted_tokens = 0
         self.predicted_ms = 0.0
         self.requests = 0
-        self.decodes_before = 0    # from engines replaced by a re-created context
+        self.decodes_before = 0    # from engines replaced by a re-created context, and embedding decodes
         self.busy_before = 0
 
-    def add(self, t: Any) -> None:
-        """Count one finished call's Timings."""
+    def add(self, t: Any, n_sampled: int) -> None:
+        """Count one finished call's Timings and its sampled tokens (llama-server's
+        tokens_predicted_total counts those: the first one costs no decode step)."""
         self.requests += 1
         self.prompt_tokens += t.prompt_n
         self.cached_tokens += t.cached_n
         self.n_tokens_max = max(self.n_tokens_max, t.cached_n + t.prompt_n + t.predicted_n)
         self.prompt_ms += t.prompt_ms
-        self.predicted_tokens += t.predicted_n
+        self.predicted_tokens += n_sampled
         self.predicted_ms += t.predicted_ms
+
+    def add_embedding_decode(self, n_tokens: int) -> None:
+        """An embedding call's decode (outside the engine): its tokens are prompt tokens, as
+        llama-server counts them; nothing is sampled."""
+        self.prompt_tokens += n_tokens
+        self.decodes_before += 1

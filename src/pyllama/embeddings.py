@@ -114,6 +114,7 @@ def _embed(llm: "LLM", texts: Any, normalize: bool, per_token: bool) -> Any:
             batch.add_sequences([toks[j] for j in seqs], logits_all=True)   # sequence s = seqs[s]
             ctx.kv_clear()   # (a no-op for an encoder: it keeps no KV memory)
             ctx.decode(batch)
+            llm._stats.add_embedding_decode(n_tokens)
             if per_token:       # pooling none: every token is an output, in batch order
                 if out is None:
                     out = [None] * len(items)

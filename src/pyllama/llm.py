@@ -453,6 +453,18 @@ class LLM:
         n_ctx = self.context.n_ctx_seq
         return [dict(info, n_ctx=n_ctx) for info in self._engine.slot_info()]
 
+    def save_slot(self, slot: int, path: Union[str, "os.PathLike[str]"]) -> int:
+        """Save idle slot `slot`'s prompt cache (its KV cells and their tokens) to `path`, as
+        llama-server's slot save does (its file format); returns how many tokens it holds."""
+        self._check_open()
+        return self._engine.save_slot(slot, os.fspath(path))
+
+    def restore_slot(self, slot: int, path: Union[str, "os.PathLike[str]"]) -> int:
+        """Load a slot file (save_slot's or llama-server's) into idle slot `slot`: the next
+        prompt that starts with its tokens reuses them.  Returns how many tokens it holds."""
+        self._check_open()
+        return self._engine.restore_slot(slot, os.fspath(path))
+
     def metrics(self) -> dict:
         """Counters since load, with llama-server's metric names."""
         self._check_open()
@@ -518,7 +530,7 @@ class LLM:
         comp = completion_from(req, self.vocab, t_start=t_start, load_ms=self.load_ms if self._first_call else 0.0,
                                index=index, echo_text=echo_text)
         self._first_call = False
-        self._stats.add(comp.timings)
+        self._stats.add(comp.timings, len(comp.tokens))
         if report and self.verbose:
             print(comp.timings.format(), file=sys.stderr, flush=True)
         return comp

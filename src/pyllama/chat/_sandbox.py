@@ -379,6 +379,13 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
                 return left + right
             if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
                 _check_chars(_size(left) + _size(right), "a concatenation (the + operator)")
+            # llama.cpp's Jinja joins a string and an undefined or none operand as the string
+            # alone (runtime.cpp, workaround_concat_null_with_str); templates rely on it, e.g.
+            # FireFunction v2's `"..." + functions` with no functions given.
+            if type(left) is str and (right is None or isinstance(right, jinja2.Undefined)):
+                return left
+            if type(right) is str and (left is None or isinstance(left, jinja2.Undefined)):
+                return right
         elif operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and not isinstance(n, bool) and n > 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jinja2
@@ -61,6 +62,46 @@ class TokenizeInput(NamedTuple):
 
 def _looks_like_jinja(template: str) -> bool:
     return "{{" in template or "{%" in template
+
+
+# --------------------------------------------------------------------------
+# The variables llama.cpp gives every Jinja template
+# --------------------------------------------------------------------------
+
+
+def llama_template_variables(now: datetime | None = None) -> dict[str, Any]:
+    """The variables llama.cpp's chat code (common/chat.cpp) gives every Jinja template on top
+    of messages/tools/add_generation_prompt/bos_token/eos_token, with its defaults:
+
+    * ``date_string``: today, local time, as ``"%d %b %Y"`` (``"05 Mar 2025"``; Llama 3.x
+      templates print it as "Today Date");
+    * ``datetime``: the same day as ``"%b %d %Y"`` (``"Mar 05 2025"``; FireFunction v2);
+    * ``enable_thinking``: True (thinking templates such as QwQ / DeepSeek-R1 / Command R7B
+      close the thinking block when it is false or undefined); a chat's ``reasoning_budget=0``
+      or ``chat_template_kwargs={"enable_thinking": False}`` overrides it.
+
+    ``strftime_now(fmt)`` is a global of the sandbox (pyllama.chat._sandbox), as in llama.cpp.
+    """
+    if now is None:
+        now = datetime.now()
+    return {"date_string": now.strftime("%d %b %Y"), "datetime": now.strftime("%b %d %Y"),
+            "enable_thinking": True}
+
+
+def _add_llama_aliases(context: dict[str, Any]) -> None:
+    """llama.cpp's aliases of two variables (common/jinja/caps.cpp), set unless given:
+    ``preserve_reasoning`` (a bool) becomes ``preserve_thinking`` and its negation
+    ``clear_thinking`` / ``truncate_history_thinking`` / ``drop_thinking`` (the names the
+    templates of GLM, DeepSeek V4, Nemotron ... read); a non-empty ``reasoning_effort``
+    becomes ``reasoning_strength`` too."""
+    preserve = context.get("preserve_reasoning")
+    if isinstance(preserve, bool):
+        context.setdefault("preserve_thinking", preserve)
+        for name in ("clear_thinking", "truncate_history_thinking", "drop_thinking"):
+            context.setdefault(name, not preserve)
+    effort = context.get("reasoning_effort")
+    if isinstance(effort, str) and effort:
+        context.setdefault("reasoning_strength", effort)
 
 
 # --------------------------------------------------------------------------
@@ -116,6 +157,12 @@ class ChatFormatter:
     within ``limits`` (:class:`RenderLimits`: time, steps, output size).  A
     template that exceeds them raises :class:`ChatTemplateLimitError` and does
     not fall back.
+
+    With ``llama_variables`` (the default) a Jinja template also gets the variables
+    llama.cpp gives every template (:func:`llama_template_variables`: ``date_string``,
+    ``datetime``, ``enable_thinking=True``), so a prompt is the one llama-server renders;
+    ``extra_context`` and ``render()``'s keyword arguments override them.  False renders
+    with transformers' variables only (``apply_chat_template`` gives none of these).
     """
 
     def __init__(
@@ -127,6 +174,7 @@ class ChatFormatter:
         fallback: str | None = DEFAULT_BUILTIN,
         extra_context: Mapping[str, Any] | None = None,
         limits: RenderLimits | None = None,
+        llama_variables: bool = True,
     ) -> None:
         if template is not None and not isinstance(template, str):
             raise TypeError(f"template must be a str or None, not {type(template).__name__}")
@@ -146,6 +194,7 @@ class ChatFormatter:
         self.eos_token = eos_token
         self.fallback = fallback
         self.extra_context: dict[str, Any] = dict(extra_context or {})
+        self.llama_variables = bool(llama_variables)
         self._compiled: _Compiled | None = None
         self._compile_error: Exception | None = None
         self._source_detect_ok: bool | None = None  # does llama.cpp recognise the Jinja source?
@@ -368,8 +417,12 @@ class ChatFormatter:
             elif isinstance(content, str) and not supports_str and supports_typed:
                 m["content"] = [{"type": "text", "text": content}]
         context: dict[str, Any] = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        if self.llama_variables:
+            context.update(llama_template_variables())   # today's date at each render
         context.update(self.extra_context)
         context.update(extra)
+        if self.llama_variables:
+            _add_llama_aliases(context)
         return self._compiled.render(
             self.limits, messages=msgs, tools=tools, add_generation_prompt=add_generation_prompt, **context
         )

@@ -68,7 +68,9 @@ def add_serve_parser(sub: Any) -> None:
                            title="sampling defaults (llama-server's flags: each request may override them)")
     _add_chat_arguments(p)
     h = p.add_argument_group("HTTP")
-    h.add_argument("--host", default=LOOPBACK_HOST, help=f"address to listen on (default {LOOPBACK_HOST})")
+    h.add_argument("--host", default=LOOPBACK_HOST, metavar="HOST[,HOST...]",
+                   help=f"address to listen on (default {LOOPBACK_HOST}); several, comma-separated, listen on "
+                        "each (same --port, not 0), e.g. 127.0.0.1,::1")
     h.add_argument("--port", type=_int(0, " (0 = any free port)"), default=8080, help="TCP port (default 8080)")
     h.add_argument("-a", "--alias", metavar="NAME[,NAME...]",
                    help="the model id clients see (default: the model's file name); several, comma-separated, are "
@@ -90,6 +92,9 @@ def add_serve_parser(sub: Any) -> None:
                    help="answer 431 when a request's line and headers are larger than this (default 64 KiB)")
     h.add_argument("--timeout-graceful-shutdown", dest="shutdown_timeout_s", type=_finite_float, default=3.0,
                    metavar="S", help="on SIGINT/SIGTERM, seconds in-flight requests get to finish (default 3)")
+    h.add_argument("--http", choices=("auto", "httptools", "h11"), default="auto",
+                   help="uvicorn's HTTP implementation (default auto: httptools when installed, the faster; "
+                        "it sends header names in lowercase, h11 as the server spells them)")
     _add_llama_server_http_arguments(h)
     p.set_defaults(func=cmd_serve)
 
@@ -231,6 +236,19 @@ def _cors_origins(args: argparse.Namespace) -> list:
     return list(args.cors_origin or ()) + _csv(getattr(args, "cors_origins", None))
 
 
+def _hosts(args: argparse.Namespace) -> list:
+    """--host: one address or several, comma-separated (llama-server's syntax)."""
+    from pyllama.server.main import parse_hosts
+
+    try:
+        hosts = parse_hosts(args.host)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if len(hosts) > 1 and args.port == 0:
+        raise UsageError("--port 0 is not supported with several --host addresses (as in llama-server)")
+    return hosts
+
+
 def llama_server_settings(args: argparse.Namespace) -> dict:
     """The ServerSettings of llama-server's flags: sampling defaults (--temp, --seed ...), the
     chat's reasoning and template variables, and the endpoints' switches."""
@@ -272,9 +290,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.chat_template and args.chat_template_file:
         raise UsageError("give --chat-template or --chat-template-file, not both")
     keys = _api_keys(args)
-    if not is_loopback(args.host) and not keys:
-        _say(f"WARNING: listening on {args.host} without --api-key: anyone who can reach port {args.port} can "
-             "use this server")
+    hosts = _hosts(args)
+    exposed = [h for h in hosts if not is_loopback(h)]
+    if exposed and not keys:
+        _say(f"WARNING: listening on {', '.join(exposed)} without --api-key: anyone who can reach port {args.port} "
+             "can use this server")
     settings: dict = {"api_keys": keys, "cors_origins": _cors_origins(args), "max_queue": args.max_queue,
                       "default_max_tokens": args.default_max_tokens}
     settings.update(llama_server_settings(args))      # (a bad flag fails before any download)
@@ -298,7 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings["max_body_bytes"] = args.max_body_bytes
     if args.max_header_bytes is not None:
         settings["max_header_bytes"] = args.max_header_bytes
-    return serve(load, host=args.host, port=args.port, shutdown_timeout_s=args.shutdown_timeout_s,
+    return serve(load, host=hosts, port=args.port, shutdown_timeout_s=args.shutdown_timeout_s, http=args.http,
                  log_level="info" if args.verbose else "warning",
                  on_listening=lambda url: _say(f"listening on {url} (loading the model; /health is 503 until "
                                                "it is ready)"), **settings)

@@ -1,5 +1,4 @@
-"""pyllama's OpenAI-compatible HTTP server (the ``[server]`` extra: FastAPI, uvicorn,
-prometheus-client).
+"""pyllama's OpenAI-compatible HTTP server (the ``[server]`` extra: FastAPI, uvicorn).
 
     from pyllama import LLM
     from pyllama.server import create_app
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 try:
     import fastapi  # noqa: F401
-    import prometheus_client  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"pyllama.server needs the [server] extra: pip install 'pyllama[server]' ({exc})") from exc
 

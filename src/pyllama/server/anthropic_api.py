@@ -153,7 +153,7 @@ class MessagesRequest(_Strict):
     sampling fields may be left out)."""
 
     model: Optional[str] = None          # one model per server: accepted, not checked
-    messages: List[Message] = Field(min_length=1)
+    messages: List[Message]     # required; may be empty (answered as llama-server does: see chat_messages)
     system: Union[List[TextBlock], str, None] = None
     max_tokens: Optional[int] = Field(default=None, ge=1, le=S.INT32_MAX)
     stop_sequences: Optional[List[str]] = None
@@ -254,7 +254,8 @@ def chat_messages(req: MessagesRequest) -> List[dict]:
 
     A message's ``tool_use`` blocks become its ``tool_calls``; ``tool_result`` blocks become
     ``tool`` messages, placed before the rest of their message (they answer the calls of
-    the assistant message before it); ``thinking`` becomes ``reasoning_content``."""
+    the assistant message before it); ``thinking`` becomes ``reasoning_content``.  An empty
+    ``messages`` list becomes one empty user message."""
     out: List[dict] = []
     if isinstance(req.system, str):
         out.append({"role": "system", "content": req.system})
@@ -288,6 +289,10 @@ def chat_messages(req: MessagesRequest) -> List[dict]:
             if thinking:
                 msg["reasoning_content"] = "".join(thinking)
             out.append(msg)
+    if not req.messages:
+        # llama-server answers an empty list (its template sees no message); pyllama's chat
+        # needs one, so the conversation is one empty user turn: the model starts from nothing
+        out.append({"role": "user", "content": ""})
     return out
 
 

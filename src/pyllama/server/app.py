@@ -9,6 +9,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, List, Optional
@@ -335,13 +336,11 @@ def create_app(llm: Optional["LLM"] = None, *, loader: Optional[Callable[[], "LL
     _add_routes(app, state)
     app.add_middleware(_Gate, state=state)
     if cfg.cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
+        # llama-server's CORS headers, casing and preflight answers (outside the gate: a
+        # preflight carries no API key); "localhost" = any loopback origin
+        from pyllama.server.cors import CORSMiddleware
 
-        # llama-server's special origin "localhost": any loopback origin, whatever its scheme or port
-        loopback = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?" if "localhost" in cfg.cors_origins else None
-        app.add_middleware(CORSMiddleware, allow_origins=[o for o in cfg.cors_origins if o != "localhost"],
-                           allow_origin_regex=loopback, allow_methods=["*"], allow_headers=["*"],
-                           allow_credentials="*" not in cfg.cors_origins)
+        app.add_middleware(CORSMiddleware, origins=cfg.cors_origins)
     return app
 
 
@@ -426,7 +425,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(M.render(state.registry), media_type=M.CONTENT_TYPE)
+        resp = Response(M.render(state.registry), media_type=M.CONTENT_TYPE)
+        # llama-server's header: when the counters started (this server's start, Unix seconds),
+        # spelled as llama-server spells it (Starlette would lower-case it; some clients look
+        # it up case-sensitively, llama-server's test suite among them)
+        resp.raw_headers.append((b"Process-Start-Time-Unix", str(state.created).encode("ascii")))
+        return resp
 
     @app.post("/tokenize")
     async def tokenize(body: S.TokenizeRequest) -> Response:
@@ -469,26 +473,26 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if not llm.embedding:
             raise APIError(501, "this server's model was loaded without embeddings (LLM(..., embedding=True))",
                            type="not_supported_error", code="embeddings_disabled")
-        inp = body.input
-        if isinstance(inp, str):
-            items: list = [inp]
-        elif isinstance(inp[0], int):
-            items = [list(inp)]
-        else:
-            items = list(inp)
-        for i, item in enumerate(items):
-            if isinstance(item, str) and not item:
-                raise bad_request("input contains an empty string", param="input" if len(items) == 1 else f"input.{i}")
-        nv = n_vocab()
+        from pyllama.errors import ContextLengthError
+        from pyllama.server.llama_routes import embedding_inputs
 
-        def count() -> int:    # tokenizing every input again: off the loop
-            P.check_token_ids(items, nv, param="input")
-            return sum(len(llm.tokenize(x)) if isinstance(x, str) else len(x) for x in items)
-
-        with as_api_errors("input"):
-            n_tokens = await asyncio.to_thread(count)
+        # llama-server's input shapes (as /embedding takes them): a text, token ids, texts and
+        # ids mixed, {"prompt_string"}, {"content": [text parts]}, or a list of those
+        try:
+            with as_api_errors("input"):
+                items = await asyncio.to_thread(embedding_inputs, llm, body.input, n_vocab())
+        except APIError as exc:
+            if exc.param:       # embedding_inputs names /embedding's field ("content.1" -> "input.1")
+                exc.param = re.sub(r"^(content|prompt)\b", "input", exc.param)
+            raise
+        n_tokens = sum(len(x) for x in items)
         with backend.admit():
-            vectors = await unless_disconnected(request, backend.embed(items))
+            try:
+                vectors = await unless_disconnected(request, backend.embed(items))
+            except APIError as exc:
+                if isinstance(exc.__cause__, ContextLengthError):   # llama-server's words first
+                    exc.message = f"input is too large to process. increase the physical batch size: {exc.message}"
+                raise
         data = []
         for i, vec in enumerate(vectors):
             if body.dimensions is not None:
@@ -517,12 +521,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/chat/completions")
     async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Response:
         backend = checked(body)
+        body.check_prompt_controls()
         kw = P.chat_kwargs(body, cfg, n_vocab())
         messages = P.chat_messages(body)
         rid, created, model = P.new_id("chatcmpl"), P.now(), state.model_id
         if not body.stream or "tools" in kw:
             # (tool calls are parsed from the whole answer: streamed, it is sent as chunks after)
-            with backend.admit(body.n):
+            with backend.admit(body.n), _exceed_context_size():
                 result = await unless_disconnected(request, backend.chat(messages, **kw))
             comps = result if isinstance(result, list) else [result]
             if not body.stream:
@@ -532,7 +537,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 lambda: list(_chat_chunks_from_completions(comps, body, rid, created, model)))
             return SSEResponse(_iterate(chunks))
         ticket = backend.acquire(body.n)
-        tasks = await _open_streams(request, ticket, [backend.stream_chat(messages, **kw)])
+        with _exceed_context_size():
+            tasks = await _open_streams(request, ticket, [backend.stream_chat(messages, **kw)])
         return SSEResponse(_chat_events(tasks[0], body, rid, created, model), cleanup=_closer(ticket, tasks))
 
     # ---- completions -----------------------------------------------------------------------
@@ -587,6 +593,23 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     for module in (llama_routes, rank_routes, responses_api, anthropic_api):
         module.add_routes(app, state)
+
+
+@contextlib.contextmanager
+def _exceed_context_size() -> Iterator[None]:
+    """A prompt longer than a slot as llama-server answers it on every route: 400 with type
+    exceed_context_size_error, n_prompt_tokens and n_ctx (/completion's error, reused)."""
+    try:
+        yield
+    except APIError as exc:
+        n_prompt, n_ctx = exc.extra.get("n_prompt_tokens"), exc.extra.get("n_ctx")
+        if exc.code != "context_length_exceeded" or n_prompt is None or n_ctx is None:
+            raise
+        from pyllama.server.llama_routes import _context_error
+
+        err = _context_error(n_prompt, n_ctx)
+        err.param = exc.param
+        raise err from exc.__cause__
 
 
 def _check_n(n: int, backend: Backend) -> None:
@@ -673,6 +696,24 @@ def _include_usage(body: S.SamplingFields) -> bool:
     return bool(body.stream_options is not None and body.stream_options.include_usage)
 
 
+def _live_requests(stream: StartedStream) -> Optional[list]:
+    """The engine requests behind a stream, one per choice (their counters are the timings
+    so far), or None where the stream does not expose them.  (The library's AsyncStream keeps
+    them as _prep.requests; a chat's stream wraps it (_inner) to split a reasoning model's
+    thinking.  A public accessor in the library would be better.)"""
+    inner = getattr(stream, "_stream", None)
+    while inner is not None and getattr(inner, "_prep", None) is None and hasattr(inner, "_inner"):
+        inner = inner._inner
+    prep = getattr(inner, "_prep", None)
+    return list(getattr(prep, "requests", None) or ()) or None
+
+
+def _role_delta(index: int) -> dict:
+    """The first chunk of a choice: its role, content null (as llama-server and OpenAI send it;
+    clients that refuse empty content deltas, such as llama-server's test client, read it)."""
+    return {"index": index, "delta": {"role": "assistant", "content": None}, "logprobs": None, "finish_reason": None}
+
+
 async def _chat_events(task: "asyncio.Task", body: S.ChatCompletionRequest, rid: str, created: int,
                        model: str) -> AsyncGenerator[bytes, None]:
     include_usage = _include_usage(body)
@@ -682,29 +723,33 @@ async def _chat_events(task: "asyncio.Task", body: S.ChatCompletionRequest, rid:
 
     finished: dict = {}
     stream: StartedStream = task.result()
+    live = _live_requests(stream) if body.timings_per_token else None
     try:
         for i in range(body.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+            yield chunk([_role_delta(i)])
         async for piece in stream:
+            # timings_per_token: the timings so far ride on every chunk (llama-server's)
+            now = P.live_timings(live[piece.index]) if live and piece.index < len(live) else None
             # a reasoning model's thinking comes as delta.reasoning_content (llama-server's name)
             if piece.reasoning:
                 yield chunk([{"index": piece.index, "delta": {"reasoning_content": piece.reasoning},
-                              "logprobs": None, "finish_reason": None}])
+                              "logprobs": None, "finish_reason": None}], timings=now)
             if piece.text or piece.logprobs:
                 yield chunk([{"index": piece.index, "delta": {"content": piece.text},
                               "logprobs": P.chat_logprobs(piece.logprobs) if piece.logprobs else None,
-                              "finish_reason": None}])
+                              "finish_reason": None}], timings=now)
             if piece.finish_reason is not None:
                 finished[piece.index] = piece.finish_reason
         comps = stream.completions or []
+        final = P.timings(comps[0]) if comps else None
+        with_usage = include_usage and bool(comps)
         for i in range(body.n):
             reason = comps[i].finish_reason if i < len(comps) else finished.get(i, "stop")
-            last = i == body.n - 1
+            last = i == body.n - 1 and not with_usage      # the timings go on the stream's last chunk
             yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(reason)}],
-                        timings=P.timings(comps[0]) if (last and comps) else None)
-        if include_usage and comps:
-            yield chunk([], usage=P.usage([comps]))
+                        timings=final if last else None)
+        if with_usage:
+            yield chunk([], usage=P.usage([comps]), timings=final)
         yield P.SSE_DONE
     except Exception as exc:  # noqa: BLE001  (sent to the client, which already has a 200)
         async for e in _error_events(exc):
@@ -722,25 +767,27 @@ def _chat_chunks_from_completions(comps: list, body: S.ChatCompletionRequest, ri
         return P.sse(P.chat_chunk(rid, created, model, choices, usage, include_usage, timings))
 
     for i, c in enumerate(comps):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
+        yield chunk([_role_delta(i)])
         msg = P.response_message(c)
+        # timings_per_token: the answer is whole already, its chunks carry its final timings
+        now = P.timings(c) if body.timings_per_token else None
         if msg.reasoning_content:
             yield chunk([{"index": i, "delta": {"reasoning_content": msg.reasoning_content}, "logprobs": None,
-                          "finish_reason": None}])
+                          "finish_reason": None}], timings=now)
         if msg.tool_calls:
             calls = [dict(tc, index=k) for k, tc in enumerate(msg.tool_calls)]
             delta: dict = {"tool_calls": calls}
             if msg.content:
                 delta["content"] = msg.content
-            yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+            yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}], timings=now)
         elif msg.content:
             yield chunk([{"index": i, "delta": {"content": msg.content},
-                          "logprobs": P.chat_logprobs(c.logprobs), "finish_reason": None}])
+                          "logprobs": P.chat_logprobs(c.logprobs), "finish_reason": None}], timings=now)
+        last = i == len(comps) - 1 and not include_usage      # the timings go on the stream's last chunk
         yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(c.finish_reason)}],
-                    timings=P.timings(c) if i == len(comps) - 1 else None)
+                    timings=P.timings(c) if last else None)
     if include_usage:
-        yield chunk([], usage=P.usage([comps]))
+        yield chunk([], usage=P.usage([comps]), timings=P.timings(comps[-1]) if comps else None)
     yield P.SSE_DONE
 
 

@@ -25,7 +25,7 @@ import math
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, List, Optional, Union
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -648,35 +648,66 @@ def add_routes(app: "FastAPI", state: "ServerState") -> None:
         if not 0 <= slot < backend.n_slots:
             raise bad_request(f"Invalid slot ID: this server has slots 0..{backend.n_slots - 1}", param="id_slot")
         if action == "erase":
-            return JSONResponse(await _erase_slot(request, state.llm, slot))
+            return JSONResponse(await _when_idle(request, state.llm, slot, _erase_slot))
         body = await _json_body(request)
         filename = body.get("filename") if isinstance(body, dict) else None
-        slot_file(cfg.slot_save_path, filename)
-        # The file would need the tokens the slot's KV cells hold, and a restore would have to
-        # tell the engine which tokens its cells now hold: the engine keeps both to itself.
-        raise APIError(501, f"slot {action} is not supported yet: the engine does not expose a slot's cached "
-                            "tokens", type=NOT_SUPPORTED, code="not_supported")
+        path = slot_file(cfg.slot_save_path, filename)
+        if action == "save":
+            return JSONResponse(await _when_idle(request, state.llm, slot, lambda llm, s: _save_slot(llm, s, path)))
+        return JSONResponse(await _when_idle(request, state.llm, slot, lambda llm, s: _restore_slot(llm, s, path)))
 
 
-#: How long an erase waits for a busy slot to finish (llama-server defers it without a limit).
-ERASE_WAIT_S = 60.0
+#: How long a slot action waits for a busy slot to finish (llama-server defers it without a limit).
+SLOT_WAIT_S = 60.0
 
 
-async def _erase_slot(request: Request, llm: Any, slot: int) -> dict:
-    """Forget slot `slot`'s prompt cache: its KV cells are removed; the engine notices that its
-    record of them no longer matches (it checks before reusing a cache) and evaluates the next
-    prompt afresh.  A busy slot is waited for, as llama-server defers the action."""
-    deadline = time.monotonic() + ERASE_WAIT_S
+async def _when_idle(request: Request, llm: Any, slot: int, action: Callable[[Any, int], dict]) -> dict:
+    """Run `action(llm, slot)` once slot `slot` is idle, with the engine's lock held (no step
+    runs meanwhile, so the slot cannot be taken).  A busy slot is waited for, as llama-server
+    defers the action, up to SLOT_WAIT_S (then 503)."""
+    deadline = time.monotonic() + SLOT_WAIT_S
+
+    def attempt() -> Optional[dict]:
+        with llm.context.lock:
+            return None if llm.slots()[slot]["busy"] else action(llm, slot)
+
     while True:
-        with llm.context.lock:      # no step runs meanwhile: the slot cannot be taken
-            info = llm.slots()[slot]
-            if not info["busy"]:
-                llm.context.kv_seq_rm(slot)
-                return {"id_slot": slot, "n_erased": int(info["n_cached"])}
+        done = await asyncio.to_thread(attempt)
+        if done is not None:
+            return done
         if time.monotonic() > deadline or await request.is_disconnected():
-            raise APIError(503, f"slot {slot} stayed busy for {ERASE_WAIT_S:g} s", type="unavailable_error",
+            raise APIError(503, f"slot {slot} stayed busy for {SLOT_WAIT_S:g} s", type="unavailable_error",
                            code="slot_busy", headers={"Retry-After": "1"})
         await asyncio.sleep(0.05)
+
+
+def _erase_slot(llm: Any, slot: int) -> dict:
+    """Forget the slot's prompt cache: its KV cells are removed; the engine notices that its
+    record of them no longer matches (it checks before reusing a cache) and evaluates the next
+    prompt afresh."""
+    n_cached = llm.slots()[slot]["n_cached"]
+    llm.context.kv_seq_rm(slot)
+    return {"id_slot": slot, "n_erased": int(n_cached)}
+
+
+def _save_slot(llm: Any, slot: int, path: str) -> dict:
+    t0 = time.perf_counter()
+    try:
+        n = llm.save_slot(slot, path)
+    except (OSError, ValueError) as exc:
+        raise APIError(500, f"Unable to save slot: {exc}", type="server_error") from None
+    return {"id_slot": slot, "filename": os.path.basename(path), "n_saved": n, "n_written": os.path.getsize(path),
+            "timings": {"save_ms": (time.perf_counter() - t0) * 1e3}}
+
+
+def _restore_slot(llm: Any, slot: int, path: str) -> dict:
+    t0 = time.perf_counter()
+    try:
+        n = llm.restore_slot(slot, path)
+    except (OSError, ValueError) as exc:
+        raise bad_request(f"Unable to restore slot: {exc}") from None
+    return {"id_slot": slot, "filename": os.path.basename(path), "n_restored": n, "n_read": os.path.getsize(path),
+            "timings": {"restore_ms": (time.perf_counter() - t0) * 1e3}}
 
 
 #: What fs_validate_filename lets through, roughly: no separators, no leading dot, printable.

@@ -9,6 +9,7 @@ import json
 import math
 import secrets
 import time
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence
 
 from pyllama.server import schemas as S
@@ -148,7 +149,23 @@ def check_token_ids(prompts: Sequence[Any], n_vocab: int, param: str = "prompt")
 
 def timings(comp: "Completion") -> S.ServerTimings:
     """llama-server's ``timings`` object of one answer."""
-    t = comp.timings
+    return timings_from(comp.timings)
+
+
+def live_timings(req: Any) -> S.ServerTimings:
+    """The ``timings`` so far of an answer still being generated, from its engine request's
+    counters (read as results.completion_from reads them at the end): what a request's
+    ``timings_per_token`` puts on every chunk, as llama-server does."""
+    n_gen = len(req.tokens)
+    prompt_n = int(req.n_prompt_evaluated)
+    return timings_from(SimpleNamespace(
+        cached_n=req.n_cached_tokens if prompt_n else req.n_prompt, prompt_n=prompt_n,
+        prompt_ms=req.t_prompt_ms if prompt_n else 0.0, predicted_n=max(n_gen - 1, 0), predicted_ms=req.t_gen_ms,
+        draft_n=req.n_drafted, draft_n_accepted=req.n_draft_accepted))
+
+
+def timings_from(t: Any) -> S.ServerTimings:
+    """llama-server's ``timings`` object of a `Timings` (or anything with its fields)."""
     pn, pms = int(t.prompt_n), float(t.prompt_ms)
     gn, gms = int(t.predicted_n), float(t.predicted_ms)
     return S.ServerTimings(

@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from pyllama.server import protocol as P
 from pyllama.server import schemas as S
-from pyllama.server.app import SSEResponse, _closer, _iterate, _json_response, _open_streams, unless_disconnected
+from pyllama.server.app import (SSEResponse, _closer, _iterate, _json_response, _live_requests, _open_streams,
+                                unless_disconnected)
 from pyllama.server.backend import StartedStream
 from pyllama.server.errors import bad_request, error_event, pydantic_errors_to_api_error
 
@@ -328,6 +329,7 @@ class ResponsesRequest(S.SamplingFields):
     chat_template_kwargs: Optional[Dict[str, Any]] = None
     reasoning_budget_tokens: Optional[int] = None
     thinking_budget_tokens: Optional[int] = None
+    timings_per_token: bool = False     # llama-server's: the timings so far on every text delta
     # accepted and ignored
     truncation: Optional[Literal["auto", "disabled"]] = None
     max_tool_calls: Optional[int] = Field(default=None, ge=0, le=S.INT32_MAX)
@@ -622,15 +624,17 @@ def _item_opening(ev: EventWriter, index: int, item: dict) -> Iterator[bytes]:
                  part=_text_part("", []))
 
 
-def _item_delta(ev: EventWriter, index: int, kind: str, item_id: str, delta: str, logprobs: List[dict]) -> bytes:
-    """New text of an open item."""
+def _item_delta(ev: EventWriter, index: int, kind: str, item_id: str, delta: str, logprobs: List[dict],
+                timings: Optional[dict] = None) -> bytes:
+    """New text of an open item (with `timings`: llama-server's timings so far, timings_per_token)."""
+    extra = {"timings": timings} if timings is not None else {}
     if kind == "message":
         return ev("response.output_text.delta", item_id=item_id, output_index=index, content_index=0,
-                  delta=delta, logprobs=logprobs)
+                  delta=delta, logprobs=logprobs, **extra)
     if kind == "reasoning":
         return ev("response.reasoning_text.delta", item_id=item_id, output_index=index, content_index=0,
-                  delta=delta)
-    return ev("response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=delta)
+                  delta=delta, **extra)
+    return ev("response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=delta, **extra)
 
 
 def _item_closing(ev: EventWriter, index: int, item: dict) -> Iterator[bytes]:
@@ -671,7 +675,7 @@ def events_from_completion(shell: ResponseShell, comp: "Completion", want_logpro
         yield from _item_closing(ev, index, item)
     # (always response.completed, as llama-server sends: the SDK's stream helper waits for it;
     # the response's status says whether the answer was cut by max_output_tokens)
-    yield ev("response.completed", response=body)
+    yield ev("response.completed", response=body, timings=P.timings(comp).model_dump())
 
 
 class _OpenItem:
@@ -691,13 +695,15 @@ class _OpenItem:
         return message_item(self.id, text, self.logprobs, status)
 
 
-async def stream_events(task: "asyncio.Task", shell: ResponseShell, want_logprobs: bool
-                        ) -> AsyncGenerator[bytes, None]:
+async def stream_events(task: "asyncio.Task", shell: ResponseShell, want_logprobs: bool,
+                        timings_per_token: bool = False) -> AsyncGenerator[bytes, None]:
     """The events of a streamed text answer.  An item opens with its first text: a reasoning
     model's thinking (the pieces' `reasoning`) in a reasoning item, then the answer in a
-    message item."""
+    message item.  `timings_per_token`: each delta carries the timings so far (llama-server's
+    ``timings``); response.completed carries the final ones either way, as llama-server sends."""
     ev = EventWriter()
     stream: StartedStream = task.result()
+    live = _live_requests(stream) if timings_per_token else None
     output: List[dict] = []
     current: Optional[_OpenItem] = None
     try:
@@ -725,13 +731,15 @@ async def stream_events(task: "asyncio.Task", shell: ResponseShell, want_logprob
                         yield e
                 current.pieces.append(text or "")
                 current.logprobs.extend(lps)
-                yield _item_delta(ev, current.index, kind, current.id, text or "", lps)
+                now = P.live_timings(live[0]).model_dump() if live else None
+                yield _item_delta(ev, current.index, kind, current.id, text or "", lps, now)
         comps = stream.completions or []
         comp = comps[0] if comps else None
         status, incomplete = _finish(comp)
         for e in close(status):
             yield e
-        yield ev("response.completed", response=shell.body(status, output, comp, incomplete))
+        final = {"timings": P.timings(comp).model_dump()} if comp is not None else {}
+        yield ev("response.completed", response=shell.body(status, output, comp, incomplete), **final)
     except Exception as exc:  # noqa: BLE001  (sent to the client, which already has a 200)
         yield ev.error(exc)
     finally:
@@ -766,4 +774,5 @@ def add_routes(app: "FastAPI", state: "ServerState") -> None:
             return SSEResponse(_iterate(events))
         ticket = backend.acquire(1)
         tasks = await _open_streams(request, ticket, [backend.stream_chat(messages, **kw)])
-        return SSEResponse(stream_events(tasks[0], shell, want_lp), cleanup=_closer(ticket, tasks))
+        return SSEResponse(stream_events(tasks[0], shell, want_lp, body.timings_per_token),
+                           cleanup=_closer(ticket, tasks))

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from pyllama.server.errors import bad_request
+from pyllama.server.errors import APIError, bad_request
 
 #: The largest value of a C ``int32_t``: every integer field that reaches llama.cpp as an
 #: int is bounded by it (a larger one would be an OverflowError in C, a 500).
@@ -272,6 +272,13 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_budget_tokens: Optional[int] = Field(default=None, ge=-1, le=INT32_MAX)   # -1: the server's
     thinking_budget_tokens: Optional[int] = Field(default=None, ge=-1, le=INT32_MAX)    # the same, older name
     reasoning_effort: Optional[str] = None      # "none": no thinking; else a template variable (gpt-oss)
+    # llama-server's (and vLLM's) prompt controls: only their defaults are served here (see check_prompt_controls)
+    add_generation_prompt: bool = True
+    continue_final_message: Union[bool, Literal["content", "reasoning_content"]] = False
+    timings_per_token: bool = False             # llama-server's: the timings so far on every streamed chunk
+    # llama-server's slot pin: accepted as on /completion (the engine chooses the slot: a prompt
+    # cache hit picks the slot holding that prefix)
+    id_slot: int = Field(default=-1, ge=-1, le=INT32_MAX)
     # accepted and ignored (OpenAI)
     modalities: Optional[List[str]] = None
     verbosity: Optional[str] = None
@@ -297,6 +304,27 @@ class ChatCompletionRequest(SamplingFields):
                 # as llama-server: "false" (a string) is a mistake, not a truthy value
                 raise bad_request(f"invalid type for \"enable_thinking\" (expected boolean, got "
                                   f"{type(value).__name__})", param="chat_template_kwargs")
+
+    def check_prompt_controls(self) -> None:
+        """llama-server's rules for how the prompt ends (server-common.cpp,
+        oaicompat_chat_params_parse): two assistant messages at the end are refused, and so are
+        add_generation_prompt together with continue_final_message, and continuing an assistant
+        message that holds tool calls.  Continuing the last message (continue_final_message, or
+        add_generation_prompt false) is refused as not supported: the library's chat renders
+        every conversation with the assistant's turn opened after it."""
+        msgs = self.messages
+        if not self.continue_final_message and len(msgs) >= 2 and msgs[-1].role == msgs[-2].role == "assistant":
+            raise bad_request("Cannot have 2 or more assistant messages at the end of the list.", param="messages")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise bad_request("Cannot set both add_generation_prompt and continue_final_message to true.",
+                              param="continue_final_message")
+        if self.continue_final_message and msgs[-1].role == "assistant" and msgs[-1].tool_calls:
+            raise bad_request("Cannot continue an assistant message that contains tool calls.",
+                              param="continue_final_message")
+        if self.continue_final_message or not self.add_generation_prompt:
+            name = "continue_final_message" if self.continue_final_message else "add_generation_prompt"
+            raise APIError(400, f"{name}: continuing the last message is not supported on this route yet "
+                                "(POST /apply-template renders such prompts)", param=name, code="not_supported")
 
 
 # --------------------------------------------------------------------------- completions
@@ -333,7 +361,9 @@ class CompletionRequest(SamplingFields):
 
 
 class EmbeddingRequest(_Strict):
-    input: Union[str, List[str], List[int], List[List[int]]]
+    #: OpenAI's shapes and llama-server's (ids mixed with texts, {"prompt_string"} and
+    #: {"content": [text parts]} objects): the route checks them (llama_routes.embedding_inputs)
+    input: Union[str, List[Any], Dict[str, Any]]
     model: Optional[str] = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = Field(default=None, ge=1, le=INT32_MAX)

@@ -43,7 +43,7 @@ def _ray_installed() -> bool:
 if not _ray_installed():
     raise ImportError(
         "pyllama.integrations.ray needs Ray: pip install \"pyllama[ray]\" "
-        "(or pip install \"ray[data,serve]\" fastapi uvicorn prometheus-client)"
+        "(or pip install \"ray[data,serve]\" fastapi uvicorn)"
     )
 
 __all__ = ["LLMPredictor", "build_app", "app_builder", "load_llm", "node_description", "REPLICA_HEADER",
