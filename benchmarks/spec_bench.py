@@ -16,8 +16,10 @@ at most --max-tokens):
   copy a ten-row table adding a word to each row, repeat a snippet;
 * **free-form**: stories and explanations that copy nothing.
 
-Single stream: each prompt alone; the rate is the decode rate the client sees, (tokens - 1) /
-(time of the last token - time of the first).  Eight clients: the eight prompts of the workload
+Single stream: each prompt alone; the workload's rate is the decode rate the client sees over
+all of its answers, sum(tokens - 1) / sum(time of the last token - time of the first) — a
+median of per-answer rates would drop the answers that copy most, when a small model answers
+some prompts in a line — and each answer's own rate is printed too.  Eight clients: the eight prompts of the workload
 at once (each repeated as needed), aggregate tokens / wall time.  Reported: medians (min-max) over
 --reps rounds, the ratios the issue sets targets for (grounded single stream: pyllama n-gram >= 1.3x
 pyllama plain and >= 1.0x llama-server's speculation; free-form and eight clients: >= 0.97x plain),
@@ -126,7 +128,7 @@ async def one(client: httpx.AsyncClient, url: str, text: str, max_tokens: int) -
                     parts.append(piece)
     n = usage["completion_tokens"] if usage else len(parts)
     span = (last - first) if first is not None and last is not None else 0.0
-    return {"tokens": n, "rate": (n - 1) / span if span > 0 and n > 1 else float("nan"),
+    return {"tokens": n, "rate": (n - 1) / span if span > 0 and n > 1 else float("nan"), "span": span,
             "wall": time.perf_counter() - t0, "text": "".join(parts),
             "draft_n": (timings or {}).get("draft_n", 0), "draft_n_accepted": (timings or {}).get("draft_n_accepted", 0)}
 
@@ -174,7 +176,9 @@ def _measure(config: str, model: str, n: int, args) -> dict:
         for name, prompts in (("grounded", GROUNDED), ("free", FREE)):
             if n == 1:
                 res = asyncio.run(single(server.url, prompts, args.max_tokens))
-                out[name] = {"tok_s": statistics.median(r["rate"] for r in res),
+                spans = [r for r in res if r["span"] > 0 and r["tokens"] > 1]
+                out[name] = {"tok_s": sum(r["tokens"] - 1 for r in spans) / sum(r["span"] for r in spans),
+                             "per_answer": [(r["tokens"], r["rate"]) for r in res],
                              "draft_n": sum(r["draft_n"] for r in res),
                              "draft_n_accepted": sum(r["draft_n_accepted"] for r in res),
                              "texts": [r["text"] for r in res]}
@@ -221,6 +225,10 @@ def main() -> int:
                         raw.setdefault((Path(model).name, n, work, config), []).append(v)
                     print(f"  {Path(model).name} np={n} round {rep + 1}: {config:<20} "
                           + "  ".join(f"{w} {v['tok_s']:.1f} tok/s" for w, v in r.items()), flush=True)
+                    for w, v in r.items():
+                        if "per_answer" in v:
+                            print(f"      {w} answers (tokens, tok/s): "
+                                  + ", ".join(f"({t}, {x:.1f})" for t, x in v["per_answer"]), flush=True)
 
     def med(key) -> float:
         vals = [v["tok_s"] for v in raw.get(key, [])]
