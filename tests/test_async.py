@@ -154,3 +154,33 @@ def test_async_errors_are_raised_in_the_coroutine(llm):
                 pass
 
     asyncio.run(main())
+
+
+def test_astream_reports_prompt_progress(tiny_model_path):
+    """prompt_progress=True (llama-server's return_progress): before the answer, one report
+    where the evaluation starts (the cached tokens, no time spent) and one per prompt chunk
+    (n_batch tokens) evaluated, the last at processed == total; with a cached prefix, the start
+    is there and the last token alone is evaluated.  Off, or in text mode: no reports."""
+    with LLM(tiny_model_path, n_ctx=512, n_batch=16, n_threads=1, verbose=False) as m:
+        prompt = "Once upon a time there was " * 8
+        n = len(m.tokenize(prompt))
+        assert n > 40
+
+        async def run(**kw) -> list:
+            return [c async for c in m.astream(prompt, max_tokens=3, temperature=0, ignore_eos=True, **kw)]
+
+        chunks = asyncio.run(run(chunks=True, prompt_progress=True, cache_prompt=False))
+        at = [i for i, c in enumerate(chunks) if c.prompt_progress is not None]
+        reports = [chunks[i].prompt_progress for i in at]
+        assert reports[0] == {"total": n, "cache": 0, "processed": 0, "time_ms": 0.0}
+        assert [r["processed"] for r in reports] == [min(16 * k, n) for k in range(-(-n // 16) + 1)]
+        times = [r["time_ms"] for r in reports]
+        assert times == sorted(times) and times[-1] > 0 and {r["total"] for r in reports} == {n}
+        assert all(c.text == "" for c in chunks[:at[-1] + 1]) and at == list(range(len(at)))
+        assert "".join(c.text for c in chunks) == m.complete(prompt, max_tokens=3, temperature=0,
+                                                             ignore_eos=True).text
+        again = asyncio.run(run(chunks=True, prompt_progress=True))           # the prefix is cached now
+        reports = [c.prompt_progress for c in again if c.prompt_progress is not None]
+        assert [(r["cache"], r["processed"]) for r in reports] == [(n - 1, n - 1), (n - 1, n)]
+        assert not [c for c in asyncio.run(run(chunks=True)) if c.prompt_progress is not None]
+        assert all(isinstance(t, str) for t in asyncio.run(run(prompt_progress=True)))

@@ -433,6 +433,26 @@ def test_continue_final_message():
     )
 
 
+def test_prefill_assistant_is_llama_cpps_continuation():
+    """llama.cpp's layout (llama-server's prefill): the conversation before the assistant's
+    message rendered with the assistant's header, then its text as given (parts joined by a
+    blank line), even where the template would trim it."""
+    g = ChatFormatter(GEMMA3_IT, "<bos>", "<eos>")
+    msgs = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": " Hi, I am "}]
+    head = g.render(msgs[:1])
+    assert g.render(msgs, add_generation_prompt=False, prefill_assistant=True) == head + " Hi, I am "
+    parts = [msgs[0], {"role": "assistant", "content": [{"type": "text", "text": "Hi"},
+                                                         {"type": "text", "text": "there"}]}]
+    assert g.render(parts, add_generation_prompt=False, prefill_assistant=True) == head + "Hi\n\nthere"
+    with pytest.raises(ValueError, match="only an assistant message"):
+        g.render(msgs[:1], prefill_assistant=True)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    with pytest.raises(ValueError, match="tool calls"):
+        g.render([msgs[0], {"role": "assistant", "content": None, "tool_calls": [call]}], prefill_assistant=True)
+    with pytest.raises(ValueError, match="pass one"):
+        g.render(msgs, add_generation_prompt=False, prefill_assistant=True, continue_final_message=True)
+
+
 # --------------------------------------------------------------------------
 # Fallback to llama.cpp's built-in templates
 # --------------------------------------------------------------------------

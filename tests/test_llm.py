@@ -403,6 +403,24 @@ def test_chat_smollm2_answer_is_sensible(smol):
     assert "<|im_end|>" not in c.text
 
 
+def test_chat_continues_a_final_assistant_message(smol):
+    """continue_final_message: the answer carries on from the assistant's text (greedy: the same
+    tokens a plain completion of that prompt gives), where a plain chat answers anew after it;
+    add_generation_prompt=False leaves the assistant's header out of the prompt."""
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    prefill = ask + [{"role": "assistant", "content": "The capital of France is"}]
+    cont = smol.chat(prefill, continue_final_message=True, max_tokens=6, temperature=0)
+    prompt = smol.render_chat(ask) + "The capital of France is"
+    plain = smol.complete(smol.tokenize(prompt, add_special=False, parse_special=True), max_tokens=6,
+                          temperature=0)
+    assert cont.text == plain.text and "Paris" in cont.text
+    assert cont.prompt_tokens == plain.prompt_tokens
+    anew = smol.chat(prefill, max_tokens=6, temperature=0)
+    assert anew.prompt_tokens > cont.prompt_tokens          # a closed message, then a new header
+    bare = smol.chat(ask, add_generation_prompt=False, max_tokens=1, temperature=0)
+    assert bare.prompt_tokens < smol.chat(ask, max_tokens=1, temperature=0).prompt_tokens
+
+
 def test_chat_stream_equals_chat(any_llm):
     messages = [{"role": "user", "content": "Say hello."}]
     pieces = list(any_llm.chat(messages, stream=True, max_tokens=12))

@@ -102,6 +102,27 @@ def test_logprobs_with_sampling_are_of_the_raw_distribution(smol):
     assert [e.logprob for e in c.logprobs] == pytest.approx([e.logprob for e in greedy.logprobs], abs=1e-5)
 
 
+def test_post_sampling_probs_are_of_the_chains_distribution(smol):
+    """post_sampling_probs=True: the logprobs of the distribution the chain left: with top_k=5
+    at most five alternatives (those of probability > 0), whose probabilities sum to 1, the
+    softmax of the model's top five logits at the temperature; the same tokens are sampled."""
+    kw = dict(max_tokens=4, temperature=0.7, top_k=5, top_p=1.0, min_p=0.0, seed=3, logprobs=True, top_logprobs=8)
+    post = smol.complete(PROMPT, post_sampling_probs=True, **kw)
+    raw = smol.complete(PROMPT, **kw)
+    assert post.tokens == raw.tokens
+    for e, r in zip(post.logprobs, raw.logprobs):
+        assert len(e.top_logprobs) == 5 and len(r.top_logprobs) == 8
+        assert sum(math.exp(t.logprob) for t in e.top_logprobs) == pytest.approx(1.0, abs=1e-5)
+        # the model's five best, renormalised at temperature 0.7
+        best = np.array([t.logprob for t in r.top_logprobs[:5]]) / 0.7
+        expected = np.exp(best - best.max()) / np.exp(best - best.max()).sum()
+        assert [t.id for t in e.top_logprobs] == [t.id for t in r.top_logprobs[:5]]
+        assert [math.exp(t.logprob) for t in e.top_logprobs] == pytest.approx(list(expected), abs=1e-4)
+        assert e.logprob == pytest.approx(next(t.logprob for t in e.top_logprobs if t.id == e.id))
+    with pytest.raises(TypeError, match="post_sampling_probs"):
+        smol.complete(PROMPT, max_tokens=1, post_sampling_probs=1)
+
+
 def test_stream_chunks_carry_logprobs(smol):
     chunks = list(smol.stream(PROMPT, max_tokens=6, chunks=True, logprobs=True, top_logprobs=1))
     whole = smol.complete(PROMPT, max_tokens=6, logprobs=True, top_logprobs=1)

@@ -145,9 +145,28 @@ def test_bad_prompts_are_400(app, prompt, param):
     assert_error(post(app, "/completion", {"prompt": prompt}), 400, param)
 
 
+def test_post_sampling_probs(app):
+    """post_sampling_probs: completion_probabilities hold "prob"/"top_probs" (probabilities, as
+    llama-server), of the distribution the sampler chain left: with top_k=3 at most three
+    alternatives, summing to 1; the sampled token's prob is among them."""
+    body = {"prompt": "Once upon a time", "n_predict": 4, "n_probs": 10, "temperature": 1.0, "top_k": 3,
+            "seed": 7, "post_sampling_probs": True}
+    for stream in (False, True):
+        r = post(app, "/completion", dict(body, stream=stream))
+        assert r.status_code == 200, r.text
+        objs = [e for e in events(r) if e.get("completion_probabilities")] if stream else [r.json()]
+        entries = [e for o in objs for e in o["completion_probabilities"]]
+        assert len(entries) == 4
+        for e in entries:
+            assert "logprob" not in e and 0 < e["prob"] <= 1 and 1 <= len(e["top_probs"]) <= 3
+            assert sum(t["prob"] for t in e["top_probs"]) == pytest.approx(1.0, abs=1e-5)
+            assert e["prob"] == pytest.approx(next(t["prob"] for t in e["top_probs"] if t["id"] == e["id"]))
+    plain = post(app, "/completion", dict(body, post_sampling_probs=False)).json()["completion_probabilities"]
+    assert all("logprob" in e and len(e["top_logprobs"]) == 10 for e in plain)
+
+
 def test_bad_fields_are_400(app):
     assert_error(post(app, "/completion", greedy(temprature=1)), 400, "temprature")
-    assert_error(post(app, "/completion", greedy(post_sampling_probs=True)), 400, "post_sampling_probs")
     assert_error(post(app, "/completion", greedy(samplers=["temperature", "top_k"])), 400, "samplers")
     assert_error(post(app, "/completion", greedy(n_probs=21)), 400, "n_probs")
     assert_error(post(app, "/completion", greedy(logit_bias=[[1]])), 400, "logit_bias")
@@ -474,8 +493,8 @@ def test_chat_prompt_longer_than_a_slot_is_exceed_context_size_error(app, tiny_l
 
 def test_chat_prompt_controls_follow_llama_server(app):
     """Two assistant messages at the end, add_generation_prompt with continue_final_message, and
-    continuing a message with tool calls are refused with llama-server's words; the defaults
-    are accepted; continuing the last message is refused as not supported (yet)."""
+    continuing a message with tool calls are refused with llama-server's words; continuing a
+    message's reasoning is refused as not supported; the defaults are accepted."""
     two = ASK + [{"role": "assistant", "content": "Once"}, {"role": "assistant", "content": "upon"}]
     err = assert_error(post(app, "/v1/chat/completions", {"messages": two, "max_tokens": 2}), 400, "messages")
     assert err["message"] == "Cannot have 2 or more assistant messages at the end of the list."
@@ -488,11 +507,39 @@ def test_chat_prompt_controls_follow_llama_server(app):
                                                           "continue_final_message": True}), 400)
     assert err["message"] == "Cannot continue an assistant message that contains tool calls."
     prefill = ASK + [{"role": "assistant", "content": "Once"}]
-    for fields in ({"add_generation_prompt": False, "continue_final_message": True}, {"add_generation_prompt": False}):
-        err = assert_error(post(app, "/v1/chat/completions", {"messages": prefill, **fields}), 400)
-        assert err["code"] == "not_supported"
+    err = assert_error(post(app, "/v1/chat/completions", {
+        "messages": prefill, "add_generation_prompt": False, "continue_final_message": "reasoning_content"}), 400)
+    assert err["code"] == "not_supported"
+    err = assert_error(post(app, "/v1/chat/completions", {
+        "messages": ASK, "add_generation_prompt": False, "continue_final_message": True}), 400)
+    assert "must be the assistant's" in err["message"]
     ok = {"messages": ASK, "max_tokens": 2, "add_generation_prompt": True, "continue_final_message": False}
     assert post(app, "/v1/chat/completions", ok).status_code == 200
+
+
+def test_chat_continues_a_final_assistant_message(app, tiny_llm):
+    """llama-server's default prefill, its explicit continue_final_message and
+    add_generation_prompt false: the __verbose object (asked for with verbose) shows the prompt
+    the model got, which ends with the assistant's text (text parts joined by blank lines), or
+    with no assistant header at all."""
+    def verbose_prompt(fields: dict) -> str:
+        r = post(app, "/v1/chat/completions", {"max_tokens": 2, "verbose": True, **fields})
+        assert r.status_code == 200, r.text
+        return r.json()["__verbose"]["prompt"]
+
+    prefill = ASK + [{"role": "assistant", "content": "Once upon"}]
+    header = tiny_llm.render_chat(ASK)            # the conversation with the assistant's header opened
+    # (the prompt as the model got it: its tokens as text, the BOS token in front)
+    assert verbose_prompt({"messages": prefill}).endswith(header + "Once upon")
+    explicit = {"messages": prefill, "add_generation_prompt": False, "continue_final_message": True}
+    assert verbose_prompt(explicit).endswith(header + "Once upon")
+    parts = ASK + [{"role": "assistant", "content": [{"type": "text", "text": "Once"},
+                                                      {"type": "text", "text": "upon"}]}]
+    assert verbose_prompt({"messages": parts}).endswith(header[-20:] + "Once\n\nupon")
+    bare = verbose_prompt({"messages": ASK, "add_generation_prompt": False})
+    assert bare.endswith(tiny_llm.render_chat(ASK, add_generation_prompt=False)) and not bare.endswith(header)
+    r = post(app, "/v1/chat/completions", {"max_tokens": 2, "messages": ASK})
+    assert "__verbose" not in r.json()                          # only when asked for (or --verbose)
 
 
 def test_chat_stream_timings_per_token(app):
@@ -513,6 +560,41 @@ def test_chat_stream_timings_per_token(app):
     # without it, only the last chunk has timings
     plain = chat_events(post(app, "/v1/chat/completions", body))
     assert [i for i, e in enumerate(plain) if "timings" in e] == [len(plain) - 1]
+
+
+def test_return_progress_on_every_streaming_route(app):
+    """return_progress (llama-server's): the prompt's progress reports come before the answer,
+    the first at processed == cache, the last at processed == total; with timings_per_token
+    they carry the prompt's timings so far (none evaluated at the first).  On the chat and
+    completions routes, /completion and the Responses API (response.in_progress events)."""
+    def check(reports: list, with_timings: bool) -> None:
+        got = [r["prompt_progress"] for r in reports]
+        assert got and got[0]["processed"] == got[0]["cache"] and got[-1]["processed"] == got[-1]["total"] > 0
+        assert [g["processed"] for g in got] == sorted(set(g["processed"] for g in got))
+        assert all(("timings" in r) == with_timings for r in reports)
+        if with_timings:
+            assert reports[0]["timings"]["prompt_n"] == 0 and reports[0]["timings"]["prompt_ms"] == 0.0
+
+    base = {"max_tokens": 3, "temperature": 0, "stream": True, "return_progress": True}
+    chat = chat_events(post(app, "/v1/chat/completions", {**base, "messages": ASK, "timings_per_token": True}))
+    at = [i for i, e in enumerate(chat) if "prompt_progress" in e]
+    check([chat[i] for i in at], True)
+    assert all(chat[i]["choices"][0]["delta"] == {"role": "assistant", "content": None} for i in at)
+    assert not any(e["choices"] and e["choices"][0]["delta"].get("content") for e in chat[:at[-1]])
+    cmpl = chat_events(post(app, "/v1/completions", {**base, "prompt": "Once upon a time"}))
+    check([e for e in cmpl if "prompt_progress" in e], False)
+    native = events(post(app, "/completion", {"prompt": "Once upon a time", "n_predict": 3, "stream": True,
+                                              "return_progress": True, "timings_per_token": True}))
+    check([e for e in native if "prompt_progress" in e], True)
+    assert all("timings" in e for e in native if e.get("tokens"))        # and on every token's event
+    r = post(app, "/v1/responses", {"input": "Tell me a story", "max_output_tokens": 3, "stream": True,
+                                    "return_progress": True})
+    resp = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    progress = [e for e in resp if "prompt_progress" in e]
+    check(progress, False)
+    assert {e["type"] for e in progress} == {"response.in_progress"}
+    plain = chat_events(post(app, "/v1/chat/completions", {**base, "messages": ASK, "return_progress": False}))
+    assert not any("prompt_progress" in e for e in plain)
 
 
 def test_responses_stream_timings_per_token(app):
@@ -570,10 +652,11 @@ def test_llama_server_flags_map_onto_llm_and_settings(tmp_path, tiny_model_path)
     assert llama_server_settings(_serve_args())["model_alias"] is None
     assert serve_llm_kwargs(_serve_args("--reranking"), str(tiny_model_path))["pooling"] == "rank"
     assert "kv_unified" in serve_llm_kwargs(_serve_args(), str(tiny_model_path))
+    assert serve_llm_kwargs(_serve_args("--context-shift"), str(tiny_model_path))["context_shift"] is True
+    assert serve_llm_kwargs(_serve_args(), str(tiny_model_path))["context_shift"] is False
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--context-shift"], "context-shift"),
     (["--slot-save-path", "/definitely/not/here"], "not a directory"),
     (["--reranking", "--pooling", "mean"], "rank pooling"),
 ])

@@ -323,3 +323,40 @@ def test_n_parallel_beyond_n_batch_is_refused(tiny_model_path):
              ignore_eos=True) as llm:
         outs = llm.generate([f"p{i}" for i in range(10)])       # more prompts than n_batch
         assert len(outs) == 10 and all(len(o.tokens) == 3 for o in outs)
+
+
+def test_a_full_shared_kv_memory_preempts_instead_of_cutting_answers(tiny_model_path):
+    """Threads whose answers together need more cells than the shared KV memory holds (each
+    fits alone): the request submitted last leaves its slot and resumes once there is room, so
+    every answer is complete and equal to the call made alone (the engine used to end the
+    longest answer early; llama-server aborts the whole pool with a 500).  An answer that
+    alone needs more than the memory still ends at it.  Async streams see the same."""
+    out = run(r"""
+    llm = LLM(TINY, n_ctx=256, n_parallel=4, kv_unified=True, n_threads=1, temperature=0, ignore_eos=True)
+    assert llm.context.n_ctx == llm.context.n_ctx_seq == 256          # one memory for the 4 slots
+    for n in ([70, 70, 70, 70], [90, 90, 40, 90], [120, 120, 120, 20]):
+        alone = {k: llm.complete("A", max_tokens=k).tokens for k in set(n)}
+        before = llm._engine.n_preemptions
+        got = [None] * len(n)
+        def call(i):
+            got[i] = llm.complete("A", max_tokens=n[i])
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(n))]
+        for t in threads: t.start()
+        for t in threads: t.join(60)
+        assert not any(t.is_alive() for t in threads), "a call did not finish"
+        for c, k in zip(got, n):
+            assert len(c.tokens) == k and c.tokens == alone[k], (n, k, len(c.tokens))
+        assert llm._engine.n_preemptions > before, n
+    big = llm.complete("A", max_tokens=400)
+    assert big.finish_reason == "length" and len(big.tokens) < 400
+    async def streams():
+        async def one(k):
+            return "".join([p async for p in llm.astream("A", max_tokens=k)])
+        return await asyncio.wait_for(asyncio.gather(*[one(90) for _ in range(4)]), 60)
+    texts = asyncio.run(streams())
+    assert texts == [llm.complete("A", max_tokens=90).text] * 4
+    assert not any(s["busy"] for s in llm.slots())
+    llm.close()
+    print("OK")
+    """, tiny_model_path)
+    assert "OK" in out

@@ -359,6 +359,23 @@ def test_llm_spec_type_matches_plain_and_reports_drafts(llm_pair):
     assert off.text == a.text and off.timings.draft_n == 0
 
 
+def test_metrics_count_drafts_as_llama_server(llm_pair):
+    """LLM.metrics()' spec_decode_* counters (llama-server's): the drafted and accepted tokens
+    of each call, and the verification steps (each verifies 1..draft_max drafted tokens)."""
+    plain, spec = llm_pair
+    prompt = _repeating_prompt(plain)
+    names = ("spec_decode_num_draft_tokens_total", "spec_decode_num_accepted_tokens_total",
+             "spec_decode_num_drafts_total")
+    before = [spec.metrics()[k] for k in names]
+    b = spec.complete(prompt, max_tokens=40, temperature=0, cache_prompt=False)
+    drafted, accepted, steps = (spec.metrics()[k] - v for k, v in zip(names, before))
+    assert (drafted, accepted) == (b.timings.draft_n, b.timings.draft_n_accepted) and drafted > 0
+    assert -(-drafted // 8) <= steps <= drafted                 # draft_max=8
+    before_plain = [plain.metrics()[k] for k in names]
+    plain.complete(prompt, max_tokens=40, temperature=0, cache_prompt=False)
+    assert [plain.metrics()[k] for k in names] == before_plain
+
+
 def test_llm_spec_with_n2_logprobs_and_streaming(llm_pair):
     plain, spec = llm_pair
     prompt = _repeating_prompt(plain)

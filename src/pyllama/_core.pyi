@@ -434,6 +434,7 @@ class GenerationRequest:
         draft_min: int = 0,
         ngram_n: int = 3,
         drafter: Callable[[list[int], int], Sequence[int] | None] | None = None,
+        post_sampling_probs: bool = False,
     ) -> None: ...
     media: MediaPrompt | None
     tag: Any
@@ -441,6 +442,10 @@ class GenerationRequest:
     paused: bool
     cancel_requested: bool
     listener: Callable[[GenerationRequest], Any] | None
+    report_progress: bool      # an event after each prompt chunk it evaluates (prompt_progress)
+    @property
+    def post_sampling_probs(self) -> bool:
+        """Its logprobs are under the distribution the sampler chain left."""
     error: BaseException | None
     def add_follower(self, other: GenerationRequest) -> None:
         """Let `other` (same prompt) share this request's prompt evaluation (n answers)."""
@@ -467,11 +472,17 @@ class GenerationRequest:
     @property
     def ngram_n(self) -> int: ...
     @property
+    def n_discarded(self) -> int:
+        """Tokens context shifts dropped from its sequence (Engine.context_shift)."""
+    @property
     def n_drafted(self) -> int:
         """Tokens drafted for this request so far (speculative decoding)."""
     @property
     def n_draft_accepted(self) -> int:
         """Drafted tokens its sampler chain accepted."""
+    @property
+    def n_draft_steps(self) -> int:
+        """Verification steps of its drafts (llama-server's spec_decode_num_drafts_total)."""
     @property
     def drafter(self) -> Callable[[list[int], int], Sequence[int] | None] | None: ...
     @property
@@ -523,6 +534,9 @@ class GenerationRequest:
     @property
     def n_cached_tokens(self) -> int: ...
     @property
+    def prompt_progress(self) -> tuple[int, int, int]:
+        """(total, cached, processed) prompt tokens; processed counts the cached ones."""
+    @property
     def t_prompt_ms(self) -> float: ...
     @property
     def t_gen_ms(self) -> float: ...
@@ -547,6 +561,9 @@ class Engine:
     def __init__(self, context: Context, n_slots: int | None = None, *, cache_prompt: bool = True,
                  spec_cost_model: bool = True) -> None: ...
     cache_prompt: bool
+    #: A sequence about to outgrow its slot drops the older half of its tokens (BOS kept) and
+    #: goes on, as llama-server's --context-shift; False (default): its answer ends ("length").
+    context_shift: bool
     @property
     def context(self) -> Context: ...
     @property

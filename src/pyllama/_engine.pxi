@@ -58,7 +58,7 @@ cdef class Engine:
     cdef int n_ctx_seq
     cdef char piece_buf[256]
     cdef bint _initialized
-    cdef public bint cache_prompt
+    cdef public bint cache_prompt, context_shift   # context_shift: see _engine_shift (default off)
     # False on recurrent/hybrid memory: llama_memory_seq_rm(s, p0 > 0, -1) fails there.
     cdef readonly bint truncatable
     cdef list slot_ckpts      # slot -> [(n_tokens, state bytes)], oldest first (only when not truncatable)
@@ -347,6 +347,7 @@ cdef class Engine:
             r.has_next = False
             r.t_start = pyllama_now_ms()
         r.slot = s
+        r.room_needed = 0
         self.slots[s] = r
         return 0
 
@@ -552,8 +553,8 @@ cdef class Engine:
                 if not (<GenerationRequest>x).paused:
                     r = x
                     break
-            if r is None:
-                break
+            if r is None or (r.room_needed > 0 and not _engine_has_room(self, r)):
+                break      # (one preempted to make room waits for it, keeping its place)
             fresh = not r.preempted and not r.forked and r.leader is None
             need = 1
             if fresh:
@@ -721,6 +722,8 @@ cdef class Engine:
                 r.n_prompt_done += take
                 r.n_past += take
                 r.t_prompt += dt
+                if r.report_progress:    # (its listener reads prompt_progress)
+                    self._emit(r, "", events, callback)
 
         # 5. Request groups whose shared prompt is now evaluated: copy it to the followers.
         for s in range(self.n_slots):
@@ -795,7 +798,7 @@ cdef class Engine:
                     break
                 except DecodeAborted:
                     if not self.truncatable:
-                        self._resync_after_abort()    # (see _decode_or_shed)
+                        _engine_resync_after_abort(self)    # (see _decode_or_shed)
                     raise
                 except KVCacheFullError:
                     if self._evict_idle_caches() > 0 or self._preempt_one():
@@ -867,6 +870,8 @@ cdef class Engine:
                     # its tokens may be in this batch? No: paused requests are never batched.
                     self._evict_idle_caches()
                     continue
+                if _engine_preempt_running(self):
+                    return False      # its tokens were in the batch: the next step's holds the others'
                 victim = None
                 for x in self.slots:
                     if x is not None and not (<GenerationRequest>x).paused:
@@ -895,7 +900,7 @@ cdef class Engine:
                 # The stepper's business (close(), Ctrl-C): the requests are intact, except on a
                 # memory that cannot drop what the aborted decode left in it.
                 if not self.truncatable:
-                    self._resync_after_abort()
+                    _engine_resync_after_abort(self)
                 raise
             except DecodeError as e:
                 for x in self.slots:
@@ -903,23 +908,6 @@ cdef class Engine:
                         self._fail(<GenerationRequest>x, e)
                         self._emit(<GenerationRequest>x, "", events, callback)
                 return False
-
-    cdef int _resync_after_abort(self) except -1:
-        """After an aborted decode on a recurrent/hybrid memory: llama.cpp could not remove
-        the batch's tokens (the ubatches computed before the abort stay, the aborted one may
-        have half-updated its states), so every sequence that moved is emptied and its
-        request re-evaluates what it held (as after preemption)."""
-        cdef int s
-        cdef llama_memory_t mem = llama_get_memory(self.context.ptr)
-        for s in range(self.n_slots):
-            if llama_memory_seq_pos_max(mem, s) + 1 == <llama_pos>len(self.slot_tokens[s]):
-                continue
-            x = self.slots[s]
-            if x is not None and not ((<GenerationRequest>x).leader is not None and not (<GenerationRequest>x).forked):
-                _engine_rewind(self, s, <GenerationRequest>x)
-            else:
-                _engine_clear_seq(self, s)
-        return 0
 
     cdef void _emit(self, GenerationRequest r, str text, list events, object callback):
         if text:

@@ -113,6 +113,109 @@ cdef int _engine_rewind(Engine engine, int s, GenerationRequest r) except -1:
     return 0
 
 
+cdef int _engine_resync_after_abort(Engine engine) except -1:
+    """After an aborted decode on a recurrent/hybrid memory: llama.cpp could not remove
+    the batch's tokens (the ubatches computed before the abort stay, the aborted one may
+    have half-updated its states), so every sequence that moved is emptied and its
+    request re-evaluates what it held (as after preemption)."""
+    cdef int s
+    cdef llama_memory_t mem = llama_get_memory(engine.context.ptr)
+    for s in range(engine.n_slots):
+        if llama_memory_seq_pos_max(mem, s) + 1 == <llama_pos>len(engine.slot_tokens[s]):
+            continue
+        x = engine.slots[s]
+        if x is not None and not ((<GenerationRequest>x).leader is not None and not (<GenerationRequest>x).forked):
+            _engine_rewind(engine, s, <GenerationRequest>x)
+        else:
+            _engine_clear_seq(engine, s)
+    return 0
+
+
+cdef bint _engine_preempt_running(Engine engine) except -1:
+    """The KV memory is full and no paused request can give cells up.  When several running
+    requests share it (one memory for all sequences), the one submitted last leaves its slot
+    and waits at the head of the queue, to resume by re-evaluating what it held once there is
+    room for it (room_needed, see _engine_has_room): every answer completes in full instead
+    of the longest ending early, and the earlier requests keep going meanwhile.  False when
+    this cannot help (one request alone fills the memory; one KV stream per sequence), or when
+    the last one is a group's leader still evaluating the prompt its followers wait for: the
+    caller ends the longest answer early then (or fails a prompt that finds no room)."""
+    cdef GenerationRequest r, victim = None
+    cdef int s, holders = 0
+    if engine.n_ctx_seq != engine.context.n_ctx:
+        return False     # one KV stream per sequence: a full stream is its sequence's own limit
+    for s in range(engine.n_slots):
+        x = engine.slots[s]
+        if x is None:
+            continue
+        r = x
+        if r.leader is not None and not r.forked:
+            continue     # waits for its leader's prompt: holds no cells yet
+        holders += 1
+        if victim is None or r.t_submit > victim.t_submit:
+            victim = r
+    if victim is None or holders < 2 or victim.cancel_requested or victim._followers and not all(
+            (<GenerationRequest>f).forked or (<GenerationRequest>f).done for f in victim._followers):
+        return False     # (a leader whose followers still need its prompt cannot leave: see above)
+    s = victim.slot
+    if victim.has_next or victim.refill:
+        victim.kv_tokens = list(engine.slot_tokens[s]) + (victim.refill or [])
+        victim.refill = None           # (never evaluated: what must be, not what is)
+        victim.preempted = True
+        victim.room_needed = len(victim.kv_tokens) + 1
+    else:                              # still evaluating its prompt: it starts over
+        victim.preempted = False
+        victim.room_needed = len(victim.prompt_tokens) + 1
+    victim.n_fed = 0
+    victim.batch_idx = -1
+    victim.draft = None
+    engine.slots[s] = None
+    engine.slot_used[s] = engine.n_steps
+    victim.slot = -1
+    _engine_clear_seq(engine, s)
+    engine.queue.appendleft(victim)
+    engine.n_preemptions += 1
+    return True
+
+
+cdef bint _engine_has_room(Engine engine, GenerationRequest r) except -1:
+    """May r, preempted to make room (_engine_preempt_running), take a slot again?  When the
+    cells of the running requests leave room for what it needs plus 16 more tokens of each of
+    them (else it would be the one preempted again at once), or when nothing else runs."""
+    cdef Py_ssize_t held = 0
+    cdef int s, running = 0
+    for s in range(engine.n_slots):
+        if engine.slots[s] is not None:
+            held += len(engine.slot_tokens[s])
+            running += 1
+    return running == 0 or engine.context.n_ctx - held >= r.room_needed + 16 * running
+
+
+cdef bint _engine_shift(Engine engine, GenerationRequest r) except -1:
+    """llama-server's context shift (--context-shift): r's sequence is about to outgrow its
+    slot, so it drops the older half of what follows its first token when that is BOS
+    (llama-server's n_keep 0), and the rest slides back to fill the gap: the answer goes on
+    with a shorter memory of its start.  False (the answer ends, "length") when the engine
+    has it off, or the sequence cannot shift: a recurrent/hybrid memory, images or audio in
+    it (their positions are not one per token), a sequence the engine did not fill alone."""
+    cdef int s = r.slot, n_keep, n_discard
+    cdef llama_memory_t mem = llama_get_memory(engine.context.ptr)
+    cdef list held = engine.slot_tokens[s]
+    if (not engine.context_shift or not engine.truncatable or r.media is not None
+            or len(held) != r.n_past or not llama_memory_can_shift(mem)):
+        return False
+    n_keep = 1 if llama_vocab_get_add_bos(engine.context.vocab) and held[0] == llama_vocab_bos(
+        engine.context.vocab) else 0
+    n_discard = (r.n_past - n_keep) // 2
+    if n_discard <= 0 or not llama_memory_seq_rm(mem, s, n_keep, n_keep + n_discard):
+        return False
+    llama_memory_seq_add(mem, s, n_keep + n_discard, r.n_past, -n_discard)
+    del held[n_keep:n_keep + n_discard]
+    r.n_past -= n_discard
+    r.n_discarded += n_discard
+    return True
+
+
 # Slot files are llama-server's (server_tokens::serialize): the sequence state file's token
 # list holds LLAMA_TOKEN_NULL, a format version, the tokens as a counted vector, then the
 # media chunks' start indices as another (none: pyllama saves text slots only).  Older

@@ -32,6 +32,8 @@ cdef int _sample_one(Engine engine, GenerationRequest r, list events, object cal
     cdef float * row
     if r.has_hooks:
         tok = _sample_hooked(engine, r)
+    elif r.post_sampling_probs:
+        tok = _sample_with_grammar(engine, r)    # through the candidate array, kept for the report
     elif r.grammar is None and r.sampler._plain_greedy:
         tok = _sample_greedy(engine, r)
     elif r.grammar is None:
@@ -39,7 +41,10 @@ cdef int _sample_one(Engine engine, GenerationRequest r, list events, object cal
             tok = llama_sampler_sample(r.sampler.ptr, engine.context.ptr, r.batch_idx)
     else:
         tok = _sample_with_grammar(engine, r)
-    if r.n_logprobs >= 0:
+    if r.post_sampling_probs:
+        r._logprobs.append(_post_sampling_entry(engine, r, tok))
+        r.lp_spans.append([r.chars_pushed, -1])
+    elif r.n_logprobs >= 0:
         # The model's own distribution at this position (before the sampler chain).
         row = llama_get_logits_ith(engine.context.ptr, r.batch_idx)
         if row == NULL:
@@ -90,8 +95,8 @@ cdef int _sample_one(Engine engine, GenerationRequest r, list events, object cal
         if r.finish_reason is None:
             if r.max_tokens >= 0 and <int>len(r.out_tokens) >= r.max_tokens:
                 r.finish_reason = "length"
-            elif r.n_past + 1 >= engine.n_ctx_seq:
-                r.finish_reason = "length"   # the context window is full
+            elif r.n_past + 1 >= engine.n_ctx_seq and not _engine_shift(engine, r):
+                r.finish_reason = "length"   # the context window is full (and cannot shift)
             else:
                 r.next_token = tok
                 r.has_next = True
@@ -198,7 +203,7 @@ cdef llama_token _sample_from(Engine engine, GenerationRequest r, float * logits
         r.candidates = <llama_token_data *>malloc(n_vocab * sizeof(llama_token_data))
         if r.candidates == NULL:
             raise MemoryError()
-    if r.sampler._plain_greedy:
+    if r.sampler._plain_greedy and not r.post_sampling_probs:
         # The usual case (greedy JSON, tool calls): the argmax of the logits, no candidate
         # array unless the grammar rejects it (GIL held: see _sample_greedy).
         tok = r.sampler._greedy_argmax(logits, n_vocab)
@@ -216,6 +221,7 @@ cdef llama_token _sample_from(Engine engine, GenerationRequest r, float * logits
         if cur.selected < 0 or cur.selected >= <int64_t>cur.size:
             raise DecodeError("the sampler chain selected no token")
         tok = cur.data[cur.selected].id
+        r.cand_data, r.n_cand = cur.data, cur.size
     if r.grammar is None:
         llama_sampler_accept(r.sampler.ptr, tok)
         return tok
@@ -234,6 +240,7 @@ cdef llama_token _sample_from(Engine engine, GenerationRequest r, float * logits
         if cur.selected < 0 or cur.selected >= <int64_t>cur.size:
             raise DecodeError("the sampler chain selected no token")
         tok = cur.data[cur.selected].id
+        r.cand_data, r.n_cand = cur.data, cur.size
         if not r.grammar._grammar_allows(tok):
             # Nothing the grammar allows survived the chain (e.g. all its tokens were
             # biased away).  Accepting it would abort the process, so stop cleanly.
@@ -242,6 +249,36 @@ cdef llama_token _sample_from(Engine engine, GenerationRequest r, float * logits
     llama_sampler_accept(r.grammar.ptr, tok)
     llama_sampler_accept(r.sampler.ptr, tok)
     return tok
+
+
+cdef tuple _post_sampling_entry(Engine engine, GenerationRequest r, llama_token tok):
+    """(token, logprob, top alternatives) under the distribution the sampler chain left
+    (llama-server's post_sampling_probs): the softmax of the candidates that survived the
+    chain, at its temperature (what its final dist stage draws from); alternatives of
+    probability 0 are left out, as llama-server leaves them out."""
+    cdef size_t n = r.n_cand, i
+    cdef float m
+    cdef double ls, lp = 0.0
+    cdef int32_t top_ids[_MAX_TOP_LOGPROBS]
+    cdef float top_vals[_MAX_TOP_LOGPROBS]
+    cdef int cnt, j
+    if n == 0 or r.cand_data == NULL:
+        raise DecodeError("no sampler candidates to report probabilities from")
+    if r.cand_logits == NULL:
+        r.cand_logits = <float *>malloc(engine.context.n_vocab * sizeof(float))
+        if r.cand_logits == NULL:
+            raise MemoryError()
+    with nogil:
+        for i in range(n):
+            r.cand_logits[i] = r.cand_data[i].logit
+        cnt = _logprob_stats(r.cand_logits, <int32_t>n, r.n_logprobs, &m, &ls, top_ids, top_vals)
+        for i in range(n):
+            if r.cand_data[i].id == tok:
+                lp = r.cand_data[i].logit - m - ls
+                break
+    top = tuple([(r.cand_data[top_ids[j]].id, <double>top_vals[j] - m - ls) for j in range(cnt)
+                 if exp(<double>top_vals[j] - m - ls) > 0.0])
+    return (tok, lp, top)
 
 
 cdef bytes _long_piece(Engine engine, llama_token tok, bint special):

@@ -44,10 +44,15 @@ class Counters:
         self.requests = 0
         self.decodes_before = 0    # from engines replaced by a re-created context, and embedding decodes
         self.busy_before = 0
+        self.drafted = self.draft_accepted = self.draft_steps = 0   # speculative decoding
 
-    def add(self, t: Any, n_sampled: int) -> None:
+    def add(self, t: Any, n_sampled: int, draft_steps: int = 0) -> None:
         """Count one finished call's Timings and its sampled tokens (llama-server's
-        tokens_predicted_total counts those: the first one costs no decode step)."""
+        tokens_predicted_total counts those: the first one costs no decode step), and its
+        speculative decoding: drafted and accepted tokens, verification steps."""
+        self.drafted += t.draft_n
+        self.draft_accepted += t.draft_n_accepted
+        self.draft_steps += draft_steps
         self.requests += 1
         self.prompt_tokens += t.prompt_n
         self.cached_tokens += t.cached_n

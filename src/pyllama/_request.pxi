@@ -11,7 +11,7 @@ from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.ref cimport Py_REFCNT
 from cpython.unicode cimport PyUnicode_GET_LENGTH
-from libc.math cimport expf, log
+from libc.math cimport exp, expf, log
 
 
 DEF _MAX_TOP_LOGPROBS = 20
@@ -144,7 +144,10 @@ cdef class GenerationRequest:
 
     `logprobs=K` (0..20) records, for every generated token, its log-probability and the
     K most likely alternatives under the model's raw distribution (before the sampler
-    chain); `prompt_logprobs=True` does the same for every prompt token after the first.
+    chain), or with `post_sampling_probs=True` under the distribution the chain left (its
+    candidates after top-k/top-p/min-p/temperature..., as llama-server's post_sampling_probs;
+    alternatives of probability 0 left out); `prompt_logprobs=True` does the former for every
+    prompt token after the first.
     `n_followers` more requests (see `followers`) share this one's prompt evaluation.
 
     Python hooks (llama-cpp-python's / transformers' callables), run by the engine in the
@@ -179,6 +182,10 @@ cdef class GenerationRequest:
     cdef readonly SamplerChain sampler
     cdef readonly SamplerChain grammar   # a chain holding only grammar stage(s), or None
     cdef llama_token_data * candidates   # n_vocab scratch entries for grammar re-sampling
+    cdef readonly bint post_sampling_probs   # logprobs under the distribution the chain left
+    cdef llama_token_data * cand_data    # post_sampling_probs: the chain's candidates at the last sampling
+    cdef size_t n_cand
+    cdef float * cand_logits             # post_sampling_probs: scratch, their logits
     cdef readonly int max_tokens
     cdef readonly tuple stop
     cdef frozenset stop_tokens
@@ -197,11 +204,13 @@ cdef class GenerationRequest:
     cdef public bint paused
     cdef public bint cancel_requested
     cdef public object listener          # for the scheduler: called after a step that changed us
+    cdef public bint report_progress     # an event after each prompt chunk (a stream's prompt_progress)
     # scheduling state
     cdef bint submitted
     cdef int slot
     cdef int n_past              # tokens of this request in its sequence's KV memory
     cdef int n_prompt_done       # prompt tokens fed so far (cached ones included)
+    cdef readonly int n_discarded        # tokens context shifts dropped from its sequence
     cdef int n_cached            # prompt tokens that came from the cache / shared prefix
     cdef llama_token next_token  # sampled, not yet fed
     cdef bint has_next
@@ -209,6 +218,7 @@ cdef class GenerationRequest:
     cdef int prompt_idx0         # batch index of the first prompt token fed this step (prompt logprobs)
     cdef int n_fed               # prompt (or refill) tokens of this request in the current batch
     cdef bint preempted
+    cdef int room_needed         # preempted to make room for others: the KV cells it needs back (0: none)
     cdef list kv_tokens          # what our sequence held when we were preempted
     cdef list refill             # tokens to re-evaluate before generation continues
     cdef readonly GenerationRequest leader   # n > 1: the request whose prompt we share
@@ -243,7 +253,7 @@ cdef class GenerationRequest:
     cdef int draft_idx0                  # batch index of the first of them
     cdef dict ngram_pos                  # n-gram -> index (in prompt + output) of what followed it last
     cdef Py_ssize_t n_indexed            # positions of prompt + output entered in ngram_pos
-    cdef readonly long long n_drafted, n_draft_accepted
+    cdef readonly long long n_drafted, n_draft_accepted, n_draft_steps   # steps: verifications
     cdef long long spec_runs_ended       # verifications that ended at a rejected draft (for p)
     cdef int spec_skips                  # steps since the cost model last let this request draft
     cdef readonly object drafter         # drafter(token_ids, limit) -> tokens, instead of n-grams
@@ -254,17 +264,20 @@ cdef class GenerationRequest:
 
     def __cinit__(self):
         self.candidates = NULL
+        self.cand_logits = NULL
         self._initialized = False
 
     def __dealloc__(self):
         free(self.candidates)
         self.candidates = NULL
+        free(self.cand_logits)
+        self.cand_logits = NULL
 
     def __init__(self, prompt_tokens, SamplerChain sampler not None, *, SamplerChain grammar=None,
                  int max_tokens=-1, stop=(), stop_tokens=(), bint ignore_eos=False, bint render_special=False,
                  tag=None, logprobs=None, bint prompt_logprobs=False, bint cache_prompt=True,
                  logits_processors=None, stopping_criteria=None, int draft_max=0, int draft_min=0,
-                 int ngram_n=3, drafter=None):
+                 int ngram_n=3, drafter=None, bint post_sampling_probs=False):
         if self._initialized:
             raise RuntimeError("GenerationRequest is already initialised")
         if sampler.ptr == NULL:
@@ -319,6 +332,7 @@ cdef class GenerationRequest:
                 raise ValueError(f"logprobs (top alternatives per token) must be in 0..{_MAX_TOP_LOGPROBS}, "
                                  f"got {logprobs!r}")
             self.n_logprobs = logprobs
+        self.post_sampling_probs = post_sampling_probs and self.n_logprobs >= 0
         self.logits_processors = _check_hooks(logits_processors, "logits_processors")
         self.stopping_criteria = _check_hooks(stopping_criteria, "stopping_criteria")
         self.has_hooks = bool(self.logits_processors or self.stopping_criteria)
@@ -577,6 +591,14 @@ cdef class GenerationRequest:
     @property
     def n_cached_tokens(self) -> int:
         return self.n_cached
+
+    @property
+    def prompt_progress(self) -> tuple:
+        """(total, cached, processed) prompt tokens as llama-server reports a prompt's progress:
+        processed counts the cached ones, so it starts at `cached` and ends at `total` (a
+        follower reports its leader's, which evaluates the group's prompt)."""
+        cdef GenerationRequest r = self if self.leader is None else self.leader
+        return len(r.prompt_tokens), r.n_cached, r.n_prompt_done
 
     @property
     def t_prompt_ms(self) -> float:

@@ -218,7 +218,8 @@ def build_request(llm: "LLM", prompt: Any, params: SamplingParams, tag: Any = No
                                    stop=params.stop or (), stop_tokens=params.stop_tokens,
                                    ignore_eos=params.ignore_eos, tag=tag, logprobs=logprobs,
                                    prompt_logprobs=echo and logprobs is not None,
-                                   cache_prompt=params.cache_prompt, **(spec or {}), **(hooks or {}))
+                                   cache_prompt=params.cache_prompt, post_sampling_probs=params.post_sampling_probs,
+                                   **(spec or {}), **(hooks or {}))
 
 
 def build_group(llm: "LLM", prompt: Any, params: SamplingParams, *, n: int, logprobs: Any, echo: bool,
@@ -381,7 +382,8 @@ def prepare_chat(llm: "LLM", messages: Sequence[Mapping[str, Any]], *, stream: b
                  response_format: Optional[Mapping[str, Any]] = None, tools: Optional[list] = None,
                  tool_choice: Any = None, allow_special_in_messages: bool = False, allow_files: bool = True,
                  reasoning_format: str = "auto", reasoning_budget: int = -1,
-                 chat_template_kwargs: Optional[Mapping[str, Any]] = None, **options: Any) -> ChatCall:
+                 chat_template_kwargs: Optional[Mapping[str, Any]] = None, continue_final_message: bool = False,
+                 add_generation_prompt: bool = True, **options: Any) -> ChatCall:
     """The one preparation of a chat: tools, streaming, response_format and a reasoning
     model's thinking are handled here for LLM.chat, achat and astream_chat (and the server,
     which calls those).
@@ -389,6 +391,8 @@ def prepare_chat(llm: "LLM", messages: Sequence[Mapping[str, Any]], *, stream: b
     With `tools`, pyllama.tools makes the plan (prepared history, the tools to show, the
     grammar of a forced call, the parser) from the LLM's chat formatter; the prompt is rendered
     here.  tool_choice "none" makes a plain chat of the prepared history.
+    `continue_final_message` continues a final assistant message as llama.cpp does (the
+    formatter's prefill_assistant); add_generation_prompt=False renders no assistant header.
     `chat_template_kwargs` become template variables; `reasoning_format` and
     `reasoning_budget` are explained in pyllama.chat.reasoning (reasoning_budget=0 also tells
     the template ``enable_thinking=False``, unless chat_template_kwargs says otherwise)."""
@@ -398,6 +402,12 @@ def prepare_chat(llm: "LLM", messages: Sequence[Mapping[str, Any]], *, stream: b
     variables = rs.check_reasoning_args(reasoning_format, reasoning_budget, chat_template_kwargs)
     if reasoning_budget == 0:
         variables.setdefault("enable_thinking", False)   # as llama-server: budget 0 is no thinking
+    if continue_final_message:
+        if add_generation_prompt is not True and add_generation_prompt is not False:
+            raise TypeError("add_generation_prompt must be True or False")
+        variables["prefill_assistant"] = True            # a rendering option, not a template variable
+        add_generation_prompt = False
+    variables["add_generation_prompt"] = bool(add_generation_prompt)
     if tools:
         plan = tools_mod.plan_chat(llm._chat_formatter(), messages, tools=tools, tool_choice=tool_choice or "auto",
                                    stream=stream, response_format=response_format,
@@ -405,7 +415,9 @@ def prepare_chat(llm: "LLM", messages: Sequence[Mapping[str, Any]], *, stream: b
                                    **options)
         if plan.tools is None:
             return prepare_chat(llm, plan.messages, stream=stream, reasoning_format=reasoning_format,
-                                reasoning_budget=reasoning_budget, chat_template_kwargs=variables, **plan.options)
+                                reasoning_budget=reasoning_budget, chat_template_kwargs=chat_template_kwargs,
+                                continue_final_message=continue_final_message,
+                                add_generation_prompt=add_generation_prompt, **plan.options)
         prompt = llm.chat_prompt(plan.messages, **plan.prompt_args, **variables)
         plan.reasoning = _reasoning(llm, prompt, reasoning_format, reasoning_budget, plan.options)
         return ChatCall(prompt, plan.options, plan.finish, True, plan.reasoning)

@@ -201,6 +201,7 @@ cdef int _spec_verify(Engine engine, GenerationRequest r, int s, list events, ob
     cdef int k = len(draft), j = 0
     r.draft = None
     r.n_drafted += k
+    r.n_draft_steps += 1
     engine.n_drafted_total += k
     try:
         _sample_one(engine, r, events, callback)

@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from pyllama.models import ModelFetchError, PathLike, _stderr_is_tty
 
@@ -457,3 +457,26 @@ def fetch_from_hub(
     paths = download_hub_files(repo_id, wanted, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
                                token=token, progress=progress)
     return paths[0]
+
+
+def pretrained_files(repo_id: str, filename: str | None, additional_files: Iterable[str] | None, *,
+                     mmproj: bool, revision: str | None, cache_dir: PathLike | None, local_dir: PathLike | None,
+                     token: str | bool | None, progress: bool | None) -> tuple[Path, Path | None]:
+    """LLM.from_pretrained's downloads: ``(model path, projector path or None)``.  `filename`
+    None picks the file as ``pyllama run -hf`` does; `mmproj` fetches the repository's
+    projector too."""
+    hub_args: dict = {"revision": revision, "cache_dir": cache_dir, "local_dir": local_dir, "token": token,
+                      "progress": progress}
+    if filename is None:
+        pulled = pull_from_hub(repo_id, mmproj=mmproj, **hub_args)
+        if additional_files:
+            fetch_from_hub(pulled.repo_id, pulled.filename, additional_files=list(additional_files), **hub_args)
+        return pulled.path, pulled.mmproj_path
+    path = fetch_from_hub(repo_id, filename, additional_files=list(additional_files or ()), **hub_args)
+    projector = None
+    if mmproj:
+        files = list_hub_files(repo_id, revision=revision, cache_dir=cache_dir, token=token)
+        chosen = select_hf_mmproj(files, select_hf_glob(files, filename))
+        if chosen is not None:
+            projector = download_hub_files(repo_id, [chosen], **hub_args)[0]
+    return path, projector

@@ -90,6 +90,7 @@ class LLM:
         swa_full: bool = False,
         chat_template: Optional[str] = None,
         cache_prompt: bool = True,
+        context_shift: bool = False,
         spec_type: Optional[str] = None,
         draft_max: int = 16,
         draft_min: int = 0,
@@ -198,6 +199,7 @@ class LLM:
         #: embed()'s pooling: None = as the GGUF says (llama-server's --pooling)
         self.pooling = pooling
         self.cache_prompt = bool(cache_prompt)
+        self.context_shift = bool(context_shift)    # a full slot drops half its older tokens (_engine_shift)
         self._lora = None
         if lora_path is not None:
             if not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
@@ -280,28 +282,14 @@ class LLM:
         :func:`pyllama.models.pull_from_hub` (HubRepoNotFoundError, HubFileNotFoundError,
         HubOfflineError, ...) before anything is loaded.
         """
-        from . import models
+        from . import hub
 
         del local_dir_use_symlinks  # accepted for llama-cpp-python code; nothing to do
-        hub_args: dict = {"revision": revision, "cache_dir": cache_dir, "local_dir": local_dir, "token": token,
-                          "progress": progress}
-        if filename is None:
-            pulled = models.pull_from_hub(repo_id, mmproj=mmproj and kwargs.get("mmproj_path") is None,
-                                          **hub_args)
-            path = pulled.path
-            if pulled.mmproj_path is not None:
-                kwargs["mmproj_path"] = pulled.mmproj_path
-            if additional_files:
-                models.fetch_from_hub(pulled.repo_id, pulled.filename, additional_files=list(additional_files),
-                                      **hub_args)
-        else:
-            path = models.fetch_from_hub(repo_id, filename, additional_files=list(additional_files or ()),
-                                         **hub_args)
-            if mmproj and kwargs.get("mmproj_path") is None:
-                files = models.list_hub_files(repo_id, revision=revision, cache_dir=cache_dir, token=token)
-                projector = models.select_hf_mmproj(files, models.select_hf_glob(files, filename))
-                if projector is not None:
-                    kwargs["mmproj_path"] = models.download_hub_files(repo_id, [projector], **hub_args)[0]
+        path, projector = hub.pretrained_files(
+            repo_id, filename, additional_files, mmproj=mmproj and kwargs.get("mmproj_path") is None,
+            revision=revision, cache_dir=cache_dir, local_dir=local_dir, token=token, progress=progress)
+        if projector is not None:
+            kwargs["mmproj_path"] = projector
         return cls(path, **kwargs)
 
     # ---- lifecycle -----------------------------------------------------------
@@ -350,6 +338,7 @@ class LLM:
             self._ctx.set_lora_adapters([(self._lora, self._lora_scale)])
         self._engine = _core.Engine(self._ctx, cache_prompt=self.cache_prompt,
                                     spec_cost_model=self._spec_cost_model)
+        self._engine.context_shift = self.context_shift
         if old_sched is None:
             self._sched = Scheduler(self._engine)
         else:
@@ -481,7 +470,8 @@ class LLM:
             "n_busy_slots_per_decode": ((eng.n_busy_slots_total + s.busy_before)
                                         / max(1, eng.n_decode_total + s.decodes_before)),
             "requests_processing": busy, "requests_deferred": eng.n_waiting,
-            "requests_total": s.requests,
+            "requests_total": s.requests, "spec_decode_num_draft_tokens_total": s.drafted,
+            "spec_decode_num_accepted_tokens_total": s.draft_accepted, "spec_decode_num_drafts_total": s.draft_steps,
         }
 
     def __repr__(self) -> str:
@@ -530,7 +520,7 @@ class LLM:
         comp = completion_from(req, self.vocab, t_start=t_start, load_ms=self.load_ms if self._first_call else 0.0,
                                index=index, echo_text=echo_text)
         self._first_call = False
-        self._stats.add(comp.timings, len(comp.tokens))
+        self._stats.add(comp.timings, len(comp.tokens), req.n_draft_steps)
         if report and self.verbose:
             print(comp.timings.format(), file=sys.stderr, flush=True)
         return comp
@@ -572,7 +562,8 @@ class LLM:
         `callback(piece)` is called, in this thread, with each new piece of text.
         `n > 1` returns a list of n completions that share one evaluation of the prompt
         (identical at temperature 0, different otherwise; reproducible with a seed).
-        `logprobs=True` (with `top_logprobs=K`, 0..20) fills Completion.logprobs; with
+        `logprobs=True` (with `top_logprobs=K`, 0..20) fills Completion.logprobs, of the model's
+        own distribution (`post_sampling_probs=True`: of the one the sampler chain left); with
         `echo=True` as well, Completion.prompt_logprobs scores the prompt's tokens
         (`max_tokens=0`: score only) and the text starts with the prompt.
 
@@ -739,6 +730,7 @@ class LLM:
              allow_special_in_messages: bool = False, allow_files: bool = True,
              reasoning_format: str = "auto", reasoning_budget: int = -1,
              chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+             continue_final_message: bool = False, add_generation_prompt: bool = True,
              logits_processors: Optional[Sequence[Callable[..., Any]]] = None,
              stopping_criteria: Optional[Sequence[Callable[..., Any]]] = None, **overrides: Any) -> Any:
         """Answer a conversation using the model's own chat template.
@@ -760,12 +752,15 @@ class LLM:
         Completion.reasoning too.  `reasoning_budget`: -1 unlimited, 0 no thinking, N at most
         N thinking tokens (then the end marker is forced and the answer follows).
         `chat_template_kwargs` are template variables (``{"enable_thinking": False}``).
+        `continue_final_message=True` continues a final assistant message (the answer starts
+        after its text, as llama-server does); add_generation_prompt=False omits the header.
         """
         call = rq.prepare_chat(self, messages, stream=stream, response_format=response_format, tools=tools,
                                tool_choice=tool_choice, allow_special_in_messages=allow_special_in_messages,
                                allow_files=allow_files, reasoning_format=reasoning_format,
                                reasoning_budget=reasoning_budget, chat_template_kwargs=chat_template_kwargs,
-                               n=n, logprobs=logprobs, top_logprobs=top_logprobs,
+                               continue_final_message=continue_final_message,
+                               add_generation_prompt=add_generation_prompt, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
                                logits_processors=logits_processors, stopping_criteria=stopping_criteria,
                                **overrides)
         if stream and not call.whole:
@@ -834,15 +829,16 @@ class LLM:
     def astream(self, prompt: Union[str, Sequence[int]], **kwargs: Any) -> AsyncStream:
         """stream() for asyncio: ``async for piece in llm.astream(prompt): ...`` (Chunks with
         chunks=True or n > 1).  Leaving the loop early, or cancelling the task, cancels the
-        request."""
-        chunks = bool(kwargs.pop("chunks", False))
+        request.  `prompt_progress=True` (with Chunks) adds chunks that report the prompt's
+        evaluation (Chunk.prompt_progress, llama-server's return_progress)."""
+        chunks, progress = bool(kwargs.pop("chunks", False)), bool(kwargs.pop("prompt_progress", False))
         mode = "chunks" if chunks or kwargs.get("n", 1) > 1 else "text"
-        return AsyncStream(self, functools.partial(self._prepare_complete, prompt, **kwargs), mode)
+        return AsyncStream(self, functools.partial(self._prepare_complete, prompt, **kwargs), mode, progress)
 
     def astream_chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Any:
         """chat(stream=True) for asyncio (an AsyncStream; Chunks with chunks=True carry a
-        reasoning model's thinking in Chunk.reasoning)."""
-        chunks = bool(kwargs.pop("chunks", False))
+        reasoning model's thinking in Chunk.reasoning; prompt_progress as in astream)."""
+        chunks, progress = bool(kwargs.pop("chunks", False)), bool(kwargs.pop("prompt_progress", False))
         kwargs.pop("stream", None)
         if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
             raise ValueError("astream_chat() with tools: tool calls come whole, use achat()")
@@ -854,7 +850,7 @@ class LLM:
             prepared.append(prep)
             return prep
 
-        inner = AsyncStream(self, prepare, mode)
+        inner = AsyncStream(self, prepare, mode, progress)
         if kwargs.get("reasoning_format", "auto") == "none":
             return inner
         from pyllama.chat.reasoning import AsyncReasoningStream

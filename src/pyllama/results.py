@@ -113,6 +113,7 @@ class Completion:
     tool_calls: Optional[list] = None        # OpenAI-shaped tool calls (chat with tools)
     content: Optional[str] = None            # the text outside tool calls (chat with tools)
     reasoning: Optional[str] = None          # a reasoning model's thinking (chat); None when there was none
+    n_discarded: int = 0                     # tokens context shifts dropped from its slot (LLM(context_shift=True))
 
     @property
     def usage(self) -> dict:
@@ -135,7 +136,9 @@ class Chunk:
     """A piece of a streamed answer: new text, the tokens behind it, their log-probabilities
     (with logprobs=True) and, on the last chunk of an answer, its finish_reason.  In a chat
     with a reasoning model, `reasoning` holds new thinking text (None when the piece has
-    none) and `text` the answer's only."""
+    none) and `text` the answer's only.  An async stream opened with ``prompt_progress=True``
+    also yields chunks with no text whose `prompt_progress` says how far the prompt's
+    evaluation is, in llama-server's names: ``{"total", "cache", "processed", "time_ms"}``."""
 
     index: int
     text: str
@@ -143,6 +146,7 @@ class Chunk:
     logprobs: Optional[list] = None
     finish_reason: Optional[str] = None
     reasoning: Optional[str] = None
+    prompt_progress: Optional[dict] = None
 
 
 def token_text(vocab: Any, tok: int) -> tuple:
@@ -182,4 +186,5 @@ def completion_from(req: Any, vocab: Any, *, t_start: float, load_ms: float = 0.
         prompt_logprobs = [token_logprob(vocab, e) for e in req.prompt_logprobs_list]
     text = req.text if echo_text is None else echo_text + req.text
     return Completion(text=text, tokens=req.tokens, finish_reason=req.finish_reason, prompt_tokens=req.n_prompt,
-                      timings=timings, index=index, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                      timings=timings, index=index, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                      n_discarded=req.n_discarded)

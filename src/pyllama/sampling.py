@@ -99,6 +99,10 @@ class SamplingParams:
     #: Per call too: False turns off the LLM's speculative decoding (LLM(spec_type=...)) for
     #: this call; None/True use it when the LLM has it.
     speculative: Optional[bool] = None
+    #: Per call too: logprobs report the distribution the sampler chain left (its candidates
+    #: after top-k, top-p, min-p, temperature ...), not the model's own (llama-server's
+    #: post_sampling_probs).
+    post_sampling_probs: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -155,6 +159,8 @@ class SamplingParams:
             raise TypeError(f"cache_prompt must be True or False, got {self.cache_prompt!r}")
         if not isinstance(self.penalize_prompt, bool):
             raise TypeError(f"penalize_prompt must be True or False, got {self.penalize_prompt!r}")
+        if not isinstance(self.post_sampling_probs, bool):
+            raise TypeError(f"post_sampling_probs must be True or False, got {self.post_sampling_probs!r}")
         if self.speculative is not None and not isinstance(self.speculative, bool):
             raise TypeError(f"speculative must be True, False or None, got {self.speculative!r}")
         if isinstance(self.stop, str):

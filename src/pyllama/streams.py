@@ -106,11 +106,29 @@ class _Cursor:
     """How much of one request a consumer has seen: pieces, tokens, logprob entries.
     Reading from a cursor is O(new items), never O(everything so far)."""
 
-    __slots__ = ("parts", "tokens", "logprobs", "finished")
+    __slots__ = ("parts", "tokens", "logprobs", "finished", "processed")
 
     def __init__(self) -> None:
         self.parts = self.tokens = self.logprobs = 0
         self.finished = False
+        self.processed = -1         # prompt tokens reported processed (-1: no report yet)
+
+    def progress(self, r: Any, index: int, items: list) -> None:
+        """Prompt progress chunks (llama-server's return_progress): the first says where the
+        evaluation starts (the cached tokens: nothing evaluated, no time spent), then one per
+        prompt chunk the engine evaluated since, the last one at processed == total."""
+        total, cache, processed = r.prompt_progress
+        if processed == 0 and cache == 0:
+            return                  # not admitted yet (or refused: its error is the stream's start)
+        if self.processed < 0:
+            self.processed = cache
+            items.append(Chunk(index=index, text="", token_ids=[], prompt_progress={
+                "total": total, "cache": cache, "processed": cache, "time_ms": 0.0}))
+        if processed > self.processed:
+            self.processed = processed
+            items.append(Chunk(index=index, text="", token_ids=[], prompt_progress={
+                "total": total, "cache": cache, "processed": processed,
+                "time_ms": float((r if r.leader is None else r.leader).t_prompt_ms)}))
 
     def take(self, llm: "LLM", r: Any, index: int, mode: str) -> Optional[Any]:
         """The next item for a consumer in `mode` ("text", "events", "chunks"), or None."""
@@ -250,10 +268,11 @@ class AsyncStream:
     #: Unread pieces after which the requests pause (reading them down to a quarter resumes).
     max_queued = 64
 
-    def __init__(self, llm: "LLM", prepare: Callable[[], Prepared], mode: str) -> None:
+    def __init__(self, llm: "LLM", prepare: Callable[[], Prepared], mode: str, prompt_progress: bool = False) -> None:
         self._llm = llm
         self._prepare = prepare
         self._mode = mode
+        self._progress = prompt_progress and mode == "chunks"
         self._prep: Optional[Prepared] = None
         self._queue: Any = None
         self._flow: Optional[_Flow] = None
@@ -282,9 +301,15 @@ class AsyncStream:
         # (and cancelled by __del__) as soon as its reader drops it.
         self._flow = flow = _Flow(llm._sched, reqs, self.max_queued)
         mailbox = _Mailbox.of(loop)
+        progress = self._progress
+        if progress:
+            for r in reqs:
+                r.report_progress = True
 
         def pump(i: int, items: list) -> None:
             r = reqs[i]
+            if progress and (r.leader is None):
+                cursors[i].progress(r, i, items)
             item = cursors[i].take(llm, r, i, mode)
             if item is not None:
                 items.append(item)

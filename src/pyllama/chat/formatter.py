@@ -253,17 +253,30 @@ class ChatFormatter:
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
         continue_final_message: bool = False,
+        prefill_assistant: bool = False,
         **extra: Any,
     ) -> str:
         """Render a conversation to a prompt string.
 
         ``add_generation_prompt`` appends the header of the assistant's turn.
         ``continue_final_message`` leaves the last message open so the model
-        continues it (as in transformers; exclusive with add_generation_prompt).
+        continues it (as in transformers: the rendering cut after the message's
+        text; exclusive with add_generation_prompt).  ``prefill_assistant`` is
+        llama.cpp's way of continuing a final assistant message (llama-server's
+        default, and its ``continue_final_message``): the conversation before it
+        rendered with the assistant's header, then the message's text (text parts
+        joined by blank lines), whatever the template would do with it.
         ``tools`` (JSON schemas) and ``extra`` keyword arguments become template
         variables.  To tokenize the result, see :meth:`render_for_tokenize`.
         """
         msgs = normalize_messages(messages)
+        prefill = _prefill_text(msgs) if prefill_assistant else None
+        if prefill is not None:
+            if continue_final_message:
+                raise ValueError("prefill_assistant and continue_final_message are two ways to continue the last "
+                                 "message: pass one")
+            msgs.pop()
+            add_generation_prompt = True
         _check_nesting(msgs, "messages")
         if tools is not None:
             if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence) or not all(
@@ -300,6 +313,8 @@ class ChatFormatter:
 
         if continue_final_message:
             rendered = _cut_after_final_message(rendered, msgs[-1]["content"])
+        if prefill is not None:
+            rendered += prefill
         return rendered
 
     def render_for_tokenize(
@@ -469,6 +484,21 @@ def _check_builtin_name(name: str, label: str) -> None:
             f"{label} {name!r} is neither a Jinja template nor one of llama.cpp's built-in templates "
             f"({', '.join(builtin_template_names())})"
         )
+
+
+def _prefill_text(msgs: list[dict[str, Any]]) -> str:
+    """The text a prefilled final assistant message puts after the generation prompt
+    (llama.cpp's common_chat_msg::render_content: text parts joined by blank lines)."""
+    last = msgs[-1]
+    if last["role"] != "assistant":
+        raise ValueError(f"prefill_assistant: the last message is the {last['role']}'s; only an assistant "
+                         "message can be continued")
+    if last.get("tool_calls"):
+        raise ValueError("Cannot continue an assistant message that contains tool calls.")
+    content = last.get("content")
+    if isinstance(content, list):
+        return "\n\n".join(p["text"] for p in content if p.get("type") == "text")
+    return content or ""
 
 
 def _cut_after_final_message(rendered: str, content: Any) -> str:

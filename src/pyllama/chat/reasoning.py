@@ -149,7 +149,7 @@ def check_reasoning_args(reasoning_format: Any, reasoning_budget: Any,
 
 #: Variables the chat sets itself (and LLM.chat_prompt's own keyword arguments).
 _RESERVED_VARIABLES = frozenset(("messages", "tools", "add_generation_prompt", "continue_final_message",
-                                 "allow_special_in_messages", "allow_files"))
+                                 "prefill_assistant", "allow_special_in_messages", "allow_files"))
 
 
 def resolve(reasoning_format: str, template_source: Optional[str], prompt_tail: str, *,

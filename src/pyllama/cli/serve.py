@@ -124,9 +124,10 @@ def _add_llama_server_model_arguments(g: Any) -> None:
                         "(/embedding only)")
     g.add_argument("--lora", dest="lora_path", metavar="FILE", help="a LoRA adapter applied to the model")
     g.add_argument("--context-shift", dest="context_shift", action="store_true", default=False,
-                   help="not supported: a full slot ends its answer (finish_reason length)")
+                   help="a slot about to overflow drops the older half of its tokens and the answer goes on "
+                        "(llama-server's context shift; not for recurrent models, nor with images)")
     g.add_argument("--no-context-shift", dest="context_shift", action="store_false",
-                   help="a full slot ends its answer (the default)")
+                   help="a full slot ends its answer, finish_reason length (the default)")
     # llama-server's tuning knobs that have no counterpart here (docs/server.md lists why)
     g.add_argument("-cb", "--cont-batching", dest="ignored_cont_batching", action="store_true",
                    help="accepted: batching is always continuous")
@@ -158,6 +159,9 @@ def _add_chat_arguments(p: Any) -> None:
                    help="thinking on or off for templates that can switch it (enable_thinking); default auto")
     g.add_argument("--chat-template-kwargs", dest="chat_template_kwargs", type=_json_object, metavar="JSON",
                    help="extra chat template variables, a JSON object, e.g. '{\"enable_thinking\": false}'")
+    g.add_argument("--no-prefill-assistant", dest="prefill_assistant", action="store_false", default=True,
+                   help="a chat's final assistant message is answered after, not continued (llama-server's "
+                        "default continues it)")
 
 
 def _add_llama_server_http_arguments(h: Any) -> None:
@@ -198,7 +202,7 @@ def serve_llm_kwargs(args: argparse.Namespace, path: str) -> dict:
     for name in ("n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "main_gpu", "tensor_split", "split_mode",
                  "use_mmap", "use_mlock", "mmproj_path", "spec_type",
                  "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min", "spec_cost_model",
-                 "require_gpu", "flash_attn", "type_k", "type_v", "lora_path", "pooling"):
+                 "require_gpu", "flash_attn", "type_k", "type_v", "lora_path", "pooling", "context_shift"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     if getattr(args, "reranking", False):
@@ -252,11 +256,9 @@ def _hosts(args: argparse.Namespace) -> list:
 def llama_server_settings(args: argparse.Namespace) -> dict:
     """The ServerSettings of llama-server's flags: sampling defaults (--temp, --seed ...), the
     chat's reasoning and template variables, and the endpoints' switches."""
-    if getattr(args, "context_shift", False):
-        raise UsageError("--context-shift is not supported: when a slot is full its answer ends "
-                         "(finish_reason length); use a larger -c")
     out: dict = {"sampling_defaults": sampling_overrides(args),
                  "slots_endpoint": args.slots_endpoint, "props_endpoint": args.props_endpoint,
+                 "prefill_assistant": args.prefill_assistant, "verbose_responses": bool(args.verbose),
                  "model_tags": _csv(args.tags)}
     aliases = sorted(set(_csv(args.alias)))     # llama-server keeps them in a std::set
     out["model_alias"] = aliases[0] if aliases else None

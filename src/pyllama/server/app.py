@@ -521,7 +521,6 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/chat/completions")
     async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Response:
         backend = checked(body)
-        body.check_prompt_controls()
         kw = P.chat_kwargs(body, cfg, n_vocab())
         messages = P.chat_messages(body)
         rid, created, model = P.new_id("chatcmpl"), P.now(), state.model_id
@@ -531,14 +530,16 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 result = await unless_disconnected(request, backend.chat(messages, **kw))
             comps = result if isinstance(result, list) else [result]
             if not body.stream:
+                verbose = cfg.verbose_responses if body.verbose is None else body.verbose
                 return _json_response(await asyncio.to_thread(
-                    lambda: P.chat_response(comps, model, rid, created).model_dump()))
+                    P.chat_body, state.llm, comps, model, rid, created, (messages, kw) if verbose else None))
             chunks = await asyncio.to_thread(
                 lambda: list(_chat_chunks_from_completions(comps, body, rid, created, model)))
             return SSEResponse(_iterate(chunks))
         ticket = backend.acquire(body.n)
         with _exceed_context_size():
-            tasks = await _open_streams(request, ticket, [backend.stream_chat(messages, **kw)])
+            tasks = await _open_streams(request, ticket, [
+                backend.stream_chat(messages, prompt_progress=body.return_progress, **kw)])
         return SSEResponse(_chat_events(tasks[0], body, rid, created, model), cleanup=_closer(ticket, tasks))
 
     # ---- completions -----------------------------------------------------------------------
@@ -584,7 +585,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
             return _json_response(await asyncio.to_thread(build))
         ticket = backend.acquire(places)
-        tasks = await _open_streams(request, ticket, [backend.stream_complete(p, **kw) for p in prompts])
+        tasks = await _open_streams(request, ticket, [
+            backend.stream_complete(p, prompt_progress=body.return_progress, **kw) for p in prompts])
         events = _completion_events(tasks, body, prompt_texts, rid, created, model)
         return SSEResponse(events, cleanup=_closer(ticket, tasks))
 
@@ -728,6 +730,10 @@ async def _chat_events(task: "asyncio.Task", body: S.ChatCompletionRequest, rid:
         for i in range(body.n):
             yield chunk([_role_delta(i)])
         async for piece in stream:
+            if getattr(piece, "prompt_progress", None) is not None:      # return_progress: a role delta carries it
+                yield P.sse(P.progress_chunk(P.chat_chunk(rid, created, model, [_role_delta(piece.index)]),
+                                             piece.prompt_progress, body.timings_per_token))
+                continue
             # timings_per_token: the timings so far ride on every chunk (llama-server's)
             now = P.live_timings(live[piece.index]) if live and piece.index < len(live) else None
             # a reasoning model's thinking comes as delta.reasoning_content (llama-server's name)
@@ -850,6 +856,11 @@ async def _completion_events(tasks: List["asyncio.Task"], body: S.CompletionRequ
                     offsets[k * body.n + j] = len(text)
         async for k, piece in _merge(tasks):
             index = k * body.n + piece.index
+            if getattr(piece, "prompt_progress", None) is not None:      # return_progress
+                yield P.sse(P.progress_chunk(P.completion_chunk(rid, created, model, [
+                    {"index": index, "text": "", "logprobs": None, "finish_reason": None}]), piece.prompt_progress,
+                    body.timings_per_token))
+                continue
             if not piece.text and not piece.logprobs:
                 continue
             lp = None

@@ -70,12 +70,13 @@ class LlamaCompletionRequest(S.SamplingFields):
     min_keep: int = Field(default=0, ge=0, le=S.INT32_MAX)
     n_indent: int = Field(default=0, ge=0, le=S.INT32_MAX)
     samplers: Optional[Union[List[str], str]] = None
+    # streamed: the timings so far on every event; prompt_progress events while the prompt is evaluated
+    timings_per_token: Optional[bool] = None
+    return_progress: Optional[bool] = None
     # accepted, no effect here (docs/server.md, "llama-server's routes")
     n_keep: Optional[int] = Field(default=None, ge=-1, le=S.INT32_MAX)
     n_discard: Optional[int] = Field(default=None, ge=0, le=S.INT32_MAX)
     n_cache_reuse: Optional[int] = Field(default=None, ge=0, le=S.INT32_MAX)
-    timings_per_token: Optional[bool] = None
-    return_progress: Optional[bool] = None
     backend_sampling: Optional[bool] = None
     t_max_prompt_ms: Optional[int] = None
     t_max_predict_ms: Optional[int] = None
@@ -279,8 +280,7 @@ def _logit_bias(llm: Any, value: Any, n_vocab: int) -> Dict[int, float]:
 def completion_kwargs(body: LlamaCompletionRequest, state: "ServerState", n_vocab: int) -> dict:
     """The LLM keyword arguments of one /completion request (llama-server's field names)."""
     cfg = state.settings
-    unsupported = {"post_sampling_probs": body.post_sampling_probs, "min_keep": body.min_keep,
-                   "n_indent": body.n_indent}
+    unsupported = {"min_keep": body.min_keep, "n_indent": body.n_indent}
     for name, value in unsupported.items():
         if value:
             raise APIError(400, f"{name} is not supported by this server", param=name, code="not_supported")
@@ -304,6 +304,8 @@ def completion_kwargs(body: LlamaCompletionRequest, state: "ServerState", n_voca
     if n_probs:
         kw["logprobs"] = True
         kw["top_logprobs"] = n_probs
+        if body.post_sampling_probs:     # the probabilities after the sampler chain
+            kw["post_sampling_probs"] = True
     # llama-server tokenizes completion prompts with special tokens parsed (done above)
     return kw
 
@@ -331,17 +333,23 @@ def generation_settings(llm: Any, kw: dict, stream: bool, n_probs: int) -> dict:
         "n_predict": kw.get("max_tokens", -1), "n_keep": 0, "n_discard": 0, "ignore_eos": p.ignore_eos,
         "stream": stream, "logit_bias": bias, "n_probs": n_probs, "min_keep": 0,
         "grammar": p.grammar or "", "samplers": list(SAMPLER_ORDER), "timings_per_token": False,
-        "post_sampling_probs": False, "backend_sampling": False, "lora": [],
+        "post_sampling_probs": p.post_sampling_probs, "backend_sampling": False, "lora": [],
     }
 
 
 # --------------------------------------------------------------------------- answers
 
 
-def _probs(entries: Any) -> list:
-    """completion_probabilities: llama-server's probs_vector_to_json (log-probabilities)."""
+def _probs(entries: Any, post_sampling: bool = False) -> list:
+    """completion_probabilities: llama-server's probs_vector_to_json (log-probabilities, or with
+    post_sampling_probs the probabilities the sampler chain left, as "prob" and "top_probs")."""
     out = []
     for e in entries or ():
+        if post_sampling:
+            out.append({"id": e.id, "token": e.token, "bytes": e.bytes, "prob": math.exp(e.logprob),
+                        "top_probs": [{"id": t.id, "token": t.token, "bytes": t.bytes, "prob": math.exp(t.logprob)}
+                                      for t in e.top_logprobs]})
+            continue
         out.append({"id": e.id, "token": e.token, "bytes": e.bytes, "logprob": e.logprob,
                     "top_logprobs": [{"id": t.id, "token": t.token, "bytes": t.bytes, "logprob": t.logprob}
                                      for t in e.top_logprobs]})
@@ -389,9 +397,9 @@ class _Answer:
             stop_type = "eos"          # a stop token, not a stop string
         n_prompt, n_gen = len(self.prompt_tokens), len(comp.tokens)
         # "length" before n_predict: the slot (or the shared KV memory) was full, llama-server's
-        # "truncated" (it has no context shift either unless --context-shift)
+        # "truncated"; so is an answer whose slot shifted (--context-shift)
         max_tokens = self.kw.get("max_tokens", -1)
-        truncated = comp.finish_reason == "length" and not (0 <= max_tokens <= n_gen)
+        truncated = (comp.finish_reason == "length" and not (0 <= max_tokens <= n_gen)) or comp.n_discarded > 0
         prompt_text = self.llm.detokenize([t for t in self.prompt_tokens if t >= 0], unparse_special=True)
         out = {
             "index": index, "content": "" if stream else comp.text,
@@ -404,10 +412,17 @@ class _Answer:
             "timings": timings(comp),
         }
         if not stream and self.n_probs:
-            out["completion_probabilities"] = _probs(comp.logprobs)
+            out["completion_probabilities"] = _probs(comp.logprobs, self.body.post_sampling_probs)
         if self.body.response_fields:
             return _nested_values(self.body.response_fields, out)
         return out
+
+
+def verbose_object(llm: Any, prompt: Any, kw: dict, comp: Any, model: str) -> dict:
+    """llama-server's ``__verbose`` debug object of an OpenAI-shaped answer (``--verbose``, or a
+    request's ``verbose``): the final object /completion would give, with the prompt the model
+    got as text."""
+    return _Answer(llm, prompt, kw, LlamaCompletionRequest.model_construct(), model).final(comp, 0, False)
 
 
 def _nested_values(paths: List[str], obj: dict) -> dict:
@@ -476,14 +491,29 @@ def add_routes(app: "FastAPI", state: "ServerState") -> None:
 
             return A._json_response(await asyncio.to_thread(build))
         ticket = backend.acquire(len(prompts) * n)
-        tasks = await A._open_streams(request, ticket, [backend.stream_complete(p, **kw) for p in prompts])
-        return A.SSEResponse(_completion_events(tasks, answers, n), cleanup=A._closer(ticket, tasks))
+        progress = bool(body.return_progress)
+        tasks = await A._open_streams(request, ticket, [
+            backend.stream_complete(p, prompt_progress=progress, **kw) for p in prompts])
+        return A.SSEResponse(_completion_events(tasks, answers, n, bool(body.timings_per_token)),
+                             cleanup=A._closer(ticket, tasks))
 
-    async def _completion_events(tasks: list, answers: List[_Answer], n: int) -> AsyncGenerator[bytes, None]:
+    async def _completion_events(tasks: list, answers: List[_Answer], n: int,
+                                 timings_per_token: bool) -> AsyncGenerator[bytes, None]:
         decoded: Dict[int, int] = {}
+        # timings_per_token: the timings so far on every event (the engine requests' counters)
+        live = [A._live_requests(t.result()) for t in tasks] if timings_per_token else None
         try:
             async for k, piece in A._merge(tasks):
                 index = k * n + piece.index
+                if getattr(piece, "prompt_progress", None) is not None:      # return_progress
+                    yield P.sse(P.progress_chunk({
+                        "index": index, "content": "", "tokens": [], "stop": False,
+                        "id_slot": answers[k].body.id_slot, "tokens_predicted": 0,
+                        "tokens_evaluated": len(answers[k].prompt_tokens)}, piece.prompt_progress, timings_per_token))
+                    continue
+                reqs = live[k] if live else None
+                now = (P.live_timings(reqs[piece.index]).model_dump()
+                       if reqs and piece.index < len(reqs) else None)
                 ids = list(piece.token_ids or ())
                 lps = list(piece.logprobs or ())
                 if not ids and piece.text:      # text held back (a possible stop string), now released
@@ -499,7 +529,9 @@ def add_routes(app: "FastAPI", state: "ServerState") -> None:
                              "tokens_predicted": decoded[index],
                              "tokens_evaluated": len(answers[k].prompt_tokens)}
                     if answers[k].n_probs and t < len(lps):
-                        event["completion_probabilities"] = _probs([lps[t]])
+                        event["completion_probabilities"] = _probs([lps[t]], answers[k].body.post_sampling_probs)
+                    if now is not None:
+                        event["timings"] = now
                     yield P.sse(event)
             for k, task in enumerate(tasks):
                 for j, comp in enumerate(task.result().completions or []):

@@ -96,6 +96,7 @@ def chat_kwargs(req: S.ChatCompletionRequest, settings: ServerSettings, n_vocab:
         if choice is not None:
             kw["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
     kw.update(reasoning_kwargs(req, settings))
+    kw.update(req.prompt_controls(settings.prefill_assistant))
     return kw
 
 
@@ -279,3 +280,35 @@ def chat_chunk(rid: str, created: int, model: str, choices: list, usage_obj: Any
 def completion_chunk(rid: str, created: int, model: str, choices: list, usage_obj: Any = None,
                      include_usage_field: bool = False, timings: Any = None) -> dict:
     return _chunk("text_completion", rid, created, model, choices, usage_obj, include_usage_field, timings)
+
+
+def chat_body(llm: Any, comps: list, model: str, rid: str, created: int, verbose: Optional[tuple]) -> dict:
+    """A chat's JSON body; with `verbose` (its messages and LLM.chat arguments) llama-server's
+    ``__verbose`` object too, whose prompt is rendered again by the chat's one preparation
+    (a debugging aid: the cost of a second rendering is paid only when asked for)."""
+    out = chat_response(comps, model, rid, created).model_dump()
+    if verbose is not None:
+        from pyllama import _requests as rq
+        from pyllama.server.llama_routes import verbose_object
+
+        messages, kw = verbose
+        prompt = rq.prepare_chat(llm, messages, **dict(kw, allow_files=False)).prompt
+        out["__verbose"] = verbose_object(llm, prompt, kw, comps[0], model)
+    return out
+
+
+def progress_chunk(chunk: dict, progress: dict, with_timings: bool = True) -> dict:
+    """A stream chunk carrying llama-server's ``prompt_progress`` (a request's return_progress)
+    and, `with_timings`, the prompt's timings so far (timings_per_token)."""
+    chunk["prompt_progress"] = progress
+    if with_timings:
+        chunk["timings"] = progress_timings(progress).model_dump()
+    return chunk
+
+
+def progress_timings(progress: dict) -> S.ServerTimings:
+    """The ``timings`` of a prompt's progress report: the prompt evaluated so far, nothing
+    generated yet."""
+    return timings_from(SimpleNamespace(
+        cached_n=progress["cache"], prompt_n=progress["processed"] - progress["cache"],
+        prompt_ms=progress["time_ms"], predicted_n=0, predicted_ms=0.0))

@@ -330,6 +330,7 @@ class ResponsesRequest(S.SamplingFields):
     reasoning_budget_tokens: Optional[int] = None
     thinking_budget_tokens: Optional[int] = None
     timings_per_token: bool = False     # llama-server's: the timings so far on every text delta
+    return_progress: bool = False       # llama-server's: response.in_progress events with prompt_progress
     # accepted and ignored
     truncation: Optional[Literal["auto", "disabled"]] = None
     max_tool_calls: Optional[int] = Field(default=None, ge=0, le=S.INT32_MAX)
@@ -719,6 +720,10 @@ async def stream_events(task: "asyncio.Task", shell: ResponseShell, want_logprob
                 current = None
 
         async for piece in stream:
+            if getattr(piece, "prompt_progress", None) is not None:      # return_progress: llama-server's in_progress event
+                extra = P.progress_chunk({}, piece.prompt_progress, timings_per_token)
+                yield ev("response.in_progress", response=shell.body("in_progress", []), **extra)
+                continue
             for kind, text in (("reasoning", getattr(piece, "reasoning", None)), ("message", piece.text)):
                 lps = _logprobs(piece.logprobs) if want_logprobs and kind == "message" else []
                 if not text and not lps:
@@ -773,6 +778,7 @@ def add_routes(app: "FastAPI", state: "ServerState") -> None:
             events = await asyncio.to_thread(lambda: list(events_from_completion(shell, comp, want_lp)))
             return SSEResponse(_iterate(events))
         ticket = backend.acquire(1)
-        tasks = await _open_streams(request, ticket, [backend.stream_chat(messages, **kw)])
+        tasks = await _open_streams(request, ticket, [
+            backend.stream_chat(messages, prompt_progress=body.return_progress, **kw)])
         return SSEResponse(stream_events(tasks[0], shell, want_lp, body.timings_per_token),
                            cleanup=_closer(ticket, tasks))

@@ -272,10 +272,12 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_budget_tokens: Optional[int] = Field(default=None, ge=-1, le=INT32_MAX)   # -1: the server's
     thinking_budget_tokens: Optional[int] = Field(default=None, ge=-1, le=INT32_MAX)    # the same, older name
     reasoning_effort: Optional[str] = None      # "none": no thinking; else a template variable (gpt-oss)
-    # llama-server's (and vLLM's) prompt controls: only their defaults are served here (see check_prompt_controls)
+    # llama-server's (and vLLM's) prompt controls (see prompt_controls)
     add_generation_prompt: bool = True
     continue_final_message: Union[bool, Literal["content", "reasoning_content"]] = False
     timings_per_token: bool = False             # llama-server's: the timings so far on every streamed chunk
+    verbose: Optional[bool] = None              # llama-server's __verbose debug object (None: --verbose)
+    return_progress: bool = False               # llama-server's: prompt_progress chunks (streamed)
     # llama-server's slot pin: accepted as on /completion (the engine chooses the slot: a prompt
     # cache hit picks the slot holding that prefix)
     id_slot: int = Field(default=-1, ge=-1, le=INT32_MAX)
@@ -305,26 +307,37 @@ class ChatCompletionRequest(SamplingFields):
                 raise bad_request(f"invalid type for \"enable_thinking\" (expected boolean, got "
                                   f"{type(value).__name__})", param="chat_template_kwargs")
 
-    def check_prompt_controls(self) -> None:
-        """llama-server's rules for how the prompt ends (server-common.cpp,
-        oaicompat_chat_params_parse): two assistant messages at the end are refused, and so are
-        add_generation_prompt together with continue_final_message, and continuing an assistant
-        message that holds tool calls.  Continuing the last message (continue_final_message, or
-        add_generation_prompt false) is refused as not supported: the library's chat renders
-        every conversation with the assistant's turn opened after it."""
+    def prompt_controls(self, prefill_assistant: bool = True) -> dict:
+        """How the prompt ends, as llama-server decides it (server-common.cpp,
+        oaicompat_chat_params_parse): `LLM.chat`'s continue_final_message and
+        add_generation_prompt.  A final assistant message is continued when the request says
+        continue_final_message, or by default (`prefill_assistant`, llama-server's
+        ``--no-prefill-assistant`` turns it off).  Refused, with llama-server's messages: two
+        assistant messages at the end, add_generation_prompt together with
+        continue_final_message, continuing a message that holds tool calls; and here,
+        continuing anything but an assistant message's content."""
         msgs = self.messages
-        if not self.continue_final_message and len(msgs) >= 2 and msgs[-1].role == msgs[-2].role == "assistant":
-            raise bad_request("Cannot have 2 or more assistant messages at the end of the list.", param="messages")
-        if self.continue_final_message and self.add_generation_prompt:
+        explicit = self.continue_final_message
+        if explicit == "reasoning_content":
+            raise APIError(400, "continue_final_message: continuing an assistant message's reasoning is not "
+                                "supported", param="continue_final_message", code="not_supported")
+        last_assistant = msgs[-1].role == "assistant"
+        if not explicit:
+            if not (prefill_assistant and last_assistant):
+                return {} if self.add_generation_prompt else {"add_generation_prompt": False}
+            if len(msgs) >= 2 and msgs[-2].role == "assistant":
+                raise bad_request("Cannot have 2 or more assistant messages at the end of the list.",
+                                  param="messages")
+        elif self.add_generation_prompt:
             raise bad_request("Cannot set both add_generation_prompt and continue_final_message to true.",
                               param="continue_final_message")
-        if self.continue_final_message and msgs[-1].role == "assistant" and msgs[-1].tool_calls:
+        elif not last_assistant:
+            raise bad_request("continue_final_message: the last message must be the assistant's",
+                              param="continue_final_message")
+        if msgs[-1].tool_calls:
             raise bad_request("Cannot continue an assistant message that contains tool calls.",
                               param="continue_final_message")
-        if self.continue_final_message or not self.add_generation_prompt:
-            name = "continue_final_message" if self.continue_final_message else "add_generation_prompt"
-            raise APIError(400, f"{name}: continuing the last message is not supported on this route yet "
-                                "(POST /apply-template renders such prompts)", param=name, code="not_supported")
+        return {"continue_final_message": True, "add_generation_prompt": False}
 
 
 # --------------------------------------------------------------------------- completions
@@ -339,6 +352,8 @@ class CompletionRequest(SamplingFields):
     logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     suffix: Optional[str] = None
     best_of: Optional[int] = Field(default=None, ge=1, le=128)
+    return_progress: bool = False               # llama-server's: prompt_progress chunks (streamed)
+    timings_per_token: bool = False             # llama-server's: with them, the prompt's timings so far
 
     @field_validator("prompt")
     @classmethod

@@ -54,6 +54,12 @@ class ServerSettings:
     #: Where POST /slots/{id}?action=save|restore writes and reads slot files (``--slot-save-path``);
     #: None: the actions answer 501.  Files are named by the client, confined to this folder.
     slot_save_path: Optional[str] = None
+    #: A final assistant message in a chat is continued (llama-server's default;
+    #: ``--no-prefill-assistant`` answers after it instead).
+    prefill_assistant: bool = True
+    #: Every chat and completion response carries llama-server's ``__verbose`` debug object (the
+    #: prompt the model got, its tokens' counts: ``--verbose``); a request's ``verbose`` field too.
+    verbose_responses: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.api_keys, str):

@@ -1,0 +1,91 @@
+"""Context shift (llama-server's --context-shift): a sequence about to outgrow its slot drops
+the older half of its tokens (BOS kept) and goes on, instead of ending with "length".
+
+The engine does what llama-server does (the same n_keep and n_discard, the same removal and
+position shift of the KV cells); with SmolLM2 its answers were checked token for token against
+llama-server's own --context-shift (195 of 195 tokens, two shifts).  Here: the tokens before the
+first shift are those of a run without it, each token after it is (nearly always: the shifted
+keys are rotated again, not recomputed) what a fresh context holding only the kept tokens
+predicts, the shift is refused where the memory cannot do it, and the server's flag and
+"truncated" field."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyllama import LLM
+
+PROMPT = "Once upon a time there was a little robot who lived in a small house by the sea. " * 5
+
+
+@pytest.fixture(scope="module")
+def shifting(tiny_model_path):
+    with LLM(tiny_model_path, n_ctx=256, n_threads=1, context_shift=True, verbose=False) as llm:
+        yield llm
+
+
+def _kept(llm: LLM, n_ctx: int) -> tuple:
+    """(n_keep, n_discard) of the first shift, as llama-server computes them."""
+    keep = 1 if llm.vocab.add_bos else 0
+    return keep, (n_ctx - 1 - keep) // 2
+
+
+def test_an_answer_goes_on_past_a_full_slot(shifting, tiny_model_path):
+    n = shifting.context.n_ctx_seq
+    prompt = shifting.tokenize(PROMPT)
+    want = n - len(prompt) + 60                 # well past the slot's end
+    c = shifting.complete(prompt, max_tokens=want, temperature=0, ignore_eos=True)
+    assert len(c.tokens) == want and c.finish_reason == "length" and c.n_discarded > 0
+    with LLM(tiny_model_path, n_ctx=256, n_threads=1, verbose=False) as plain:
+        p = plain.complete(prompt, max_tokens=want, temperature=0, ignore_eos=True)
+    assert p.n_discarded == 0 and len(prompt) + len(p.tokens) == n      # ends when the slot is full
+    assert c.tokens[:len(p.tokens)] == p.tokens          # the same answer up to the shift
+
+
+def test_after_a_shift_the_model_sees_the_kept_tokens(shifting, tiny_model_path):
+    """Each token after the first shift (up to the second) against a fresh context holding BOS
+    and the newer half only: llama.cpp re-rotates the shifted keys rather than recomputing
+    them, so a near tie may go the other way; nearly all must agree."""
+    n = shifting.context.n_ctx_seq
+    prompt = shifting.tokenize(PROMPT)
+    c = shifting.complete(prompt, max_tokens=n - len(prompt) + 40, temperature=0, ignore_eos=True)
+    seq = prompt + c.tokens
+    assert len(seq) == n + 40 and c.n_discarded > 0
+    keep, discard = _kept(shifting, n)
+    assert seq[0] == shifting.vocab.bos or keep == 0
+    agree = 0
+    with LLM(tiny_model_path, n_ctx=512, n_threads=1, verbose=False) as fresh:
+        for j in range(n, len(seq)):
+            kept = seq[:keep] + seq[keep + discard:j]
+            agree += fresh.complete(kept, add_special=False, max_tokens=1, temperature=0,
+                                    ignore_eos=True).tokens[0] == seq[j]
+    assert agree >= 0.9 * 40, agree
+
+
+def test_no_shift_where_the_memory_cannot(vocab_dir, tmp_path):
+    """A recurrent model's state cannot drop old tokens: its answer ends as without the flag."""
+    from tiny_recurrent import make_tiny_mamba
+
+    path = make_tiny_mamba(tmp_path / "mamba.gguf")
+    with LLM(path, n_ctx=256, n_threads=1, context_shift=True, verbose=False) as llm:
+        n = llm.context.n_ctx_seq
+        prompt = llm.tokenize(PROMPT)
+        c = llm.complete(prompt, max_tokens=n, temperature=0, ignore_eos=True)
+        assert c.n_discarded == 0 and c.finish_reason == "length" and len(prompt) + len(c.tokens) <= n
+
+
+def test_completion_route_reports_truncated(shifting):
+    """/completion: an answer that went through a shift is "truncated", as llama-server says."""
+    from fastapi.testclient import TestClient
+
+    from pyllama.server import create_app
+
+    n = shifting.context.n_ctx_seq
+    with TestClient(create_app(shifting)) as client:
+        body = {"prompt": PROMPT, "n_predict": n, "temperature": 0, "ignore_eos": True}
+        r = client.post("/completion", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["tokens_predicted"] == n and out["truncated"] is True
+        short = client.post("/completion", json=dict(body, n_predict=4)).json()
+        assert short["tokens_predicted"] == 4 and short["truncated"] is False
