@@ -184,3 +184,20 @@ def test_astream_reports_prompt_progress(tiny_model_path):
         assert [(r["cache"], r["processed"]) for r in reports] == [(n - 1, n - 1), (n - 1, n)]
         assert not [c for c in asyncio.run(run(chunks=True)) if c.prompt_progress is not None]
         assert all(isinstance(t, str) for t in asyncio.run(run(prompt_progress=True)))
+
+
+def test_sync_stream_and_chat_report_prompt_progress_too(tiny_model_path):
+    """LLM.stream / chat(stream=True) with prompt_progress=True: the same reports as the async
+    stream, before the answer's text."""
+    with LLM(tiny_model_path, n_ctx=512, n_batch=16, n_threads=1, verbose=False, chat_template="chatml") as m:
+        prompt = "Once upon a time there was " * 8
+        n = len(m.tokenize(prompt))
+        chunks = list(m.stream(prompt, chunks=True, prompt_progress=True, max_tokens=3, temperature=0,
+                               ignore_eos=True, cache_prompt=False))
+        reports = [c.prompt_progress for c in chunks if c.prompt_progress is not None]
+        assert [r["processed"] for r in reports] == [min(16 * k, n) for k in range(-(-n // 16) + 1)]
+        assert chunks[len(reports)].text and all(c.prompt_progress is None for c in chunks[len(reports):])
+        chat = list(m.chat([{"role": "user", "content": prompt}], stream=True, chunks=True, prompt_progress=True,
+                           max_tokens=2, temperature=0, cache_prompt=False))
+        got = [c.prompt_progress for c in chat if c.prompt_progress is not None]
+        assert got[0]["processed"] == 0 and got[-1]["processed"] == got[-1]["total"] > n

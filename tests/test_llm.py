@@ -419,6 +419,10 @@ def test_chat_continues_a_final_assistant_message(smol):
     assert anew.prompt_tokens > cont.prompt_tokens          # a closed message, then a new header
     bare = smol.chat(ask, add_generation_prompt=False, max_tokens=1, temperature=0)
     assert bare.prompt_tokens < smol.chat(ask, max_tokens=1, temperature=0).prompt_tokens
+    with pytest.raises(ValueError, match="only an assistant message"):
+        smol.chat(ask, continue_final_message=True)
+    with pytest.raises(TypeError, match="continue_final_message"):
+        smol.chat(prefill, continue_final_message="yes")
 
 
 def test_chat_stream_equals_chat(any_llm):

@@ -325,7 +325,7 @@ def test_n_parallel_beyond_n_batch_is_refused(tiny_model_path):
         assert len(outs) == 10 and all(len(o.tokens) == 3 for o in outs)
 
 
-def test_a_full_shared_kv_memory_preempts_instead_of_cutting_answers(tiny_model_path):
+def test_a_full_shared_kv_memory_preempts_instead_of_cutting_answers(mid):
     """Threads whose answers together need more cells than the shared KV memory holds (each
     fits alone): the request submitted last leaves its slot and resumes once there is room, so
     every answer is complete and equal to the call made alone (the engine used to end the
@@ -338,7 +338,9 @@ def test_a_full_shared_kv_memory_preempts_instead_of_cutting_answers(tiny_model_
         alone = {k: llm.complete("A", max_tokens=k).tokens for k in set(n)}
         before = llm._engine.n_preemptions
         got = [None] * len(n)
+        start = threading.Barrier(len(n))
         def call(i):
+            start.wait(30)            # all at once (a few ms per token: they overlap throughout)
             got[i] = llm.complete("A", max_tokens=n[i])
         threads = [threading.Thread(target=call, args=(i,)) for i in range(len(n))]
         for t in threads: t.start()
@@ -358,5 +360,5 @@ def test_a_full_shared_kv_memory_preempts_instead_of_cutting_answers(tiny_model_
     assert not any(s["busy"] for s in llm.slots())
     llm.close()
     print("OK")
-    """, tiny_model_path)
+    """, mid)
     assert "OK" in out

@@ -179,16 +179,27 @@ cdef bint _engine_preempt_running(Engine engine) except -1:
 
 
 cdef bint _engine_has_room(Engine engine, GenerationRequest r) except -1:
-    """May r, preempted to make room (_engine_preempt_running), take a slot again?  When the
-    cells of the running requests leave room for what it needs plus 16 more tokens of each of
-    them (else it would be the one preempted again at once), or when nothing else runs."""
-    cdef Py_ssize_t held = 0
+    """May r, preempted to make room (_engine_preempt_running), take a slot again?  When what
+    the running requests hold and will still feed before they generate (the rest of a prompt,
+    a re-evaluation) leaves room for what r needs plus 16 more tokens of each of them (else r
+    would be the one preempted again at once), or when nothing else runs.  Counting only
+    what they hold would let r back in beside a prompt still being evaluated, to be preempted
+    again at every step, and no step would ever decode."""
+    cdef GenerationRequest q
+    cdef Py_ssize_t need = 0
     cdef int s, running = 0
     for s in range(engine.n_slots):
-        if engine.slots[s] is not None:
-            held += len(engine.slot_tokens[s])
-            running += 1
-    return running == 0 or engine.context.n_ctx - held >= r.room_needed + 16 * running
+        x = engine.slots[s]
+        if x is None:
+            continue
+        q = x
+        running += 1
+        need += len(engine.slot_tokens[s])
+        if q.refill:
+            need += len(q.refill)
+        elif q.leader is None or q.forked:
+            need += max(0, len(q.prompt_tokens) - q.n_prompt_done)
+    return running == 0 or engine.context.n_ctx - need >= r.room_needed + 16 * running
 
 
 cdef bint _engine_shift(Engine engine, GenerationRequest r) except -1:

@@ -402,12 +402,14 @@ def prepare_chat(llm: "LLM", messages: Sequence[Mapping[str, Any]], *, stream: b
     variables = rs.check_reasoning_args(reasoning_format, reasoning_budget, chat_template_kwargs)
     if reasoning_budget == 0:
         variables.setdefault("enable_thinking", False)   # as llama-server: budget 0 is no thinking
-    if continue_final_message:
-        if add_generation_prompt is not True and add_generation_prompt is not False:
-            raise TypeError("add_generation_prompt must be True or False")
+    for name, flag in (("continue_final_message", continue_final_message),
+                       ("add_generation_prompt", add_generation_prompt)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if continue_final_message:     # (it opens no new turn: the assistant's goes on)
         variables["prefill_assistant"] = True            # a rendering option, not a template variable
         add_generation_prompt = False
-    variables["add_generation_prompt"] = bool(add_generation_prompt)
+    variables["add_generation_prompt"] = add_generation_prompt
     if tools:
         plan = tools_mod.plan_chat(llm._chat_formatter(), messages, tools=tools, tool_choice=tool_choice or "auto",
                                    stream=stream, response_format=response_format,

@@ -236,7 +236,12 @@ class LLM:
             self._spec = None
         if self._spec is not None and self._spec.get("draft_model") is not None:
             try:
-                self._load_draft_model(self._spec.pop("draft_model"), n_gpu_layers, vocab_only)
+                from pyllama.speculative import load_draft_weights
+
+                self._draft_weights = load_draft_weights(self.vocab, self._spec.pop("draft_model"), n_gpu_layers,
+                                                         vocab_only)
+                if self._draft_weights is None:
+                    self._spec = None
             except BaseException:
                 if self.multimodal is not None:
                     self.multimodal.close()
@@ -293,30 +298,6 @@ class LLM:
         return cls(path, **kwargs)
 
     # ---- lifecycle -----------------------------------------------------------
-
-    def _load_draft_model(self, path: Any, n_gpu_layers: int, vocab_only: bool) -> None:
-        """The draft model's weights, checked against the target's vocabulary before anything
-        else is made (llama.cpp's rules: pyllama.speculative.check_draft_vocab)."""
-        from pyllama.models import resolve_model
-        from pyllama.speculative import check_draft_vocab
-
-        if vocab_only:
-            raise ValueError("draft_model needs the target's weights; it cannot be used with vocab_only=True")
-        weights = _core.Model(str(resolve_model(path)), n_gpu_layers=n_gpu_layers)
-        try:
-            check_draft_vocab(self.vocab, weights.vocab)
-        except BaseException:
-            weights.close()
-            raise
-        if weights.is_recurrent or weights.is_hybrid:
-            # Its drafts would have to leave its own memory after each rejection: it cannot.
-            weights.close()
-            warnings.warn("draft_model is ignored: it is a recurrent or hybrid model (its memory cannot drop "
-                          "rejected draft tokens); generating without speculative decoding", RuntimeWarning,
-                          stacklevel=3)
-            self._spec = None
-            return
-        self._draft_weights = weights
 
     def _make_context(self, n_seq: int) -> None:
         """(Re-)create the context with n_seq sequences.  Only while no request exists."""
@@ -603,13 +584,16 @@ class LLM:
     def stream(self, prompt: Union[str, Sequence[int]], *, add_special: bool = True, parse_special: bool = False,
                chunks: bool = False, n: int = 1, logprobs: Union[bool, int, None] = None,
                top_logprobs: Optional[int] = None, logits_processors: Optional[Sequence[Callable[..., Any]]] = None,
-               stopping_criteria: Optional[Sequence[Callable[..., Any]]] = None, **overrides: Any) -> "Stream":
+               stopping_criteria: Optional[Sequence[Callable[..., Any]]] = None, prompt_progress: bool = False,
+               **overrides: Any) -> "Stream":
         """Yield the completion piece by piece (whole characters; a stop string never leaks).
 
         The stream advances only while it is iterated: left open, it holds no other call
         up.  With `chunks=True` (implied by n > 1) it yields :class:`Chunk` objects that
-        carry the choice index, token ids and log-probabilities.  Once exhausted, the
-        iterator exposes the final Completion as `.completion` (all of them as
+        carry the choice index, token ids and log-probabilities; `prompt_progress=True` adds
+        chunks with no text whose Chunk.prompt_progress reports the prompt's evaluation
+        (llama-server's return_progress: where it starts, then each n_batch chunk).  Once
+        exhausted, the iterator exposes the final Completion as `.completion` (all of them as
         `.completions`); `.close()` stops it early.  `logits_processors` and
         `stopping_criteria` work as in complete().
         """
@@ -617,7 +601,7 @@ class LLM:
                                       logprobs=logprobs, top_logprobs=top_logprobs,
                                       logits_processors=logits_processors, stopping_criteria=stopping_criteria,
                                       **overrides)
-        return Stream(self, prep, mode="chunks" if chunks or n > 1 else "text")
+        return Stream(self, prep, mode="chunks" if chunks or n > 1 else "text", prompt_progress=prompt_progress)
 
     # ---- batched generation ---------------------------------------------------------
 
@@ -732,7 +716,8 @@ class LLM:
              chat_template_kwargs: Optional[Mapping[str, Any]] = None,
              continue_final_message: bool = False, add_generation_prompt: bool = True,
              logits_processors: Optional[Sequence[Callable[..., Any]]] = None,
-             stopping_criteria: Optional[Sequence[Callable[..., Any]]] = None, **overrides: Any) -> Any:
+             stopping_criteria: Optional[Sequence[Callable[..., Any]]] = None, prompt_progress: bool = False,
+             **overrides: Any) -> Any:
         """Answer a conversation using the model's own chat template.
 
         response_format={"type": "json_object"} constrains the answer to JSON;
@@ -754,6 +739,7 @@ class LLM:
         `chat_template_kwargs` are template variables (``{"enable_thinking": False}``).
         `continue_final_message=True` continues a final assistant message (the answer starts
         after its text, as llama-server does); add_generation_prompt=False omits the header.
+        `prompt_progress` (stream=True with Chunks) as in stream().
         """
         call = rq.prepare_chat(self, messages, stream=stream, response_format=response_format, tools=tools,
                                tool_choice=tool_choice, allow_special_in_messages=allow_special_in_messages,
@@ -765,7 +751,7 @@ class LLM:
                                **overrides)
         if stream and not call.whole:
             prep = rq.finish_chat(self._prepare_complete(call.prompt, **call.options), call)
-            inner = Stream(self, prep, mode="chunks" if chunks or n > 1 else "text")
+            inner = Stream(self, prep, mode="chunks" if chunks or n > 1 else "text", prompt_progress=prompt_progress)
             if call.reasoning is None or not call.reasoning.reports:
                 return inner
             from pyllama.chat.reasoning import ReasoningStream

@@ -37,6 +37,33 @@ VOCAB_MAX_SIZE_DIFFERENCE = 128
 VOCAB_CHECK_START_TOKEN_ID = 5
 
 
+def load_draft_weights(target: "_core.Vocab", path: Any, n_gpu_layers: int,
+                       vocab_only: bool) -> Optional["_core.Model"]:
+    """LLM(draft_model=...)'s weights, checked against the target's vocabulary before anything
+    else is made (llama.cpp's rules: check_draft_vocab); None, with a warning, for a recurrent
+    or hybrid draft model (its drafts would have to leave its own memory after each
+    rejection: it cannot)."""
+    import warnings
+
+    from pyllama.models import resolve_model
+
+    if vocab_only:
+        raise ValueError("draft_model needs the target's weights; it cannot be used with vocab_only=True")
+    weights = _core.Model(str(resolve_model(path)), n_gpu_layers=n_gpu_layers)
+    try:
+        check_draft_vocab(target, weights.vocab)
+    except BaseException:
+        weights.close()
+        raise
+    if weights.is_recurrent or weights.is_hybrid:
+        weights.close()
+        warnings.warn("draft_model is ignored: it is a recurrent or hybrid model (its memory cannot drop "
+                      "rejected draft tokens); generating without speculative decoding", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    return weights
+
+
 def check_draft_vocab(target: "_core.Vocab", draft: "_core.Vocab") -> None:
     """Raise ValueError, naming the first difference, unless `draft` can draft for `target`:
     llama.cpp's rules (same tokenizer type, same BOS/EOS handling, sizes within 128, and every

@@ -166,11 +166,12 @@ class Stream:
     so a stream left open costs other callers nothing (its slot is lent out if needed and
     its KV cells re-used when it resumes)."""
 
-    def __init__(self, llm: "LLM", prep: Prepared, mode: str) -> None:
+    def __init__(self, llm: "LLM", prep: Prepared, mode: str, prompt_progress: bool = False) -> None:
         self._llm = llm
         self._prep = prep
         self._reqs = prep.requests
         self._mode = mode
+        self._progress = prompt_progress and mode == "chunks"
         self._cursors = [_Cursor() for _ in self._reqs]
         self._events: deque = deque()
         self._started = False
@@ -184,6 +185,8 @@ class Stream:
 
     def _collect(self) -> bool:
         for i, r in enumerate(self._reqs):
+            if self._progress and r.leader is None:
+                self._cursors[i].progress(r, i, self._events)
             item = self._cursors[i].take(self._llm, r, i if self._mode != "events" else r.tag, self._mode)
             if item is not None:
                 self._events.append(item)
