@@ -394,19 +394,8 @@ cdef class Engine:
                 continue
             if r.leader is not None and not r.forked:
                 continue
-            if r.has_next or r.refill:
-                r.kv_tokens = list(self.slot_tokens[s]) + (r.refill or [])
-                # refill tokens were never evaluated: they are what must be, not what is
-                r.refill = None
-                r.preempted = True
-            else:
-                # Still evaluating its prompt: it starts over (from whatever cache survives).
-                r.preempted = False
-            self.slots[s] = None
-            self.slot_used[s] = self.n_steps
-            r.slot = -1
+            _engine_vacate(self, r)
             self.parked.append(r)
-            self.n_preemptions += 1
             return True
         return False
 

@@ -131,6 +131,24 @@ cdef int _engine_resync_after_abort(Engine engine) except -1:
     return 0
 
 
+cdef int _engine_vacate(Engine engine, GenerationRequest r) except -1:
+    """Preemption: r gives its slot up (the caller parks or queues it).  A generating request
+    resumes by re-evaluating what its sequence held (kv_tokens); one still evaluating its prompt
+    starts over, from whatever cache survives."""
+    if r.has_next or r.refill:
+        # refill tokens were never evaluated: they are what must be, not what is
+        r.kv_tokens = list(engine.slot_tokens[r.slot]) + (r.refill or [])
+        r.refill = None
+        r.preempted = True
+    else:
+        r.preempted = False
+    engine.slots[r.slot] = None
+    engine.slot_used[r.slot] = engine.n_steps
+    r.slot = -1
+    engine.n_preemptions += 1
+    return 0
+
+
 cdef bint _engine_preempt_running(Engine engine) except -1:
     """The KV memory is full and no paused request can give cells up.  When several running
     requests share it (one memory for all sequences), the one submitted last leaves its slot
@@ -158,23 +176,13 @@ cdef bint _engine_preempt_running(Engine engine) except -1:
             (<GenerationRequest>f).forked or (<GenerationRequest>f).done for f in victim._followers):
         return False     # (a leader whose followers still need its prompt cannot leave: see above)
     s = victim.slot
-    if victim.has_next or victim.refill:
-        victim.kv_tokens = list(engine.slot_tokens[s]) + (victim.refill or [])
-        victim.refill = None           # (never evaluated: what must be, not what is)
-        victim.preempted = True
-        victim.room_needed = len(victim.kv_tokens) + 1
-    else:                              # still evaluating its prompt: it starts over
-        victim.preempted = False
-        victim.room_needed = len(victim.prompt_tokens) + 1
-    victim.n_fed = 0
+    _engine_vacate(engine, victim)
+    victim.room_needed = len(victim.kv_tokens if victim.preempted else victim.prompt_tokens) + 1
+    victim.n_fed = 0                   # (its tokens were in the batch that did not fit)
     victim.batch_idx = -1
     victim.draft = None
-    engine.slots[s] = None
-    engine.slot_used[s] = engine.n_steps
-    victim.slot = -1
     _engine_clear_seq(engine, s)
     engine.queue.appendleft(victim)
-    engine.n_preemptions += 1
     return True
 
 

@@ -114,9 +114,10 @@ class _Cursor:
         self.processed = -1         # prompt tokens reported processed (-1: no report yet)
 
     def progress(self, r: Any, index: int, items: list) -> None:
-        """Prompt progress chunks (llama-server's return_progress): the first says where the
-        evaluation starts (the cached tokens: nothing evaluated, no time spent), then one per
-        prompt chunk the engine evaluated since, the last one at processed == total."""
+        """Prompt progress chunks of `r` (a group's leader: it evaluates the prompt) for
+        llama-server's return_progress: the first says where the evaluation starts (the cached
+        tokens: nothing evaluated, no time spent), then one per prompt chunk the engine
+        evaluated since, the last one at processed == total."""
         total, cache, processed = r.prompt_progress
         if processed == 0 and cache == 0:
             return                  # not admitted yet (or refused: its error is the stream's start)
@@ -128,7 +129,7 @@ class _Cursor:
             self.processed = processed
             items.append(Chunk(index=index, text="", token_ids=[], prompt_progress={
                 "total": total, "cache": cache, "processed": processed,
-                "time_ms": float((r if r.leader is None else r.leader).t_prompt_ms)}))
+                "time_ms": float(r.t_prompt_ms)}))
 
     def take(self, llm: "LLM", r: Any, index: int, mode: str) -> Optional[Any]:
         """The next item for a consumer in `mode` ("text", "events", "chunks"), or None."""

@@ -343,16 +343,12 @@ def generation_settings(llm: Any, kw: dict, stream: bool, n_probs: int) -> dict:
 def _probs(entries: Any, post_sampling: bool = False) -> list:
     """completion_probabilities: llama-server's probs_vector_to_json (log-probabilities, or with
     post_sampling_probs the probabilities the sampler chain left, as "prob" and "top_probs")."""
+    key, value = ("prob", lambda lp: math.exp(lp)) if post_sampling else ("logprob", lambda lp: lp)
     out = []
     for e in entries or ():
-        if post_sampling:
-            out.append({"id": e.id, "token": e.token, "bytes": e.bytes, "prob": math.exp(e.logprob),
-                        "top_probs": [{"id": t.id, "token": t.token, "bytes": t.bytes, "prob": math.exp(t.logprob)}
-                                      for t in e.top_logprobs]})
-            continue
-        out.append({"id": e.id, "token": e.token, "bytes": e.bytes, "logprob": e.logprob,
-                    "top_logprobs": [{"id": t.id, "token": t.token, "bytes": t.bytes, "logprob": t.logprob}
-                                     for t in e.top_logprobs]})
+        out.append({"id": e.id, "token": e.token, "bytes": e.bytes, key: value(e.logprob),
+                    f"top_{key}s": [{"id": t.id, "token": t.token, "bytes": t.bytes, key: value(t.logprob)}
+                                    for t in e.top_logprobs]})
     return out
 
 
