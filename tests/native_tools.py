@@ -7,6 +7,8 @@ the numbers can be compared almost bit for bit.
 * ``static_libs()``           the build's static llama/ggml libraries (None: not a source build).
 * ``require_static_libs()``   the same, or skip (locally) / fail (``CI`` set) when there are none.
 * ``build_llama_embedding()`` examples/embedding/embedding.cpp -> ``llama-embedding``.
+* ``build_mtmd_reference()``  tests/native/mtmd_reference.cpp (llama.h + mtmd.h only, no common/)
+                              -> ``mtmd_reference``, linked with the build's libmtmd.a as well.
 
 Tools that use llama.cpp's ``common`` library (argument parsing, model download, chat, ...)
 compile only the common sources their run needs (``COMMON_SOURCES``), at -O1 (the numeric work
@@ -222,3 +224,43 @@ def build_llama_embedding() -> Path:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "vendor_llama_cpp.py"), "--with", "tools"], check=True,
                    capture_output=True)
     return build_common_tool("llama-embedding", LLAMA_DIR / "examples" / "embedding" / "embedding.cpp", libs)
+
+
+def build_mtmd_reference() -> Path:
+    """tests/native/mtmd_reference.cpp (llama.cpp's reference evaluation of a multimodal prompt through
+    mtmd_helper_eval_chunks, then greedy decoding) against our build's static libraries, libmtmd.a
+    included; returns the cached binary.  Skips locally / fails in CI like require_static_libs() when
+    the build has no static libraries or was configured without mtmd."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the llama.cpp tool builds use the GNU toolchain (g++, ld) of the Linux test machines")
+    libs = require_static_libs()
+    lib_dir = libs[0].parent.parent  # build/<dir>/llama.cpp
+    mtmd_libs = [lib_dir / "tools" / "mtmd" / "libmtmd.a", lib_dir / "vendor" / "hash" / "libvendor-hash.a"]
+    if not all(p.exists() for p in mtmd_libs):
+        msg = f"no libmtmd.a / libvendor-hash.a under {lib_dir} (a build with PYLLAMA_MTMD=OFF?)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    name = "mtmd_reference"
+    source = ROOT / "tests" / "native" / "mtmd_reference.cpp"
+    all_libs = [*mtmd_libs, *libs]  # link order: mtmd (and its hash helper) before llama before ggml
+    final = cache_root() / _cache_key(name, [source], all_libs)
+    exe = final / name
+    if exe.exists():
+        os.utime(final)
+        return exe
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+    try:
+        inc = [f"-I{LLAMA_DIR / d}" for d in ("include", "ggml/include", "tools/mtmd")]
+        _run([CXX, *COMMON_CXXFLAGS, *inc, str(source), "-o", str(work / name), *map(str, all_libs), *link_flags()],
+             work)
+        try:
+            os.rename(work, final)  # atomic: a concurrent session either wins or finds ours
+        except OSError:
+            if not exe.exists():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _prune(name, final)
+    return exe

@@ -737,9 +737,14 @@ class MediaPrompt:
     multimodal: Multimodal
     tokens: list[int]
     spans: list[tuple[int, int, int]]
+    pos_spans: list[tuple[int, int, int, int]]
+    """M-RoPE media (start, n_tokens, n_pos, last_t): positions not one per token."""
     def __len__(self) -> int: ...
     @property
     def n_media(self) -> int: ...
+    @property
+    def n_positions(self) -> int:
+        """Positions the prompt takes (fewer than its tokens after M-RoPE images)."""
     @property
     def n_media_tokens(self) -> int: ...
     def chunks_info(self) -> list[dict[str, Any]]: ...

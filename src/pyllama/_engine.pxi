@@ -51,6 +51,7 @@ cdef class Engine:
     cdef readonly int n_slots
     cdef list slots           # slot -> GenerationRequest or None
     cdef list slot_tokens     # slot -> tokens currently in that sequence's KV memory
+    cdef list slot_pos_spans  # slot -> the M-RoPE media among them (see _pos_of): their positions
     cdef list slot_used       # slot -> step counter when last used (LRU choice among free slots)
     cdef object queue
     cdef list parked          # preempted paused requests (no slot, not queued)
@@ -106,6 +107,7 @@ cdef class Engine:
         self.batch = Batch(self.n_batch, n_seq)
         self.slots = [None] * self.n_slots
         self.slot_tokens = [[] for _ in range(self.n_slots)]
+        self.slot_pos_spans = [[] for _ in range(self.n_slots)]
         self.slot_used = [0] * self.n_slots
         self.truncatable = context.kv_can_truncate()
         self.slot_ckpts = [[] for _ in range(self.n_slots)]
@@ -196,6 +198,7 @@ cdef class Engine:
         self._cancel_all()
         for s in range(self.n_slots):
             self.slot_tokens[s] = []
+            self.slot_pos_spans[s] = []
             self.slot_ckpts[s] = []
         self.context.kv_clear()
 
@@ -304,7 +307,7 @@ cdef class Engine:
         cdef llama_pos pmax
         if cached:
             pmax = llama_memory_seq_pos_max(llama_get_memory(self.context.ptr), s)
-            if pmax + 1 != <llama_pos>len(cached):
+            if pmax != _last_pos_of(self.slot_pos_spans[s], len(cached)):
                 _engine_clear_seq(self, s)
         return cached
 
@@ -446,6 +449,7 @@ cdef class Engine:
                     llama_memory_seq_rm(mem, s, -1, -1)
                     llama_memory_seq_cp(mem, s0, s, -1, -1)
                     self.slot_tokens[s] = list(prefix)
+                    self.slot_pos_spans[s] = []    # (the prefix stops before any medium)
                     self.slot_ckpts[s] = list(self.slot_ckpts[s0])
         return k
 
@@ -570,6 +574,7 @@ cdef class Engine:
     cdef int _step(self, list events, object callback) except -1:
         cdef GenerationRequest r
         cdef int s, i, room, take, first, at
+        cdef llama_pos p0
         cdef Batch batch = self.batch
         cdef double t0, t1, dt
         cdef int n_busy = 0, n_gen = 0, n_spec = 0
@@ -609,7 +614,7 @@ cdef class Engine:
                 continue
             n_busy += 1
             if r.has_next and not r.refill:
-                r.batch_idx = batch._add(r.next_token, r.n_past, s, True)
+                r.batch_idx = batch._add(r.next_token, r._pos(r.n_past), s, True)
                 n_gen += 1
                 if r.draft_max > 0:
                     n_spec += 1
@@ -630,8 +635,9 @@ cdef class Engine:
                 take = min(room, len(r.refill))
                 if r.media is not None:
                     take = min(take, r._next_media(r.n_past) - r.n_past)
+                p0 = r._pos(r.n_past)
                 for i in range(take):
-                    batch._add(r.refill[i], r.n_past + i, s, False)
+                    batch._add(r.refill[i], p0 + i, s, False)
                 r.n_fed = take
                 continue
             take = min(room, len(r.prompt_tokens) - r.n_prompt_done)
@@ -652,9 +658,10 @@ cdef class Engine:
             if r._wants_prompt_lp:
                 take = min(take, _PROMPT_LOGPROBS_CHUNK)
             first = batch.batch.n_tokens
+            p0 = r._pos(r.n_past)
             for i in range(take):
                 want_logits = r._wants_prompt_lp or r.n_prompt_done + i == len(r.prompt_tokens) - 1
-                batch._add(r.prompt_tokens[r.n_prompt_done + i], r.n_past + i, s, want_logits)
+                batch._add(r.prompt_tokens[r.n_prompt_done + i], p0 + i, s, want_logits)
             r.prompt_idx0 = first
             r.n_fed = take
             if r.n_prompt_done + take == len(r.prompt_tokens):
@@ -783,7 +790,7 @@ cdef class Engine:
             t0 = pyllama_now_ms()
             while True:
                 try:
-                    _eval_media(self.context, r.media.multimodal, r.media, idx, r.n_past, s)
+                    _eval_media(self.context, r.media.multimodal, r.media, idx, r._pos(r.n_past), s)
                     break
                 except DecodeAborted:
                     if not self.truncatable:
@@ -807,6 +814,9 @@ cdef class Engine:
                     self._emit(r, "", events, callback)
                     return 0
             keys = r.prompt_tokens[start:start + n]
+            for span in r.pos_spans:
+                if span[0] == start:       # (our token index is the slot's: see _assign)
+                    self.slot_pos_spans[s].append(span)
             self.slot_tokens[s].extend(keys)
             if r.refill:
                 del r.refill[:n]
@@ -827,6 +837,7 @@ cdef class Engine:
             llama_memory_seq_rm(mem, f.slot, -1, -1)
             llama_memory_seq_cp(mem, r.slot, f.slot, -1, -1)
             self.slot_tokens[f.slot] = list(self.slot_tokens[r.slot])
+            self.slot_pos_spans[f.slot] = list(self.slot_pos_spans[r.slot])
             self.slot_ckpts[f.slot] = list(self.slot_ckpts[r.slot])
             f.n_past = r.n_past
             f.n_prompt_done = r.n_prompt_done

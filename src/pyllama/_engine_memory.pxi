@@ -11,7 +11,14 @@ cdef void _engine_clear_seq(Engine engine, int s):
     """Empty slot s's sequence: its KV memory, its cached tokens, its checkpoints."""
     llama_memory_seq_rm(llama_get_memory(engine.context.ptr), s, -1, -1)
     del engine.slot_tokens[s][:]    # (in place: callers may hold the list)
+    engine.slot_pos_spans[s] = []
     engine.slot_ckpts[s] = []
+
+
+cdef void _engine_cut_pos_spans(Engine engine, int s, Py_ssize_t n):
+    """Slot s now holds its first n tokens (never part of a medium): forget the media after."""
+    if engine.slot_pos_spans[s]:
+        engine.slot_pos_spans[s] = [span for span in engine.slot_pos_spans[s] if span[0] < n]
 
 
 cdef Py_ssize_t _engine_keepable(Engine engine, int s, Py_ssize_t k):
@@ -38,8 +45,9 @@ cdef Py_ssize_t _engine_truncate(Engine engine, int s, Py_ssize_t k) except -1:
     if n >= len(cached):
         return len(cached)
     if n > 0 and engine.truncatable:
-        if llama_memory_seq_rm(mem, s, n, -1):
+        if llama_memory_seq_rm(mem, s, _pos_of(engine.slot_pos_spans[s], n), -1):
             del cached[n:]
+            _engine_cut_pos_spans(engine, s, n)
             engine.slot_ckpts[s] = [c for c in engine.slot_ckpts[s] if c[0] <= n]
             return n
     elif n > 0:
@@ -90,14 +98,17 @@ cdef bint _engine_restore_ckpt(Engine engine, int s, tuple ckpt) except -1:
     cdef const uint8_t * src = <const uint8_t *>PyBytes_AS_STRING(data)
     cdef llama_context * ctx = engine.context.ptr
     cdef llama_memory_t mem = llama_get_memory(ctx)
+    cdef list spans = engine.slot_pos_spans[s]
     try:
         with nogil:
             got = llama_state_seq_set_data_ext(ctx, src, size, s, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
     except RuntimeError:
         return False
-    if got == 0 or not llama_memory_seq_rm(mem, s, n, -1) or llama_memory_seq_pos_max(mem, s) != n - 1:
+    if (got == 0 or not llama_memory_seq_rm(mem, s, _pos_of(spans, n), -1)
+            or llama_memory_seq_pos_max(mem, s) != _last_pos_of(spans, n)):
         return False
     del engine.slot_tokens[s][n:]
+    _engine_cut_pos_spans(engine, s, n)
     engine.slot_ckpts[s] = [c for c in engine.slot_ckpts[s] if c[0] <= n]
     engine.n_checkpoints_restored += 1
     return True
@@ -121,7 +132,7 @@ cdef int _engine_resync_after_abort(Engine engine) except -1:
     cdef int s
     cdef llama_memory_t mem = llama_get_memory(engine.context.ptr)
     for s in range(engine.n_slots):
-        if llama_memory_seq_pos_max(mem, s) + 1 == <llama_pos>len(engine.slot_tokens[s]):
+        if llama_memory_seq_pos_max(mem, s) == _last_pos_of(engine.slot_pos_spans[s], len(engine.slot_tokens[s])):
             continue
         x = engine.slots[s]
         if x is not None and not ((<GenerationRequest>x).leader is not None and not (<GenerationRequest>x).forked):

@@ -80,6 +80,16 @@ cdef extern from "pyllama_mtmd.h" nogil:
     size_t mtmd_input_chunk_get_n_tokens(const mtmd_input_chunk * chunk)
     const char * mtmd_input_chunk_get_id(const mtmd_input_chunk * chunk)
     llama_pos mtmd_input_chunk_get_n_pos(const mtmd_input_chunk * chunk)
+    ctypedef struct mtmd_image_tokens:
+        pass
+    struct mtmd_decoder_pos:
+        uint32_t t
+        uint32_t x
+        uint32_t y
+        uint32_t z
+    const mtmd_image_tokens * mtmd_input_chunk_get_tokens_image(const mtmd_input_chunk * chunk)
+    mtmd_decoder_pos mtmd_image_tokens_get_decoder_pos(const mtmd_image_tokens * image_tokens, llama_pos pos_0,
+                                                       size_t i)
 
     int32_t mtmd_tokenize(const mtmd_context * ctx, mtmd_input_chunks * output, const mtmd_input_text * text,
                           const mtmd_bitmap * const * bitmaps, size_t n_bitmaps) except +

@@ -284,12 +284,6 @@ cdef class Multimodal:
         self._cached_bytes = 0
         self._cache = _OrderedDict()
         self._lock = _threading.RLock()
-        if mtmd_decode_use_mrope(self.ptr):
-            mtmd_free(self.ptr)
-            self.ptr = NULL
-            self._drop_model()
-            raise MediaError(f"{path}: this model places image tokens with M-RoPE (Qwen2-VL and relatives), "
-                             "which pyllama's batched engine does not support yet")
 
     def __dealloc__(self):
         if self.ptr != NULL:
@@ -546,7 +540,7 @@ cdef class Multimodal:
             for i in range(n_chunks):
                 if prompt._media_ids[i] is not None:
                     _eval_media(context, self, prompt, i, n_past, seq_id)
-                    n_past += prompt._chunk_sizes[i]
+                    n_past += prompt._chunk_npos[i]
                     continue
                 toks = prompt._chunk_tokens(i)
                 k = 0
@@ -646,8 +640,14 @@ cdef class MediaPrompt:
     cdef readonly Multimodal multimodal
     cdef readonly list tokens
     cdef list _media_ids        # per chunk: the medium's id, or None for text
-    cdef list _chunk_sizes      # per chunk: positions it takes
+    cdef list _chunk_sizes      # per chunk: tokens it takes (KV cells)
+    cdef list _chunk_npos       # per chunk: positions it takes (fewer than tokens with M-RoPE)
     cdef readonly list spans    # (start, n_tokens, chunk index) of every media chunk
+    # The media whose positions are not one per token (Qwen2-VL's M-RoPE: an image's tokens
+    # share their first position and advance it by max(rows, columns)): (start, n_tokens,
+    # n_pos, last_t) with last_t the offset of its last token's position from its first.
+    # Empty for every other model, so position = token index and nothing else is paid.
+    cdef readonly list pos_spans
 
     def __cinit__(self):
         self.chunks = NULL
@@ -668,12 +668,17 @@ cdef class MediaPrompt:
         p.tokens = []
         p._media_ids = []
         p._chunk_sizes = []
+        p._chunk_npos = []
         p.spans = []
+        p.pos_spans = []
         cdef size_t i, n = mtmd_input_chunks_size(chunks), n_text, j
         cdef const mtmd_input_chunk * c
         cdef const llama_token * toks
         cdef const char * cid
         cdef size_t n_tok
+        cdef llama_pos n_pos
+        cdef const mtmd_image_tokens * image
+        cdef uint32_t last_t
         for i in range(n):
             c = mtmd_input_chunks_get(chunks, i)
             if mtmd_input_chunk_get_type(c) == MTMD_INPUT_CHUNK_TYPE_TEXT:
@@ -681,17 +686,26 @@ cdef class MediaPrompt:
                 p.tokens.extend([toks[j] for j in range(n_text)])
                 p._media_ids.append(None)
                 p._chunk_sizes.append(<int>n_text)
+                p._chunk_npos.append(<int>n_text)
                 continue
             n_tok = mtmd_input_chunk_get_n_tokens(c)
-            if <size_t>mtmd_input_chunk_get_n_pos(c) != n_tok:
-                raise MediaError("this model gives media chunks fewer positions than tokens (M-RoPE), which "
-                                 "pyllama's engine does not support yet")
+            n_pos = mtmd_input_chunk_get_n_pos(c)
+            last_t = <uint32_t>(n_tok - 1)
+            image = mtmd_input_chunk_get_tokens_image(c) if n_tok > 0 else NULL
+            if image != NULL and mtmd_decode_use_mrope(mm._get()):
+                last_t = mtmd_image_tokens_get_decoder_pos(image, 0, n_tok - 1).t
+            if n_pos <= 0 or <size_t>n_pos > n_tok or last_t >= <uint32_t>n_pos:
+                raise MediaError(f"mtmd gave a media chunk of {n_tok} tokens {n_pos} positions, a layout "
+                                 "pyllama's engine does not know")
+            if <size_t>n_pos != n_tok or last_t != <uint32_t>(n_tok - 1):
+                p.pos_spans.append((len(p.tokens), <int>n_tok, <int>n_pos, <int>last_t))
             cid = mtmd_input_chunk_get_id(c)
             media_id = cid.decode("utf-8", "replace") if cid != NULL and cid[0] != 0 else f"anonymous-{id(p)}-{i}"
             p.spans.append((len(p.tokens), <int>n_tok, <int>i))
             p.tokens.extend([_media_key(media_id)] * n_tok)
             p._media_ids.append(media_id)
             p._chunk_sizes.append(<int>n_tok)
+            p._chunk_npos.append(<int>n_pos)
         if not p.tokens:
             raise ValueError("the prompt is empty (no tokens)")
         if p._media_ids[-1] is not None:
@@ -720,6 +734,12 @@ cdef class MediaPrompt:
         return len(self.spans)
 
     @property
+    def n_positions(self) -> int:
+        """Positions the prompt takes in a sequence: its length, except on models whose images
+        advance the position by less than their token count (M-RoPE, the Qwen2-VL family)."""
+        return sum(self._chunk_npos)
+
+    @property
     def n_media_tokens(self) -> int:
         """Positions taken by images/audio (what mtmd reports for each chunk, summed)."""
         return sum(n for _, n, _ in self.spans)
@@ -743,7 +763,36 @@ cdef class MediaPrompt:
         return [t for t in self.tokens if t >= 0]
 
     def __repr__(self) -> str:
-        return f"MediaPrompt({len(self.tokens)} positions, {self.n_media} media)"
+        return f"MediaPrompt({len(self.tokens)} tokens, {self.n_media} media)"
+
+
+# Positions on M-RoPE models.  The engine counts a sequence in tokens (KV cells: n_past, the
+# prompt cache), while llama.cpp places them at positions that, after an image, run behind the
+# token count.  `pos_spans` (MediaPrompt.pos_spans, kept per slot by the engine) maps one to the
+# other; it is empty for every other model, where position == token index.
+
+cdef inline llama_pos _pos_of(list pos_spans, Py_ssize_t i):
+    """The position of token i of a sequence (i is never inside a medium; i == its length
+    gives the next free position): i, less what the media before it saved."""
+    cdef Py_ssize_t lag = 0
+    if not pos_spans:
+        return <llama_pos>i
+    for span in pos_spans:
+        if <Py_ssize_t>span[0] + <Py_ssize_t>span[1] > i:
+            break
+        lag += <Py_ssize_t>span[1] - <Py_ssize_t>span[2]
+    return <llama_pos>(i - lag)
+
+
+cdef llama_pos _last_pos_of(list pos_spans, Py_ssize_t n):
+    """The position llama_memory_seq_pos_max reports for a sequence of n tokens (-1: none):
+    that of its last token, which for an M-RoPE image is its first position plus last_t."""
+    if n <= 0:
+        return -1
+    for span in pos_spans:
+        if <Py_ssize_t>span[0] + <Py_ssize_t>span[1] == n:
+            return _pos_of(pos_spans, span[0]) + <llama_pos>span[3]
+    return _pos_of(pos_spans, n) - 1
 
 
 cdef int _check_media_fits(Context ctx, MediaPrompt prompt) except -1:

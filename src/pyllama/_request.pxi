@@ -179,6 +179,7 @@ cdef class GenerationRequest:
     cdef readonly list prompt_tokens
     cdef readonly MediaPrompt media      # images/audio in the prompt, or None
     cdef list media_spans                # (start, n_tokens, chunk index) of each medium
+    cdef list pos_spans                  # media.pos_spans: M-RoPE media (see _pos_of); [] otherwise
     cdef readonly SamplerChain sampler
     cdef readonly SamplerChain grammar   # a chain holding only grammar stage(s), or None
     cdef llama_token_data * candidates   # n_vocab scratch entries for grammar re-sampling
@@ -286,6 +287,7 @@ cdef class GenerationRequest:
             # Media positions hold negative keys (see _mtmd.pxi); the text is checked as usual.
             self.media = prompt_tokens
             self.media_spans = list(self.media.spans)
+            self.pos_spans = list(self.media.pos_spans)
             self.prompt_tokens = list(self.media.tokens)
             if self.media.multimodal.model is not sampler.vocab.model:
                 raise ValueError("the MediaPrompt was tokenized for another model than the sampler's")
@@ -296,6 +298,7 @@ cdef class GenerationRequest:
         else:
             self.media = None
             self.media_spans = []
+            self.pos_spans = []
             self.prompt_tokens = [int(t) for t in prompt_tokens]
             sampler.vocab.check_tokens(self.prompt_tokens)
         if not self.prompt_tokens:
@@ -461,6 +464,10 @@ cdef class GenerationRequest:
             if span[0] >= pos:
                 return span[0]
         return 1 << 40
+
+    cdef inline llama_pos _pos(self, Py_ssize_t i):
+        """The KV position of our token i (i outside media): i, except after M-RoPE images."""
+        return <llama_pos>i if not self.pos_spans else _pos_of(self.pos_spans, i)
 
     cdef Py_ssize_t _snap(self, Py_ssize_t k):
         """A reusable prefix length never ends inside a medium: move it back to its start."""
