@@ -325,6 +325,14 @@ def test_no_slots_endpoint(tiny_llm):
     assert_error(call(create_app(tiny_llm, slots_endpoint=False), "GET", "/slots"), 501)
 
 
+def test_no_metrics_endpoint(tiny_llm):
+    """--no-metrics: /metrics answers 501 as llama-server does without --metrics; /props says so."""
+    assert call(create_app(tiny_llm), "GET", "/metrics").status_code == 200
+    off = create_app(tiny_llm, metrics_endpoint=False)
+    assert "--metrics" in assert_error(call(off, "GET", "/metrics"), 501)["message"]
+    assert call(off, "GET", "/props").json()["endpoint_metrics"] is False
+
+
 def test_slot_actions(tiny_llm, tmp_path):
     assert_error(post(create_app(tiny_llm), "/slots/0?action=erase", {}), 501)
     app = create_app(tiny_llm, slot_save_path=str(tmp_path))
@@ -639,7 +647,8 @@ def test_llama_server_flags_map_onto_llm_and_settings(tmp_path, tiny_model_path)
     assert kw["swa_full"] is True and kw["pooling"] == "last" and kw["type_k"] == kw["type_v"] == "q8_0"
     s = llama_server_settings(args)
     assert s["sampling_defaults"] == {"temperature": 0.5, "seed": 42, "top_k": 5}
-    assert s["slots_endpoint"] is False and s["props_endpoint"] is True
+    assert s["slots_endpoint"] is False and s["props_endpoint"] is True and s["metrics_endpoint"] is True
+    assert llama_server_settings(_serve_args("--no-metrics"))["metrics_endpoint"] is False
     assert s["reasoning_format"] == "none" and s["reasoning_budget"] == 0
     assert s["chat_template_kwargs"] == {"x": 1, "enable_thinking": False}
     assert s["slot_save_path"] == str(tmp_path)
@@ -654,6 +663,9 @@ def test_llama_server_flags_map_onto_llm_and_settings(tmp_path, tiny_model_path)
     assert "kv_unified" in serve_llm_kwargs(_serve_args(), str(tiny_model_path))
     assert serve_llm_kwargs(_serve_args("--context-shift"), str(tiny_model_path))["context_shift"] is True
     assert serve_llm_kwargs(_serve_args(), str(tiny_model_path))["context_shift"] is False
+    synth = serve_llm_kwargs(_serve_args("-md", "d.gguf", "--spec-synth-rates", "0.5, 0.25"), str(tiny_model_path))
+    assert synth["spec_synth_rates"] == [0.5, 0.25] and "spec_synth_len" not in synth
+    assert serve_llm_kwargs(_serve_args("--spec-synth-len", "2.5"), str(tiny_model_path))["spec_synth_len"] == 2.5
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -680,3 +680,69 @@ def test_real_models_speculation_keeps_the_answers(request, model_fixture):
           f"diverged: {report}")
     assert drafted > 0 and accepted > 0
     assert good >= 16, report
+
+
+# ---- synthetic acceptance (llama-server's --spec-synth-*, for benchmarks) ------------------
+
+
+def test_synth_acceptance_rates_are_resolved_as_llama_cpp_does():
+    from pyllama.speculative import synth_acceptance
+
+    assert synth_acceptance(None, None, 4) is None
+    # Unconditional rates become each position's probability given the one before was kept.
+    assert synth_acceptance([0.8, 0.4, 0.2, 0.0], None, 4) == pytest.approx((0.8, 0.5, 0.5, 0.0))
+    assert synth_acceptance(None, 5.0, 4) == (1.0, 1.0, 1.0, 1.0)       # every draft, always
+    assert synth_acceptance(None, 1.0, 4) == (0.0, 0.0, 0.0, 0.0)       # never
+    p = synth_acceptance(None, 2.0, 4)[0]                             # p + p^2 + p^3 + p^4 = 1
+    assert p + p ** 2 + p ** 3 + p ** 4 == pytest.approx(1.0, abs=1e-6)
+    for rates, length, match in (([0.5] * 3, None, "must contain 4 values"),
+                                 ([0.5, 0.6, 0.1, 0.0], None, "non-increasing"),
+                                 ([1.5, 0.5, 0.1, 0.0], None, "within"),
+                                 ([0.5] * 4, 2.0, "mutually exclusive"),
+                                 (None, 6.0, "within"), (None, float("nan"), "within")):
+        with pytest.raises(ValueError, match=match):
+            synth_acceptance(rates, length, 4)
+
+
+def test_synth_acceptance_needs_speculation(tiny_model_path):
+    with pytest.raises(ValueError, match="needs speculative decoding"):
+        LLM(tiny_model_path, spec_synth_rates=[0.5] * 16)
+
+
+def test_synth_acceptance_keeps_drafts_at_the_given_rates(tiny_model_path, tiny_draft_path):
+    """Rates 0: every draft is verified and dropped, and the text is plain decoding's (each
+    position sampled once, in order).  Rates 1: every draft is kept, even where the model
+    disagrees (the other weights' drafts are often wrong), and a grammar or ignore_eos does not
+    trip it.  In between: the same seed gives the same draws."""
+    kw = dict(n_ctx=512, n_threads=1, temperature=0.9, top_k=40, seed=5, ignore_eos=True)
+    spec = dict(draft_model=tiny_draft_path, draft_max=4, draft_min=2)
+    with LLM(tiny_model_path, **kw) as plain:
+        want = plain.complete("The weather today", max_tokens=30)
+    with LLM(tiny_model_path, spec_synth_rates=[0.0] * 4, **spec, **kw) as never:
+        got = never.complete("The weather today", max_tokens=30)
+    assert got.tokens == want.tokens
+    assert got.timings.draft_n > 0 and got.timings.draft_n_accepted == 0
+    with LLM(tiny_model_path, spec_synth_rates=[1.0] * 4, **spec, **kw) as always:
+        got = always.complete("The weather today", max_tokens=30)
+        assert got.timings.draft_n >= 20 and got.timings.draft_n_accepted == got.timings.draft_n
+        assert len(got.tokens) == 30 and got.tokens != want.tokens
+        constrained = always.complete("Say a", max_tokens=6, grammar='root ::= "a"{5,5}', ignore_eos=False)
+        assert len(constrained.tokens) <= 6
+    with LLM(tiny_model_path, spec_synth_len=2.5, **spec, **kw) as half:
+        runs = [half.complete("The weather today", max_tokens=30).timings for _ in range(2)]
+        other = half.complete("The weather today", max_tokens=30, seed=6).timings
+    assert (runs[0].draft_n, runs[0].draft_n_accepted) == (runs[1].draft_n, runs[1].draft_n_accepted)
+    assert 0 < runs[0].draft_n_accepted < runs[0].draft_n
+    assert other.draft_n > 0
+
+
+def test_a_request_that_has_not_drafted_probes_at_once(tiny_model_path):
+    """With the cost model on, a request's first steps draft draft_min tokens even where the
+    prior acceptance says it does not pay: it measures its acceptance instead of assuming it
+    (here the target drafts for itself, so the probe is accepted and drafting goes on)."""
+    kw = dict(n_ctx=512, n_threads=1, temperature=0, ignore_eos=True)
+    with LLM(tiny_model_path, draft_model=tiny_model_path, draft_max=8, draft_min=4, **kw) as spec:
+        for _ in range(12):        # past the cost model's first 8 decodes
+            spec.complete("Once upon a time", max_tokens=2, speculative=False)
+        got = spec.complete("Once upon a time", max_tokens=12)
+    assert got.timings.draft_n >= 4 and got.timings.draft_n_accepted == got.timings.draft_n

@@ -36,6 +36,7 @@ from pyllama._mtmd cimport *
 
 import logging as _logging
 import os as _os
+import random as _random
 import threading as _threading
 
 # The extension imports only leaf modules of the package (pure Python, importing nothing of

@@ -41,6 +41,9 @@ cdef int _sample_one(Engine engine, GenerationRequest r, list events, object cal
             tok = llama_sampler_sample(r.sampler.ptr, engine.context.ptr, r.batch_idx)
     else:
         tok = _sample_with_grammar(engine, r)
+    if r.forced_token >= 0:
+        tok = r.forced_token             # a synthetically accepted draft (see _spec_verify)
+        r.forced_token = -1
     if r.post_sampling_probs:
         r._logprobs.append(_post_sampling_entry(engine, r, tok))
         r.lp_spans.append([r.chars_pushed, -1])

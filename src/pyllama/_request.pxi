@@ -257,6 +257,9 @@ cdef class GenerationRequest:
     cdef readonly long long n_drafted, n_draft_accepted, n_draft_steps   # steps: verifications
     cdef long long spec_runs_ended       # verifications that ended at a rejected draft (for p)
     cdef int spec_skips                  # steps since the cost model last let this request draft
+    cdef tuple synth_probs               # synthetic acceptance (benchmarks): P(accept drafted token i | i-1 taken)
+    cdef object synth_rng                # ... and its random source (random.Random, seeded like the request)
+    cdef llama_token forced_token        # _sample_one emits this instead of what it sampled (-1: none)
     cdef readonly object drafter         # drafter(token_ids, limit) -> tokens, instead of n-grams
     cdef readonly object finish_reason
     cdef public object error     # the exception that ended this request (finish_reason "error")
@@ -278,7 +281,8 @@ cdef class GenerationRequest:
                  int max_tokens=-1, stop=(), stop_tokens=(), bint ignore_eos=False, bint render_special=False,
                  tag=None, logprobs=None, bint prompt_logprobs=False, bint cache_prompt=True,
                  logits_processors=None, stopping_criteria=None, int draft_max=0, int draft_min=0,
-                 int ngram_n=3, drafter=None, bint post_sampling_probs=False):
+                 int ngram_n=3, drafter=None, bint post_sampling_probs=False, synth_probs=None,
+                 synth_seed=None):
         if self._initialized:
             raise RuntimeError("GenerationRequest is already initialised")
         if sampler.ptr == NULL:
@@ -353,6 +357,14 @@ cdef class GenerationRequest:
             raise TypeError(f"drafter must be callable as drafter(token_ids, limit), got {type(drafter).__name__}")
         self.drafter = drafter
         self.spec_cap = min(4, draft_max) if draft_max > 0 else 0
+        self.forced_token = -1
+        if synth_probs is not None:
+            # llama-server's --spec-synth-*: drafts are accepted at random, whatever the model
+            # says (to benchmark the drafting path at a chosen acceptance; the text is not valid).
+            self.synth_probs = tuple(float(x) for x in synth_probs)
+            if not self.synth_probs or not all(0.0 <= x <= 1.0 for x in self.synth_probs):
+                raise ValueError("synth_probs must be probabilities in [0, 1], one per drafted position")
+            self.synth_rng = _random.Random(synth_seed)
         self.sampler = sampler
         self.grammar = grammar
         self.max_tokens = max_tokens

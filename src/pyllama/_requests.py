@@ -58,9 +58,12 @@ def check_kwargs(func: Callable) -> Callable:
 
 
 def spec_settings(spec_type: Optional[str], draft_max: Any, draft_min: Any, ngram_n: Any,
-                  draft_model: Any, draft_p_min: Any = 0.75) -> Optional[dict]:
+                  draft_model: Any, draft_p_min: Any = 0.0, synth_rates: Any = None,
+                  synth_len: Any = None) -> Optional[dict]:
     """The GenerationRequest arguments of LLM(spec_type=...), checked before anything loads
     (plus "draft_model" and "draft_p_min" for LLM itself when a draft model is given)."""
+    from pyllama.speculative import synth_acceptance
+
     for name, value, low, high in (("draft_max", draft_max, 1, 256), ("draft_min", draft_min, 0, 256),
                                    ("spec_ngram_size_n", ngram_n, 1, 64)):
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -78,6 +81,9 @@ def spec_settings(spec_type: Optional[str], draft_max: Any, draft_min: Any, ngra
     if spec_type in (None, "none"):
         if draft_model is not None:
             raise ValueError("draft_model was given but spec_type='none' turns speculation off")
+        if synth_rates is not None or synth_len is not None:
+            raise ValueError("synthetic acceptance (spec_synth_rates / spec_synth_len) needs speculative "
+                             "decoding: a spec_type or a draft_model")
         return None
     if spec_type not in SPEC_TYPES:
         raise ValueError(f"unknown spec_type {spec_type!r}: pyllama implements {', '.join(SPEC_TYPES)} "
@@ -87,6 +93,9 @@ def spec_settings(spec_type: Optional[str], draft_max: Any, draft_min: Any, ngra
     if spec_type != "draft" and draft_model is not None:
         raise ValueError(f"draft_model is for spec_type='draft', not {spec_type!r}")
     spec = {"draft_max": draft_max, "draft_min": draft_min, "ngram_n": ngram_n}
+    synth = synth_acceptance(synth_rates, synth_len, draft_max)
+    if synth is not None:
+        spec["synth_probs"] = synth
     if spec_type == "draft" and callable(draft_model):
         spec.update(drafter=draft_model)    # the caller's own draft source, called per request
     elif spec_type == "draft":
@@ -214,6 +223,8 @@ def build_request(llm: "LLM", prompt: Any, params: SamplingParams, tag: Any = No
         spec = {k: v for k, v in spec.items() if k != "draft_p_min"}
         if llm._drafter is not None:
             spec["drafter"] = llm._drafter
+        if "synth_probs" in spec:         # its random draws are as reproducible as the sampling
+            spec["synth_seed"] = params.seed if params.seed is not None and params.seed >= 0 else None
     return _core.GenerationRequest(tokens, chain, grammar=grammar, max_tokens=max_tokens,
                                    stop=params.stop or (), stop_tokens=params.stop_tokens,
                                    ignore_eos=params.ignore_eos, tag=tag, logprobs=logprobs,

@@ -81,11 +81,13 @@ cdef int _spec_draft_len(Engine engine, GenerationRequest r, int limit, int n_ge
             best_d = d
     if best_d == 0:
         # Not worth it on what r has shown so far; but the text may change (an answer that
-        # starts copying its input): probe with one token now and then.
+        # starts copying its input): probe now and then, and at once while r has shown
+        # nothing (its acceptance is only the prior).  A probe is the shortest draft the
+        # request verifies (draft_min), else it would never be drafted.
         r.spec_skips += 1
-        if r.spec_skips >= _SPEC_PROBE_EVERY:
+        if r.spec_skips >= _SPEC_PROBE_EVERY or r.n_drafted == 0:
             r.spec_skips = 0
-            return 1
+            return min(limit, max(1, r.draft_min))
     return best_d
 
 
@@ -109,7 +111,10 @@ cdef int _spec_add_drafts(Engine engine, Batch batch, int n_gen) except -1:
         limit = min(r.draft_max, room, engine.n_ctx_seq - r.n_past - 2)
         if r.max_tokens >= 0:
             limit = min(limit, r.max_tokens - <int>len(r.out_tokens) - 1)
-        limit = _spec_draft_len(engine, r, limit, n_gen)
+        if r.synth_probs is not None:
+            limit = min(limit, <int>len(r.synth_probs))    # benchmarks: always the full draft
+        else:
+            limit = _spec_draft_len(engine, r, limit, n_gen)
         if limit < max(r.draft_min, 1):
             continue
         if r.drafter is not None and hasattr(r.drafter, "draft_batch"):
@@ -204,6 +209,9 @@ cdef int _spec_verify(Engine engine, GenerationRequest r, int s, list events, ob
     r.n_draft_steps += 1
     engine.n_drafted_total += k
     try:
+        if r.synth_probs is not None:
+            j = _spec_verify_synth(engine, r, s, draft, events, callback)
+            return 0
         _sample_one(engine, r, events, callback)
         while j < k and r.has_next and r.next_token == <llama_token>draft[j]:
             # The draft was right: its position is evaluated already (it is at n_past).
@@ -234,6 +242,31 @@ cdef int _spec_verify(Engine engine, GenerationRequest r, int s, list events, ob
         else:
             r.spec_cap = max(1, min(r.spec_cap, j + 1))
     return 0
+
+
+cdef int _spec_verify_synth(Engine engine, GenerationRequest r, int s, list draft, list events,
+                            object callback) except -1:
+    """llama-server's synthetic acceptance (--spec-synth-rates, for benchmarks): drafted
+    token j is kept with probability synth_probs[j] (given that the ones before it were),
+    whatever the model sampled there, except an end-of-generation token; the first one not
+    kept is replaced by the model's sample.  Every position is still sampled, so the sampler
+    chain (grammar included) advances on the tokens it chose.  Returns how many were kept."""
+    cdef int j = 0, k = len(draft)
+    cdef const llama_vocab * vocab = engine.context.vocab
+    while True:
+        keep = (j < k and r.synth_rng.random() < r.synth_probs[j]
+                and not llama_vocab_is_eog(vocab, <llama_token>draft[j]))
+        if keep:
+            r.forced_token = <llama_token>draft[j]
+        _sample_one(engine, r, events, callback)
+        if not keep or not r.has_next:
+            return j
+        # The kept draft's position is evaluated already (it is at n_past).
+        engine.slot_tokens[s].append(draft[j])
+        r.n_past += 1
+        r.has_next = False
+        r.batch_idx = r.draft_idx0 + j
+        j += 1
 
 
 cdef bint _spec_drop_drafts(Engine engine):

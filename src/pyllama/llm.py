@@ -96,8 +96,10 @@ class LLM:
         draft_min: int = 0,
         spec_ngram_size_n: int = 3,
         draft_model: Union[str, os.PathLike, None] = None,
-        draft_p_min: float = 0.75,
+        draft_p_min: float = 0.0,
         spec_cost_model: bool = True,
+        spec_synth_rates: Optional[Sequence[float]] = None,
+        spec_synth_len: Optional[float] = None,
         require_gpu: bool = False,
         verbose: bool = False,
         model: Optional[str] = None,
@@ -119,7 +121,8 @@ class LLM:
         self.defaults = SamplingParams(**sampling)
         rq.resolve_grammar(self.defaults)   # a bad grammar fails here, before loading
 
-        self._spec = rq.spec_settings(spec_type, draft_max, draft_min, spec_ngram_size_n, draft_model, draft_p_min)
+        self._spec = rq.spec_settings(spec_type, draft_max, draft_min, spec_ngram_size_n, draft_model, draft_p_min,
+                                      spec_synth_rates, spec_synth_len)
         if not isinstance(spec_cost_model, bool):
             raise TypeError(f"spec_cost_model must be True or False, got {spec_cost_model!r}")
         # True: each step drafts the length that pays on this machine (the engine's measured

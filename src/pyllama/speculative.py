@@ -28,13 +28,54 @@ from pyllama.errors import DecodeAborted, KVCacheFullError
 
 logger = logging.getLogger("pyllama")
 
-__all__ = ["DraftModel", "check_draft_vocab"]
+__all__ = ["DraftModel", "check_draft_vocab", "synth_acceptance"]
 
 # llama.cpp's common_speculative_are_compatible: vocabularies may differ in size by this much
 # (added tokens), and the first tokens (control tokens that models number differently) are not
 # compared.
 VOCAB_MAX_SIZE_DIFFERENCE = 128
 VOCAB_CHECK_START_TOKEN_ID = 5
+
+
+def synth_acceptance(rates: Optional[Sequence[float]], length: Optional[float], n_max: int) -> Optional[tuple]:
+    """llama-server's synthetic acceptance (``--spec-synth-rates`` / ``--spec-synth-len``, for
+    benchmarking the drafting path: the text it produces is not valid).  `rates[i]` is the
+    unconditional probability that drafted token i is kept; `length` asks instead for that mean
+    acceptance length, the target's token included (geometric rates, as llama.cpp's
+    common_speculative_synth_rates_resolve finds them).  Returns each position's probability
+    given that the one before it was kept, or None when neither is set."""
+    if rates is None and length is None:
+        return None
+    if rates is not None and length is not None:
+        raise ValueError("synthetic acceptance length and rates are mutually exclusive")
+    if rates is not None:
+        rates = [float(x) for x in rates]
+        if len(rates) != n_max:
+            raise ValueError(f"synthetic acceptance rates must contain {n_max} values (draft_max), got {len(rates)}")
+        if not all(np.isfinite(x) and 0.0 <= x <= 1.0 for x in rates):
+            raise ValueError("synthetic acceptance rates must be finite and within [0, 1]")
+        if any(b > a for a, b in zip(rates, rates[1:])):
+            raise ValueError("synthetic acceptance rates must be monotonically non-increasing")
+    else:
+        length = float(length)
+        if not np.isfinite(length) or not 1.0 <= length <= n_max + 1.0:
+            raise ValueError(f"synthetic acceptance length must be finite and within [1, {n_max + 1}]")
+        p = 1.0 if length == n_max + 1.0 else 0.0
+        if 1.0 < length < n_max + 1.0:
+            lo, hi = 0.0, 1.0      # the p whose p + p^2 + ... + p^n_max is length - 1, by bisection
+            for _ in range(32):
+                mid = 0.5 * (lo + hi)
+                if sum(mid ** (j + 1) for j in range(n_max)) < length - 1.0:
+                    lo = mid
+                else:
+                    hi = mid
+            p = 0.5 * (lo + hi)
+        rates = [p ** (j + 1) for j in range(n_max)]
+    conditional, before = [], 1.0
+    for rate in rates:
+        conditional.append(rate / before if before > 0.0 else 0.0)
+        before = rate
+    return tuple(conditional)
 
 
 def load_draft_weights(target: "_core.Vocab", path: Any, n_gpu_layers: int,
@@ -100,7 +141,7 @@ class DraftModel:
 
     def __init__(self, model: Union[str, os.PathLike, "_core.Model"], *, target_vocab: Optional["_core.Vocab"] = None,
                  n_seq: int = 1, n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None,
-                 p_min: float = 0.75, n_gpu_layers: int = 0, **context_kwargs: Any) -> None:
+                 p_min: float = 0.0, n_gpu_layers: int = 0, **context_kwargs: Any) -> None:
         if not isinstance(p_min, (int, float)) or isinstance(p_min, bool) or not 0.0 <= p_min <= 1.0:
             raise ValueError(f"draft_p_min must be a number in [0, 1], got {p_min!r}")
         if not isinstance(n_seq, int) or n_seq < 1:

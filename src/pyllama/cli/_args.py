@@ -150,6 +150,14 @@ def _spec_type(text: str) -> str:
     return "draft" if text == "draft-simple" else text
 
 
+def _rates(text: str) -> list:
+    """--spec-synth-rates P0,P1,...: numbers (their range is checked with --draft-max's value)."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+
+
 def add_spec_arguments(p: Any) -> None:
     """Speculative decoding, under llama-server's flag names (run and serve)."""
     g = p.add_argument_group("speculative decoding (drafted tokens verified in the same decode)")
@@ -168,10 +176,16 @@ def add_spec_arguments(p: Any) -> None:
     g.add_argument("-md", "--model-draft", dest="draft_model", metavar="FILE",
                    help="a draft model: a smaller GGUF with the same vocabulary (checked at load)")
     g.add_argument("--spec-draft-p-min", "--draft-p-min", dest="draft_p_min", type=float, metavar="P",
-                   help="stop a draft at a token the draft model gives less than probability P (default 0.75)")
+                   help="stop a draft at a token the draft model gives less than probability P (default 0: never, as llama-server)")
     g.add_argument("--no-spec-cost-model", dest="spec_cost_model", action="store_const", const=False, default=None,
                    help="draft up to --draft-max tokens every step, as llama.cpp does, instead of the length that "
                         "pays on this machine (sized from the measured decode cost and each request's acceptance)")
+    g.add_argument("--spec-synth-rates", dest="spec_synth_rates", type=_rates, metavar="P0,P1,...",
+                   help="benchmarking only (the text is not valid): keep drafted token i with probability Pi "
+                        "whatever the model says, one value per --draft-max position, non-increasing")
+    g.add_argument("--spec-synth-len", dest="spec_synth_len", type=float, metavar="L",
+                   help="benchmarking only: synthetic acceptance with this mean accepted length (the target's "
+                        "token included), instead of --spec-synth-rates")
 
 
 def add_hf_arguments(p: Any) -> None:
@@ -203,7 +217,7 @@ _SAMPLING_DESTS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repe
 _LOAD_DESTS = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "main_gpu", "tensor_split", "split_mode",
                "chat_template", "use_mmap", "use_mlock",
                "mmproj_path", "spec_type", "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min",
-               "spec_cost_model", "require_gpu")
+               "spec_cost_model", "spec_synth_rates", "spec_synth_len", "require_gpu")
 
 
 def _tensor_split(value: str) -> list:

@@ -170,8 +170,10 @@ def _add_llama_server_http_arguments(h: Any) -> None:
                    help="GET /slots answers (the default)")
     h.add_argument("--no-slots", dest="slots_endpoint", action="store_false",
                    help="GET /slots answers 501")
-    h.add_argument("--metrics", dest="ignored_metrics", action="store_true",
-                   help="accepted: /metrics is always served")
+    h.add_argument("--metrics", dest="metrics_endpoint", action="store_true", default=True,
+                   help="GET /metrics answers, in Prometheus text (the default here; llama-server needs the flag)")
+    h.add_argument("--no-metrics", dest="metrics_endpoint", action="store_false",
+                   help="GET /metrics answers 501 (llama-server's default)")
     h.add_argument("--props", dest="props_endpoint", action="store_true", default=False,
                    help="allow POST /props (it changes nothing yet, as in llama-server)")
     h.add_argument("--slot-save-path", dest="slot_save_path", metavar="DIR",
@@ -202,7 +204,7 @@ def serve_llm_kwargs(args: argparse.Namespace, path: str) -> dict:
     for name in ("n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "main_gpu", "tensor_split", "split_mode",
                  "use_mmap", "use_mlock", "mmproj_path", "spec_type",
                  "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min", "spec_cost_model",
-                 "require_gpu", "flash_attn", "type_k", "type_v", "lora_path", "pooling", "context_shift"):
+                 "spec_synth_rates", "spec_synth_len", "require_gpu", "flash_attn", "type_k", "type_v", "lora_path", "pooling", "context_shift"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     if getattr(args, "reranking", False):
@@ -258,6 +260,7 @@ def llama_server_settings(args: argparse.Namespace) -> dict:
     chat's reasoning and template variables, and the endpoints' switches."""
     out: dict = {"sampling_defaults": sampling_overrides(args),
                  "slots_endpoint": args.slots_endpoint, "props_endpoint": args.props_endpoint,
+                 "metrics_endpoint": args.metrics_endpoint,
                  "prefill_assistant": args.prefill_assistant, "verbose_responses": bool(args.verbose),
                  "model_tags": _csv(args.tags)}
     aliases = sorted(set(_csv(args.alias)))     # llama-server keeps them in a std::set

@@ -425,6 +425,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        if not cfg.metrics_endpoint:    # --no-metrics
+            raise APIError(501, "This server does not support metrics endpoint. Start it with `--metrics`",
+                           type="not_supported_error", code="not_supported")
         resp = Response(M.render(state.registry), media_type=M.CONTENT_TYPE)
         # llama-server's header: when the counters started (this server's start, Unix seconds),
         # spelled as llama-server spells it (Starlette would lower-case it; some clients look

@@ -598,7 +598,7 @@ def add_routes(app: "FastAPI", state: "ServerState") -> None:
                            "video": False,
                            "audio": bool(mm is not None and getattr(mm, "supports_audio", False))},
             "media_marker": _media_marker(), "endpoint_slots": cfg.slots_endpoint,
-            "endpoint_props": cfg.props_endpoint, "endpoint_metrics": True, "ui": False,
+            "endpoint_props": cfg.props_endpoint, "endpoint_metrics": cfg.metrics_endpoint, "ui": False,
             "chat_template": template, "bos_token": _token_text(vocab, "bos"),
             "eos_token": _token_text(vocab, "eos"), "build_info": _build_info(), "is_sleeping": False,
         })

@@ -49,6 +49,8 @@ class ServerSettings:
     model_tags: Sequence[str] = ()
     #: GET /slots answers (``--no-slots``: 501, as llama-server).
     slots_endpoint: bool = True
+    #: GET /metrics answers (``--no-metrics``: 501, as llama-server without ``--metrics``).
+    metrics_endpoint: bool = True
     #: POST /props is allowed (``--props``; it changes nothing yet, as in llama-server).
     props_endpoint: bool = False
     #: Where POST /slots/{id}?action=save|restore writes and reads slot files (``--slot-save-path``);
