@@ -89,3 +89,53 @@ def test_completion_route_reports_truncated(shifting):
         assert out["tokens_predicted"] == n and out["truncated"] is True
         short = client.post("/completion", json=dict(body, n_predict=4)).json()
         assert short["tokens_predicted"] == 4 and short["truncated"] is False
+
+
+def test_a_shift_never_moves_cells_another_slot_shares(tiny_model_path):
+    """On one KV memory, Engine.share_prefix gives two slots the same cells for their common
+    prefix (llama_memory_seq_cp), and llama.cpp's position shift moves a cell for every sequence
+    that holds it.  A shift whose moved part would include shared cells (a prefix longer than
+    what it keeps and drops) is therefore refused: the answer ends "length" where the slot
+    is full, its tokens those of the run that shifted, up to there.  Without a shared prefix
+    the same request shifts."""
+    from pyllama import Context, Engine, GenerationRequest, Model, SamplerChain
+
+    with Model(tiny_model_path) as m, Context(m, n_ctx=512, n_seq_max=2, n_threads=1, kv_unified=True) as ctx:
+        v = m.vocab
+        prefix = (v.tokenize(PROMPT) * 4)[:300]          # over half of the 512-token slot
+        prompt = prefix + v.tokenize(" and then", add_special=False)
+
+        def run(share: bool) -> GenerationRequest:
+            ctx.kv_clear()
+            engine = Engine(ctx, cache_prompt=True)
+            engine.context_shift = True
+            if share:
+                assert engine.share_prefix([prefix + [prompt[300]], prefix + [prompt[300] + 1]]) == 300
+            r = GenerationRequest(prompt, SamplerChain(v).add_greedy(), max_tokens=300, ignore_eos=True)
+            engine.run([r])
+            return r
+
+        alone, shared = run(False), run(True)
+        assert alone.n_discarded > 0 and len(alone.tokens) == 300
+        assert shared.n_discarded == 0 and shared.finish_reason == "length"
+        assert len(prompt) + len(shared.tokens) == ctx.n_ctx_seq
+        assert shared.tokens == alone.tokens[:len(shared.tokens)]
+
+
+def test_n_keep_and_n_discard_as_llama_server(tiny_model_path):
+    """A request's n_keep / n_discard (llama-server's request fields) set what the shift keeps
+    after BOS and drops: -1 keeps the whole prompt."""
+    with LLM(tiny_model_path, n_ctx=256, n_threads=1, context_shift=True, verbose=False) as llm:
+        n = llm.context.n_ctx_seq
+        prompt = llm.tokenize(PROMPT)
+        bos = 1 if prompt[0] == llm.vocab.bos else 0
+        go = dict(max_tokens=n - len(prompt) + 4, temperature=0, ignore_eos=True)   # one shift
+        assert llm.complete(prompt, **go).n_discarded == (n - 1 - bos) // 2
+        assert llm.complete(prompt, n_keep=10, n_discard=20, **go).n_discarded == 20
+        assert llm.complete(prompt, n_keep=-1, n_discard=5, **go).n_discarded == 5
+        # the whole prompt kept, half of the answer dropped
+        assert llm.complete(prompt, n_keep=-1, **go).n_discarded == (n - 1 - bos - len(prompt)) // 2
+        with pytest.raises(ValueError, match="n_keep"):
+            llm.complete(prompt, n_keep=-2, max_tokens=2)
+        with pytest.raises(ValueError, match="n_discard"):
+            llm.complete(prompt, n_discard=-1, max_tokens=2)

@@ -410,7 +410,12 @@ class GenerationRequest:
     tokens used); if it raises, the request ends with that exception.  A drafter that also has
     `draft_batch([(slot, token_ids, limit), ...]) -> [tokens, ...]` (a
     pyllama.speculative.DraftModel) is called once per step for all the requests that share
-    it, so a draft model drafts for every slot in the same decodes.
+    it, so a draft model drafts for every slot in the same decodes.  `synth_probs` (for
+    benchmarks, pyllama.speculative.synth_acceptance) keeps drafted token i with that
+    probability whatever the model says, drawn from random.Random(synth_seed).
+
+    `n_keep`/`n_discard`: what an engine with context_shift keeps and drops when this
+    request's sequence outgrows its slot (llama-server's request fields).
     """
 
     def __init__(
@@ -435,8 +440,14 @@ class GenerationRequest:
         ngram_n: int = 3,
         drafter: Callable[[list[int], int], Sequence[int] | None] | None = None,
         post_sampling_probs: bool = False,
+        synth_probs: Sequence[float] | None = None,
+        synth_seed: int | None = None,
+        n_keep: int = 0,
+        n_discard: int = 0,
     ) -> None: ...
     media: MediaPrompt | None
+    n_keep: int                # the context shift keeps these after BOS (-1: the prompt)
+    n_discard: int             # ... and drops these (0: half of the rest)
     tag: Any
     # Sharing (settable from any thread between steps):
     paused: bool

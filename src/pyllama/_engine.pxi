@@ -52,6 +52,8 @@ cdef class Engine:
     cdef list slots           # slot -> GenerationRequest or None
     cdef list slot_tokens     # slot -> tokens currently in that sequence's KV memory
     cdef list slot_pos_spans  # slot -> the M-RoPE media among them (see _pos_of): their positions
+    cdef list slot_shared     # slot -> how many of its first tokens' cells other sequences may share
+                              # (llama_memory_seq_cp on one memory): a context shift must not move them
     cdef list slot_used       # slot -> step counter when last used (LRU choice among free slots)
     cdef object queue
     cdef list parked          # preempted paused requests (no slot, not queued)
@@ -108,6 +110,7 @@ cdef class Engine:
         self.slots = [None] * self.n_slots
         self.slot_tokens = [[] for _ in range(self.n_slots)]
         self.slot_pos_spans = [[] for _ in range(self.n_slots)]
+        self.slot_shared = [0] * self.n_slots
         self.slot_used = [0] * self.n_slots
         self.truncatable = context.kv_can_truncate()
         self.slot_ckpts = [[] for _ in range(self.n_slots)]
@@ -199,6 +202,7 @@ cdef class Engine:
         for s in range(self.n_slots):
             self.slot_tokens[s] = []
             self.slot_pos_spans[s] = []
+            self.slot_shared[s] = 0
             self.slot_ckpts[s] = []
         self.context.kv_clear()
 
@@ -450,6 +454,8 @@ cdef class Engine:
                     llama_memory_seq_cp(mem, s0, s, -1, -1)
                     self.slot_tokens[s] = list(prefix)
                     self.slot_pos_spans[s] = []    # (the prefix stops before any medium)
+                    self.slot_shared[s] = max(self.slot_shared[s0], <Py_ssize_t>k)
+                    self.slot_shared[s0] = max(self.slot_shared[s0], <Py_ssize_t>k)
                     self.slot_ckpts[s] = list(self.slot_ckpts[s0])
         return k
 
@@ -838,6 +844,7 @@ cdef class Engine:
             llama_memory_seq_cp(mem, r.slot, f.slot, -1, -1)
             self.slot_tokens[f.slot] = list(self.slot_tokens[r.slot])
             self.slot_pos_spans[f.slot] = list(self.slot_pos_spans[r.slot])
+            self.slot_shared[f.slot] = self.slot_shared[r.slot] = len(self.slot_tokens[r.slot])
             self.slot_ckpts[f.slot] = list(self.slot_ckpts[r.slot])
             f.n_past = r.n_past
             f.n_prompt_done = r.n_prompt_done

@@ -12,11 +12,15 @@ cdef void _engine_clear_seq(Engine engine, int s):
     llama_memory_seq_rm(llama_get_memory(engine.context.ptr), s, -1, -1)
     del engine.slot_tokens[s][:]    # (in place: callers may hold the list)
     engine.slot_pos_spans[s] = []
+    engine.slot_shared[s] = 0
     engine.slot_ckpts[s] = []
 
 
-cdef void _engine_cut_pos_spans(Engine engine, int s, Py_ssize_t n):
-    """Slot s now holds its first n tokens (never part of a medium): forget the media after."""
+cdef void _engine_cut_slot(Engine engine, int s, Py_ssize_t n):
+    """Slot s now holds its first n tokens (never part of a medium): forget the media after
+    (and the shared cells after: see slot_shared)."""
+    if engine.slot_shared[s] > n:
+        engine.slot_shared[s] = n
     if engine.slot_pos_spans[s]:
         engine.slot_pos_spans[s] = [span for span in engine.slot_pos_spans[s] if span[0] < n]
 
@@ -47,7 +51,7 @@ cdef Py_ssize_t _engine_truncate(Engine engine, int s, Py_ssize_t k) except -1:
     if n > 0 and engine.truncatable:
         if llama_memory_seq_rm(mem, s, _pos_of(engine.slot_pos_spans[s], n), -1):
             del cached[n:]
-            _engine_cut_pos_spans(engine, s, n)
+            _engine_cut_slot(engine, s, n)
             engine.slot_ckpts[s] = [c for c in engine.slot_ckpts[s] if c[0] <= n]
             return n
     elif n > 0:
@@ -108,7 +112,7 @@ cdef bint _engine_restore_ckpt(Engine engine, int s, tuple ckpt) except -1:
             or llama_memory_seq_pos_max(mem, s) != _last_pos_of(spans, n)):
         return False
     del engine.slot_tokens[s][n:]
-    _engine_cut_pos_spans(engine, s, n)
+    _engine_cut_slot(engine, s, n)
     engine.slot_ckpts[s] = [c for c in engine.slot_ckpts[s] if c[0] <= n]
     engine.n_checkpoints_restored += 1
     return True
@@ -223,24 +227,33 @@ cdef bint _engine_has_room(Engine engine, GenerationRequest r) except -1:
 
 cdef bint _engine_shift(Engine engine, GenerationRequest r) except -1:
     """llama-server's context shift (--context-shift): r's sequence is about to outgrow its
-    slot, so it drops the older half of what follows its first token when that is BOS
-    (llama-server's n_keep 0), and the rest slides back to fill the gap: the answer goes on
-    with a shorter memory of its start.  False (the answer ends, "length") when the engine
-    has it off, or the sequence cannot shift: a recurrent/hybrid memory, images or audio in
-    it (their positions are not one per token), a sequence the engine did not fill alone."""
-    cdef int s = r.slot, n_keep, n_discard
+    slot, so it keeps its first r.n_keep tokens (after BOS; -1: the whole prompt), drops the
+    next r.n_discard (0: half of the rest) and slides the rest back to fill the gap: the answer
+    goes on with a shorter memory of its start.  False (the answer ends, "length") when the
+    engine has it off, or the sequence cannot shift: a recurrent/hybrid memory, images or
+    audio in it (their positions are not one per token), a sequence the engine did not fill
+    alone, or cells it shares with another sequence (n > 1, a shared prefix) in the part that
+    would move: moving a shared cell moves it for both (llama-server refuses these too)."""
+    cdef int s = r.slot, n_keep, n_discard, n_left
     cdef llama_memory_t mem = llama_get_memory(engine.context.ptr)
     cdef list held = engine.slot_tokens[s]
     if (not engine.context_shift or not engine.truncatable or r.media is not None
             or len(held) != r.n_past or not llama_memory_can_shift(mem)):
         return False
-    n_keep = 1 if llama_vocab_get_add_bos(engine.context.vocab) and held[0] == llama_vocab_bos(
-        engine.context.vocab) else 0
-    n_discard = (r.n_past - n_keep) // 2
-    if n_discard <= 0 or not llama_memory_seq_rm(mem, s, n_keep, n_keep + n_discard):
+    n_keep = len(r.prompt_tokens) if r.n_keep < 0 else r.n_keep
+    if llama_vocab_get_add_bos(engine.context.vocab) and held[0] == llama_vocab_bos(engine.context.vocab):
+        n_keep += 1
+    n_keep = min(n_keep, engine.n_ctx_seq - 4, r.n_past)
+    n_left = r.n_past - n_keep
+    n_discard = min(r.n_discard if r.n_discard > 0 else n_left // 2, n_left - 1)
+    if n_discard <= 0 or engine.slot_shared[s] > n_keep + n_discard:
+        return False
+    if not llama_memory_seq_rm(mem, s, n_keep, n_keep + n_discard):
         return False
     llama_memory_seq_add(mem, s, n_keep + n_discard, r.n_past, -n_discard)
     del held[n_keep:n_keep + n_discard]
+    if engine.slot_shared[s] > n_keep:
+        engine.slot_shared[s] = n_keep      # (the shared cells after it left this sequence)
     r.n_past -= n_discard
     r.n_discarded += n_discard
     return True

@@ -260,6 +260,8 @@ cdef class GenerationRequest:
     cdef tuple synth_probs               # synthetic acceptance (benchmarks): P(accept drafted token i | i-1 taken)
     cdef object synth_rng                # ... and its random source (random.Random, seeded like the request)
     cdef llama_token forced_token        # _sample_one emits this instead of what it sampled (-1: none)
+    cdef readonly int n_keep             # context shift: tokens kept after BOS (-1: the whole prompt)
+    cdef readonly int n_discard          # context shift: tokens dropped (0: half of the rest)
     cdef readonly object drafter         # drafter(token_ids, limit) -> tokens, instead of n-grams
     cdef readonly object finish_reason
     cdef public object error     # the exception that ended this request (finish_reason "error")
@@ -282,7 +284,7 @@ cdef class GenerationRequest:
                  tag=None, logprobs=None, bint prompt_logprobs=False, bint cache_prompt=True,
                  logits_processors=None, stopping_criteria=None, int draft_max=0, int draft_min=0,
                  int ngram_n=3, drafter=None, bint post_sampling_probs=False, synth_probs=None,
-                 synth_seed=None):
+                 synth_seed=None, int n_keep=0, int n_discard=0):
         if self._initialized:
             raise RuntimeError("GenerationRequest is already initialised")
         if sampler.ptr == NULL:
@@ -358,6 +360,10 @@ cdef class GenerationRequest:
         self.drafter = drafter
         self.spec_cap = min(4, draft_max) if draft_max > 0 else 0
         self.forced_token = -1
+        if n_keep < -1 or n_discard < 0:
+            raise ValueError(f"n_keep must be >= -1 and n_discard >= 0, got {n_keep} and {n_discard}")
+        self.n_keep = n_keep
+        self.n_discard = n_discard
         if synth_probs is not None:
             # llama-server's --spec-synth-*: drafts are accepted at random, whatever the model
             # says (to benchmark the drafting path at a chosen acceptance; the text is not valid).

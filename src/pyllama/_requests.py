@@ -230,6 +230,7 @@ def build_request(llm: "LLM", prompt: Any, params: SamplingParams, tag: Any = No
                                    ignore_eos=params.ignore_eos, tag=tag, logprobs=logprobs,
                                    prompt_logprobs=echo and logprobs is not None,
                                    cache_prompt=params.cache_prompt, post_sampling_probs=params.post_sampling_probs,
+                                   n_keep=params.n_keep, n_discard=params.n_discard,
                                    **(spec or {}), **(hooks or {}))
 
 

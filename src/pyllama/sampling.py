@@ -103,6 +103,11 @@ class SamplingParams:
     #: after top-k, top-p, min-p, temperature ...), not the model's own (llama-server's
     #: post_sampling_probs).
     post_sampling_probs: bool = False
+    #: Per call too, for LLM(context_shift=True): a shift keeps the first n_keep tokens after
+    #: BOS (-1: the whole prompt) and drops the next n_discard (0: half of the rest), as
+    #: llama-server's request fields of those names.
+    n_keep: int = 0
+    n_discard: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -161,6 +166,13 @@ class SamplingParams:
             raise TypeError(f"penalize_prompt must be True or False, got {self.penalize_prompt!r}")
         if not isinstance(self.post_sampling_probs, bool):
             raise TypeError(f"post_sampling_probs must be True or False, got {self.post_sampling_probs!r}")
+        for name, low in (("n_keep", -1), ("n_discard", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+            _int32(name, value)
         if self.speculative is not None and not isinstance(self.speculative, bool):
             raise TypeError(f"speculative must be True, False or None, got {self.speculative!r}")
         if isinstance(self.stop, str):

@@ -300,6 +300,10 @@ def completion_kwargs(body: LlamaCompletionRequest, state: "ServerState", n_voca
         kw["logit_bias"] = _logit_bias(state.llm, body.logit_bias, n_vocab)
     if body.spec_type == "none":
         kw["speculative"] = False
+    if body.n_keep:
+        kw["n_keep"] = body.n_keep         # the context shift's (--context-shift)
+    if body.n_discard:
+        kw["n_discard"] = body.n_discard
     n_probs = body.n_probs if body.n_probs is not None else body.logprobs
     if n_probs:
         kw["logprobs"] = True
@@ -330,7 +334,7 @@ def generation_settings(llm: Any, kw: dict, stream: bool, n_probs: int) -> dict:
         "dry_sequence_breakers": list(p.dry_sequence_breakers), "mirostat": p.mirostat_mode,
         "mirostat_tau": p.mirostat_tau, "mirostat_eta": p.mirostat_eta, "adaptive_target": -1.0,
         "adaptive_decay": 0.9, "stop": stop, "max_tokens": kw.get("max_tokens", -1),
-        "n_predict": kw.get("max_tokens", -1), "n_keep": 0, "n_discard": 0, "ignore_eos": p.ignore_eos,
+        "n_predict": kw.get("max_tokens", -1), "n_keep": p.n_keep, "n_discard": p.n_discard, "ignore_eos": p.ignore_eos,
         "stream": stream, "logit_bias": bias, "n_probs": n_probs, "min_keep": 0,
         "grammar": p.grammar or "", "samplers": list(SAMPLER_ORDER), "timings_per_token": False,
         "post_sampling_probs": p.post_sampling_probs, "backend_sampling": False, "lora": [],
