@@ -570,6 +570,32 @@ def test_chat_stream_timings_per_token(app):
     assert [i for i, e in enumerate(plain) if "timings" in e] == [len(plain) - 1]
 
 
+def test_completions_route_timings_per_token_and_verbose(app, tiny_llm):
+    """/v1/completions as llama-server: timings_per_token puts the timings so far on every
+    streamed text chunk (one stream per prompt, counted separately), and verbose adds the
+    __verbose object (the prompt the model got) to a non-streamed answer."""
+    body = {"prompt": ["Once upon a time", "The sea"], "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    evs = chat_events(post(app, "/v1/completions", {**body, "timings_per_token": True}))
+    text = [e for e in evs if e["choices"] and e["choices"][0]["text"]]
+    assert len(text) >= 8 and all("timings" in e for e in text)
+    for index in (0, 1):
+        counts = [e["timings"]["predicted_n"] for e in text if e["choices"][0]["index"] == index]
+        assert counts == sorted(counts) and counts[-1] >= 3
+    plain = chat_events(post(app, "/v1/completions", body))
+    assert [i for i, e in enumerate(plain) if "timings" in e] == [len(plain) - 1]
+    # llama-server's own route, a list of prompts (their streams open one after the other)
+    native = events(post(app, "/completion", {"prompt": body["prompt"], "n_predict": 5, "temperature": 0,
+                                              "ignore_eos": True, "stream": True, "timings_per_token": True}))
+    tokens = [e for e in native if e.get("tokens") and not e["stop"]]
+    assert len(tokens) == 10 and all("timings" in e for e in tokens)
+    one = {"prompt": "Once upon a time", "max_tokens": 3}
+    r = post(app, "/v1/completions", {**one, "verbose": True}).json()
+    assert r["__verbose"]["prompt"].endswith("Once upon a time")
+    assert r["__verbose"]["tokens_predicted"] == 3 and r["__verbose"]["content"] == r["choices"][0]["text"]
+    assert "__verbose" not in post(app, "/v1/completions", one).json()
+
+
 def test_return_progress_on_every_streaming_route(app):
     """return_progress (llama-server's): the prompt's progress reports come before the answer,
     the first at processed == cache, the last at processed == total; with timings_per_token

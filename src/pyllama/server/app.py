@@ -582,9 +582,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                                                            prompt_texts[pi] if body.echo else "",
                                                            body.echo, body.logprobs is not None))
                 # (the library's Completion.text already starts with the prompt when echo=True)
-                resp = S.CompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                            usage=P.usage(groups), timings=P.timings(groups[0][0]))
-                return resp.model_dump()
+                out = S.CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                           usage=P.usage(groups), timings=P.timings(groups[0][0])).model_dump()
+                if cfg.verbose_responses if body.verbose is None else body.verbose:
+                    from pyllama.server.llama_routes import verbose_object
+
+                    out["__verbose"] = verbose_object(llm, prompts[0], kw, groups[0][0], model)
+                return out
 
             return _json_response(await asyncio.to_thread(build))
         ticket = backend.acquire(places)
@@ -701,18 +705,6 @@ def _include_usage(body: S.SamplingFields) -> bool:
     return bool(body.stream_options is not None and body.stream_options.include_usage)
 
 
-def _live_requests(stream: StartedStream) -> Optional[list]:
-    """The engine requests behind a stream, one per choice (their counters are the timings
-    so far), or None where the stream does not expose them.  (The library's AsyncStream keeps
-    them as _prep.requests; a chat's stream wraps it (_inner) to split a reasoning model's
-    thinking.  A public accessor in the library would be better.)"""
-    inner = getattr(stream, "_stream", None)
-    while inner is not None and getattr(inner, "_prep", None) is None and hasattr(inner, "_inner"):
-        inner = inner._inner
-    prep = getattr(inner, "_prep", None)
-    return list(getattr(prep, "requests", None) or ()) or None
-
-
 def _role_delta(index: int) -> dict:
     """The first chunk of a choice: its role, content null (as llama-server and OpenAI send it;
     clients that refuse empty content deltas, such as llama-server's test client, read it)."""
@@ -728,7 +720,7 @@ async def _chat_events(task: "asyncio.Task", body: S.ChatCompletionRequest, rid:
 
     finished: dict = {}
     stream: StartedStream = task.result()
-    live = _live_requests(stream) if body.timings_per_token else None
+    live = P.live_requests(stream) if body.timings_per_token else None
     try:
         for i in range(body.n):
             yield chunk([_role_delta(i)])
@@ -847,6 +839,7 @@ async def _completion_events(tasks: List["asyncio.Task"], body: S.CompletionRequ
     include_usage = _include_usage(body)
     want_lp = body.logprobs is not None
     offsets: dict = {}
+    timings_now = P.LiveTimings(tasks, body.timings_per_token)    # on every text chunk, as llama-server
 
     def chunk(choices: list, usage: Any = None, timings: Any = None) -> bytes:
         return P.sse(P.completion_chunk(rid, created, model, choices, usage, include_usage, timings))
@@ -870,7 +863,8 @@ async def _completion_events(tasks: List["asyncio.Task"], body: S.CompletionRequ
             if want_lp:
                 lp = P.legacy_logprobs(piece.logprobs or [], offsets.get(index, 0))
             offsets[index] = offsets.get(index, 0) + len(piece.text)
-            yield chunk([{"index": index, "text": piece.text, "logprobs": lp, "finish_reason": None}])
+            yield chunk([{"index": index, "text": piece.text, "logprobs": lp, "finish_reason": None}],
+                        timings=timings_now(k, piece.index))
         groups = [t.result().completions or [] for t in tasks]
         n_total = len(tasks) * body.n
         for index in range(n_total):

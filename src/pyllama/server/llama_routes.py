@@ -421,7 +421,9 @@ class _Answer:
 def verbose_object(llm: Any, prompt: Any, kw: dict, comp: Any, model: str) -> dict:
     """llama-server's ``__verbose`` debug object of an OpenAI-shaped answer (``--verbose``, or a
     request's ``verbose``): the final object /completion would give, with the prompt the model
-    got as text."""
+    got as text.  `prompt`: its tokens (or a MediaPrompt), or a completion's text prompt."""
+    if isinstance(prompt, str):       # as /v1/completions tokenizes it
+        prompt = llm.tokenize(prompt, add_special=True, parse_special=True)
     return _Answer(llm, prompt, kw, LlamaCompletionRequest.model_construct(), model).final(comp, 0, False)
 
 
@@ -501,7 +503,7 @@ def add_routes(app: "FastAPI", state: "ServerState") -> None:
                                  timings_per_token: bool) -> AsyncGenerator[bytes, None]:
         decoded: Dict[int, int] = {}
         # timings_per_token: the timings so far on every event (the engine requests' counters)
-        live = [A._live_requests(t.result()) for t in tasks] if timings_per_token else None
+        timings_now = P.LiveTimings(tasks, timings_per_token)
         try:
             async for k, piece in A._merge(tasks):
                 index = k * n + piece.index
@@ -511,9 +513,8 @@ def add_routes(app: "FastAPI", state: "ServerState") -> None:
                         "id_slot": answers[k].body.id_slot, "tokens_predicted": 0,
                         "tokens_evaluated": len(answers[k].prompt_tokens)}, piece.prompt_progress, timings_per_token))
                     continue
-                reqs = live[k] if live else None
-                now = (P.live_timings(reqs[piece.index]).model_dump()
-                       if reqs and piece.index < len(reqs) else None)
+                now = timings_now(k, piece.index)
+                now = now.model_dump() if now is not None else None
                 ids = list(piece.token_ids or ())
                 lps = list(piece.logprobs or ())
                 if not ids and piece.text:      # text held back (a possible stop string), now released

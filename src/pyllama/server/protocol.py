@@ -165,6 +165,35 @@ def live_timings(req: Any) -> S.ServerTimings:
         draft_n=req.n_drafted, draft_n_accepted=req.n_draft_accepted))
 
 
+def live_requests(stream: Any) -> Optional[list]:
+    """The engine requests behind an open stream, one per choice (their counters are the
+    timings so far), or None where the stream does not expose them.  (The library's
+    AsyncStream keeps them as _prep.requests; a chat's stream wraps it (_inner) to split a
+    reasoning model's thinking.  A public accessor in the library would be better.)"""
+    inner = getattr(stream, "_stream", None)
+    while inner is not None and getattr(inner, "_prep", None) is None and hasattr(inner, "_inner"):
+        inner = inner._inner
+    prep = getattr(inner, "_prep", None)
+    return list(getattr(prep, "requests", None) or ()) or None
+
+
+class LiveTimings:
+    """timings_per_token over a request's streams (one per prompt of a list): the timings so
+    far of choice i of stream k, or None when not asked for.  A stream's engine requests are
+    looked up when its first piece arrives: the others may still be opening then."""
+
+    def __init__(self, tasks: Sequence[Any], wanted: bool) -> None:
+        self.tasks, self.wanted, self.requests = tasks, wanted, {}
+
+    def __call__(self, k: int, i: int) -> Optional[S.ServerTimings]:
+        if not self.wanted:
+            return None
+        if k not in self.requests:
+            self.requests[k] = live_requests(self.tasks[k].result())
+        reqs = self.requests[k]
+        return live_timings(reqs[i]) if reqs and i < len(reqs) else None
+
+
 def timings_from(t: Any) -> S.ServerTimings:
     """llama-server's ``timings`` object of a `Timings` (or anything with its fields)."""
     pn, pms = int(t.prompt_n), float(t.prompt_ms)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from pyllama.server import protocol as P
 from pyllama.server import schemas as S
-from pyllama.server.app import (SSEResponse, _closer, _iterate, _json_response, _live_requests, _open_streams,
+from pyllama.server.app import (SSEResponse, _closer, _iterate, _json_response, _open_streams,
                                 unless_disconnected)
 from pyllama.server.backend import StartedStream
 from pyllama.server.errors import bad_request, error_event, pydantic_errors_to_api_error
@@ -704,7 +704,7 @@ async def stream_events(task: "asyncio.Task", shell: ResponseShell, want_logprob
     ``timings``); response.completed carries the final ones either way, as llama-server sends."""
     ev = EventWriter()
     stream: StartedStream = task.result()
-    live = _live_requests(stream) if timings_per_token else None
+    live = P.live_requests(stream) if timings_per_token else None
     output: List[dict] = []
     current: Optional[_OpenItem] = None
     try:

@@ -353,7 +353,8 @@ class CompletionRequest(SamplingFields):
     suffix: Optional[str] = None
     best_of: Optional[int] = Field(default=None, ge=1, le=128)
     return_progress: bool = False               # llama-server's: prompt_progress chunks (streamed)
-    timings_per_token: bool = False             # llama-server's: with them, the prompt's timings so far
+    timings_per_token: bool = False             # llama-server's: the timings so far on every streamed chunk
+    verbose: Optional[bool] = None              # llama-server's __verbose debug object (None: --verbose)
 
     @field_validator("prompt")
     @classmethod
