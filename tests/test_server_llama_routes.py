@@ -550,6 +550,25 @@ def test_chat_continues_a_final_assistant_message(app, tiny_llm):
     assert "__verbose" not in r.json()                          # only when asked for (or --verbose)
 
 
+def test_streamed_chat_carries_verbose_on_its_first_closing_chunk(app, tiny_llm):
+    """verbose on a streamed chat: llama-server's __verbose object rides on the first chunk
+    that closes a choice (its finish_reason), with the prompt the model got and the answer's
+    text; also when tools make the answer come whole first.  Not on the other chunks."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    for extra in ({}, {"tools": [tool], "tool_choice": "required"}):
+        body = {"messages": ASK, "max_tokens": 8, "temperature": 0, "stream": True, "verbose": True, **extra}
+        evs = chat_events(post(app, "/v1/chat/completions", body))
+        marked = [e for e in evs if "__verbose" in e]
+        assert len(marked) == 1 and marked[0]["choices"][0]["finish_reason"] is not None, extra
+        assert marked[0]["__verbose"]["prompt"].endswith(tiny_llm.render_chat(ASK))
+        if not extra:
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in evs if e["choices"])
+            assert marked[0]["__verbose"]["content"] == text
+    plain = chat_events(post(app, "/v1/chat/completions", {"messages": ASK, "max_tokens": 2, "stream": True}))
+    assert not any("__verbose" in e for e in plain)
+
+
 def test_chat_stream_timings_per_token(app):
     """timings_per_token: every chunk after the role chunk carries the timings so far (as
     llama-server); the final timings ride on the stream's last chunk (the usage chunk)."""

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import difflib
+import functools
 import json
 import logging
 import os
@@ -527,23 +528,26 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         kw = P.chat_kwargs(body, cfg, n_vocab())
         messages = P.chat_messages(body)
         rid, created, model = P.new_id("chatcmpl"), P.now(), state.model_id
+        # llama-server's __verbose object: asked for by the request, or --verbose for all
+        verbose = (messages, kw) if (cfg.verbose_responses if body.verbose is None else body.verbose) else None
+        describe = functools.partial(P.chat_verbose, state.llm, verbose) if verbose else None    # (streamed)
         if not body.stream or "tools" in kw:
             # (tool calls are parsed from the whole answer: streamed, it is sent as chunks after)
             with backend.admit(body.n), _exceed_context_size():
                 result = await unless_disconnected(request, backend.chat(messages, **kw))
             comps = result if isinstance(result, list) else [result]
             if not body.stream:
-                verbose = cfg.verbose_responses if body.verbose is None else body.verbose
                 return _json_response(await asyncio.to_thread(
-                    P.chat_body, state.llm, comps, model, rid, created, (messages, kw) if verbose else None))
+                    P.chat_body, state.llm, comps, model, rid, created, verbose))
             chunks = await asyncio.to_thread(
-                lambda: list(_chat_chunks_from_completions(comps, body, rid, created, model)))
+                lambda: list(_chat_chunks_from_completions(comps, body, rid, created, model, describe)))
             return SSEResponse(_iterate(chunks))
         ticket = backend.acquire(body.n)
         with _exceed_context_size():
             tasks = await _open_streams(request, ticket, [
                 backend.stream_chat(messages, prompt_progress=body.return_progress, **kw)])
-        return SSEResponse(_chat_events(tasks[0], body, rid, created, model), cleanup=_closer(ticket, tasks))
+        return SSEResponse(_chat_events(tasks[0], body, rid, created, model, describe),
+                           cleanup=_closer(ticket, tasks))
 
     # ---- completions -----------------------------------------------------------------------
 
@@ -712,7 +716,7 @@ def _role_delta(index: int) -> dict:
 
 
 async def _chat_events(task: "asyncio.Task", body: S.ChatCompletionRequest, rid: str, created: int,
-                       model: str) -> AsyncGenerator[bytes, None]:
+                       model: str, describe: Optional[Callable] = None) -> AsyncGenerator[bytes, None]:
     include_usage = _include_usage(body)
 
     def chunk(choices: list, usage: Any = None, timings: Any = None) -> bytes:
@@ -744,11 +748,17 @@ async def _chat_events(task: "asyncio.Task", body: S.ChatCompletionRequest, rid:
         comps = stream.completions or []
         final = P.timings(comps[0]) if comps else None
         with_usage = include_usage and bool(comps)
+        # describe: __verbose, on the first closing chunk (llama-server's)
+        extra = await asyncio.to_thread(describe, comps[0], model) if describe is not None and comps else None
         for i in range(body.n):
             reason = comps[i].finish_reason if i < len(comps) else finished.get(i, "stop")
             last = i == body.n - 1 and not with_usage      # the timings go on the stream's last chunk
-            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(reason)}],
-                        timings=final if last else None)
+            out = P.chat_chunk(rid, created, model, [{"index": i, "delta": {}, "logprobs": None,
+                                                      "finish_reason": P.finish_reason(reason)}],
+                               None, include_usage, final if last else None)
+            if extra is not None and i == 0:
+                out["__verbose"] = extra
+            yield P.sse(out)
         if with_usage:
             yield chunk([], usage=P.usage([comps]), timings=final)
         yield P.SSE_DONE
@@ -760,7 +770,7 @@ async def _chat_events(task: "asyncio.Task", body: S.ChatCompletionRequest, rid:
 
 
 def _chat_chunks_from_completions(comps: list, body: S.ChatCompletionRequest, rid: str, created: int,
-                                  model: str) -> Iterator[bytes]:
+                                  model: str, describe: Optional[Callable] = None) -> Iterator[bytes]:
     """A whole answer (tool calls) as stream chunks; runs in a worker thread (logprobs)."""
     include_usage = _include_usage(body)
 
@@ -785,8 +795,12 @@ def _chat_chunks_from_completions(comps: list, body: S.ChatCompletionRequest, ri
             yield chunk([{"index": i, "delta": {"content": msg.content},
                           "logprobs": P.chat_logprobs(c.logprobs), "finish_reason": None}], timings=now)
         last = i == len(comps) - 1 and not include_usage      # the timings go on the stream's last chunk
-        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(c.finish_reason)}],
-                    timings=P.timings(c) if last else None)
+        out = P.chat_chunk(rid, created, model, [{"index": i, "delta": {}, "logprobs": None,
+                                                  "finish_reason": P.finish_reason(c.finish_reason)}],
+                           None, include_usage, P.timings(c) if last else None)
+        if describe is not None and i == 0:      # __verbose, on the first closing chunk
+            out["__verbose"] = describe(c, model)
+        yield P.sse(out)
     if include_usage:
         yield chunk([], usage=P.usage([comps]), timings=P.timings(comps[-1]) if comps else None)
     yield P.SSE_DONE

@@ -317,13 +317,20 @@ def chat_body(llm: Any, comps: list, model: str, rid: str, created: int, verbose
     (a debugging aid: the cost of a second rendering is paid only when asked for)."""
     out = chat_response(comps, model, rid, created).model_dump()
     if verbose is not None:
-        from pyllama import _requests as rq
-        from pyllama.server.llama_routes import verbose_object
-
-        messages, kw = verbose
-        prompt = rq.prepare_chat(llm, messages, **dict(kw, allow_files=False)).prompt
-        out["__verbose"] = verbose_object(llm, prompt, kw, comps[0], model)
+        out["__verbose"] = chat_verbose(llm, verbose, comps[0], model)
     return out
+
+
+def chat_verbose(llm: Any, verbose: tuple, comp: Any, model: str) -> dict:
+    """llama-server's ``__verbose`` object of a chat answer: `verbose` is the chat's messages
+    and LLM.chat arguments, whose prompt is rendered again (a debugging aid: the cost of a
+    second rendering is paid only when asked for)."""
+    from pyllama import _requests as rq
+    from pyllama.server.llama_routes import verbose_object
+
+    messages, kw = verbose
+    prompt = rq.prepare_chat(llm, messages, **dict(kw, allow_files=False)).prompt
+    return verbose_object(llm, prompt, kw, comp, model)
 
 
 def progress_chunk(chunk: dict, progress: dict, with_timings: bool = True) -> dict:
