@@ -149,7 +149,10 @@ def test_page_examples_verbatim(run_python, smollm2_path):
         assert m, f"call {n} missing:\n{out[-3000:]}"
         segment, result = m.group(1), json.loads(m.group(2))
         results[n] = result
-        assert result, f"call {n} generated nothing"
+        # Calls 1 and 2 sample (temperature 0.75, no seed, as the page has them): an answer that
+        # is an end-of-generation token at once is a valid sample there (~1% of runs with the
+        # page's prompt and SmolLM2, measured); the greedy calls 3 and 4 must answer.
+        assert result or n in (1, 2), f"call {n} generated nothing"
         # the tokens went to stdout as they came (StreamingStdOutCallbackHandler) ...
         at = segment.find(result)
         assert at >= 0, (n, segment[:1000], result)

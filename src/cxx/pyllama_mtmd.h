@@ -30,6 +30,8 @@ typedef struct mtmd_context mtmd_context;
 typedef struct mtmd_bitmap mtmd_bitmap;
 typedef struct mtmd_input_chunk mtmd_input_chunk;
 typedef struct mtmd_input_chunks mtmd_input_chunks;
+typedef struct mtmd_image_tokens mtmd_image_tokens;
+struct mtmd_decoder_pos { uint32_t t; uint32_t x; uint32_t y; uint32_t z; };
 typedef struct mtmd_input_text {
     const char * text;
     size_t text_len;
@@ -84,6 +86,10 @@ static inline const llama_token * mtmd_input_chunk_get_tokens_text(const mtmd_in
 static inline size_t mtmd_input_chunk_get_n_tokens(const mtmd_input_chunk * c) { (void)c; return 0; }
 static inline const char * mtmd_input_chunk_get_id(const mtmd_input_chunk * c) { (void)c; return NULL; }
 static inline llama_pos mtmd_input_chunk_get_n_pos(const mtmd_input_chunk * c) { (void)c; return 0; }
+static inline const mtmd_image_tokens * mtmd_input_chunk_get_tokens_image(const mtmd_input_chunk * c) { (void)c; return NULL; }
+static inline struct mtmd_decoder_pos mtmd_image_tokens_get_decoder_pos(const mtmd_image_tokens * t, llama_pos p, size_t i) {
+    struct mtmd_decoder_pos d = {0, 0, 0, 0}; (void)t; (void)p; (void)i; return d;
+}
 static inline int32_t mtmd_tokenize(const mtmd_context * c, mtmd_input_chunks * o, const mtmd_input_text * t,
                                     const mtmd_bitmap * const * b, size_t n) {
     (void)c; (void)o; (void)t; (void)b; (void)n; return 2;
