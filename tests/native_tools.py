@@ -187,10 +187,9 @@ def _prune(name: str, keep: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build_common_tool(name: str, main_source: Path, libs: list[Path]) -> Path:
-    """``name`` built from ``main_source`` plus llama.cpp's common/ (see the module docstring);
-    returns the cached binary."""
-    sources = [main_source, *(LLAMA_DIR / "common" / s for s in COMMON_SOURCES)]
+def _cached_build(name: str, sources: list[Path], libs: list[Path], build) -> Path:
+    """The binary ``name`` from the cache, or made by ``build(work_dir, exe_path)`` in a
+    temporary folder that then becomes the cache entry."""
     final = cache_root() / _cache_key(name, sources, libs)
     exe = final / name
     if exe.exists():
@@ -199,12 +198,7 @@ def build_common_tool(name: str, main_source: Path, libs: list[Path]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
     try:
-        (work / "build-info.cpp").write_text(_build_info_source())
-        jobs = [(src, work / f"{i}-{src.stem}.o") for i, src in enumerate([*sources, work / "build-info.cpp"])]
-        _compile_all(jobs, work)
-        _link_with_stubs([obj for _, obj in jobs], libs, work / name, work)
-        for obj in work.glob("*.o"):
-            obj.unlink()
+        build(work, work / name)
         try:
             os.rename(work, final)  # atomic: a concurrent session either wins or finds ours
         except OSError:
@@ -214,6 +208,22 @@ def build_common_tool(name: str, main_source: Path, libs: list[Path]) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     _prune(name, final)
     return exe
+
+
+def build_common_tool(name: str, main_source: Path, libs: list[Path]) -> Path:
+    """``name`` built from ``main_source`` plus llama.cpp's common/ (see the module docstring);
+    returns the cached binary."""
+    sources = [main_source, *(LLAMA_DIR / "common" / s for s in COMMON_SOURCES)]
+
+    def build(work: Path, exe: Path) -> None:
+        (work / "build-info.cpp").write_text(_build_info_source())
+        jobs = [(src, work / f"{i}-{src.stem}.o") for i, src in enumerate([*sources, work / "build-info.cpp"])]
+        _compile_all(jobs, work)
+        _link_with_stubs([obj for _, obj in jobs], libs, exe, work)
+        for obj in work.glob("*.o"):
+            obj.unlink()
+
+    return _cached_build(name, sources, libs, build)
 
 
 def build_llama_embedding() -> Path:
@@ -241,26 +251,11 @@ def build_mtmd_reference() -> Path:
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    name = "mtmd_reference"
     source = ROOT / "tests" / "native" / "mtmd_reference.cpp"
     all_libs = [*mtmd_libs, *libs]  # link order: mtmd (and its hash helper) before llama before ggml
-    final = cache_root() / _cache_key(name, [source], all_libs)
-    exe = final / name
-    if exe.exists():
-        os.utime(final)
-        return exe
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
-    try:
-        inc = [f"-I{LLAMA_DIR / d}" for d in ("include", "ggml/include", "tools/mtmd")]
-        _run([CXX, *COMMON_CXXFLAGS, *inc, str(source), "-o", str(work / name), *map(str, all_libs), *link_flags()],
-             work)
-        try:
-            os.rename(work, final)  # atomic: a concurrent session either wins or finds ours
-        except OSError:
-            if not exe.exists():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    _prune(name, final)
-    return exe
+    inc = [f"-I{LLAMA_DIR / d}" for d in ("include", "ggml/include", "tools/mtmd")]
+
+    def build(work: Path, exe: Path) -> None:
+        _run([CXX, *COMMON_CXXFLAGS, *inc, str(source), "-o", str(exe), *map(str, all_libs), *link_flags()], work)
+
+    return _cached_build("mtmd_reference", [source], all_libs, build)

@@ -113,6 +113,32 @@ def expected_image_tokens(image_size: int = DEFAULT_IMAGE_SIZE, patch_size: int 
 EXPECTED_IMAGE_TOKENS: int = expected_image_tokens()  # 16 for the defaults
 
 
+def vision_block(p: str, n_embd: int, n_ff: int, mat, vec) -> list:
+    """One CLIP-style encoder block's tensors as clip.cpp loads them (LayerNorms as ones and
+    zeros; `mat(rows, cols)` and `vec(n)` make the random matrices and biases)."""
+    return [
+        (f"{p}.ln1.weight", np.ones(n_embd, dtype=np.float32)),
+        (f"{p}.ln1.bias", np.zeros(n_embd, dtype=np.float32)),
+        (f"{p}.attn_q.weight", mat(n_embd, n_embd)),
+        (f"{p}.attn_q.bias", vec(n_embd)),
+        (f"{p}.attn_k.weight", mat(n_embd, n_embd)),
+        (f"{p}.attn_k.bias", vec(n_embd)),
+        (f"{p}.attn_v.weight", mat(n_embd, n_embd)),
+        (f"{p}.attn_v.bias", vec(n_embd)),
+        (f"{p}.attn_out.weight", mat(n_embd, n_embd)),
+        (f"{p}.attn_out.bias", vec(n_embd)),
+        (f"{p}.ln2.weight", np.ones(n_embd, dtype=np.float32)),
+        (f"{p}.ln2.bias", np.zeros(n_embd, dtype=np.float32)),
+        # ne = {n_embd, n_ff}: ffn_down's ne[0] is n_ff, so clip.cpp's legacy
+        # "ffn up/down are swapped" fix-up does not fire (unless n_ff == n_embd,
+        # where it is harmless: both shapes are square).
+        (f"{p}.ffn_up.weight", mat(n_ff, n_embd)),
+        (f"{p}.ffn_up.bias", vec(n_ff)),
+        (f"{p}.ffn_down.weight", mat(n_embd, n_ff)),
+        (f"{p}.ffn_down.bias", vec(n_embd)),
+    ]
+
+
 def make_tiny_mmproj(
     path: str | os.PathLike[str],
     *,
@@ -197,28 +223,7 @@ def make_tiny_mmproj(
     tensors.append(("v.pre_ln.weight", ones(n_embd)))
     tensors.append(("v.pre_ln.bias", zeros(n_embd)))
     for i in range(n_layer):
-        p = f"v.blk.{i}"
-        tensors += [
-            (f"{p}.ln1.weight", ones(n_embd)),
-            (f"{p}.ln1.bias", zeros(n_embd)),
-            (f"{p}.attn_q.weight", mat(n_embd, n_embd)),
-            (f"{p}.attn_q.bias", vec(n_embd)),
-            (f"{p}.attn_k.weight", mat(n_embd, n_embd)),
-            (f"{p}.attn_k.bias", vec(n_embd)),
-            (f"{p}.attn_v.weight", mat(n_embd, n_embd)),
-            (f"{p}.attn_v.bias", vec(n_embd)),
-            (f"{p}.attn_out.weight", mat(n_embd, n_embd)),
-            (f"{p}.attn_out.bias", vec(n_embd)),
-            (f"{p}.ln2.weight", ones(n_embd)),
-            (f"{p}.ln2.bias", zeros(n_embd)),
-            # ne = {n_embd, n_ff}: ffn_down's ne[0] is n_ff, so clip.cpp's legacy
-            # "ffn up/down are swapped" fix-up does not fire (unless n_ff == n_embd,
-            # where it is harmless: both shapes are square).
-            (f"{p}.ffn_up.weight", mat(n_ff, n_embd)),
-            (f"{p}.ffn_up.bias", vec(n_ff)),
-            (f"{p}.ffn_down.weight", mat(n_embd, n_ff)),
-            (f"{p}.ffn_down.bias", vec(n_embd)),
-        ]
+        tensors += vision_block(f"v.blk.{i}", n_embd, n_ff, mat, vec)
     if post_ln:
         tensors.append(("v.post_ln.weight", ones(n_embd)))
         tensors.append(("v.post_ln.bias", zeros(n_embd)))

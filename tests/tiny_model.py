@@ -153,6 +153,32 @@ def finish_gguf(w: "gguf.GGUFWriter", tensors) -> None:
     w.close()
 
 
+def add_vocab_and_extra_kv(w: "gguf.GGUFWriter", tok_kv, chat_template: str | None,
+                           extra_kv: Mapping[str, Any] | None) -> None:
+    """The copied tokenizer keys (chat_template replacing the vocabulary file's own), then the
+    caller's extra metadata: str/bool/int/float values (ints as UINT32 when non-negative,
+    INT32 otherwise)."""
+    for key, value, vtype, sub in tok_kv:
+        if key == "tokenizer.chat_template" and chat_template is not None:
+            continue
+        if vtype == GGUFValueType.ARRAY and len(value) == 0:
+            continue  # the writer refuses empty arrays; llama.cpp treats them as absent
+        w.add_key_value(key, value, vtype, sub)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+    for key, value in (extra_kv or {}).items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            (w.add_uint32 if value >= 0 else w.add_int32)(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            raise TypeError(f"extra_kv[{key!r}]: unsupported type {type(value).__name__}")
+
+
 def make_tiny_llama(
     path: str | os.PathLike[str],
     *,
@@ -250,25 +276,7 @@ def make_tiny_llama(
         w.add_rope_freq_base(rope_freq_base)
         w.add_layer_norm_rms_eps(rms_eps)
         w.add_vocab_size(n_vocab)
-        for key, value, vtype, sub in tok_kv:
-            if key == "tokenizer.chat_template" and chat_template is not None:
-                continue
-            if vtype == GGUFValueType.ARRAY and len(value) == 0:
-                continue  # the writer refuses empty arrays; llama.cpp treats them as absent
-            w.add_key_value(key, value, vtype, sub)
-        if chat_template is not None:
-            w.add_chat_template(chat_template)
-        for key, value in (extra_kv or {}).items():
-            if isinstance(value, bool):
-                w.add_bool(key, value)
-            elif isinstance(value, int):
-                (w.add_uint32 if value >= 0 else w.add_int32)(key, value)
-            elif isinstance(value, float):
-                w.add_float32(key, value)
-            elif isinstance(value, str):
-                w.add_string(key, value)
-            else:
-                raise TypeError(f"extra_kv[{key!r}]: unsupported type {type(value).__name__}")
+        add_vocab_and_extra_kv(w, tok_kv, chat_template, extra_kv)
         finish_gguf(w, tensors)
 
     return _write_atomic(Path(path), write)

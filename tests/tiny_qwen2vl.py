@@ -108,12 +108,14 @@ from typing import Any, Mapping
 import numpy as np
 
 import gguf
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGUFWriter
 
+from tiny_mmproj import vision_block
 from tiny_model import (
     DEFAULT_VOCAB,
     TOKEN_TYPE_CONTROL,
     _write_atomic,
+    add_vocab_and_extra_kv,
     finish_gguf,
     read_tokenizer_kv,
 )
@@ -339,25 +341,7 @@ def make_tiny_qwen2vl(
         # INT32 array of 4 (llama_model_loader::get_key_or_arr accepts INT32/UINT32 arrays)
         w.add_array("qwen2vl.rope.dimension_sections", list(rope_sections))
         w.add_vocab_size(n_vocab)
-        for key, value, vtype, sub in tok_kv:
-            if key == "tokenizer.chat_template" and chat_template is not None:
-                continue
-            if vtype == GGUFValueType.ARRAY and len(value) == 0:
-                continue  # the writer refuses empty arrays; llama.cpp treats them as absent
-            w.add_key_value(key, value, vtype, sub)
-        if chat_template is not None:
-            w.add_chat_template(chat_template)
-        for key, value in (extra_kv or {}).items():
-            if isinstance(value, bool):
-                w.add_bool(key, value)
-            elif isinstance(value, int):
-                (w.add_uint32 if value >= 0 else w.add_int32)(key, value)
-            elif isinstance(value, float):
-                w.add_float32(key, value)
-            elif isinstance(value, str):
-                w.add_string(key, value)
-            else:
-                raise TypeError(f"extra_kv[{key!r}]: unsupported type {type(value).__name__}")
+        add_vocab_and_extra_kv(w, tok_kv, chat_template, extra_kv)
         finish_gguf(w, tensors)
 
     return _write_atomic(Path(path), write)
@@ -441,27 +425,7 @@ def make_tiny_qwen2vl_mmproj(
     tensors.append(("v.patch_embd.weight", noise((n_embd, 3, patch_size, patch_size), scale).astype(mat_dtype)))
     tensors.append(("v.patch_embd.weight.1", noise((n_embd, 3, patch_size, patch_size), scale).astype(mat_dtype)))
     for i in range(n_layer):
-        p = f"v.blk.{i}"
-        tensors += [
-            (f"{p}.ln1.weight", ones(n_embd)),
-            (f"{p}.ln1.bias", zeros(n_embd)),
-            (f"{p}.attn_q.weight", mat(n_embd, n_embd)),
-            (f"{p}.attn_q.bias", vec(n_embd)),
-            (f"{p}.attn_k.weight", mat(n_embd, n_embd)),
-            (f"{p}.attn_k.bias", vec(n_embd)),
-            (f"{p}.attn_v.weight", mat(n_embd, n_embd)),
-            (f"{p}.attn_v.bias", vec(n_embd)),
-            (f"{p}.attn_out.weight", mat(n_embd, n_embd)),
-            (f"{p}.attn_out.bias", vec(n_embd)),
-            (f"{p}.ln2.weight", ones(n_embd)),
-            (f"{p}.ln2.bias", zeros(n_embd)),
-            # ffn_down's ne[0] is n_ff (!= n_embd by default), so clip.cpp's legacy
-            # "ffn up/down are swapped" fix-up does not fire
-            (f"{p}.ffn_up.weight", mat(n_ff, n_embd)),
-            (f"{p}.ffn_up.bias", vec(n_ff)),
-            (f"{p}.ffn_down.weight", mat(n_embd, n_ff)),
-            (f"{p}.ffn_down.bias", vec(n_embd)),
-        ]
+        tensors += vision_block(f"v.blk.{i}", n_embd, n_ff, mat, vec)
     if post_ln:
         tensors.append(("v.post_ln.weight", ones(n_embd)))
         tensors.append(("v.post_ln.bias", zeros(n_embd)))
