@@ -690,6 +690,9 @@ def test_llama_server_flags_map_onto_llm_and_settings(tmp_path, tiny_model_path)
     kw = serve_llm_kwargs(args, str(tiny_model_path))
     assert kw["n_ubatch"] == 64 and kw["flash_attn"] == "off" and kw["kv_unified"] is True
     assert kw["swa_full"] is True and kw["pooling"] == "last" and kw["type_k"] == kw["type_v"] == "q8_0"
+    assert kw["cache_ram_mib"] == 100 and kw["cache_idle_slots"] is False
+    plain = serve_llm_kwargs(_serve_args(), str(tiny_model_path))
+    assert plain["cache_ram_mib"] == 8192 and plain["cache_idle_slots"] is True     # llama-server's defaults
     s = llama_server_settings(args)
     assert s["sampling_defaults"] == {"temperature": 0.5, "seed": 42, "top_k": 5}
     assert s["slots_endpoint"] is False and s["props_endpoint"] is True and s["metrics_endpoint"] is True

@@ -557,6 +557,32 @@ class GenerationRequest:
     def t_first_token_ms(self) -> float: ...
 
 
+class PromptCache:
+    """Host-memory copies of slot sequences (llama-server's ``--cache-ram``), oldest first;
+    Engine.prompt_cache holds one.  A slot's prompt is copied in when the slot is about to lose
+    most of it, when its cells are freed for KV room, and (``idle_slots``) for every idle slot
+    when a request starts (emptied after, on a unified KV cache).  A new request's slot loads
+    the entry that covers more of its prompt than the slot does (llama-server's rule)."""
+
+    def __init__(self, limit_mib: int, limit_tokens: int = 0, idle_slots: bool = True) -> None: ...
+    idle_slots: bool
+    @property
+    def limit_bytes(self) -> int: ...
+    @property
+    def limit_tokens(self) -> int: ...
+    @property
+    def n_saved(self) -> int: ...
+    @property
+    def n_restored(self) -> int: ...
+    @property
+    def size_bytes(self) -> int: ...
+    @property
+    def n_tokens(self) -> int: ...
+    def __len__(self) -> int: ...
+    def clear(self) -> None: ...
+    def info(self) -> dict[str, int | bool]: ...
+
+
 class Engine:
     """Decode -> sample -> detokenize -> stop check, for one or many sequences.
 
@@ -575,6 +601,8 @@ class Engine:
     #: A sequence about to outgrow its slot drops the older half of its tokens (BOS kept) and
     #: goes on, as llama-server's --context-shift; False (default): its answer ends ("length").
     context_shift: bool
+    #: The host-memory prompt cache (None: only the slots' own KV cells cache prompts).
+    prompt_cache: PromptCache | None
     @property
     def context(self) -> Context: ...
     @property

@@ -62,6 +62,7 @@ cdef class Engine:
     cdef char piece_buf[256]
     cdef bint _initialized
     cdef public bint cache_prompt, context_shift   # context_shift: see _engine_shift (default off)
+    cdef public PromptCache prompt_cache           # host-memory copies of slot prompts (None: none)
     # False on recurrent/hybrid memory: llama_memory_seq_rm(s, p0 > 0, -1) fails there.
     cdef readonly bint truncatable
     cdef list slot_ckpts      # slot -> [(n_tokens, state bytes)], oldest first (only when not truncatable)
@@ -205,6 +206,8 @@ cdef class Engine:
             self.slot_shared[s] = 0
             self.slot_ckpts[s] = []
         self.context.kv_clear()
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
 
     def preempt_paused(self) -> int:
         """Free the slot of every paused request that can give it up (as under KV pressure: it
@@ -336,6 +339,8 @@ cdef class Engine:
         """Put a waiting request into slot s, reusing the slot's cached prefix."""
         cdef Py_ssize_t k, at
         self._valid_cache(s)
+        if not r.preempted:
+            _engine_cache_load(self, s, r)     # (a no-op without a prompt cache)
         k = _engine_truncate(self, s, self._prefix_for(s, r))
         self.slot_ckpt_at[s] = -1
         if r.preempted:
@@ -459,15 +464,6 @@ cdef class Engine:
                     self.slot_ckpts[s] = list(self.slot_ckpts[s0])
         return k
 
-    cdef int _evict_idle_caches(self) except -1:
-        """Free the KV cells of idle slots (their prompt caches); returns how many slots."""
-        cdef int s, n = 0
-        for s in range(self.n_slots):
-            if self.slots[s] is None and (self.slot_tokens[s] or self.slot_ckpts[s]):
-                _engine_clear_seq(self, s)
-                n += 1
-        return n
-
     # ---- one step ---------------------------------------------------------------
 
     def step(self, events=None, before_decode=None) -> list:
@@ -535,7 +531,7 @@ cdef class Engine:
         cdef GenerationRequest r
         cdef int s, need
         cdef list free
-        cdef bint fresh
+        cdef bint fresh, started = False
         # Requests cancelled from another thread.
         self._collect_cancelled(events, callback)
         # Preempted requests whose owner wants them again go first.
@@ -567,6 +563,7 @@ cdef class Engine:
             s = self._pick_slot(r, free)
             free.remove(s)
             self._assign(s, r)
+            started = started or fresh
             if fresh:
                 for f in r._followers:
                     if (<GenerationRequest>f).done or (<GenerationRequest>f).slot >= 0:
@@ -575,6 +572,8 @@ cdef class Engine:
                     self.slots[s] = f
                     (<GenerationRequest>f).slot = s
                     (<GenerationRequest>f).t_start = r.t_start
+        if started:
+            _engine_cache_idle_slots(self)   # (with a prompt cache that wants idle slots)
         return 0
 
     cdef int _step(self, list events, object callback) except -1:
@@ -803,7 +802,7 @@ cdef class Engine:
                         _engine_resync_after_abort(self)    # (see _decode_or_shed)
                     raise
                 except KVCacheFullError:
-                    if self._evict_idle_caches() > 0 or self._preempt_one():
+                    if _engine_evict_idle_caches(self) > 0 or self._preempt_one():
                         if r.slot < 0:     # (never r itself: r is not paused)
                             return 0
                         continue
@@ -871,11 +870,11 @@ cdef class Engine:
                     # again only a little later.
                     self.spec_pause_until = self.n_steps + 16
                     return False
-                if self._evict_idle_caches() > 0:
+                if _engine_evict_idle_caches(self) > 0:
                     continue
                 if self._preempt_one():
                     # its tokens may be in this batch? No: paused requests are never batched.
-                    self._evict_idle_caches()
+                    _engine_evict_idle_caches(self)
                     continue
                 if _engine_preempt_running(self):
                     return False      # its tokens were in the batch: the next step's holds the others'

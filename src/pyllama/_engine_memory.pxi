@@ -339,3 +339,144 @@ cdef Py_ssize_t _engine_restore_slot(Engine engine, int s, path) except -1:
             raise
         engine.slot_tokens[s].extend(tokens)
         return len(tokens)
+
+
+cdef int _engine_evict_idle_caches(Engine engine) except -1:
+    """Free the KV cells of idle slots (their prompt caches, copied into the host-memory
+    prompt cache first when there is one); returns how many slots."""
+    cdef int s, n = 0
+    for s in range(engine.n_slots):
+        if engine.slots[s] is None and (engine.slot_tokens[s] or engine.slot_ckpts[s]):
+            _engine_cache_save(engine, s)
+            _engine_clear_seq(engine, s)
+            n += 1
+    return n
+
+
+# ---- the prompt cache in host memory (PromptCache, _prompt_cache.pxi) ----------------------
+
+cdef bint _engine_cache_save(Engine engine, int s) except -1:
+    """Copy slot s's sequence into the engine's prompt cache; False when there is none, the
+    slot holds nothing or a medium, its prompt is in the cache already, or it is too large."""
+    cdef PromptCache pc = engine.prompt_cache
+    cdef list tokens = engine.slot_tokens[s]
+    cdef llama_context * ctx = engine.context.ptr
+    cdef Py_ssize_t n = len(tokens)
+    cdef size_t size, got
+    cdef bytes data
+    cdef uint8_t * dst
+    if pc is None or n == 0 or engine.slot_pos_spans[s]:
+        return False
+    for t in tokens:
+        if t < 0:
+            return False     # (media keys)
+    for e in pc.entries:
+        if engine._common_prefix(e[0], tokens, n) == n:
+            return False     # a prompt the cache holds already
+    size = llama_state_seq_get_size_ext(ctx, s, 0)
+    ckpts = list(engine.slot_ckpts[s])
+    total = size + sum(PyBytes_GET_SIZE(c[1]) for c in ckpts)
+    if size == 0 or (pc.limit_bytes > 0 and total > pc.limit_bytes):
+        return False
+    # Entries this prompt contains are obsolete; then the oldest go until the new one fits.
+    pc.entries = [e for e in pc.entries if engine._common_prefix(e[0], tokens, len(e[0])) < len(e[0])]
+    pc._make_room(total)
+    data = PyBytes_FromStringAndSize(NULL, size)
+    dst = <uint8_t *>PyBytes_AS_STRING(data)
+    with nogil:
+        got = llama_state_seq_get_data_ext(ctx, dst, size, s, 0)
+    if got == 0:
+        return False
+    pc.entries.append((list(tokens), data[:got] if got < size else data, ckpts))
+    pc.n_saved += 1
+    pc._update()
+    return True
+
+
+cdef Py_ssize_t _entry_usable(Engine engine, tuple e, list want, Py_ssize_t limit):
+    """How many of `want`'s first tokens a slot holds after loading entry e: their common
+    prefix, or on a memory that cannot drop a suffix, the whole entry or a checkpoint of it."""
+    cdef list tokens = e[0]
+    cdef Py_ssize_t k = engine._common_prefix(tokens, want, limit), best = 0
+    if engine.truncatable or k >= len(tokens):
+        return k
+    for c in e[2]:
+        if best < <Py_ssize_t>c[0] <= k:
+            best = c[0]
+    return best
+
+
+cdef int _engine_cache_load(Engine engine, int s, GenerationRequest r) except -1:
+    """Before slot s takes the fresh request r (Engine._assign): save what the slot is about
+    to lose, and load the entry r's prompt starts from best (server_prompt_cache::load)."""
+    cdef PromptCache pc = engine.prompt_cache
+    cdef list cached = engine.slot_tokens[s], want = r.prompt_tokens
+    cdef Py_ssize_t k, lcp, n_cached = len(cached), limit = len(want) - 1
+    cdef double f_keep_best, f_sim_best, f_keep, f_sim
+    cdef tuple best = None
+    cdef bytes data
+    cdef size_t got, size
+    cdef const uint8_t * src
+    if pc is None:
+        return 0
+    if not (r.cache_prompt and engine.cache_prompt) or limit <= 0:
+        if n_cached:
+            _engine_cache_save(engine, s)   # (the slot's prompt is overwritten: keep a copy)
+        return 0
+    k = _engine_keepable(engine, s, engine._prefix_for(s, r))
+    f_keep_best = k / <double>n_cached if n_cached else -1.0    # an empty slot: any entry wins
+    f_sim_best = k / <double>len(want)
+    for x in pc.entries:
+        lcp = _entry_usable(engine, x, want, limit)
+        f_keep = lcp / <double>len(x[0])
+        f_sim = lcp / <double>len(want)
+        if f_keep >= 0.25 and f_keep_best < f_keep and f_sim_best < f_sim:   # (don't trash large prompts)
+            best, f_keep_best, f_sim_best = x, f_keep, f_sim
+    if n_cached and (best is not None or 2 * k < n_cached):
+        _cache_log.info("slot %d: updating prompt cache: saving its %d tokens (the new prompt keeps %d)",
+                        s, n_cached, k)
+        _engine_cache_save(engine, s)
+    if best is None:
+        return 0
+    pc.entries = [x for x in pc.entries if x is not best]
+    data = best[1]
+    size = PyBytes_GET_SIZE(data)
+    src = <const uint8_t *>PyBytes_AS_STRING(data)
+    try:
+        with nogil:
+            got = llama_state_seq_set_data_ext(engine.context.ptr, src, size, s, 0)
+    except RuntimeError:
+        got = 0
+    # The sequence was emptied by the load, whatever its outcome: the slot holds the entry, or nothing.
+    del cached[:]
+    cached.extend(best[0])
+    engine.slot_pos_spans[s] = []
+    engine.slot_shared[s] = 0
+    engine.slot_ckpts[s] = list(best[2])
+    if got != size or llama_memory_seq_pos_max(llama_get_memory(engine.context.ptr), s) != len(cached) - 1:
+        _cache_log.warning("slot %d: could not load a %d-token prompt from the prompt cache; evaluating "
+                           "the prompt instead", s, len(cached))
+        _engine_clear_seq(engine, s)
+        return 0
+    pc.n_restored += 1
+    _cache_log.info("slot %d: updating prompt cache: loaded a %d-token prompt (%.3f MiB) from it",
+                    s, len(cached), size / 1048576.0)
+    return 0
+
+
+cdef int _engine_cache_idle_slots(Engine engine) except -1:
+    """With PromptCache.idle_slots, after requests started: copy every idle slot into the
+    cache, and on a unified KV cache empty it (its cells go to the running requests)."""
+    cdef PromptCache pc = engine.prompt_cache
+    cdef int s
+    if pc is None or not pc.idle_slots:
+        return 0
+    for s in range(engine.n_slots):
+        if engine.slots[s] is None and engine.slot_tokens[s]:
+            if _engine_cache_save(engine, s):
+                # llama-server's own line for this event (its test suite and log readers look for it)
+                _cache_log.info("slot %d: saved idle slot to prompt cache (%d tokens) __TEST_TAG_CACHE_IDLE_SLOT__",
+                                s, len(engine.slot_tokens[s]))
+            if engine.context.kv_unified:
+                _engine_clear_seq(engine, s)
+    return 0

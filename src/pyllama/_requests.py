@@ -57,6 +57,17 @@ def check_kwargs(func: Callable) -> Callable:
     return wrapper
 
 
+def prompt_cache_settings(cache_ram_mib: Any, idle_slots: Any) -> Optional[tuple]:
+    """LLM(cache_ram_mib=, cache_idle_slots=) checked: (MiB, idle_slots), or None for no
+    host-memory prompt cache (0, the library's default; -1 is llama-server's "no byte limit")."""
+    if not isinstance(cache_ram_mib, int) or isinstance(cache_ram_mib, bool) or cache_ram_mib < -1:
+        raise ValueError(f"cache_ram_mib must be an int >= -1 (MiB; 0: no prompt cache in RAM, -1: no "
+                         f"size limit), got {cache_ram_mib!r}")
+    if not isinstance(idle_slots, bool):
+        raise TypeError(f"cache_idle_slots must be True or False, got {idle_slots!r}")
+    return None if cache_ram_mib == 0 else (cache_ram_mib, idle_slots)
+
+
 def spec_settings(spec_type: Optional[str], draft_max: Any, draft_min: Any, ngram_n: Any,
                   draft_model: Any, draft_p_min: Any = 0.0, synth_rates: Any = None,
                   synth_len: Any = None) -> Optional[dict]:

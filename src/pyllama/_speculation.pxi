@@ -79,15 +79,17 @@ cdef int _spec_draft_len(Engine engine, GenerationRequest r, int limit, int n_ge
         if rate > best:
             best = rate
             best_d = d
-    if best_d == 0:
-        # Not worth it on what r has shown so far; but the text may change (an answer that
-        # starts copying its input): probe now and then, and at once while r has shown
+    if best_d < max(1, r.draft_min):
+        # Not worth it on what r has shown so far (a draft shorter than draft_min is never
+        # verified: a best length below it counts as none); but the text may change (an answer
+        # that starts copying its input): probe now and then, and at once while r has shown
         # nothing (its acceptance is only the prior).  A probe is the shortest draft the
         # request verifies (draft_min), else it would never be drafted.
         r.spec_skips += 1
         if r.spec_skips >= _SPEC_PROBE_EVERY or r.n_drafted == 0:
             r.spec_skips = 0
             return min(limit, max(1, r.draft_min))
+        return 0
     return best_d
 
 

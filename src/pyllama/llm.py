@@ -90,6 +90,8 @@ class LLM:
         swa_full: bool = False,
         chat_template: Optional[str] = None,
         cache_prompt: bool = True,
+        cache_ram_mib: int = 0,
+        cache_idle_slots: bool = True,
         context_shift: bool = False,
         spec_type: Optional[str] = None,
         draft_max: int = 16,
@@ -202,6 +204,8 @@ class LLM:
         #: embed()'s pooling: None = as the GGUF says (llama-server's --pooling)
         self.pooling = pooling
         self.cache_prompt = bool(cache_prompt)
+        # Host-memory prompt cache (llama-server's --cache-ram MiB, -1: no byte limit; 0: none).
+        self._cache_ram = rq.prompt_cache_settings(cache_ram_mib, cache_idle_slots)
         self.context_shift = bool(context_shift)    # a full slot drops half its older tokens (_engine_shift)
         self._lora = None
         if lora_path is not None:
@@ -323,6 +327,8 @@ class LLM:
         self._engine = _core.Engine(self._ctx, cache_prompt=self.cache_prompt,
                                     spec_cost_model=self._spec_cost_model)
         self._engine.context_shift = self.context_shift
+        if self._cache_ram is not None:      # (a new context: the old one's states may not fit it)
+            self._engine.prompt_cache = _core.PromptCache(self._cache_ram[0], self._ctx.n_ctx, self._cache_ram[1])
         if old_sched is None:
             self._sched = Scheduler(self._engine)
         else:
@@ -437,6 +443,13 @@ class LLM:
         prompt that starts with its tokens reuses them.  Returns how many tokens it holds."""
         self._check_open()
         return self._engine.restore_slot(slot, os.fspath(path))
+
+    def prompt_cache_info(self) -> Optional[dict]:
+        """The host-memory prompt cache (``cache_ram_mib``): entries, tokens, bytes, limits,
+        how many prompts were saved into it and loaded back; None without one."""
+        self._check_open()
+        pc = self._engine.prompt_cache
+        return None if pc is None else pc.info()
 
     def metrics(self) -> dict:
         """Counters since load, with llama-server's metric names."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
@@ -133,11 +134,15 @@ def _add_llama_server_model_arguments(g: Any) -> None:
                    help="accepted: batching is always continuous")
     g.add_argument("-nocb", "--no-cont-batching", dest="ignored_cont_batching", action="store_false",
                    help="accepted and ignored: batching is always continuous")
-    g.add_argument("-cram", "--cache-ram", dest="ignored_cache_ram", type=_int(-1), metavar="MIB",
-                   help="accepted and ignored: llama-server's host-memory prompt cache; here each slot's KV "
-                        "cells are its cache")
-    g.add_argument("--cache-idle-slots", "--no-cache-idle-slots", dest="ignored_cache_idle_slots",
-                   action="store_true", help="accepted and ignored (see --cache-ram)")
+    g.add_argument("-cram", "--cache-ram", dest="cache_ram_mib", type=_int(-1), metavar="MIB", default=8192,
+                   help="host-memory prompt cache: slots' prompts are kept in RAM once their KV cells go to "
+                        "another prompt, and loaded back for a prompt that starts with them (llama-server's; "
+                        "default 8192 MiB, -1: no size limit, 0: off)")
+    g.add_argument("--cache-idle-slots", dest="cache_idle_slots", action="store_true", default=True,
+                   help="when a request starts, copy idle slots into the prompt cache (and free their cells "
+                        "with --kv-unified): the default, as llama-server")
+    g.add_argument("--no-cache-idle-slots", dest="cache_idle_slots", action="store_false",
+                   help="copy a slot into the prompt cache only when it is about to lose its prompt")
     g.add_argument("-bs", "--backend-sampling", "--backend_sampling", dest="ignored_backend_sampling",
                    action="store_true", help="accepted and ignored: sampling runs on the CPU (the same tokens)")
 
@@ -196,6 +201,21 @@ def _api_keys(args: argparse.Namespace) -> list:
     return keys
 
 
+def _log_prompt_cache(llm: Any) -> None:
+    """llama-server's start-up lines about its prompt cache (--verbose shows them)."""
+    info = llm.prompt_cache_info()
+    log = logging.getLogger("pyllama")
+    if info is None:
+        log.info("prompt cache is disabled - use `--cache-ram N` to enable it")
+        return
+    limit = f"{info['limit_bytes'] // 1048576} MiB" if info["limit_bytes"] else "no limit"
+    log.info("prompt cache is enabled, size limit: %s", limit)
+    if info["idle_slots"]:
+        # (the tag is llama-server's own debug line for this setting: its tests and log readers look for it)
+        log.info("idle slots will be saved to prompt cache%s upon starting a new task __TEST_TAG_CACHE_IDLE_SLOTS_ENABLED__",
+                 " and cleared" if llm.context.kv_unified else "")
+
+
 def serve_llm_kwargs(args: argparse.Namespace, path: str) -> dict:
     """LLM(...) arguments of `pyllama serve`: -c is the total KV, split over -np slots
     (kv_unified=False gives each slot its own n_ctx/np cells, as llama-server does)."""
@@ -204,7 +224,8 @@ def serve_llm_kwargs(args: argparse.Namespace, path: str) -> dict:
     for name in ("n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "main_gpu", "tensor_split", "split_mode",
                  "use_mmap", "use_mlock", "mmproj_path", "spec_type",
                  "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min", "spec_cost_model",
-                 "spec_synth_rates", "spec_synth_len", "require_gpu", "flash_attn", "type_k", "type_v", "lora_path", "pooling", "context_shift"):
+                 "spec_synth_rates", "spec_synth_len", "require_gpu", "flash_attn", "type_k", "type_v", "lora_path", "pooling", "context_shift",
+                 "cache_ram_mib", "cache_idle_slots"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     if getattr(args, "reranking", False):
@@ -312,6 +333,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from pyllama import LLM
 
         llm = LLM(path, **llm_kwargs)
+        _log_prompt_cache(llm)
         _say(f"model loaded: {os.path.basename(path)}, {args.n_parallel} slots of "
              f"{llm_kwargs['n_ctx'] // args.n_parallel} tokens"
              + (f", projector {os.path.basename(args.mmproj_path)}" if args.mmproj_path else ""))

@@ -26,7 +26,7 @@ from pyllama.server import protocol as P
 from pyllama.server import schemas as S
 from pyllama.server.app import ClientGone, SSEResponse, _closer, _iterate, _open_streams, unless_disconnected
 from pyllama.server.backend import StartedStream, as_api_errors
-from pyllama.server.errors import SERVER, APIError, bad_request, error_event, pydantic_errors_to_api_error
+from pyllama.server.errors import NO_PROJECTOR, SERVER, APIError, bad_request, error_event, pydantic_errors_to_api_error
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -601,8 +601,7 @@ def add_routes(app: "FastAPI", state: "ServerState") -> None:
         from pyllama.multimodal import has_media
 
         if has_media(messages) and llm.multimodal is None:
-            raise bad_request("image content needs a model with a multimodal projector: start the server with "
-                              "--mmproj FILE", param="messages")
+            raise bad_request(NO_PROJECTOR, param="messages")
         with as_api_errors("messages"):
             n = await asyncio.to_thread(prompt_size, llm, messages, kw)
         return JSONResponse({"input_tokens": n})

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, List, Optional
 
-from pyllama.server.errors import UNAVAILABLE, APIError, bad_request, from_library_error
+from pyllama.server.errors import NO_PROJECTOR, UNAVAILABLE, APIError, bad_request, from_library_error
 
 if TYPE_CHECKING:   # annotations only: the server must import without loading the model code
     from pyllama.llm import LLM, AsyncStream, Chunk, Completion
@@ -137,8 +137,7 @@ class Backend:
 
         if has_media(messages):
             if self.llm.multimodal is None:
-                raise bad_request("image/audio content needs a model with a multimodal projector: start the "
-                                  "server with --mmproj FILE", param="messages")
+                raise bad_request(NO_PROJECTOR, param="messages")
             kwargs["allow_files"] = False
 
     async def embed(self, texts: Any) -> Any:

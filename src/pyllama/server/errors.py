@@ -43,6 +43,13 @@ class APIError(Exception):
         return {"error": err}
 
 
+#: An image or audio part sent to a model loaded without a projector.  The words are llama-server's
+#: (clients match them); the status is 400, not its 500: the request cannot succeed as sent, and
+#: a 5xx would have the openai/anthropic clients retry it.
+NO_PROJECTOR = ("image input is not supported by this model (nor audio): it was loaded without a multimodal "
+                "projector - start the server with --mmproj FILE")
+
+
 def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
