@@ -109,6 +109,7 @@ class Plan:
     callers: list
     faults: list = field(default_factory=list)   # dicts: {"kind": ..., ...}
     switch_interval: float = 0.005   # sys.setswitchinterval: shorter shakes out more thread races
+    cache_ram_mib: int = 0           # the host-memory prompt cache (LLM(cache_ram_mib=)) in half the plans
 
     def describe(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -119,7 +120,7 @@ def plan_from_json(text: str) -> Plan:
     d = json.loads(text)
     return Plan(seed=d.get("seed", -1), n_parallel=d["n_parallel"], n_ctx=d["n_ctx"],
                 callers=[Caller(**c) for c in d["callers"]], faults=d.get("faults", []),
-                switch_interval=d.get("switch_interval", 0.005))
+                switch_interval=d.get("switch_interval", 0.005), cache_ram_mib=d.get("cache_ram_mib", 0))
 
 
 def make_plan(seed: int) -> Plan:
@@ -169,8 +170,10 @@ def make_plan(seed: int) -> Plan:
     extra = random.Random(seed * 7919 + 1)
     if extra.random() < 0.12:
         faults.append({"kind": "step_raises_when_async_finishes", "exc": extra.choice(STEP_EXCEPTIONS)})
+    # (its own stream of draws: the plans of the seeds above keep what they were)
+    cache_ram_mib = random.Random(seed * 7919 + 2).choice((0, 16))
     return Plan(seed=seed, n_parallel=n_parallel, n_ctx=n_ctx, callers=callers, faults=faults,
-                switch_interval=switch_interval)
+                switch_interval=switch_interval, cache_ram_mib=cache_ram_mib)
 
 
 # --------------------------------------------------------------------------- the engine proxy
@@ -427,7 +430,7 @@ def run_schedule(model_path: str, seed: int, plan: Optional[Plan] = None) -> dic
     # One compute thread: ggml's worker threads spin-wait, and on a loaded machine (CI, the
     # soak beside other work) a multi-threaded decode of this tiny model can take 100x longer.
     llm = pyllama.LLM(model_path, n_ctx=plan.n_ctx, n_parallel=plan.n_parallel, n_threads=1, n_threads_batch=1,
-                      verbose=False)
+                      cache_ram_mib=plan.cache_ram_mib, verbose=False)
     proxy = EngineProxy(llm._sched.engine, plan, violations)
     llm._sched.engine = proxy
     records = {c.cid: Record(c) for c in plan.callers}
