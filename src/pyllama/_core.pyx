@@ -11,8 +11,10 @@ Layout (all included into this one extension module):
   _sampler.pxi   SamplerChain
   _mtmd.pxi      Multimodal, Bitmap, MediaPrompt (images/audio through llama.cpp's mtmd)
   _request.pxi   GenerationRequest (one request's state and output) and its hook helpers
+  _prompt_cache.pxi  PromptCache: slot prompts kept in host memory (llama-server's --cache-ram)
   _engine.pxi    Engine: slots, prompt cache, queue, preemption, the step (continuous batching)
-  _engine_memory.pxi  a slot's memory: checked removals, checkpoints on recurrent/hybrid models
+  _engine_memory.pxi  a slot's memory: checked removals, checkpoints on recurrent/hybrid models,
+                 slot files, and saving to / loading from the PromptCache
   _speculation.pxi  drafting and verification inside the step
   _engine_sampling.pxi  choosing each request's next token (sampler, hooks, logprobs)
 
