@@ -66,9 +66,9 @@ def test_idle_slots_are_saved_and_freed_on_a_unified_cache(tiny_model_path):
     with LLM(str(tiny_model_path), n_ctx=512, n_parallel=2, temperature=0, cache_ram_mib=16,
              cache_idle_slots=False) as llm:
         llm.complete(A, max_tokens=6)
-        llm.complete(A, max_tokens=6)                 # (no request starts beside an idle slot...)
+        llm.complete(B, max_tokens=6)                 # (the empty slot: nothing is overwritten...)
         assert llm.prompt_cache_info()["saved"] == 0
-        llm.complete(B, max_tokens=6)                 # (...A's slot is taken: it shares B's BOS)
+        llm.complete(C, max_tokens=6)                 # (...A's slot is the least recently used)
         assert llm.prompt_cache_info()["saved"] == 1   # only what was about to be overwritten
         assert llm.complete(A, max_tokens=6).timings.cached_n == len(llm.tokenize(A)) - 1
 
@@ -150,12 +150,46 @@ def test_events_are_logged(tiny_model_path, caplog):
     assert "updating prompt cache: saving its" in text and "loaded a" in text
 
 
+def test_a_shared_first_token_does_not_take_a_cached_slot(tiny_model_path):
+    """llama-server's slot choice (--slot-prompt-similarity 0.1): a new prompt that shares only
+    its BOS with a slot's cached prompt goes to an empty slot, or else to the least recently
+    used one, so a prompt coming back still finds itself in its slot (no RAM cache here)."""
+    with LLM(str(tiny_model_path), n_ctx=768, n_parallel=3, temperature=0) as llm:
+        def cached(prompt: str) -> int:
+            return llm.complete(prompt, max_tokens=4).timings.cached_n
+
+        whole = {p: len(llm.tokenize(p)) - 1 for p in (A, B, C)}
+        assert [cached(p) for p in (A, B, C)] == [0, 0, 0]       # each to an empty slot
+        assert cached(A) == whole[A]                              # B and C left A's slot alone
+        d = "Tell me about the lighthouse keeper and the message in the bottle. " * 2
+        assert cached(d) <= 1                # every slot holds a prompt: B's is the least recently used
+        assert cached(C) == whole[C] and cached(A) == whole[A]
+        assert cached(B) <= 1                                      # (B's slot went to d)
+        # A prompt that extends a cached one by less than 90% of itself goes to that slot.
+        assert cached(A + "And then what happened?") >= whole[A] - 2     # (the last token may merge)
+
+
+def test_slot_prompt_similarity_zero_is_always_the_least_recently_used(tiny_model_path):
+    """slot_prompt_similarity=0 (llama-server's "disabled"): never by prefix, always LRU; the
+    default finds the cached prompt."""
+    kw = dict(n_ctx=512, n_parallel=2, temperature=0)
+    with LLM(str(tiny_model_path), **kw) as default, LLM(str(tiny_model_path), slot_prompt_similarity=0, **kw) as lru:
+        for llm in (default, lru):
+            llm.complete(A, max_tokens=4)
+            llm.complete(B, max_tokens=4)
+        assert default.complete(A, max_tokens=4).timings.cached_n == len(default.tokenize(A)) - 1
+        assert lru.complete(A, max_tokens=4).timings.cached_n == len(lru.tokenize(A)) - 1   # (A's is the LRU)
+        assert lru.complete(A, max_tokens=4).timings.cached_n <= 1    # B's slot is now the LRU one
+
+
 @pytest.mark.parametrize("kw, error", [
     ({"cache_ram_mib": -2}, ValueError), ({"cache_ram_mib": "8"}, ValueError),
     ({"cache_ram_mib": True}, ValueError), ({"cache_ram_mib": 8, "cache_idle_slots": "yes"}, TypeError),
+    ({"slot_prompt_similarity": 1.5}, ValueError), ({"slot_prompt_similarity": "0.1"}, ValueError),
+    ({"slot_prompt_similarity": -0.1}, ValueError), ({"slot_prompt_similarity": float("nan")}, ValueError),
 ])
 def test_bad_settings(tiny_model_path, kw, error):
-    with pytest.raises(error, match="cache_"):
+    with pytest.raises(error, match="cache_|slot_prompt_similarity"):
         LLM(str(tiny_model_path), **kw)
 
 

@@ -693,6 +693,10 @@ def test_llama_server_flags_map_onto_llm_and_settings(tmp_path, tiny_model_path)
     assert kw["cache_ram_mib"] == 100 and kw["cache_idle_slots"] is False
     plain = serve_llm_kwargs(_serve_args(), str(tiny_model_path))
     assert plain["cache_ram_mib"] == 8192 and plain["cache_idle_slots"] is True     # llama-server's defaults
+    assert plain["slot_prompt_similarity"] == 0.1
+    assert serve_llm_kwargs(_serve_args("-sps", "0"), str(tiny_model_path))["slot_prompt_similarity"] == 0.0
+    assert serve_llm_kwargs(_serve_args("--slot-prompt-similarity", "0.5"),
+                            str(tiny_model_path))["slot_prompt_similarity"] == 0.5
     s = llama_server_settings(args)
     assert s["sampling_defaults"] == {"temperature": 0.5, "seed": 42, "top_k": 5}
     assert s["slots_endpoint"] is False and s["props_endpoint"] is True and s["metrics_endpoint"] is True
@@ -731,7 +735,8 @@ def test_flags_refused_with_a_reason(argv, message, tiny_model_path):
 
 
 @pytest.mark.parametrize("argv", [["-fa", "sometimes"], ["--pooling", "max"], ["--chat-template-kwargs", "[1]"],
-                                  ["--reasoning", "maybe"], ["--reasoning-format", "xml"]])
+                                  ["--reasoning", "maybe"], ["--reasoning-format", "xml"], ["-sps", "1.5"],
+                                  ["--slot-prompt-similarity", "nan"]])
 def test_bad_flag_values_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         _serve_args(*argv)

@@ -603,6 +603,10 @@ class Engine:
     context_shift: bool
     #: The host-memory prompt cache (None: only the slots' own KV cells cache prompts).
     prompt_cache: PromptCache | None
+    #: A new request takes the free slot whose cache it reuses most only if that is more than this
+    #: share of its prompt (llama-server's --slot-prompt-similarity, default 0.1; 0: never);
+    #: otherwise an empty slot, else the least recently used one.
+    slot_similarity: float
     @property
     def context(self) -> Context: ...
     @property

@@ -63,6 +63,7 @@ cdef class Engine:
     cdef bint _initialized
     cdef public bint cache_prompt, context_shift   # context_shift: see _engine_shift (default off)
     cdef public PromptCache prompt_cache           # host-memory copies of slot prompts (None: none)
+    cdef public double slot_similarity  # _engine_pick_slot: see there (-sps)
     # False on recurrent/hybrid memory: llama_memory_seq_rm(s, p0 > 0, -1) fails there.
     cdef readonly bint truncatable
     cdef list slot_ckpts      # slot -> [(n_tokens, state bytes)], oldest first (only when not truncatable)
@@ -117,6 +118,7 @@ cdef class Engine:
         self.slot_ckpts = [[] for _ in range(self.n_slots)]
         self.slot_ckpt_at = [-1] * self.n_slots
         self.n_checkpoints = 2
+        self.slot_similarity = 0.1
         self.queue = _deque()
         self.parked = []
         self.cache_prompt = cache_prompt
@@ -363,16 +365,6 @@ cdef class Engine:
         self.slots[s] = r
         return 0
 
-    cdef int _pick_slot(self, GenerationRequest r, list free) except -2:
-        """The free slot whose cache shares the longest prefix with r (ties: least recently used)."""
-        cdef int best = -1, s
-        cdef Py_ssize_t best_k = -1, k
-        for s in free:
-            k = _engine_keepable(self, s, self._prefix_for(s, r))
-            if k > best_k or (k == best_k and self.slot_used[s] < self.slot_used[best]):
-                best, best_k = s, k
-        return best
-
     cdef void _release(self, GenerationRequest r, str reason):
         if r.finish_reason is None:
             r.finish_reason = reason
@@ -560,7 +552,7 @@ cdef class Engine:
             if len(free) < need:
                 break
             self.queue.remove(r)
-            s = self._pick_slot(r, free)
+            s = _engine_pick_slot(self, r, free)
             free.remove(s)
             self._assign(s, r)
             started = started or fresh

@@ -38,6 +38,26 @@ cdef Py_ssize_t _engine_keepable(Engine engine, int s, Py_ssize_t k):
     return best
 
 
+cdef int _engine_pick_slot(Engine engine, GenerationRequest r, list free) except -2:
+    """llama-server's choice: the free slot whose cache r reuses most, if that is more than
+    slot_similarity of r's tokens (a resumed request: any of its own); else an empty slot,
+    else the least recently used one (so a shared BOS alone never overwrites a prompt)."""
+    cdef int best = -1, s
+    cdef Py_ssize_t best_k = 0, k
+    cdef double need = 0.0 if r.preempted else engine.slot_similarity * len(r.prompt_tokens)
+    if r.preempted or engine.slot_similarity > 0:
+        for s in free:
+            k = _engine_keepable(engine, s, engine._prefix_for(s, r))
+            if k > need and (k > best_k or (k == best_k and engine.slot_used[s] < engine.slot_used[best])):
+                best, best_k = s, k
+    if best < 0:
+        for s in free:
+            if best < 0 or (len(engine.slot_tokens[s]) > 0, engine.slot_used[s]) < \
+                    (len(engine.slot_tokens[best]) > 0, engine.slot_used[best]):
+                best = s
+    return best
+
+
 cdef Py_ssize_t _engine_truncate(Engine engine, int s, Py_ssize_t k) except -1:
     """Cut slot s's sequence to its first k tokens; returns how many it keeps.  A memory
     that cannot drop a suffix keeps all of them (k covers the cache), or goes back to the

@@ -68,6 +68,14 @@ def prompt_cache_settings(cache_ram_mib: Any, idle_slots: Any) -> Optional[tuple
     return None if cache_ram_mib == 0 else (cache_ram_mib, idle_slots)
 
 
+def slot_similarity(value: Any) -> float:
+    """LLM(slot_prompt_similarity=) checked: a share of the prompt in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"slot_prompt_similarity must be a number in [0, 1] (0: always the least "
+                         f"recently used slot), got {value!r}")
+    return float(value)
+
+
 def spec_settings(spec_type: Optional[str], draft_max: Any, draft_min: Any, ngram_n: Any,
                   draft_model: Any, draft_p_min: Any = 0.0, synth_rates: Any = None,
                   synth_len: Any = None) -> Optional[dict]:

@@ -92,6 +92,7 @@ class LLM:
         cache_prompt: bool = True,
         cache_ram_mib: int = 0,
         cache_idle_slots: bool = True,
+        slot_prompt_similarity: float = 0.1,
         context_shift: bool = False,
         spec_type: Optional[str] = None,
         draft_max: int = 16,
@@ -142,6 +143,9 @@ class LLM:
         if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
             raise ValueError(f"n_gpu_layers must be -1 (all) or >= 0, got {n_gpu_layers!r}")
         rq.check_n_parallel(n_parallel, n_batch)
+        # Host-memory prompt cache (llama-server's --cache-ram MiB, -1: no byte limit; 0: none).
+        self._cache_ram = rq.prompt_cache_settings(cache_ram_mib, cache_idle_slots)
+        self._slot_similarity = rq.slot_similarity(slot_prompt_similarity)   # _engine_pick_slot
         if f16_kv is not None:
             if f16_kv is False and type_k is None and type_v is None:
                 warnings.warn("f16_kv=False is deprecated: it now means type_k='f32', type_v='f32'; "
@@ -204,8 +208,6 @@ class LLM:
         #: embed()'s pooling: None = as the GGUF says (llama-server's --pooling)
         self.pooling = pooling
         self.cache_prompt = bool(cache_prompt)
-        # Host-memory prompt cache (llama-server's --cache-ram MiB, -1: no byte limit; 0: none).
-        self._cache_ram = rq.prompt_cache_settings(cache_ram_mib, cache_idle_slots)
         self.context_shift = bool(context_shift)    # a full slot drops half its older tokens (_engine_shift)
         self._lora = None
         if lora_path is not None:
@@ -326,7 +328,7 @@ class LLM:
             self._ctx.set_lora_adapters([(self._lora, self._lora_scale)])
         self._engine = _core.Engine(self._ctx, cache_prompt=self.cache_prompt,
                                     spec_cost_model=self._spec_cost_model)
-        self._engine.context_shift = self.context_shift
+        self._engine.context_shift, self._engine.slot_similarity = self.context_shift, self._slot_similarity
         if self._cache_ram is not None:      # (a new context: the old one's states may not fit it)
             self._engine.prompt_cache = _core.PromptCache(self._cache_ram[0], self._ctx.n_ctx, self._cache_ram[1])
         if old_sched is None:

@@ -31,6 +31,13 @@ def _on_off_auto(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected on, off or auto, got {text!r}")
 
 
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
+    return value
+
+
 def _json_object(text: str) -> dict:
     import json
 
@@ -143,6 +150,11 @@ def _add_llama_server_model_arguments(g: Any) -> None:
                         "with --kv-unified): the default, as llama-server")
     g.add_argument("--no-cache-idle-slots", dest="cache_idle_slots", action="store_false",
                    help="copy a slot into the prompt cache only when it is about to lose its prompt")
+    g.add_argument("-sps", "--slot-prompt-similarity", dest="slot_prompt_similarity", type=_fraction,
+                   metavar="SIMILARITY", default=0.1,
+                   help="a request takes the idle slot whose cached prompt it shares most only if that is more than "
+                        "this share of its prompt; otherwise the least recently used slot (default 0.1, as "
+                        "llama-server; 0: always the least recently used)")
     g.add_argument("-bs", "--backend-sampling", "--backend_sampling", dest="ignored_backend_sampling",
                    action="store_true", help="accepted and ignored: sampling runs on the CPU (the same tokens)")
 
@@ -225,7 +237,7 @@ def serve_llm_kwargs(args: argparse.Namespace, path: str) -> dict:
                  "use_mmap", "use_mlock", "mmproj_path", "spec_type",
                  "draft_max", "draft_min", "spec_ngram_size_n", "draft_model", "draft_p_min", "spec_cost_model",
                  "spec_synth_rates", "spec_synth_len", "require_gpu", "flash_attn", "type_k", "type_v", "lora_path", "pooling", "context_shift",
-                 "cache_ram_mib", "cache_idle_slots"):
+                 "cache_ram_mib", "cache_idle_slots", "slot_prompt_similarity"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     if getattr(args, "reranking", False):
