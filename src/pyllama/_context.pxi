@@ -20,6 +20,20 @@ cdef bint _memory_can_truncate(llama_model * m):
     return not (llama_model_is_recurrent(m) or llama_model_is_hybrid(m))
 
 
+cdef object _seq_state_bytes(llama_context * ctx, int seq_id, llama_state_seq_flags flags, size_t size):
+    """Sequence seq_id's state (llama_state_seq_get_data_ext with `flags`) as bytes, into a buffer of
+    `size` (llama_state_seq_get_size_ext's answer); None when llama.cpp wrote nothing.  The copy
+    runs without the GIL: a large KV cache takes a while."""
+    cdef bytes data = PyBytes_FromStringAndSize(NULL, size)
+    cdef uint8_t * dst = <uint8_t *>PyBytes_AS_STRING(data)
+    cdef size_t got
+    with nogil:
+        got = llama_state_seq_get_data_ext(ctx, dst, size, seq_id, flags)
+    if got == 0:
+        return None
+    return data[:got] if got < size else data
+
+
 _KV_TYPES = {
     "f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "bf16": GGML_TYPE_BF16, "q8_0": GGML_TYPE_Q8_0,
     "q4_0": GGML_TYPE_Q4_0, "q4_1": GGML_TYPE_Q4_1, "q5_0": GGML_TYPE_Q5_0, "q5_1": GGML_TYPE_Q5_1,
@@ -713,17 +727,10 @@ cdef class Context:
             _check(got != 0, ValueError, "state data does not match this context: ", "wrong model or size")
 
     def seq_state_get(self, int seq_id) -> bytes:
-        cdef size_t size, got
-        cdef bytes out
-        cdef uint8_t * dst
         with self._lock:
             self._check_seq(seq_id)
-            size = llama_state_seq_get_size(self.ptr, seq_id)
-            out = PyBytes_FromStringAndSize(NULL, size)
-            dst = <uint8_t *>PyBytes_AS_STRING(out)
-            with nogil:
-                got = llama_state_seq_get_data(self.ptr, dst, size, seq_id)
-            return out[:got]
+            out = _seq_state_bytes(self.ptr, seq_id, 0, llama_state_seq_get_size(self.ptr, seq_id))
+            return b"" if out is None else out
 
     def seq_state_set(self, data, int seq_id) -> None:
         cdef const uint8_t[:] view = memoryview(data).cast("B")

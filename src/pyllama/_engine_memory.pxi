@@ -88,24 +88,17 @@ cdef int _engine_save_ckpt(Engine engine, int s) except -1:
     """Save slot s's recurrent state (the part of its memory that cannot go back), as it
     is now: after the slot's cached tokens, all of them."""
     cdef llama_context * ctx = engine.context.ptr
-    cdef size_t size, got
-    cdef bytes data
-    cdef uint8_t * dst
+    cdef size_t size
     cdef Py_ssize_t n = len(engine.slot_tokens[s])
     cdef list ckpts
     if engine.n_checkpoints <= 0 or n <= 0:
         return 0
     size = llama_state_seq_get_size_ext(ctx, s, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
-    if size == 0:
-        return 0
-    data = PyBytes_FromStringAndSize(NULL, size)
-    dst = <uint8_t *>PyBytes_AS_STRING(data)
-    with nogil:
-        got = llama_state_seq_get_data_ext(ctx, dst, size, s, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
-    if got == 0:
+    data = _seq_state_bytes(ctx, s, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY, size) if size > 0 else None
+    if data is None:
         return 0
     ckpts = [c for c in engine.slot_ckpts[s] if c[0] != n]
-    ckpts.append((n, data[:got] if got < size else data))
+    ckpts.append((n, data))
     del ckpts[:max(0, len(ckpts) - engine.n_checkpoints)]      # the oldest go first
     engine.slot_ckpts[s] = ckpts
     engine.n_checkpoints_saved += 1
@@ -382,9 +375,7 @@ cdef bint _engine_cache_save(Engine engine, int s) except -1:
     cdef list tokens = engine.slot_tokens[s]
     cdef llama_context * ctx = engine.context.ptr
     cdef Py_ssize_t n = len(tokens)
-    cdef size_t size, got
-    cdef bytes data
-    cdef uint8_t * dst
+    cdef size_t size
     if pc is None or n == 0 or engine.slot_pos_spans[s]:
         return False
     for t in tokens:
@@ -401,13 +392,10 @@ cdef bint _engine_cache_save(Engine engine, int s) except -1:
     # Entries this prompt contains are obsolete; then the oldest go until the new one fits.
     pc.entries = [e for e in pc.entries if engine._common_prefix(e[0], tokens, len(e[0])) < len(e[0])]
     pc._make_room(total)
-    data = PyBytes_FromStringAndSize(NULL, size)
-    dst = <uint8_t *>PyBytes_AS_STRING(data)
-    with nogil:
-        got = llama_state_seq_get_data_ext(ctx, dst, size, s, 0)
-    if got == 0:
+    data = _seq_state_bytes(ctx, s, 0, size)
+    if data is None:
         return False
-    pc.entries.append((list(tokens), data[:got] if got < size else data, ckpts))
+    pc.entries.append((list(tokens), data, ckpts))
     pc.n_saved += 1
     pc._update()
     return True
