@@ -17,6 +17,8 @@ nothing per token, unlike its Python ``logit_bias``):
 * **compat + no-op processor**: the same with ``logits_processor=LogitsProcessorList([noop])``;
 * **llama-cpp-python Llama()**: llama-cpp-python 0.3.36 built from source with the same flags
   (``bash benchmarks/setup_llama_cpp_python.sh``; its venv's Python runs this same file);
+* **... with its defaults**: ``Llama(model_path=...)`` with nothing else set, in each library; the
+  one difference is the thread count each picks (printed), not the binding;
 * **8 threads, one Llama**: eight threads each call ``llm(prompt)`` on one shared ``Llama`` at
   once; aggregate tokens/s.  llama-cpp-python's ``Llama`` is not thread-safe, so its calls are
   serialised by a lock (what its users must do); pyllama's batch on the engine.
@@ -70,8 +72,14 @@ def _child(spec: dict) -> dict:
             from pyllama.compat import Llama
             from pyllama.compat.llama import LogitsProcessorList
             extra = {"n_parallel": n_callers} if parallel else {}
-        llm = Llama(model_path=model, n_ctx=256 * (1 if case.startswith("lcp") else n_callers), n_threads=threads,
-                    n_threads_batch=threads, flash_attn=True, seed=0, verbose=False, **extra)
+        if case.endswith("_defaults"):
+            # Each library's own defaults, as most code constructs it: what differs is the thread
+            # count (llama-cpp-python: cpu_count() // 2 for generation; pyllama: the physical
+            # cores, which is the same on a machine with SMT and twice as many on one without).
+            llm = Llama(model_path=model, seed=0, verbose=False)
+        else:
+            llm = Llama(model_path=model, n_ctx=256 * (1 if case.startswith("lcp") else n_callers), n_threads=threads,
+                        n_threads_batch=threads, flash_attn=True, seed=0, verbose=False, **extra)
         if case.startswith("lcp"):
             # llama-cpp-python applies logit_bias as a Python logits processor (a per-token cost),
             # and drops it when a logits_processor is given too (list.extend returns None): make it
@@ -123,7 +131,9 @@ def _child(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(errors[0])
-    return {"tokens": sum(counts), "wall_s": wall, "tok_s": sum(counts) / wall}
+    n_threads = getattr(llm, "n_threads", None)
+    return {"tokens": sum(counts), "wall_s": wall, "tok_s": sum(counts) / wall,
+            "n_threads": n_threads if isinstance(n_threads, int) else threads}
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -135,6 +145,8 @@ CASES = {
     "compat_noop": "compat + no-op processor",
     "lcp": "llama-cpp-python Llama()",
     "lcp_noop": "llama-cpp-python + no-op processor",
+    "compat_defaults": "compat Llama(model_path) with its defaults",
+    "lcp_defaults": "llama-cpp-python Llama(model_path) with its defaults",
     "compat_x8": f"{N_THREADS_CALLERS} threads, one compat Llama",
     "lcp_x8": f"{N_THREADS_CALLERS} threads, one llama-cpp-python Llama (locked)",
 }
@@ -191,7 +203,8 @@ def main() -> int:
             spec = {"case": case, "model": model, "tokens": args.tokens, "threads": args.threads}
             r = _run_child(python, spec, timeout=600)
             results[case].append(r["tok_s"])
-            print(f"  rep {rep + 1}/{args.reps} {CASES[case]:<52} {r['tok_s']:8.1f} tok/s", flush=True)
+            print(f"  rep {rep + 1}/{args.reps} {CASES[case]:<52} {r['tok_s']:8.1f} tok/s "
+                  f"({r['n_threads']} generation threads)", flush=True)
 
     def med(case: str) -> float:
         return statistics.median(results[case]) if results.get(case) else float("nan")
@@ -210,6 +223,7 @@ def main() -> int:
         ("compat / llama-cpp-python (target >= 1.1)", "compat", "lcp"),
         ("compat + no-op / llama-cpp-python + no-op", "compat_noop", "lcp_noop"),
         (f"{N_THREADS_CALLERS} threads: compat / llama-cpp-python (target >= 3)", "compat_x8", "lcp_x8"),
+        ("constructor defaults: compat / llama-cpp-python", "compat_defaults", "lcp_defaults"),
     ]
     for label, a, b in ratios:
         if a in results and b in results and med(b) > 0:

@@ -5,7 +5,12 @@
     print(llm("The capital of France is", max_tokens=16, temperature=0))
 """
 
-from pyllama._core import (
+# Before the extension (and libgomp with it) loads: how OpenMP threads wait (see _cpu.py).
+from pyllama._cpu import configure_openmp_wait as _configure_openmp_wait
+
+_configure_openmp_wait()
+
+from pyllama._core import (  # noqa: E402
     Batch,
     Bitmap,
     Context,
@@ -22,6 +27,10 @@ from pyllama._core import (
     backends,
     system_info,
 )
+from pyllama._cpu import forget_openmp_wait_environ as _forget_openmp_wait_environ  # noqa: E402
+
+_forget_openmp_wait_environ()   # (libgomp has read it)
+
 from pyllama.errors import *  # noqa: F401,F403
 from pyllama.errors import __all__ as _errors_all
 from pyllama.log import disable_logging, enable_logging, set_llama_log_level

@@ -112,3 +112,90 @@ def default_threads(cgroup_root=None, self_cgroup=None) -> int:
     if quota is not None:
         n = min(n, quota)
     return max(1, n)
+
+
+# ---- how libgomp's threads wait at a barrier ---------------------------------------------
+# llama.cpp's CPU backend (an OpenMP build) meets at a barrier after each operation of the
+# graph: hundreds per token.  libgomp's threads spin up to GOMP_SPINCOUNT times there (300,000 by
+# default: milliseconds) before they sleep.  When another process wants the same cores, a
+# spinning thread keeps the CPU from the very thread it waits for: on 2 cores beside a parallel
+# build and a test run, a SmolLM2 token took 3 s instead of 10 ms (42 ms with a spin of 1,000).
+# On a small machine a short spin keeps the quiet speed and loses far less when the cores are
+# shared (benchmarks/omp_spin_bench.py, BENCHMARKS.md).  On larger machines, where models are
+# larger and threads many, a short spin could make threads sleep inside long operations; that
+# is unmeasured, so libgomp's default stays there.  libgomp reads its environment once, when it
+# loads (with pyllama._core), so this runs before; a value the user set is kept.
+
+#: GOMP_SPINCOUNT pyllama sets (on machines of at most SHORT_SPIN_MAX_CPUS usable CPUs) when the
+#: user has set neither it nor OMP_WAIT_POLICY.
+GOMP_SPINCOUNT_DEFAULT = 1000
+SHORT_SPIN_MAX_CPUS = 4
+
+_gomp_setting: dict = {}
+
+
+def usable_cpus(cgroup_root=None, self_cgroup=None) -> int:
+    """CPUs this process may run on: its affinity mask, capped by its cgroup CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0)) or (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_limit(cgroup_root, self_cgroup)
+    return max(1, min(n, quota) if quota is not None else n)
+
+
+def _libgomp_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libgomp" in line for line in f)
+    except OSError:
+        return False
+
+
+def configure_openmp_wait(environ=None, cpus=None) -> dict:
+    """Set GOMP_SPINCOUNT to GOMP_SPINCOUNT_DEFAULT on a machine of at most SHORT_SPIN_MAX_CPUS
+    usable CPUs (PYLLAMA_GOMP_SPINCOUNT: a count to use anywhere, or "off"), unless the user set
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY, or libgomp is loaded already (it would not read it).
+    Returns what was decided and why."""
+    env = os.environ if environ is None else environ
+    wanted = env.get("PYLLAMA_GOMP_SPINCOUNT", "").strip().lower()
+    cpus = usable_cpus() if cpus is None else cpus
+    value = None
+    if wanted and wanted != "off":
+        try:
+            value = int(wanted)
+            if value < 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"PYLLAMA_GOMP_SPINCOUNT must be a count >= 0 or 'off', got {wanted!r}") from None
+    if "GOMP_SPINCOUNT" in env or "OMP_WAIT_POLICY" in env:
+        result = {"spincount": env.get("GOMP_SPINCOUNT"), "wait_policy": env.get("OMP_WAIT_POLICY"),
+                  "source": "user"}
+    elif wanted == "off":
+        result = {"spincount": None, "wait_policy": None, "source": "libgomp default (PYLLAMA_GOMP_SPINCOUNT=off)"}
+    elif value is None and cpus > SHORT_SPIN_MAX_CPUS:
+        result = {"spincount": None, "wait_policy": None,
+                  "source": f"libgomp default ({cpus} CPUs; PYLLAMA_GOMP_SPINCOUNT=N sets one)"}
+    elif environ is None and _libgomp_loaded():
+        result = {"spincount": None, "wait_policy": None, "source": "libgomp default (libgomp was loaded before pyllama)"}
+    else:
+        value = GOMP_SPINCOUNT_DEFAULT if value is None else value
+        env["GOMP_SPINCOUNT"] = str(value)
+        result = {"spincount": str(value), "wait_policy": None, "source": "pyllama"}
+    if environ is None:
+        _gomp_setting.clear()
+        _gomp_setting.update(result)
+    return result
+
+
+def forget_openmp_wait_environ() -> None:
+    """Once libgomp has loaded (and read GOMP_SPINCOUNT): take pyllama's own value out of
+    os.environ again, so that programs this process starts (llama.cpp's tools, other OpenMP
+    code) get their usual defaults; a pyllama process started from here sets it for itself."""
+    if _gomp_setting.get("source") == "pyllama" and os.environ.get("GOMP_SPINCOUNT") == _gomp_setting["spincount"]:
+        del os.environ["GOMP_SPINCOUNT"]
+
+
+def openmp_wait_setting() -> dict:
+    """What configure_openmp_wait decided when pyllama was imported."""
+    return dict(_gomp_setting)

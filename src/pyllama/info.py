@@ -52,7 +52,7 @@ def build_summary() -> dict:
     """How this pyllama was built and what it can use: versions, backends and devices,
     optional features, build options, and the known-model cache."""
     import pyllama
-    from pyllama import _core, gpu
+    from pyllama import _core, _cpu, gpu
     from pyllama import models
 
     try:
@@ -73,6 +73,8 @@ def build_summary() -> dict:
         "mmap": bool(_core.supports_mmap()),
         "mlock": bool(_core.supports_mlock()),
         "rpc": bool(_core.supports_rpc()),
+        # How OpenMP threads wait at llama.cpp's barriers (GOMP_SPINCOUNT; pyllama._cpu)
+        "openmp_wait": _cpu.openmp_wait_setting(),
         "build": build,
         "models_cache": str(cache),
         "known_models": {name: models.is_cached(name) for name in models.KNOWN_MODELS},

@@ -93,6 +93,10 @@ def _print_build_summary(s: dict) -> None:
             w(f"    {b['name']}: {d.get('name')} - {d.get('description')} ({d.get('type')}{mem})")
     w(f"gpu:            {s['gpu']}")
     w(f"features:       gpu_offload={s['gpu_offload']} mmap={s['mmap']} mlock={s['mlock']} rpc={s['rpc']}")
+    ow = s.get("openmp_wait") or {}
+    if ow:
+        setting = ", ".join(f"{k}={ow[k]}" for k in ("spincount", "wait_policy") if ow.get(k) is not None)
+        w(f"openmp wait:    {setting or 'libgomp defaults'} ({ow.get('source')})")
     build = s["build"]
     if "error" in build:
         w(f"build options:  unknown ({build['error']})")
