@@ -45,6 +45,11 @@ DIFFERENCES: Dict[str, str] = {
              "n_parallel such contexts (n_ctx * n_parallel cells) so that threads calling one Llama "
              "batch together. n_parallel (a pyllama keyword) defaults to min(8, 16384 // n_ctx), at least 1; "
              "Llama(..., n_parallel=1) allocates exactly what llama-cpp-python does.",
+    "n_threads, n_threads_batch": "unset, both are pyllama's default: the physical cores, capped by CPU affinity and "
+                                   "any cgroup CPU quota (llama.cpp's own choice). llama-cpp-python generates on "
+                                   "cpu_count() // 2 threads, which is the physical cores on a machine with SMT and "
+                                   "half of them on one without (a 2-vCPU VM without SMT: 1 thread there, 2 here; "
+                                   "BENCHMARKS.md measures both libraries' defaults).",
     "seed": "as llama-cpp-python: a call without seed draws its seed from the previous one "
             "(random.Random(seed).randint), so a fresh Llama repeats its sampled outputs; samplers are "
             "pyllama's (llama.cpp's own chain), so sampled texts differ from llama-cpp-python's ones "
