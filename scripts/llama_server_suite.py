@@ -213,6 +213,15 @@ def record(results: Dict[str, dict]) -> None:
     print(f"recorded {len(passed(results))} tests in {PASSES_FILE.relative_to(ROOT)}")
 
 
+def restrict_to_files(expected: List[str], not_yet: Dict[str, str], pytest_args: List[str]) -> tuple:
+    """--check with test files (unit/...): only the recorded tests of those files are expected."""
+    files = {a.split("::")[0].replace("\\", "/") for a in pytest_args if a.startswith(("unit/", "unit\\"))}
+    if not files:
+        return expected, not_yet
+    return ([t for t in expected if t.split("::")[0] in files],
+            {t: why for t, why in not_yet.items() if t.split("::")[0] in files})
+
+
 def check(results: Dict[str, dict], expected: List[str], not_yet: Dict[str, str]) -> tuple:
     """(problems, notes) of a pyllama run of the recorded tests.  Problems: a test that did not
     pass and is not listed in not_yet, a listed one that is not recorded any more.  Notes: a
@@ -266,6 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"no llama-server at {native}: bash benchmarks/setup_native.sh, or --llama-server BIN")
     if args.check:
         expected, not_yet = read_passes(), read_not_yet()
+        expected, not_yet = restrict_to_files(expected, not_yet, pytest_args)
         results = run_suite("pyllama", pytest_args, workdir=args.workdir / "pyllama", timeout_s=args.timeout,
                             threads=args.threads, select=expected)
         print(table({"pyllama": results}))
