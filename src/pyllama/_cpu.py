@@ -99,19 +99,21 @@ def cgroup_cpu_limit(root=None, self_cgroup=None):
     return max(1, min(limits)) if limits else None
 
 
+def usable_cpus(cgroup_root=None, self_cgroup=None) -> int:
+    """CPUs this process may run on: its affinity mask, capped by its cgroup CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0)) or (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_limit(cgroup_root, self_cgroup)
+    return max(1, min(n, quota) if quota is not None else n)
+
+
 def default_threads(cgroup_root=None, self_cgroup=None) -> int:
     """Threads to compute on: the physical cores, but no more CPUs than this process may run
     on (sched_getaffinity: taskset, cpusets) nor than its cgroup CPU quota allows (a container
     on a 64-core host limited to 2 CPUs must not start 64 threads that take turns)."""
-    n = physical_cores()
-    try:
-        n = min(n, len(os.sched_getaffinity(0)) or n)
-    except (AttributeError, OSError):
-        pass
-    quota = cgroup_cpu_limit(cgroup_root, self_cgroup)
-    if quota is not None:
-        n = min(n, quota)
-    return max(1, n)
+    return max(1, min(physical_cores(), usable_cpus(cgroup_root, self_cgroup)))
 
 
 # ---- how libgomp's threads wait at a barrier ---------------------------------------------
@@ -134,16 +136,6 @@ SHORT_SPIN_MAX_CPUS = 4
 _gomp_setting: dict = {}
 
 
-def usable_cpus(cgroup_root=None, self_cgroup=None) -> int:
-    """CPUs this process may run on: its affinity mask, capped by its cgroup CPU quota."""
-    try:
-        n = len(os.sched_getaffinity(0)) or (os.cpu_count() or 1)
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    quota = cgroup_cpu_limit(cgroup_root, self_cgroup)
-    return max(1, min(n, quota) if quota is not None else n)
-
-
 def _libgomp_loaded() -> bool:
     try:
         with open("/proc/self/maps") as f:
@@ -159,7 +151,6 @@ def configure_openmp_wait(environ=None, cpus=None) -> dict:
     Returns what was decided and why."""
     env = os.environ if environ is None else environ
     wanted = env.get("PYLLAMA_GOMP_SPINCOUNT", "").strip().lower()
-    cpus = usable_cpus() if cpus is None else cpus
     value = None
     if wanted and wanted != "off":
         try:
@@ -173,7 +164,7 @@ def configure_openmp_wait(environ=None, cpus=None) -> dict:
                   "source": "user"}
     elif wanted == "off":
         result = {"spincount": None, "wait_policy": None, "source": "libgomp default (PYLLAMA_GOMP_SPINCOUNT=off)"}
-    elif value is None and cpus > SHORT_SPIN_MAX_CPUS:
+    elif value is None and (cpus := usable_cpus() if cpus is None else cpus) > SHORT_SPIN_MAX_CPUS:
         result = {"spincount": None, "wait_policy": None,
                   "source": f"libgomp default ({cpus} CPUs; PYLLAMA_GOMP_SPINCOUNT=N sets one)"}
     elif environ is None and _libgomp_loaded():
