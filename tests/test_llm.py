@@ -73,6 +73,41 @@ def test_json_grammar_with_plain_prompt(smol):
     json.loads(c.text)
 
 
+def _greedy_with_the_grammar_on_every_candidate(llm, prompt_ids, grammar_text, n):
+    """The reference: llama.cpp's chain with the grammar stage before greedy, which filters
+    the whole vocabulary at every token (as llama-cpp-python samples)."""
+    chain = _core.SamplerChain(llm.vocab).add_grammar(grammar_text).add_greedy()
+    out = []
+    with _core.Context(llm._model, n_ctx=256, n_threads=THREADS) as ctx:
+        b = _core.Batch(len(prompt_ids))
+        b.add_sequence(prompt_ids, 0, 0)
+        ctx.decode(b)
+        for i in range(n):
+            tok = chain.sample(ctx)
+            if llm.vocab.is_eog(tok):
+                break
+            out.append(tok)
+            b = _core.Batch(1)
+            b.add(tok, len(prompt_ids) + i, 0, True)
+            ctx.decode(b)
+    return out
+
+
+def test_grammar_checks_the_sampled_token_with_the_same_answer(smol):
+    """The engine samples first and runs the grammar over every candidate only when it
+    refuses the sampled token (llama.cpp's common_sampler; compat_bench.py times it against
+    llama-cpp-python's grammar-on-every-candidate).  Both must give the same greedy tokens,
+    including at the positions where the model's own choice was refused."""
+    from pyllama.grammar import grammar_path
+
+    grammar_text = open(grammar_path("json"), encoding="utf-8").read()
+    prompt_ids = smol.tokenize("A JSON object describing a dog: ")
+    free = smol.complete(prompt_ids, add_special=False, max_tokens=1, ignore_eos=True).tokens
+    c = smol.complete(prompt_ids, add_special=False, grammar=grammar_text, max_tokens=40)
+    assert free[0] != c.tokens[0], "the model's first choice was allowed: the refusal path went untested"
+    assert c.tokens == _greedy_with_the_grammar_on_every_candidate(smol, prompt_ids, grammar_text, len(c.tokens))
+
+
 def test_list_grammar_gives_json_list(smol):
     messages = [{"role": "user", "content": "List three fruits."}]
     c = smol.chat(messages, grammar_path=_grammar_path("list"), max_tokens=48)
