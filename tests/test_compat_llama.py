@@ -68,6 +68,9 @@ def test_constructor_maps_llama_cpp_parameters(tiny_model_path: Path) -> None:
         assert m.context_params.n_threads == 1
         assert m.n_parallel == 3 and m.llm.n_parallel == 3
         assert m.llm.n_ctx >= 128 * 3                                            # n_ctx per call, times the slots
+        # one KV stream of n_ctx cells per slot (llama-server's -np N; the attention of a call
+        # spans its own cells, not every slot's)
+        assert m.llm.context.kv_unified is False and m.llm.context.n_ctx_seq >= 128   # (padded to 256)
         assert m.llm.context.n_threads == 1
         assert m.llm._ctx_params["type_k"] == "f32" and m.llm._ctx_params["type_v"] == "f32"
         assert m.model_params.split_mode == LLAMA_SPLIT_MODE_NONE
@@ -75,6 +78,11 @@ def test_constructor_maps_llama_cpp_parameters(tiny_model_path: Path) -> None:
         assert m.token_bos() == m.llm.vocab.bos and m.token_eos() == m.llm.vocab.eos
         assert isinstance(m.metadata, dict) and m.metadata["general.architecture"] == "llama"
         assert m.model_path == str(tiny_model_path)
+    finally:
+        m.close()
+    m = Llama(model_path=str(tiny_model_path), n_ctx=64, n_parallel=2, kv_unified=True, verbose=False, **ONE_THREAD)
+    try:
+        assert m.llm.context.kv_unified is True                                  # pyllama's keyword, passed on
     finally:
         m.close()
     m = Llama(model_path=str(tiny_model_path), n_ctx=0, verbose=False, **ONE_THREAD)   # 0: the model's own

@@ -42,7 +42,8 @@ _LLM_PASSTHROUGH = frozenset({
 DIFFERENCES: Dict[str, str] = {
     # constructor
     "n_ctx": "n_ctx is the context of one call, as in llama-cpp-python; the KV memory holds "
-             "n_parallel such contexts (n_ctx * n_parallel cells) so that threads calling one Llama "
+             "n_parallel such contexts (n_ctx * n_parallel cells, one KV stream of n_ctx cells per "
+             "call: kv_unified=False, as llama-server's -np N) so that threads calling one Llama "
              "batch together. n_parallel (a pyllama keyword) defaults to min(8, 16384 // n_ctx), at least 1; "
              "Llama(..., n_parallel=1) allocates exactly what llama-cpp-python does.",
     "n_threads, n_threads_batch": "unset, both are pyllama's default: the physical cores, capped by CPU affinity and "
