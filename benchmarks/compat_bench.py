@@ -252,7 +252,8 @@ def batching_ceiling(model: str, n_tok: int, threads: int) -> "tuple[float, floa
     """llama.cpp's own generation tokens/s with 1 and with 8 sequences (llama-batched-bench)."""
     if not NATIVE_BATCHED.exists():
         return None
-    cmd = [str(NATIVE_BATCHED), "-m", model, "-c", str(256 * N_THREADS_CALLERS), "-b", "512", "-ub", "512",
+    n_ctx = max(256, n_tok + 128) * N_THREADS_CALLERS   # as the compat case's eight slots
+    cmd = [str(NATIVE_BATCHED), "-m", model, "-c", str(n_ctx), "-b", "512", "-ub", "512",
            "-npp", "16", "-ntg", str(n_tok), "-npl", f"1,{N_THREADS_CALLERS}", "-t", str(threads), "-fa", "on"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
     speed = {}
@@ -280,7 +281,7 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("-m", "--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--cheap-decode", action="store_true",
-                        help="use a small random-weight model with SmolLM2's vocabulary (made once in "
+                        help="use a small random-weight model with the model's vocabulary (made once in "
                              "benchmarks/.cache): its decode costs ~1 ms, so what each binding adds per "
                              "token shows, as it would on a GPU")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per answer (default 128)")
@@ -308,8 +309,8 @@ def main() -> int:
     if model is None:
         from pyllama.models import fetch_model
         model = str(fetch_model("smollm2"))
-        if args.cheap_decode:
-            model = str(cheap_decode_model(Path(model)))
+    if args.cheap_decode:
+        model = str(cheap_decode_model(Path(model)))
     cases = [c for c in args.cases.split(",") if c]
     if args.skip_lcp or not Path(args.lcp_python).exists():
         if not args.skip_lcp:
