@@ -270,7 +270,7 @@ class Llama(_ChatMixin, _CompletionMixin):
         self.n_parallel = int(n_parallel)
         # One KV stream of n_ctx cells per slot, as llama-cpp-python gives each call n_ctx, and as
         # llama-server does with -np N: a shared memory would buy a call nothing it could use,
-        # while its attention would span every slot's cells (15-20% slower with eight calls).
+        # while its attention would span every slot's cells (12% slower with eight calls, BENCHMARKS.md).
         kv_unified = bool(passthrough.pop("kv_unified", False))
 
         self.llm = LLM(
